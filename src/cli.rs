@@ -1,0 +1,187 @@
+//! Command-line interface. `main.rs` only maps errors to exit codes; everything else is here.
+
+use crate::config::RunConfig;
+use crate::generate::{generate, SamplingParams};
+use crate::lora::Adapter;
+use crate::model::{LoadOptions, Llama};
+use anyhow::{bail, Context, Result};
+use burn::tensor::backend::Backend;
+use clap::{Parser, Subcommand, ValueEnum};
+use rand::SeedableRng;
+use std::path::{Path, PathBuf};
+
+/// The CPU backend used when `--device cpu` (see README: ndarray measured faster than candle).
+#[cfg(feature = "ndarray")]
+pub type CpuBackend = burn::backend::NdArray<f32>;
+#[cfg(all(feature = "candle", not(feature = "ndarray")))]
+pub type CpuBackend = burn::backend::Candle<f32, i64>;
+#[cfg(feature = "cuda")]
+pub type CudaBackend = burn::backend::Cuda<f32, i32>;
+
+/// Exit code for "the run does not fit the VRAM budget".
+pub const EXIT_DOES_NOT_FIT: i32 = 3;
+
+#[derive(Parser, Debug)]
+#[command(name = "rlhf", version, about = "RLHF post-training on one 4-bit base with LoRA adapters")]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Direct preference optimisation.
+    Dpo(RunArgs),
+    /// Group-relative policy optimisation with Rust reward functions.
+    Grpo(RunArgs),
+    /// PPO with policy, value and reward roles on one base.
+    Ppo(RunArgs),
+    /// Reward-model training (reward adapter + score head).
+    Rm(RunArgs),
+    /// Predict peak GPU memory for a run without loading weights.
+    Plan(RunArgs),
+    /// Sample from the base model, optionally with a LoRA adapter.
+    Generate(GenerateArgs),
+}
+
+#[derive(clap::Args, Debug)]
+pub struct RunArgs {
+    /// The run's TOML file.
+    #[arg(long)]
+    pub config: PathBuf,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
+pub enum DeviceArg {
+    Cpu,
+    Cuda,
+}
+
+#[derive(clap::Args, Debug)]
+pub struct GenerateArgs {
+    /// A Hugging Face model folder or a .gguf file.
+    #[arg(long)]
+    pub model: PathBuf,
+    /// A PEFT-layout LoRA adapter folder.
+    #[arg(long)]
+    pub adapter: Option<PathBuf>,
+    #[arg(long)]
+    pub prompt: String,
+    /// Wrap the prompt as a user message in the model's chat template.
+    #[arg(long)]
+    pub chat: bool,
+    #[arg(long, default_value_t = 128)]
+    pub max_new_tokens: usize,
+    /// 0 = greedy.
+    #[arg(long, default_value_t = 0.7)]
+    pub temperature: f32,
+    #[arg(long, default_value_t = 1.0)]
+    pub top_p: f32,
+    #[arg(long, default_value_t = 0)]
+    pub top_k: usize,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    #[arg(long, value_enum, default_value_t = DeviceArg::Cpu)]
+    pub device: DeviceArg,
+    /// Keep the base unquantized (f32) instead of NF4.
+    #[arg(long)]
+    pub no_quantize: bool,
+}
+
+/// Parses arguments and runs the command; returns the process exit code.
+pub fn run(cli: Cli) -> Result<i32> {
+    match cli.command {
+        Command::Generate(args) => {
+            match args.device {
+                DeviceArg::Cpu => run_generate::<CpuBackend>(&args, &Default::default())?,
+                DeviceArg::Cuda => {
+                    #[cfg(feature = "cuda")]
+                    run_generate::<CudaBackend>(&args, &Default::default())?;
+                    #[cfg(not(feature = "cuda"))]
+                    bail!("this binary was built without CUDA: rebuild with `--features cuda`");
+                }
+            }
+            Ok(0)
+        }
+        Command::Dpo(a) => not_yet("dpo", &a),
+        Command::Grpo(a) => not_yet("grpo", &a),
+        Command::Ppo(a) => not_yet("ppo", &a),
+        Command::Rm(a) => not_yet("rm", &a),
+        Command::Plan(a) => not_yet("plan", &a),
+    }
+}
+
+/// Subcommands whose issues have not landed: validate the config, then say so (exit 2).
+fn not_yet(name: &str, args: &RunArgs) -> Result<i32> {
+    RunConfig::load(&args.config)?;
+    bail!("`rlhf {name}` is not yet built in this version")
+}
+
+/// A loaded base model and its tokenizer.
+pub struct Loaded<B: Backend> {
+    pub model: Llama<B>,
+    pub tok: crate::tokenizer::Tok,
+    pub chat: Option<crate::tokenizer::ChatTemplate>,
+    pub name: String,
+}
+
+/// Loads a base model from a HF folder or a GGUF file, with its tokenizer and chat template.
+pub fn load_model<B: Backend>(path: &Path, quantize: bool, device: &B::Device) -> Result<Loaded<B>> {
+    let opts = LoadOptions { quantize };
+    if !path.exists() {
+        bail!("{}: model not found (expected a Hugging Face folder or a .gguf file)", path.display());
+    }
+    let name = path.display().to_string();
+    if path.is_dir() {
+        let model = Llama::from_hf_dir(path, opts, device)?;
+        let tok_path = path.join("tokenizer.json");
+        let tok = crate::tokenizer::Tok::from_file(&tok_path)?;
+        let chat = crate::tokenizer::ChatTemplate::from_dir(path)?;
+        Ok(Loaded { model, tok, chat, name })
+    } else {
+        crate::model::gguf_source::load_gguf(path, opts, device)
+            .map(|(model, tok, chat)| Loaded { model, tok, chat, name })
+    }
+}
+
+fn run_generate<B: Backend>(args: &GenerateArgs, device: &B::Device) -> Result<()> {
+    let loaded = load_model::<B>(&args.model, !args.no_quantize, device)?;
+    let adapter = match &args.adapter {
+        Some(dir) => Some(
+            Adapter::<B>::load_peft(dir, "policy", &loaded.model.cfg, device)
+                .with_context(|| format!("{}: cannot load adapter", dir.display()))?
+                .0,
+        ),
+        None => None,
+    };
+    let text = if args.chat {
+        let chat = loaded
+            .chat
+            .as_ref()
+            .context("--chat: the model has no chat template")?;
+        chat.render_user(&args.prompt, true)?
+    } else {
+        args.prompt.clone()
+    };
+    let ids = loaded.tok.encode(&text, !args.chat)?;
+    let mut stop = loaded.model.cfg.eos_token_ids.clone();
+    for id in loaded.tok.eos_ids() {
+        if !stop.contains(&id) {
+            stop.push(id);
+        }
+    }
+    let params = SamplingParams {
+        max_new_tokens: args.max_new_tokens,
+        min_new_tokens: 0,
+        temperature: args.temperature,
+        top_k: args.top_k,
+        top_p: args.top_p,
+        stop_ids: stop.clone(),
+        pad_id: loaded.tok.pad_id().unwrap_or(0),
+    };
+    let mut rng = rand::rngs::StdRng::seed_from_u64(args.seed);
+    let out = generate(&loaded.model, adapter.as_ref(), &[ids], &params, &mut rng)?;
+    let toks: Vec<u32> = out[0].tokens.iter().copied().filter(|t| !stop.contains(t)).collect();
+    println!("{}", loaded.tok.decode(&toks, true)?);
+    Ok(())
+}

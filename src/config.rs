@@ -1,0 +1,557 @@
+//! The run configuration (`run.toml`).
+//!
+//! Every default lives in this file, in the `Default` impls below, so a reader finds them in one
+//! place. Unknown keys are errors, and every error names the file, the key and what was expected.
+
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+
+/// LoRA target modules a Llama-family block offers, in PEFT's names.
+pub const ALL_TARGETS: [&str; 7] = [
+    "q_proj",
+    "k_proj",
+    "v_proj",
+    "o_proj",
+    "gate_proj",
+    "up_proj",
+    "down_proj",
+];
+
+/// A whole run: one file drives `rlhf dpo|grpo|ppo|rm|plan`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct RunConfig {
+    pub model: ModelConfig,
+    pub lora: LoraConfig,
+    pub data: DataConfig,
+    pub train: TrainConfig,
+    pub optimizer: OptimizerConfig,
+    pub generation: GenerationConfig,
+    pub dpo: DpoConfig,
+    pub rm: RmConfig,
+    pub grpo: GrpoConfig,
+    pub ppo: PpoConfig,
+    pub plan: PlanConfig,
+}
+
+/// Where the base model comes from and how it is stored.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct ModelConfig {
+    /// A Hugging Face model folder, a `.gguf` file, or (for `rlhf plan` only) a `config.json`.
+    pub path: PathBuf,
+    /// `nf4` (4-bit NormalFloat with double quantization) or `none` (keep the base at `dtype`).
+    pub quantize: Quantize,
+    /// Compute dtype of activations and unquantized weights: `f32` or `bf16`.
+    pub dtype: Dtype,
+    /// `cpu` or `cuda`.
+    pub device: Device,
+}
+
+impl Default for ModelConfig {
+    fn default() -> Self {
+        Self {
+            path: PathBuf::new(),
+            quantize: Quantize::Nf4,
+            dtype: Dtype::F32,
+            device: Device::Cpu,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Quantize {
+    Nf4,
+    None,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Dtype {
+    F32,
+    Bf16,
+    F16,
+}
+
+impl Dtype {
+    pub fn bytes(self) -> usize {
+        match self {
+            Dtype::F32 => 4,
+            Dtype::Bf16 | Dtype::F16 => 2,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Device {
+    Cpu,
+    Cuda,
+}
+
+/// LoRA adapter shape, PEFT's names and defaults.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct LoraConfig {
+    pub r: usize,
+    pub alpha: f32,
+    pub dropout: f32,
+    /// Among q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj.
+    pub target_modules: Vec<String>,
+}
+
+impl Default for LoraConfig {
+    fn default() -> Self {
+        Self {
+            r: 16,
+            alpha: 32.0,
+            dropout: 0.0,
+            target_modules: ALL_TARGETS
+                .iter()
+                .map(|s| s.to_string())
+                .collect(),
+        }
+    }
+}
+
+/// Dataset files and their truncation (TRL's names).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct DataConfig {
+    /// JSON or JSONL training file.
+    pub train: PathBuf,
+    /// Optional held-out file for `rlhf eval` / evaluation during training.
+    pub eval: Option<PathBuf>,
+    /// Prompt + completion tokens kept per sequence.
+    pub max_length: usize,
+    /// Prompt tokens kept.
+    pub max_prompt_length: usize,
+    /// Which end of an over-long prompt survives: `keep_end` or `keep_start`.
+    pub truncation_mode: Truncation,
+    /// Render conversational rows with the model's chat template.
+    pub chat_template: bool,
+}
+
+impl Default for DataConfig {
+    fn default() -> Self {
+        Self {
+            train: PathBuf::new(),
+            eval: None,
+            max_length: 512,
+            max_prompt_length: 256,
+            truncation_mode: Truncation::KeepEnd,
+            chat_template: true,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum Truncation {
+    KeepEnd,
+    KeepStart,
+}
+
+/// The run loop: batches, schedule, logging, checkpoints.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct TrainConfig {
+    pub output_dir: PathBuf,
+    pub seed: u64,
+    pub epochs: usize,
+    /// Stop after this many optimizer steps (0 = run the epochs).
+    pub max_steps: usize,
+    /// Sequences (DPO: pairs; GRPO: completions) per micro-batch.
+    pub batch_size: usize,
+    pub gradient_accumulation_steps: usize,
+    pub learning_rate: f64,
+    pub lr_scheduler: LrScheduler,
+    pub warmup_steps: usize,
+    pub warmup_ratio: f64,
+    pub max_grad_norm: f64,
+    pub gradient_checkpointing: bool,
+    pub logging_steps: usize,
+    pub save_steps: usize,
+    /// Abort after this many non-finite losses in a row.
+    pub max_nonfinite_steps: usize,
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        Self {
+            output_dir: PathBuf::from("runs/out"),
+            seed: 42,
+            epochs: 1,
+            max_steps: 0,
+            batch_size: 4,
+            gradient_accumulation_steps: 1,
+            learning_rate: 5e-5,
+            lr_scheduler: LrScheduler::Linear,
+            warmup_steps: 0,
+            warmup_ratio: 0.0,
+            max_grad_norm: 1.0,
+            gradient_checkpointing: true,
+            logging_steps: 1,
+            save_steps: 500,
+            max_nonfinite_steps: 5,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum LrScheduler {
+    Constant,
+    Linear,
+    Cosine,
+}
+
+/// AdamW over adapter and head parameters.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct OptimizerConfig {
+    pub beta1: f64,
+    pub beta2: f64,
+    pub eps: f64,
+    pub weight_decay: f64,
+    /// Keep AdamW moments in host memory; move them to the GPU only for the update.
+    pub paged: bool,
+}
+
+impl Default for OptimizerConfig {
+    fn default() -> Self {
+        Self {
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            weight_decay: 0.0,
+            paged: false,
+        }
+    }
+}
+
+/// Sampling for rollouts (GRPO, PPO) and `rlhf generate`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct GenerationConfig {
+    pub max_new_tokens: usize,
+    pub min_new_tokens: usize,
+    /// 0 means greedy.
+    pub temperature: f32,
+    pub top_k: usize,
+    pub top_p: f32,
+    /// Extra stop token ids besides the tokenizer's eos.
+    pub stop_token_ids: Vec<u32>,
+}
+
+impl Default for GenerationConfig {
+    fn default() -> Self {
+        Self {
+            max_new_tokens: 128,
+            min_new_tokens: 0,
+            temperature: 1.0,
+            top_k: 0,
+            top_p: 1.0,
+            stop_token_ids: Vec::new(),
+        }
+    }
+}
+
+/// DPO (TRL's DPOConfig names).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct DpoConfig {
+    pub beta: f64,
+    /// One or more of sigmoid, ipo, hinge, robust.
+    pub loss_type: Vec<String>,
+    pub loss_weights: Option<Vec<f64>>,
+    pub label_smoothing: f64,
+    pub precompute_ref_log_probs: bool,
+}
+
+impl Default for DpoConfig {
+    fn default() -> Self {
+        Self {
+            beta: 0.1,
+            loss_type: vec!["sigmoid".into()],
+            loss_weights: None,
+            label_smoothing: 0.0,
+            precompute_ref_log_probs: false,
+        }
+    }
+}
+
+/// Reward modelling (TRL's RewardConfig names).
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct RmConfig {
+    pub center_rewards_coefficient: f64,
+}
+
+/// GRPO (TRL's GRPOConfig names).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct GrpoConfig {
+    /// Completions per prompt (G).
+    pub num_generations: usize,
+    pub max_completion_length: usize,
+    pub beta: f64,
+    pub epsilon: f64,
+    pub epsilon_high: Option<f64>,
+    pub num_iterations: usize,
+    /// group, batch or none.
+    pub scale_rewards: String,
+    /// grpo, bnpo, dr_grpo or dapo.
+    pub loss_type: String,
+    pub mask_truncated_completions: bool,
+    /// Reward functions, each a table with `type` (built-in name or `plugin`) and `weight`.
+    pub rewards: Vec<toml::Table>,
+}
+
+impl Default for GrpoConfig {
+    fn default() -> Self {
+        Self {
+            num_generations: 8,
+            max_completion_length: 256,
+            beta: 0.0,
+            epsilon: 0.2,
+            epsilon_high: None,
+            num_iterations: 1,
+            scale_rewards: "group".into(),
+            loss_type: "dapo".into(),
+            mask_truncated_completions: false,
+            rewards: Vec::new(),
+        }
+    }
+}
+
+/// PPO (TRL's PPOConfig names).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct PpoConfig {
+    /// Reward adapter folder as written by `rlhf rm` (adapter + score head on the shared base).
+    pub reward_adapter: Option<PathBuf>,
+    /// A separate 4-bit reward model checkpoint instead of an adapter (counted by the planner).
+    pub reward_model_path: Option<PathBuf>,
+    pub response_length: usize,
+    pub num_ppo_epochs: usize,
+    pub num_mini_batches: usize,
+    pub kl_coef: f64,
+    /// k1 or k3.
+    pub kl_estimator: String,
+    pub cliprange: f64,
+    pub cliprange_value: f64,
+    pub vf_coef: f64,
+    pub gamma: f64,
+    pub lam: f64,
+    pub whiten_rewards: bool,
+    pub missing_eos_penalty: Option<f64>,
+    pub adaptive_kl_target: Option<f64>,
+    pub adaptive_kl_horizon: f64,
+}
+
+impl Default for PpoConfig {
+    fn default() -> Self {
+        Self {
+            reward_adapter: None,
+            reward_model_path: None,
+            response_length: 53,
+            num_ppo_epochs: 4,
+            num_mini_batches: 1,
+            kl_coef: 0.05,
+            kl_estimator: "k1".into(),
+            cliprange: 0.2,
+            cliprange_value: 0.2,
+            vf_coef: 0.1,
+            gamma: 1.0,
+            lam: 0.95,
+            whiten_rewards: false,
+            missing_eos_penalty: None,
+            adaptive_kl_target: None,
+            adaptive_kl_horizon: 10000.0,
+        }
+    }
+}
+
+/// The VRAM budget the planner checks the run against.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct PlanConfig {
+    pub budget_gib: f64,
+    /// Compute log-probs in chunks of this many tokens so [B, T, V] logits never exist whole (0 = off).
+    pub logits_chunk: usize,
+}
+
+impl Default for PlanConfig {
+    fn default() -> Self {
+        Self {
+            budget_gib: 24.0,
+            logits_chunk: 0,
+        }
+    }
+}
+
+impl RunConfig {
+    /// Reads and validates a TOML run file. Relative paths inside it are taken relative to the
+    /// current directory (as a user running the CLI from the repo root expects).
+    pub fn load(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("{}: cannot read config file", path.display()))?;
+        Self::parse(&text, path)
+    }
+
+    /// Parses TOML text; `origin` names the file in errors.
+    pub fn parse(text: &str, origin: &Path) -> Result<Self> {
+        let de = toml::Deserializer::new(text);
+        let cfg: RunConfig = serde_path_to_error::deserialize(de).map_err(|e| {
+            let key = e.path().to_string();
+            let inner = e.into_inner();
+            let msg = inner.message().trim().to_string();
+            let at = inner
+                .span()
+                .map(|s| {
+                    let line = text[..s.start.min(text.len())].matches('\n').count() + 1;
+                    format!(" (line {line})")
+                })
+                .unwrap_or_default();
+            if key.is_empty() || key == "." {
+                anyhow::anyhow!("{}{at}: {msg}", origin.display())
+            } else {
+                anyhow::anyhow!("{}{at}: key `{key}`: {msg}", origin.display())
+            }
+        })?;
+        cfg.validate()
+            .map_err(|e| anyhow::anyhow!("{}: {e}", origin.display()))?;
+        Ok(cfg)
+    }
+
+    /// Checks values that parse but cannot run. Errors name the key and what was expected.
+    pub fn validate(&self) -> Result<()> {
+        let t = &self.train;
+        if t.batch_size == 0 {
+            bail!("key `train.batch_size`: expected a positive integer, got 0");
+        }
+        if t.gradient_accumulation_steps == 0 {
+            bail!("key `train.gradient_accumulation_steps`: expected a positive integer, got 0");
+        }
+        if !(t.learning_rate.is_finite() && t.learning_rate >= 0.0) {
+            bail!("key `train.learning_rate`: expected a finite non-negative number");
+        }
+        if !(0.0..=1.0).contains(&t.warmup_ratio) {
+            bail!("key `train.warmup_ratio`: expected a number in [0, 1]");
+        }
+        if self.lora.r == 0 {
+            bail!("key `lora.r`: expected a positive integer, got 0");
+        }
+        if !(0.0..1.0).contains(&self.lora.dropout) {
+            bail!("key `lora.dropout`: expected a number in [0, 1)");
+        }
+        for m in &self.lora.target_modules {
+            if !ALL_TARGETS.contains(&m.as_str()) {
+                bail!(
+                    "key `lora.target_modules`: unknown module `{m}`, expected some of {}",
+                    ALL_TARGETS.join(", ")
+                );
+            }
+        }
+        if self.data.max_length == 0 {
+            bail!("key `data.max_length`: expected a positive integer, got 0");
+        }
+        if self.data.max_prompt_length > self.data.max_length {
+            bail!(
+                "key `data.max_prompt_length`: {} exceeds `data.max_length` {}",
+                self.data.max_prompt_length,
+                self.data.max_length
+            );
+        }
+        let g = &self.generation;
+        if !(g.temperature.is_finite() && g.temperature >= 0.0) {
+            bail!("key `generation.temperature`: expected a number >= 0");
+        }
+        if !(g.top_p > 0.0 && g.top_p <= 1.0) {
+            bail!("key `generation.top_p`: expected a number in (0, 1]");
+        }
+        if g.min_new_tokens > g.max_new_tokens {
+            bail!("key `generation.min_new_tokens`: exceeds `generation.max_new_tokens`");
+        }
+        if self.grpo.num_generations < 2 {
+            bail!("key `grpo.num_generations`: expected at least 2 (advantages are group-relative)");
+        }
+        if self.grpo.num_iterations == 0 {
+            bail!("key `grpo.num_iterations`: expected a positive integer, got 0");
+        }
+        if !["group", "batch", "none"].contains(&self.grpo.scale_rewards.as_str()) {
+            bail!("key `grpo.scale_rewards`: expected one of group, batch, none");
+        }
+        if !["grpo", "bnpo", "dr_grpo", "dapo"].contains(&self.grpo.loss_type.as_str()) {
+            bail!("key `grpo.loss_type`: expected one of grpo, bnpo, dr_grpo, dapo");
+        }
+        for l in &self.dpo.loss_type {
+            if !["sigmoid", "ipo", "hinge", "robust"].contains(&l.as_str()) {
+                bail!("key `dpo.loss_type`: unknown loss `{l}`, expected some of sigmoid, ipo, hinge, robust");
+            }
+        }
+        if let Some(w) = &self.dpo.loss_weights {
+            if w.len() != self.dpo.loss_type.len() {
+                bail!("key `dpo.loss_weights`: expected {} weights (one per loss_type), got {}", self.dpo.loss_type.len(), w.len());
+            }
+        }
+        if !["k1", "k3"].contains(&self.ppo.kl_estimator.as_str()) {
+            bail!("key `ppo.kl_estimator`: expected k1 or k3");
+        }
+        if self.ppo.num_mini_batches == 0 {
+            bail!("key `ppo.num_mini_batches`: expected a positive integer, got 0");
+        }
+        if !(self.plan.budget_gib.is_finite() && self.plan.budget_gib > 0.0) {
+            bail!("key `plan.budget_gib`: expected a positive number of GiB");
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(s: &str) -> Result<RunConfig> {
+        RunConfig::parse(s, Path::new("run.toml"))
+    }
+
+    #[test]
+    fn defaults_fill_missing_sections() {
+        let c = parse("[model]\npath = \"m\"\n").unwrap();
+        assert_eq!(c.lora.r, 16);
+        assert_eq!(c.train.batch_size, 4);
+        assert_eq!(c.plan.budget_gib, 24.0);
+    }
+
+    #[test]
+    fn unknown_key_names_file_and_key() {
+        let e = parse("[train]\nbatch_sise = 3\n").unwrap_err().to_string();
+        assert!(e.contains("run.toml"), "{e}");
+        assert!(e.contains("batch_sise"), "{e}");
+        assert!(e.contains("line 2"), "{e}");
+    }
+
+    #[test]
+    fn wrong_type_names_key() {
+        let e = parse("[train]\nbatch_size = \"four\"\n").unwrap_err().to_string();
+        assert!(e.contains("train.batch_size"), "{e}");
+    }
+
+    #[test]
+    fn impossible_values_are_refused() {
+        let e = parse("[train]\nbatch_size = 0\n").unwrap_err().to_string();
+        assert!(e.contains("train.batch_size"), "{e}");
+        let e = parse("[lora]\ntarget_modules = [\"qq\"]\n").unwrap_err().to_string();
+        assert!(e.contains("qq"), "{e}");
+    }
+
+    #[test]
+    fn malformed_toml_is_an_error() {
+        let e = parse("[train\n").unwrap_err().to_string();
+        assert!(e.contains("run.toml"), "{e}");
+    }
+}

@@ -1,0 +1,9 @@
+//! The Llama-family base model: configuration, forward pass and loading.
+
+pub mod config;
+pub mod llama;
+pub mod load;
+
+pub use config::LlamaConfig;
+pub use llama::{Batch, KvCache, Llama};
+pub use load::{LoadOptions, TensorSource};

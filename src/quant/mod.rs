@@ -1,0 +1,102 @@
+//! Storage of the frozen base's linear weights: NF4 with double quantization (the bitsandbytes
+//! format) or plain dense tensors for debugging and parity tests.
+
+pub mod nf4;
+
+use burn::tensor::{backend::Backend, Tensor, TensorData};
+use nf4::Nf4Tensor;
+use std::sync::Arc;
+
+/// How a frozen base weight `[out, in]` is stored.
+#[derive(Debug, Clone)]
+pub enum BaseWeight<B: Backend> {
+    /// Kept at compute precision on the device (`model.quantize = "none"`).
+    Dense(Tensor<B, 2>),
+    /// 4-bit NF4 + double-quantized absmax. Dequantized into a short-lived workspace tensor per
+    /// forward, so the dense weight never stays resident.
+    Nf4(Arc<Nf4Tensor>),
+}
+
+/// A frozen linear layer of the base model: `y = x W^T (+ b)`.
+#[derive(Debug, Clone)]
+pub struct BaseLinear<B: Backend> {
+    pub weight: BaseWeight<B>,
+    pub bias: Option<Tensor<B, 1>>,
+    pub out_features: usize,
+    pub in_features: usize,
+}
+
+impl<B: Backend> BaseLinear<B> {
+    /// Builds a layer from row-major `[out, in]` f32 values, quantizing when asked.
+    pub fn new(
+        values: Vec<f32>,
+        out_features: usize,
+        in_features: usize,
+        bias: Option<Vec<f32>>,
+        quantize: bool,
+        device: &B::Device,
+    ) -> anyhow::Result<Self> {
+        anyhow::ensure!(
+            values.len() == out_features * in_features,
+            "weight has {} values, expected {out_features} x {in_features}",
+            values.len()
+        );
+        let weight = if quantize {
+            BaseWeight::Nf4(Arc::new(Nf4Tensor::quantize(
+                &values,
+                &[out_features, in_features],
+            )?))
+        } else {
+            BaseWeight::Dense(Tensor::from_data(
+                TensorData::new(values, [out_features, in_features]),
+                device,
+            ))
+        };
+        let bias = bias.map(|b| {
+            let n = b.len();
+            Tensor::from_data(TensorData::new(b, [n]), device)
+        });
+        Ok(Self {
+            weight,
+            bias,
+            out_features,
+            in_features,
+        })
+    }
+
+    /// The weight as a dense `[out, in]` tensor on `device` (a workspace for NF4).
+    pub fn dense_weight(&self, device: &B::Device) -> Tensor<B, 2> {
+        match &self.weight {
+            BaseWeight::Dense(w) => w.clone(),
+            BaseWeight::Nf4(q) => Tensor::from_data(
+                TensorData::new(q.dequantize(), [self.out_features, self.in_features]),
+                device,
+            ),
+        }
+    }
+
+    /// `x [.., in] -> [.., out]`. The weight carries no gradient: the base is frozen.
+    pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
+        let device = x.device();
+        let dims = x.dims();
+        let rows: usize = dims[..D - 1].iter().product();
+        let x2: Tensor<B, 2> = x.reshape([rows, self.in_features]);
+        let w = self.dense_weight(&device);
+        let mut y = x2.matmul(w.transpose());
+        if let Some(b) = &self.bias {
+            y = y + b.clone().unsqueeze_dim(0);
+        }
+        let mut out = dims;
+        out[D - 1] = self.out_features;
+        y.reshape(out)
+    }
+
+    /// Bytes this weight occupies at rest (NF4: packed codes + quantization constants).
+    pub fn storage_bytes(&self) -> usize {
+        let bias = self.bias.as_ref().map(|_| self.out_features * 4).unwrap_or(0);
+        bias + match &self.weight {
+            BaseWeight::Dense(_) => self.out_features * self.in_features * 4,
+            BaseWeight::Nf4(q) => q.storage_bytes(),
+        }
+    }
+}
