@@ -3,12 +3,14 @@
 use crate::config::RunConfig;
 use crate::generate::{generate, SamplingParams};
 use crate::lora::Adapter;
-use crate::model::{LoadOptions, Llama};
+use crate::model::{Llama, LoadOptions};
+use crate::plan::Algo;
 use anyhow::{bail, Context, Result};
 use burn::tensor::backend::Backend;
 use clap::{Parser, Subcommand, ValueEnum};
 use rand::SeedableRng;
 use std::path::{Path, PathBuf};
+use std::str::FromStr;
 
 /// The CPU backend used when `--device cpu` (see README: ndarray measured faster than candle).
 #[cfg(feature = "ndarray")]
@@ -22,7 +24,11 @@ pub type CudaBackend = burn::backend::Cuda<f32, i32>;
 pub const EXIT_DOES_NOT_FIT: i32 = 3;
 
 #[derive(Parser, Debug)]
-#[command(name = "rlhf", version, about = "RLHF post-training on one 4-bit base with LoRA adapters")]
+#[command(
+    name = "rlhf",
+    version,
+    about = "RLHF post-training on one 4-bit base with LoRA adapters"
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
@@ -39,7 +45,7 @@ pub enum Command {
     /// Reward-model training (reward adapter + score head).
     Rm(RunArgs),
     /// Predict peak GPU memory for a run without loading weights.
-    Plan(RunArgs),
+    Plan(PlanArgs),
     /// Sample from the base model, optionally with a LoRA adapter.
     Generate(GenerateArgs),
 }
@@ -49,6 +55,25 @@ pub struct RunArgs {
     /// The run's TOML file.
     #[arg(long)]
     pub config: PathBuf,
+    /// Continue from a checkpoint folder, or from the latest `checkpoint-N` in train.output_dir.
+    #[arg(long, num_args = 0..=1)]
+    pub resume: Option<Option<PathBuf>>,
+    /// Start even when the VRAM plan exceeds plan.budget_gib.
+    #[arg(long)]
+    pub force: bool,
+}
+
+#[derive(clap::Args, Debug)]
+pub struct PlanArgs {
+    /// The run's TOML file.
+    #[arg(long)]
+    pub config: PathBuf,
+    /// dpo, rm, grpo, ppo or generate (default: guessed from the file name).
+    #[arg(long)]
+    pub algo: Option<String>,
+    /// Print the plan as JSON.
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
@@ -72,6 +97,9 @@ pub struct GenerateArgs {
     pub chat: bool,
     #[arg(long, default_value_t = 128)]
     pub max_new_tokens: usize,
+    /// Stop tokens are not sampled before this many new tokens.
+    #[arg(long, default_value_t = 0)]
+    pub min_new_tokens: usize,
     /// 0 = greedy.
     #[arg(long, default_value_t = 0.7)]
     pub temperature: f32,
@@ -103,11 +131,21 @@ pub fn run(cli: Cli) -> Result<i32> {
             }
             Ok(0)
         }
-        Command::Dpo(a) => not_yet("dpo", &a),
+        Command::Dpo(a) => crate::commands::run_on_device(Algo::Dpo, &a.config, &flags(&a)),
+        Command::Rm(a) => crate::commands::run_on_device(Algo::Rm, &a.config, &flags(&a)),
         Command::Grpo(a) => not_yet("grpo", &a),
         Command::Ppo(a) => not_yet("ppo", &a),
-        Command::Rm(a) => not_yet("rm", &a),
-        Command::Plan(a) => not_yet("plan", &a),
+        Command::Plan(a) => {
+            let algo = a.algo.as_deref().map(Algo::from_str).transpose()?;
+            crate::commands::run_plan(&a.config, algo, a.json)
+        }
+    }
+}
+
+fn flags(a: &RunArgs) -> crate::commands::TrainFlags {
+    crate::commands::TrainFlags {
+        resume: a.resume.clone(),
+        force: a.force,
     }
 }
 
@@ -126,10 +164,17 @@ pub struct Loaded<B: Backend> {
 }
 
 /// Loads a base model from a HF folder or a GGUF file, with its tokenizer and chat template.
-pub fn load_model<B: Backend>(path: &Path, quantize: bool, device: &B::Device) -> Result<Loaded<B>> {
+pub fn load_model<B: Backend>(
+    path: &Path,
+    quantize: bool,
+    device: &B::Device,
+) -> Result<Loaded<B>> {
     let opts = LoadOptions { quantize };
     if !path.exists() {
-        bail!("{}: model not found (expected a Hugging Face folder or a .gguf file)", path.display());
+        bail!(
+            "{}: model not found (expected a Hugging Face folder or a .gguf file)",
+            path.display()
+        );
     }
     let name = path.display().to_string();
     if path.is_dir() {
@@ -137,10 +182,19 @@ pub fn load_model<B: Backend>(path: &Path, quantize: bool, device: &B::Device) -
         let tok_path = path.join("tokenizer.json");
         let tok = crate::tokenizer::Tok::from_file(&tok_path)?;
         let chat = crate::tokenizer::ChatTemplate::from_dir(path)?;
-        Ok(Loaded { model, tok, chat, name })
+        Ok(Loaded {
+            model,
+            tok,
+            chat,
+            name,
+        })
     } else {
-        crate::model::gguf_source::load_gguf(path, opts, device)
-            .map(|(model, tok, chat)| Loaded { model, tok, chat, name })
+        crate::model::gguf_source::load_gguf(path, opts, device).map(|(model, tok, chat)| Loaded {
+            model,
+            tok,
+            chat,
+            name,
+        })
     }
 }
 
@@ -172,7 +226,7 @@ fn run_generate<B: Backend>(args: &GenerateArgs, device: &B::Device) -> Result<(
     }
     let params = SamplingParams {
         max_new_tokens: args.max_new_tokens,
-        min_new_tokens: 0,
+        min_new_tokens: args.min_new_tokens,
         temperature: args.temperature,
         top_k: args.top_k,
         top_p: args.top_p,
@@ -181,7 +235,12 @@ fn run_generate<B: Backend>(args: &GenerateArgs, device: &B::Device) -> Result<(
     };
     let mut rng = rand::rngs::StdRng::seed_from_u64(args.seed);
     let out = generate(&loaded.model, adapter.as_ref(), &[ids], &params, &mut rng)?;
-    let toks: Vec<u32> = out[0].tokens.iter().copied().filter(|t| !stop.contains(t)).collect();
+    let toks: Vec<u32> = out[0]
+        .tokens
+        .iter()
+        .copied()
+        .filter(|t| !stop.contains(t))
+        .collect();
     println!("{}", loaded.tok.decode(&toks, true)?);
     Ok(())
 }

@@ -108,10 +108,7 @@ impl Default for LoraConfig {
             r: 16,
             alpha: 32.0,
             dropout: 0.0,
-            target_modules: ALL_TARGETS
-                .iter()
-                .map(|s| s.to_string())
-                .collect(),
+            target_modules: ALL_TARGETS.iter().map(|s| s.to_string()).collect(),
         }
     }
 }
@@ -477,7 +474,9 @@ impl RunConfig {
             bail!("key `generation.min_new_tokens`: exceeds `generation.max_new_tokens`");
         }
         if self.grpo.num_generations < 2 {
-            bail!("key `grpo.num_generations`: expected at least 2 (advantages are group-relative)");
+            bail!(
+                "key `grpo.num_generations`: expected at least 2 (advantages are group-relative)"
+            );
         }
         if self.grpo.num_iterations == 0 {
             bail!("key `grpo.num_iterations`: expected a positive integer, got 0");
@@ -495,7 +494,11 @@ impl RunConfig {
         }
         if let Some(w) = &self.dpo.loss_weights {
             if w.len() != self.dpo.loss_type.len() {
-                bail!("key `dpo.loss_weights`: expected {} weights (one per loss_type), got {}", self.dpo.loss_type.len(), w.len());
+                bail!(
+                    "key `dpo.loss_weights`: expected {} weights (one per loss_type), got {}",
+                    self.dpo.loss_type.len(),
+                    w.len()
+                );
             }
         }
         if !["k1", "k3"].contains(&self.ppo.kl_estimator.as_str()) {
@@ -537,7 +540,9 @@ mod tests {
 
     #[test]
     fn wrong_type_names_key() {
-        let e = parse("[train]\nbatch_size = \"four\"\n").unwrap_err().to_string();
+        let e = parse("[train]\nbatch_size = \"four\"\n")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("train.batch_size"), "{e}");
     }
 
@@ -545,7 +550,9 @@ mod tests {
     fn impossible_values_are_refused() {
         let e = parse("[train]\nbatch_size = 0\n").unwrap_err().to_string();
         assert!(e.contains("train.batch_size"), "{e}");
-        let e = parse("[lora]\ntarget_modules = [\"qq\"]\n").unwrap_err().to_string();
+        let e = parse("[lora]\ntarget_modules = [\"qq\"]\n")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("qq"), "{e}");
     }
 

@@ -35,11 +35,25 @@ pub struct Completion {
 
 /// Picks the next token from one row of logits, following HF's warper order:
 /// temperature, top-k, top-p.
-pub fn sample_token<R: Rng>(logits: &[f32], p: &SamplingParams, banned: &[u32], rng: &mut R) -> u32 {
+pub fn sample_token<R: Rng>(
+    logits: &[f32],
+    p: &SamplingParams,
+    banned: &[u32],
+    rng: &mut R,
+) -> u32 {
     let mut scores: Vec<(u32, f32)> = logits
         .iter()
         .enumerate()
-        .map(|(i, &l)| (i as u32, if banned.contains(&(i as u32)) { f32::NEG_INFINITY } else { l }))
+        .map(|(i, &l)| {
+            (
+                i as u32,
+                if banned.contains(&(i as u32)) {
+                    f32::NEG_INFINITY
+                } else {
+                    l
+                },
+            )
+        })
         .collect();
     if p.temperature <= 0.0 {
         // Greedy: first maximum, as torch.argmax.
@@ -100,7 +114,10 @@ pub fn generate<B: Backend, R: Rng>(
     rng: &mut R,
 ) -> anyhow::Result<Vec<Completion>> {
     anyhow::ensure!(!prompts.is_empty(), "no prompts to generate from");
-    anyhow::ensure!(prompts.iter().all(|p| !p.is_empty()), "a prompt has no tokens");
+    anyhow::ensure!(
+        prompts.iter().all(|p| !p.is_empty()),
+        "a prompt has no tokens"
+    );
     let b = prompts.len();
     let longest = prompts.iter().map(|p| p.len()).max().unwrap_or(0);
     let mut rows = Vec::with_capacity(b);
@@ -116,7 +133,13 @@ pub fn generate<B: Backend, R: Rng>(
     }
     let device = model.device.clone();
     let mut cache = KvCache::new(model.cfg.num_hidden_layers, b);
-    let mut out: Vec<Completion> = vec![Completion { tokens: Vec::new(), stopped: false }; b];
+    let mut out: Vec<Completion> = vec![
+        Completion {
+            tokens: Vec::new(),
+            stopped: false
+        };
+        b
+    ];
     let mut batch = Batch::<B>::new(&rows, valid, &device);
     let vocab = model.cfg.vocab_size;
     for step in 0..params.max_new_tokens {
@@ -127,7 +150,11 @@ pub fn generate<B: Backend, R: Rng>(
         let logits = logits
             .to_vec::<f32>()
             .map_err(|e| anyhow::anyhow!("reading logits: {e:?}"))?;
-        let banned: &[u32] = if step < params.min_new_tokens { &params.stop_ids } else { &[] };
+        let banned: &[u32] = if step < params.min_new_tokens {
+            &params.stop_ids
+        } else {
+            &[]
+        };
         let mut next = Vec::with_capacity(b);
         let mut next_valid = Vec::with_capacity(b);
         for (i, c) in out.iter_mut().enumerate() {

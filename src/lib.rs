@@ -1,10 +1,18 @@
 //! `rlhf`: RLHF post-training (PPO, DPO, GRPO, reward modelling) of LoRA adapters on one frozen,
-//! 4-bit quantized base model. See README.md for the tour and ../ARCHITECTURE.md for the design.
+//! 4-bit quantized base model. See README.md for the tour and ARCHITECTURE.md for the design.
 
 pub mod cli;
+pub mod commands;
 pub mod config;
+pub mod data;
+pub mod engine;
 pub mod generate;
+pub mod gguf;
 pub mod lora;
 pub mod model;
+pub mod optim;
+pub mod plan;
 pub mod quant;
+pub mod tokenizer;
+pub mod train;
 pub mod util;

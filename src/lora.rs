@@ -10,7 +10,6 @@ use rand::{Rng, SeedableRng};
 use std::collections::BTreeMap;
 use std::path::Path;
 
-
 /// One adapted linear: `delta(x) = dropout(x) A^T B^T * alpha / r`.
 #[derive(Debug, Clone)]
 pub struct LoraPair<B: Backend> {
@@ -123,13 +122,22 @@ impl<B: Backend> Adapter<B> {
 
     /// Number of trainable parameters.
     pub fn num_params(&self) -> usize {
-        self.tensors().iter().map(|t| t.shape().num_elements()).sum()
+        self.tensors()
+            .iter()
+            .map(|t| t.shape().num_elements())
+            .sum()
     }
 
     /// Writes `adapter_config.json` and `adapter_model.safetensors` in PEFT's layout into `dir`.
     /// Files are written to temporary names and renamed, so a crash never leaves half a file.
-    pub fn save_peft(&self, dir: &Path, base_model: &str, extra: &[(String, Tensor<B, 2>)]) -> Result<()> {
-        std::fs::create_dir_all(dir).with_context(|| format!("{}: cannot create", dir.display()))?;
+    pub fn save_peft(
+        &self,
+        dir: &Path,
+        base_model: &str,
+        extra: &[(String, Tensor<B, 2>)],
+    ) -> Result<()> {
+        std::fs::create_dir_all(dir)
+            .with_context(|| format!("{}: cannot create", dir.display()))?;
         let mut tensors: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::new();
         let mut push = |name: String, t: &Tensor<B, 2>| -> Result<()> {
             let data = t.to_data().convert::<f32>();
@@ -213,22 +221,45 @@ impl<B: Backend> Adapter<B> {
             .with_context(|| format!("{}: not valid JSON", cfg_path.display()))?;
         let peft_type = v.get("peft_type").and_then(|x| x.as_str()).unwrap_or("");
         if peft_type != "LORA" {
-            bail!("{}: peft_type `{peft_type}` is not supported: expected LORA", cfg_path.display());
+            bail!(
+                "{}: peft_type `{peft_type}` is not supported: expected LORA",
+                cfg_path.display()
+            );
         }
-        let r = v.get("r").and_then(|x| x.as_u64()).context("adapter_config.json: `r` missing")? as usize;
-        let alpha = v.get("lora_alpha").and_then(|x| x.as_f64()).unwrap_or(r as f64) as f32;
-        let dropout = v.get("lora_dropout").and_then(|x| x.as_f64()).unwrap_or(0.0) as f32;
+        let r = v
+            .get("r")
+            .and_then(|x| x.as_u64())
+            .context("adapter_config.json: `r` missing")? as usize;
+        let alpha = v
+            .get("lora_alpha")
+            .and_then(|x| x.as_f64())
+            .unwrap_or(r as f64) as f32;
+        let dropout = v
+            .get("lora_dropout")
+            .and_then(|x| x.as_f64())
+            .unwrap_or(0.0) as f32;
         let targets: Vec<String> = match v.get("target_modules") {
-            Some(serde_json::Value::Array(a)) => a.iter().filter_map(|x| x.as_str().map(String::from)).collect(),
+            Some(serde_json::Value::Array(a)) => a
+                .iter()
+                .filter_map(|x| x.as_str().map(String::from))
+                .collect(),
             Some(serde_json::Value::String(s)) => vec![s.clone()],
             _ => bail!("{}: `target_modules` missing", cfg_path.display()),
         };
         for t in &targets {
             if !ALL_TARGETS.contains(&t.as_str()) {
-                bail!("{}: target module `{t}` is not a Llama linear", cfg_path.display());
+                bail!(
+                    "{}: target module `{t}` is not a Llama linear",
+                    cfg_path.display()
+                );
             }
         }
-        let cfg = LoraConfig { r, alpha, dropout, target_modules: targets.clone() };
+        let cfg = LoraConfig {
+            r,
+            alpha,
+            dropout,
+            target_modules: targets.clone(),
+        };
         let st_path = dir.join("adapter_model.safetensors");
         let bytes = std::fs::read(&st_path)
             .with_context(|| format!("{}: cannot read adapter weights", st_path.display()))?;
@@ -267,7 +298,11 @@ impl<B: Backend> Adapter<B> {
                 continue;
             }
             let shape = view.shape().to_vec();
-            ensure!(shape.len() == 2, "{}: tensor `{key}` is not 2-D", st_path.display());
+            ensure!(
+                shape.len() == 2,
+                "{}: tensor `{key}` is not 2-D",
+                st_path.display()
+            );
             let values = crate::model::load::view_to_f32(&view)?;
             extra.insert(
                 key.clone(),
@@ -275,7 +310,12 @@ impl<B: Backend> Adapter<B> {
             );
         }
         Ok((
-            Self { name: name.to_string(), cfg, layers, training: false },
+            Self {
+                name: name.to_string(),
+                cfg,
+                layers,
+                training: false,
+            },
             extra,
         ))
     }

@@ -4,7 +4,10 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 fn rlhf(args: &[&str]) -> (i32, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_rlhf")).args(args).output().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_rlhf"))
+        .args(args)
+        .output()
+        .unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr).to_string();
     (out.status.code().unwrap_or(-1), stderr)
 }
@@ -15,7 +18,11 @@ fn assert_clean_error(args: &[&str], needles: &[&str]) {
     assert_eq!(code, 2, "exit code for {args:?}; stderr: {stderr}");
     assert!(!stderr.contains("panicked"), "panic for {args:?}: {stderr}");
     let lines: Vec<&str> = stderr.lines().filter(|l| !l.trim().is_empty()).collect();
-    assert_eq!(lines.len(), 1, "expected one error line for {args:?}, got: {stderr}");
+    assert_eq!(
+        lines.len(),
+        1,
+        "expected one error line for {args:?}, got: {stderr}"
+    );
     assert!(lines[0].starts_with("error: "), "{stderr}");
     for n in needles {
         assert!(lines[0].contains(n), "`{n}` not in: {stderr}");
@@ -34,10 +41,18 @@ fn tiny_model_copy() -> (tempfile::TempDir, PathBuf) {
 }
 
 fn generate_args(model: &Path) -> Vec<String> {
-    ["generate", "--model", model.to_str().unwrap(), "--prompt", "hi", "--max-new-tokens", "1"]
-        .iter()
-        .map(|s| s.to_string())
-        .collect()
+    [
+        "generate",
+        "--model",
+        model.to_str().unwrap(),
+        "--prompt",
+        "hi",
+        "--max-new-tokens",
+        "1",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect()
 }
 
 fn run_generate(model: &Path, needles: &[&str]) {
@@ -48,7 +63,10 @@ fn run_generate(model: &Path, needles: &[&str]) {
 
 #[test]
 fn missing_model_folder() {
-    run_generate(Path::new("/nonexistent/model"), &["/nonexistent/model", "not found"]);
+    run_generate(
+        Path::new("/nonexistent/model"),
+        &["/nonexistent/model", "not found"],
+    );
 }
 
 #[test]
@@ -64,7 +82,9 @@ fn truncated_safetensors() {
 fn tensor_shape_mismatch() {
     let (_tmp, dir) = tiny_model_copy();
     let f = dir.join("config.json");
-    let text = std::fs::read_to_string(&f).unwrap().replace("\"intermediate_size\": 160", "\"intermediate_size\": 96");
+    let text = std::fs::read_to_string(&f)
+        .unwrap()
+        .replace("\"intermediate_size\": 160", "\"intermediate_size\": 96");
     std::fs::write(&f, text).unwrap();
     run_generate(&dir, &["gate_proj", "shape", "[160, 64]", "[96, 64]"]);
 }
@@ -73,9 +93,14 @@ fn tensor_shape_mismatch() {
 fn unknown_architecture() {
     let (_tmp, dir) = tiny_model_copy();
     let f = dir.join("config.json");
-    let text = std::fs::read_to_string(&f).unwrap().replace("LlamaForCausalLM", "GPT2LMHeadModel");
+    let text = std::fs::read_to_string(&f)
+        .unwrap()
+        .replace("LlamaForCausalLM", "GPT2LMHeadModel");
     std::fs::write(&f, text).unwrap();
-    run_generate(&dir, &["config.json", "unknown architecture `GPT2LMHeadModel`"]);
+    run_generate(
+        &dir,
+        &["config.json", "unknown architecture `GPT2LMHeadModel`"],
+    );
 }
 
 #[test]
@@ -83,15 +108,25 @@ fn malformed_toml() {
     let tmp = tempfile::tempdir().unwrap();
     let f = tmp.path().join("run.toml");
     std::fs::write(&f, "[train\nbatch_size = 2\n").unwrap();
-    assert_clean_error(&["dpo", "--config", f.to_str().unwrap()], &["run.toml", "line 1"]);
+    assert_clean_error(
+        &["dpo", "--config", f.to_str().unwrap()],
+        &["run.toml", "line 1"],
+    );
 }
 
 #[test]
 fn unknown_config_key() {
     let tmp = tempfile::tempdir().unwrap();
     let f = tmp.path().join("run.toml");
-    std::fs::write(&f, "[model]\npath = \"m\"\n\n[train]\nlearning_rat = 1e-4\n").unwrap();
-    assert_clean_error(&["dpo", "--config", f.to_str().unwrap()], &["run.toml", "learning_rat", "line 5"]);
+    std::fs::write(
+        &f,
+        "[model]\npath = \"m\"\n\n[train]\nlearning_rat = 1e-4\n",
+    )
+    .unwrap();
+    assert_clean_error(
+        &["dpo", "--config", f.to_str().unwrap()],
+        &["run.toml", "learning_rat", "line 5"],
+    );
 }
 
 /// A GGUF file with Llama metadata but no tensors at all.

@@ -4,14 +4,20 @@
 use burn::backend::NdArray;
 use burn::tensor::{Tensor, TensorData};
 use rlhf::lora::Adapter;
-use rlhf::model::{Batch, LoadOptions, Llama};
+use rlhf::model::{Batch, Llama, LoadOptions};
 use std::path::{Path, PathBuf};
 
 type B = NdArray<f32>;
 
 fn fixture(name: &str) -> PathBuf {
-    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/hf").join(name);
-    assert!(p.exists(), "fixture missing: {} (run scripts/fixtures/hf_forward.py)", p.display());
+    let p = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/hf")
+        .join(name);
+    assert!(
+        p.exists(),
+        "fixture missing: {} (run scripts/fixtures/hf_forward.py)",
+        p.display()
+    );
     p
 }
 
@@ -43,8 +49,12 @@ fn reference(dir: &Path, logits_from: &Path) -> Reference {
     let vocab = lv.shape()[2];
     let logits = rlhf::model::load::view_to_f32(&lv).unwrap();
     Reference {
-        ids: (0..b).map(|i| ids[i * t..(i + 1) * t].iter().map(|&x| x as u32).collect()).collect(),
-        valid: (0..b).map(|i| mask[i * t..(i + 1) * t].iter().map(|&x| x == 1).collect()).collect(),
+        ids: (0..b)
+            .map(|i| ids[i * t..(i + 1) * t].iter().map(|&x| x as u32).collect())
+            .collect(),
+        valid: (0..b)
+            .map(|i| mask[i * t..(i + 1) * t].iter().map(|&x| x == 1).collect())
+            .collect(),
         logits,
         vocab,
     }
@@ -71,7 +81,8 @@ fn max_abs_diff(ours: Tensor<B, 3>, r: &Reference) -> f32 {
 
 fn load(name: &str, quantize: bool) -> (Llama<B>, Reference) {
     let dir = fixture(name);
-    let model = Llama::<B>::from_hf_dir(&dir, LoadOptions { quantize }, &Default::default()).unwrap();
+    let model =
+        Llama::<B>::from_hf_dir(&dir, LoadOptions { quantize }, &Default::default()).unwrap();
     let r = reference(&dir, &dir);
     (model, r)
 }
@@ -103,13 +114,20 @@ fn nf4_base_stays_close_to_full_precision() {
     let (full, r) = load("llama", false);
     let (q, _) = load("llama", true);
     let batch = Batch::new(&r.ids, r.valid.clone(), &Default::default());
-    let a = full.forward(&batch, None).into_data().to_vec::<f32>().unwrap();
+    let a = full
+        .forward(&batch, None)
+        .into_data()
+        .to_vec::<f32>()
+        .unwrap();
     let b = q.forward(&batch, None).into_data().to_vec::<f32>().unwrap();
     let num: f32 = a.iter().zip(&b).map(|(x, y)| (x - y).powi(2)).sum();
     let den: f32 = a.iter().map(|x| x * x).sum();
     let rel = (num / den).sqrt();
     // 4-bit weights perturb the logits, but must not scramble them.
-    assert!(rel > 0.0 && rel < 0.25, "relative error of NF4 logits {rel}");
+    assert!(
+        rel > 0.0 && rel < 0.25,
+        "relative error of NF4 logits {rel}"
+    );
     assert!(q.storage_bytes() < full.storage_bytes());
 }
 
@@ -118,7 +136,8 @@ fn peft_adapter_matches_peft_logits() {
     let base = fixture("llama");
     let ad = fixture("llama_lora");
     let (model, _) = load("llama", false);
-    let (adapter, extra) = Adapter::<B>::load_peft(&ad, "policy", &model.cfg, &Default::default()).unwrap();
+    let (adapter, extra) =
+        Adapter::<B>::load_peft(&ad, "policy", &model.cfg, &Default::default()).unwrap();
     assert!(extra.is_empty());
     let r = reference(&base, &ad);
     let batch = Batch::new(&r.ids, r.valid.clone(), &Default::default());
@@ -134,7 +153,9 @@ fn random_b(adapter: &mut Adapter<B>) {
         .map(|(i, t)| {
             let dims = t.dims();
             let n = dims[0] * dims[1];
-            let v: Vec<f32> = (0..n).map(|k| (((k * 7 + i * 13) % 17) as f32 - 8.0) * 0.01).collect();
+            let v: Vec<f32> = (0..n)
+                .map(|k| (((k * 7 + i * 13) % 17) as f32 - 8.0) * 0.01)
+                .collect();
             Tensor::from_data(TensorData::new(v, dims), &Default::default())
         })
         .collect();
@@ -148,18 +169,35 @@ fn saved_adapter_reloads_to_identical_logits_in_peft_layout() {
         r: 4,
         alpha: 8.0,
         dropout: 0.0,
-        target_modules: rlhf::config::ALL_TARGETS.iter().map(|s| s.to_string()).collect(),
+        target_modules: rlhf::config::ALL_TARGETS
+            .iter()
+            .map(|s| s.to_string())
+            .collect(),
     };
-    let mut adapter = Adapter::<B>::new("policy", &cfg, &model.cfg, 3, &Default::default()).unwrap();
+    let mut adapter =
+        Adapter::<B>::new("policy", &cfg, &model.cfg, 3, &Default::default()).unwrap();
     random_b(&mut adapter);
     let dir = tempfile::tempdir().unwrap();
     adapter.save_peft(dir.path(), "tiny-llama", &[]).unwrap();
-    let (back, _) = Adapter::<B>::load_peft(dir.path(), "policy", &model.cfg, &Default::default()).unwrap();
+    let (back, _) =
+        Adapter::<B>::load_peft(dir.path(), "policy", &model.cfg, &Default::default()).unwrap();
     let batch = Batch::new(&r.ids, r.valid.clone(), &Default::default());
-    let a = model.forward(&batch, Some(&adapter)).into_data().to_vec::<f32>().unwrap();
-    let b = model.forward(&batch, Some(&back)).into_data().to_vec::<f32>().unwrap();
+    let a = model
+        .forward(&batch, Some(&adapter))
+        .into_data()
+        .to_vec::<f32>()
+        .unwrap();
+    let b = model
+        .forward(&batch, Some(&back))
+        .into_data()
+        .to_vec::<f32>()
+        .unwrap();
     assert_eq!(a, b, "reloaded adapter changed the logits");
-    let base = model.forward(&batch, None).into_data().to_vec::<f32>().unwrap();
+    let base = model
+        .forward(&batch, None)
+        .into_data()
+        .to_vec::<f32>()
+        .unwrap();
     assert_ne!(a, base, "the adapter must change the logits");
 
     // Same tensor names, shapes and config fields as the adapter PEFT itself saved.
@@ -168,17 +206,43 @@ fn saved_adapter_reloads_to_identical_logits_in_peft_layout() {
     let theirs = std::fs::read(peft_dir.join("adapter_model.safetensors")).unwrap();
     let ours = safetensors::SafeTensors::deserialize(&ours).unwrap();
     let theirs = safetensors::SafeTensors::deserialize(&theirs).unwrap();
-    let mut on: Vec<(String, Vec<usize>)> = ours.tensors().into_iter().map(|(n, v)| (n, v.shape().to_vec())).collect();
-    let mut tn: Vec<(String, Vec<usize>)> = theirs.tensors().into_iter().map(|(n, v)| (n, v.shape().to_vec())).collect();
+    let mut on: Vec<(String, Vec<usize>)> = ours
+        .tensors()
+        .into_iter()
+        .map(|(n, v)| (n, v.shape().to_vec()))
+        .collect();
+    let mut tn: Vec<(String, Vec<usize>)> = theirs
+        .tensors()
+        .into_iter()
+        .map(|(n, v)| (n, v.shape().to_vec()))
+        .collect();
     on.sort();
     tn.sort();
     assert_eq!(on, tn);
-    let oc: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(dir.path().join("adapter_config.json")).unwrap()).unwrap();
-    let tc: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(peft_dir.join("adapter_config.json")).unwrap()).unwrap();
-    for key in ["peft_type", "task_type", "r", "lora_alpha", "lora_dropout", "bias", "fan_in_fan_out", "use_rslora", "use_dora"] {
-        assert_eq!(oc.get(key), tc.get(key), "adapter_config.json field `{key}`");
+    let oc: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(dir.path().join("adapter_config.json")).unwrap(),
+    )
+    .unwrap();
+    let tc: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(peft_dir.join("adapter_config.json")).unwrap(),
+    )
+    .unwrap();
+    for key in [
+        "peft_type",
+        "task_type",
+        "r",
+        "lora_alpha",
+        "lora_dropout",
+        "bias",
+        "fan_in_fan_out",
+        "use_rslora",
+        "use_dora",
+    ] {
+        assert_eq!(
+            oc.get(key),
+            tc.get(key),
+            "adapter_config.json field `{key}`"
+        );
     }
     let mut ot: Vec<String> = serde_json::from_value(oc["target_modules"].clone()).unwrap();
     let mut tt: Vec<String> = serde_json::from_value(tc["target_modules"].clone()).unwrap();

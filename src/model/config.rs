@@ -78,8 +78,14 @@ struct RawConfig {
 
 fn ids(v: &Option<serde_json::Value>) -> Vec<u32> {
     match v {
-        Some(serde_json::Value::Number(n)) => n.as_u64().map(|x| vec![x as u32]).unwrap_or_default(),
-        Some(serde_json::Value::Array(a)) => a.iter().filter_map(|x| x.as_u64()).map(|x| x as u32).collect(),
+        Some(serde_json::Value::Number(n)) => {
+            n.as_u64().map(|x| vec![x as u32]).unwrap_or_default()
+        }
+        Some(serde_json::Value::Array(a)) => a
+            .iter()
+            .filter_map(|x| x.as_u64())
+            .map(|x| x as u32)
+            .collect(),
         _ => Vec::new(),
     }
 }
@@ -96,7 +102,8 @@ impl LlamaConfig {
 
     /// Interprets an HF config as a Llama-family architecture, refusing others.
     pub fn from_json(v: &serde_json::Value) -> Result<Self> {
-        let raw: RawConfig = serde_json::from_value(v.clone()).context("missing or mistyped field")?;
+        let raw: RawConfig =
+            serde_json::from_value(v.clone()).context("missing or mistyped field")?;
         let name = raw
             .architectures
             .as_ref()
@@ -121,14 +128,17 @@ impl LlamaConfig {
             bail!("hidden_size, num_hidden_layers, num_attention_heads and vocab_size must be positive");
         }
         let kv = raw.num_key_value_heads.unwrap_or(heads);
-        if kv == 0 || heads % kv != 0 {
+        if kv == 0 || !heads.is_multiple_of(kv) {
             bail!("num_key_value_heads {kv} must divide num_attention_heads {heads}");
         }
         let head_dim = raw.head_dim.unwrap_or(raw.hidden_size / heads);
-        if raw.head_dim.is_none() && raw.hidden_size % heads != 0 {
-            bail!("hidden_size {} is not divisible by num_attention_heads {heads}", raw.hidden_size);
+        if raw.head_dim.is_none() && !raw.hidden_size.is_multiple_of(heads) {
+            bail!(
+                "hidden_size {} is not divisible by num_attention_heads {heads}",
+                raw.hidden_size
+            );
         }
-        if head_dim % 2 != 0 {
+        if !head_dim.is_multiple_of(2) {
             bail!("head_dim {head_dim} must be even for rotary embeddings");
         }
         let rope_theta = raw
@@ -151,19 +161,24 @@ impl LlamaConfig {
                         low_freq_factor: f("low_freq_factor").unwrap_or(1.0),
                         high_freq_factor: f("high_freq_factor").unwrap_or(4.0),
                         original_max_position_embeddings: f("original_max_position_embeddings")
-                            .unwrap_or(8192.0) as usize,
+                            .unwrap_or(8192.0)
+                            as usize,
                     }),
                     "linear" => Some(RopeScaling::Linear {
                         factor: f("factor").context("rope_scaling.factor missing")?,
                     }),
                     "default" | "" => None,
-                    other => bail!("rope_scaling type `{other}` is not supported: expected llama3 or linear"),
+                    other => bail!(
+                        "rope_scaling type `{other}` is not supported: expected llama3 or linear"
+                    ),
                 }
             }
         };
         let sliding_window = match (&raw.sliding_window, raw.use_sliding_window) {
             (_, Some(false)) => None,
-            (Some(serde_json::Value::Number(n)), _) if arch != Arch::Qwen2 || raw.use_sliding_window == Some(true) => {
+            (Some(serde_json::Value::Number(n)), _)
+                if arch != Arch::Qwen2 || raw.use_sliding_window == Some(true) =>
+            {
                 n.as_u64().map(|x| x as usize)
             }
             _ => None,

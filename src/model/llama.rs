@@ -143,14 +143,22 @@ pub fn rope_inv_freq(cfg: &LlamaConfig) -> Vec<f32> {
             high_freq_factor,
             original_max_position_embeddings,
         }) => {
-            let (factor, lo, hi) = (*factor as f32, *low_freq_factor as f32, *high_freq_factor as f32);
+            let (factor, lo, hi) = (
+                *factor as f32,
+                *low_freq_factor as f32,
+                *high_freq_factor as f32,
+            );
             let old = *original_max_position_embeddings as f32;
             let low_wavelen = old / lo;
             let high_wavelen = old / hi;
             for f in &mut inv {
                 let wavelen = 2.0 * std::f32::consts::PI / *f;
-                let scaled = if wavelen > low_wavelen { *f / factor } else { *f };
-                let medium = !(wavelen < high_wavelen) && !(wavelen > low_wavelen);
+                let scaled = if wavelen > low_wavelen {
+                    *f / factor
+                } else {
+                    *f
+                };
+                let medium = wavelen >= high_wavelen && wavelen <= low_wavelen;
                 *f = if medium {
                     let smooth = (old / wavelen - lo) / (hi - lo);
                     (1.0 - smooth) * scaled / factor + smooth * scaled
@@ -209,7 +217,11 @@ impl<B: Backend> Llama<B> {
     ) -> Tensor<B, 3> {
         let cfg = &self.cfg;
         let [b, t] = batch.tokens.dims();
-        let (nh, nkv, hd) = (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim);
+        let (nh, nkv, hd) = (
+            cfg.num_attention_heads,
+            cfg.num_key_value_heads,
+            cfg.head_dim,
+        );
         let past = cache.as_ref().map(|c| c.len()).unwrap_or(0);
 
         // Positions count real tokens only (left padding gets position 0, as HF does with
@@ -238,7 +250,11 @@ impl<B: Backend> Llama<B> {
         let (cos, sin) = self.rope_tables(&positions);
 
         let flat = batch.tokens.clone().reshape([b * t]);
-        let mut h: Tensor<B, 3> = self.embed.clone().select(0, flat).reshape([b, t, cfg.hidden_size]);
+        let mut h: Tensor<B, 3> =
+            self.embed
+                .clone()
+                .select(0, flat)
+                .reshape([b, t, cfg.hidden_size]);
         let scale = 1.0 / (hd as f64).sqrt();
 
         for (l, block) in self.layers.iter().enumerate() {
@@ -282,7 +298,13 @@ impl<B: Backend> Llama<B> {
         if let Some(c) = cache {
             c.key_valid = key_valid;
             for (i, row) in positions.iter().enumerate() {
-                if let Some(&last) = row.iter().zip(&batch.valid[i]).filter(|(_, v)| **v).map(|(p, _)| p).last() {
+                if let Some(&last) = row
+                    .iter()
+                    .zip(&batch.valid[i])
+                    .filter(|(_, v)| **v)
+                    .map(|(p, _)| p)
+                    .next_back()
+                {
                     c.next_pos[i] = last + 1;
                 }
             }
@@ -302,7 +324,9 @@ impl<B: Backend> Llama<B> {
                 let q_abs = past + qi;
                 for (k_abs, &valid) in kv.iter().enumerate() {
                     let future = k_abs > q_abs;
-                    let outside = window.map(|w| q_abs - k_abs.min(q_abs) >= w).unwrap_or(false);
+                    let outside = window
+                        .map(|w| q_abs - k_abs.min(q_abs) >= w)
+                        .unwrap_or(false);
                     m.push(future || !valid || outside);
                 }
             }

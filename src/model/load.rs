@@ -19,7 +19,12 @@ pub fn view_to_f32(view: &safetensors::tensor::TensorView) -> Result<Vec<f32>> {
         safetensors::Dtype::F16 | safetensors::Dtype::BF16 => 2,
         other => bail!("dtype {other:?} is not supported: expected F32, F16 or BF16"),
     };
-    ensure!(data.len() == n * width, "data has {} bytes, expected {}", data.len(), n * width);
+    ensure!(
+        data.len() == n * width,
+        "data has {} bytes, expected {}",
+        data.len(),
+        n * width
+    );
     Ok(match view.dtype() {
         safetensors::Dtype::F32 => data
             .chunks_exact(4)
@@ -63,24 +68,33 @@ impl SafetensorsSource {
                 .get("weight_map")
                 .and_then(|m| m.as_object())
                 .with_context(|| format!("{}: `weight_map` missing", index_path.display()))?;
-            let mut names: Vec<String> = map.values().filter_map(|x| x.as_str().map(String::from)).collect();
+            let mut names: Vec<String> = map
+                .values()
+                .filter_map(|x| x.as_str().map(String::from))
+                .collect();
             names.sort();
             names.dedup();
             names.into_iter().map(|n| dir.join(n)).collect()
         } else {
             let single = dir.join("model.safetensors");
-            ensure!(single.exists(), "{}: no model.safetensors or model.safetensors.index.json", dir.display());
+            ensure!(
+                single.exists(),
+                "{}: no model.safetensors or model.safetensors.index.json",
+                dir.display()
+            );
             vec![single]
         };
         let mut shards = Vec::new();
         let mut index = BTreeMap::new();
         for (i, f) in files.into_iter().enumerate() {
-            let file = std::fs::File::open(&f).with_context(|| format!("{}: cannot open", f.display()))?;
+            let file =
+                std::fs::File::open(&f).with_context(|| format!("{}: cannot open", f.display()))?;
             // Safety: the file is opened read-only and not modified while mapped.
             let mmap = unsafe { memmap2::Mmap::map(&file) }
                 .with_context(|| format!("{}: cannot map", f.display()))?;
-            let st = safetensors::SafeTensors::deserialize(&mmap)
-                .map_err(|e| anyhow::anyhow!("{}: not a valid safetensors file ({e})", f.display()))?;
+            let st = safetensors::SafeTensors::deserialize(&mmap).map_err(|e| {
+                anyhow::anyhow!("{}: not a valid safetensors file ({e})", f.display())
+            })?;
             for name in st.names() {
                 index.insert(name.to_string(), i);
             }
@@ -92,12 +106,16 @@ impl SafetensorsSource {
 
 impl TensorSource for SafetensorsSource {
     fn read(&mut self, name: &str) -> Result<(Vec<f32>, Vec<usize>)> {
-        let &i = self.index.get(name).with_context(|| format!("tensor `{name}` missing"))?;
+        let &i = self
+            .index
+            .get(name)
+            .with_context(|| format!("tensor `{name}` missing"))?;
         let (path, mmap) = &self.shards[i];
         let st = safetensors::SafeTensors::deserialize(mmap)
             .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
         let view = st.tensor(name)?;
-        let values = view_to_f32(&view).with_context(|| format!("{}: tensor `{name}`", path.display()))?;
+        let values =
+            view_to_f32(&view).with_context(|| format!("{}: tensor `{name}`", path.display()))?;
         Ok((values, view.shape().to_vec()))
     }
 
@@ -115,7 +133,10 @@ pub struct LoadOptions {
 
 fn read_shaped(src: &mut dyn TensorSource, name: &str, shape: &[usize]) -> Result<Vec<f32>> {
     let (v, s) = src.read(name)?;
-    ensure!(s == shape, "tensor `{name}` has shape {s:?}, expected {shape:?}");
+    ensure!(
+        s == shape,
+        "tensor `{name}` has shape {s:?}, expected {shape:?}"
+    );
     Ok(v)
 }
 
@@ -139,7 +160,9 @@ impl<B: Backend> Llama<B> {
         for l in 0..cfg.num_hidden_layers {
             let p = format!("model.layers.{l}");
             let mut lin = |module: &str| -> Result<BaseLinear<B>> {
-                let group = if module.ends_with("_proj") && ["q_proj", "k_proj", "v_proj", "o_proj"].contains(&module) {
+                let group = if module.ends_with("_proj")
+                    && ["q_proj", "k_proj", "v_proj", "o_proj"].contains(&module)
+                {
                     "self_attn"
                 } else {
                     "mlp"
@@ -148,9 +171,10 @@ impl<B: Backend> Llama<B> {
                 let name = format!("{p}.{group}.{module}");
                 let w = read_shaped(src, &format!("{name}.weight"), &[out, inp])?;
                 let bias_name = format!("{name}.bias");
-                let bias = if cfg.attention_bias && ["q_proj", "k_proj", "v_proj"].contains(&module) {
-                    Some(read_shaped(src, &bias_name, &[out])?)
-                } else if src.contains(&bias_name) {
+                // Qwen2's q/k/v biases are required; any other bias is read when present.
+                let required =
+                    cfg.attention_bias && ["q_proj", "k_proj", "v_proj"].contains(&module);
+                let bias = if required || src.contains(&bias_name) {
                     Some(read_shaped(src, &bias_name, &[out])?)
                 } else {
                     None
@@ -166,7 +190,10 @@ impl<B: Backend> Llama<B> {
                 gate_proj: lin("gate_proj")?,
                 up_proj: lin("up_proj")?,
                 down_proj: lin("down_proj")?,
-                input_norm: vec1(read_shaped(src, &format!("{p}.input_layernorm.weight"), &[h])?, device),
+                input_norm: vec1(
+                    read_shaped(src, &format!("{p}.input_layernorm.weight"), &[h])?,
+                    device,
+                ),
                 post_norm: vec1(
                     read_shaped(src, &format!("{p}.post_attention_layernorm.weight"), &[h])?,
                     device,
@@ -185,7 +212,15 @@ impl<B: Backend> Llama<B> {
             None
         };
         let inv_freq = rope_inv_freq(&cfg);
-        Ok(Self { cfg, embed, layers, norm, lm_head, inv_freq, device: device.clone() })
+        Ok(Self {
+            cfg,
+            embed,
+            layers,
+            norm,
+            lm_head,
+            inv_freq,
+            device: device.clone(),
+        })
     }
 
     /// Loads a Hugging Face folder (`config.json` + safetensors).
@@ -206,6 +241,10 @@ impl<B: Backend> Llama<B> {
                 n += b.linear(m).expect("known").storage_bytes();
             }
         }
-        n + self.lm_head.as_ref().map(|l| l.storage_bytes()).unwrap_or(0)
+        n + self
+            .lm_head
+            .as_ref()
+            .map(|l| l.storage_bytes())
+            .unwrap_or(0)
     }
 }

@@ -1,6 +1,7 @@
 //! The Llama-family base model: configuration, forward pass and loading.
 
 pub mod config;
+pub mod gguf_source;
 pub mod llama;
 pub mod load;
 

@@ -93,7 +93,11 @@ impl<B: Backend> BaseLinear<B> {
 
     /// Bytes this weight occupies at rest (NF4: packed codes + quantization constants).
     pub fn storage_bytes(&self) -> usize {
-        let bias = self.bias.as_ref().map(|_| self.out_features * 4).unwrap_or(0);
+        let bias = self
+            .bias
+            .as_ref()
+            .map(|_| self.out_features * 4)
+            .unwrap_or(0);
         bias + match &self.weight {
             BaseWeight::Dense(_) => self.out_features * self.in_features * 4,
             BaseWeight::Nf4(q) => q.storage_bytes(),

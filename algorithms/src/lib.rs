@@ -1,0 +1,7 @@
+//! Trainer trait and the RLHF algorithms. This crate knows nothing of NF4, safetensors or CUDA:
+//! it talks to the model through [`trainer::PolicyModel`].
+
+pub mod dpo;
+pub mod losses;
+pub mod rm;
+pub mod trainer;

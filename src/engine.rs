@@ -1,0 +1,188 @@
+//! The one shared base with its role adapters and heads: the engine side of
+//! `rlhf_algorithms::trainer::PolicyModel`.
+
+use crate::lora::Adapter;
+use crate::model::{Batch, Llama};
+use anyhow::{Context, Result};
+use burn::tensor::backend::{AutodiffBackend, Backend};
+use burn::tensor::{activation, Int, Tensor, TensorData};
+use rand::{Rng, SeedableRng};
+use rlhf_algorithms::trainer::{PolicyModel, Role, TokenBatch};
+use std::collections::BTreeMap;
+
+/// Name under which a role's scalar head is stored in its PEFT adapter file: the `score` module
+/// of `AutoModelForSequenceClassification`, which is what TRL's reward and value models use.
+pub const HEAD_KEY: &str = "base_model.model.score.weight";
+
+/// Base model + adapters per role + scalar heads per role.
+pub struct RlhfModel<B: Backend> {
+    pub base: Llama<B>,
+    pub adapters: BTreeMap<Role, Adapter<B>>,
+    /// `[1, hidden]` linear heads (no bias, as HF's `score`).
+    pub heads: BTreeMap<Role, Tensor<B, 2>>,
+    /// Rows per chunk when computing log-probs, so `[b, t, vocab]` logits never exist whole
+    /// (0 = all rows at once).
+    pub logits_chunk_rows: usize,
+}
+
+/// A `[1, hidden]` head initialised as HF initialises `score`: normal(0, 0.02).
+pub fn new_head<B: Backend>(hidden: usize, seed: u64, device: &B::Device) -> Tensor<B, 2> {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let v: Vec<f32> = (0..hidden)
+        .map(|_| {
+            // Box-Muller.
+            let u1: f64 = rng.random::<f64>().max(1e-12);
+            let u2: f64 = rng.random();
+            ((-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos() * 0.02) as f32
+        })
+        .collect();
+    Tensor::from_data(TensorData::new(v, [1, hidden]), device)
+}
+
+impl<B: Backend> RlhfModel<B> {
+    pub fn new(base: Llama<B>) -> Self {
+        Self {
+            base,
+            adapters: BTreeMap::new(),
+            heads: BTreeMap::new(),
+            logits_chunk_rows: 0,
+        }
+    }
+
+    fn adapter(&self, role: Role) -> Result<Option<&Adapter<B>>> {
+        match role {
+            Role::Reference => Ok(None),
+            r => self
+                .adapters
+                .get(&r)
+                .map(Some)
+                .with_context(|| format!("no {} adapter is loaded", r.name())),
+        }
+    }
+
+    /// The trainable tensors of `roles`, in a fixed order: each role's adapter, then its head.
+    pub fn params(&self, roles: &[Role]) -> Vec<Tensor<B, 2>> {
+        let mut out = Vec::new();
+        for r in roles {
+            if let Some(a) = self.adapters.get(r) {
+                out.extend(a.tensors());
+            }
+            if let Some(h) = self.heads.get(r) {
+                out.push(h.clone());
+            }
+        }
+        out
+    }
+
+    /// Puts tensors back in the order `params` returned them.
+    pub fn set_params(&mut self, roles: &[Role], params: Vec<Tensor<B, 2>>) {
+        let mut it = params.into_iter();
+        for r in roles {
+            if let Some(a) = self.adapters.get_mut(r) {
+                let n = a.tensors().len();
+                let chunk: Vec<_> = it.by_ref().take(n).collect();
+                a.set_tensors(chunk.into_iter());
+            }
+            if self.heads.contains_key(r) {
+                let h = it.next().expect("one tensor per head");
+                self.heads.insert(*r, h);
+            }
+        }
+    }
+
+    /// Switches dropout on or off in every adapter.
+    pub fn set_training(&mut self, training: bool) {
+        for a in self.adapters.values_mut() {
+            a.training = training;
+        }
+    }
+
+    fn logps_rows(
+        &self,
+        adapter: Option<&Adapter<B>>,
+        batch: &TokenBatch,
+        rows: std::ops::Range<usize>,
+        temperature: f64,
+    ) -> Tensor<B, 2> {
+        let device = self.base.device.clone();
+        let ids = &batch.ids[rows.clone()];
+        let b = ids.len();
+        let t = ids[0].len();
+        let input = Batch::new(ids, batch.valid[rows.clone()].to_vec(), &device);
+        let hidden = self.base.forward_hidden(&input, adapter, None);
+        let h = self.base.cfg.hidden_size;
+        // Logits at position t-1 predict token t: drop the last position before the vocab projection.
+        let hidden = hidden.slice([0..b, 0..t - 1, 0..h]);
+        let mut logits = self.base.logits(hidden);
+        if temperature != 1.0 {
+            logits = logits / temperature;
+        }
+        let labels: Vec<i64> = ids
+            .iter()
+            .flat_map(|r| r[1..].iter().map(|&x| x as i64))
+            .collect();
+        let labels =
+            Tensor::<B, 3, Int>::from_data(TensorData::new(labels, [b, t - 1, 1]), &device);
+        let lp = activation::log_softmax(logits, 2)
+            .gather(2, labels)
+            .reshape([b, t - 1]);
+        let lp = Tensor::cat(vec![Tensor::zeros([b, 1], &device), lp], 1);
+        let mask: Vec<f32> = batch.loss_mask[rows]
+            .iter()
+            .flat_map(|r| r.iter().map(|&m| if m { 1.0 } else { 0.0 }))
+            .collect();
+        lp * Tensor::<B, 2>::from_data(TensorData::new(mask, [b, t]), &device)
+    }
+}
+
+impl<B: AutodiffBackend> PolicyModel<B> for RlhfModel<B> {
+    fn token_logps(
+        &self,
+        role: Role,
+        batch: &TokenBatch,
+        temperature: f64,
+    ) -> Result<Tensor<B, 2>> {
+        anyhow::ensure!(!batch.is_empty(), "empty batch");
+        anyhow::ensure!(
+            batch.ids[0].len() >= 2,
+            "sequences need at least two tokens"
+        );
+        let adapter = self.adapter(role)?;
+        let n = batch.len();
+        let chunk = if self.logits_chunk_rows == 0 {
+            n
+        } else {
+            self.logits_chunk_rows
+        };
+        let parts: Vec<Tensor<B, 2>> = (0..n)
+            .step_by(chunk)
+            .map(|s| self.logps_rows(adapter, batch, s..(s + chunk).min(n), temperature))
+            .collect();
+        let out = Tensor::cat(parts, 0);
+        Ok(if role == Role::Reference {
+            out.detach()
+        } else {
+            out
+        })
+    }
+
+    fn head_scores(&self, role: Role, batch: &TokenBatch) -> Result<Tensor<B, 2>> {
+        let head = self
+            .heads
+            .get(&role)
+            .with_context(|| format!("no {} head is loaded", role.name()))?;
+        let adapter = self.adapter(role)?;
+        let device = self.base.device.clone();
+        let input = Batch::new(&batch.ids, batch.valid.clone(), &device);
+        let hidden = self.base.forward_hidden(&input, adapter, None);
+        let [b, t, h] = hidden.dims();
+        Ok(hidden
+            .reshape([b * t, h])
+            .matmul(head.clone().transpose())
+            .reshape([b, t]))
+    }
+
+    fn device(&self) -> B::Device {
+        self.base.device.clone()
+    }
+}

@@ -1,0 +1,395 @@
+//! The one run loop every algorithm shares: seeded data order, micro-batches with gradient
+//! accumulation, global-norm clipping, AdamW with a schedule, a NaN/inf guard, a progress bar,
+//! JSONL metrics, atomic checkpoints and exact resume.
+
+use crate::config::RunConfig;
+use crate::data::epoch_order;
+use crate::engine::{RlhfModel, HEAD_KEY};
+use crate::optim::{learning_rate, AdamW};
+use anyhow::{bail, Context, Result};
+use burn::tensor::backend::{AutodiffBackend, Backend};
+use burn::tensor::Tensor;
+use rlhf_algorithms::trainer::{Metrics, Role, Trainer};
+use serde::{Deserialize, Serialize};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+/// What a checkpoint records besides tensors.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct TrainerState {
+    pub algorithm: String,
+    /// Optimizer steps completed.
+    pub global_step: usize,
+    pub total_steps: usize,
+    /// Non-finite steps in a row at the time of the checkpoint.
+    pub nonfinite_in_row: usize,
+    /// Non-finite steps skipped so far.
+    pub skipped_steps: usize,
+    pub seed: u64,
+}
+
+/// Micro-batch `k` (global index) of the run: the examples it holds.
+fn micro_batch(n: usize, batch: usize, seed: u64, k: usize) -> Vec<usize> {
+    let per_epoch = n.div_ceil(batch);
+    let epoch = k / per_epoch;
+    let within = k % per_epoch;
+    let order = epoch_order(n, seed, epoch as u64);
+    order[within * batch..((within + 1) * batch).min(n)].to_vec()
+}
+
+/// Optimizer steps of the whole run.
+pub fn total_steps(cfg: &RunConfig, n_examples: usize) -> usize {
+    let t = &cfg.train;
+    if t.max_steps > 0 {
+        return t.max_steps;
+    }
+    let micro_per_epoch = n_examples.div_ceil(t.batch_size);
+    (micro_per_epoch / t.gradient_accumulation_steps).max(1) * t.epochs
+}
+
+/// Latest `checkpoint-N` folder under `dir`.
+pub fn latest_checkpoint(dir: &Path) -> Result<PathBuf> {
+    let mut best: Option<(usize, PathBuf)> = None;
+    let entries = std::fs::read_dir(dir)
+        .with_context(|| format!("{}: cannot list checkpoints", dir.display()))?;
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().to_string();
+        if let Some(n) = name
+            .strip_prefix("checkpoint-")
+            .and_then(|s| s.parse::<usize>().ok())
+        {
+            if best.as_ref().map(|b| n > b.0).unwrap_or(true) {
+                best = Some((n, e.path()));
+            }
+        }
+    }
+    best.map(|b| b.1)
+        .with_context(|| format!("{}: no checkpoint-N folder to resume from", dir.display()))
+}
+
+/// Writes role adapters (PEFT layout, with the head as `score`) into `dir/<role>/`.
+pub fn save_roles<B: Backend>(
+    model: &RlhfModel<B>,
+    roles: &[Role],
+    dir: &Path,
+    base_name: &str,
+) -> Result<()> {
+    for r in roles {
+        if let Some(a) = model.adapters.get(r) {
+            let extra: Vec<(String, Tensor<B, 2>)> = model
+                .heads
+                .get(r)
+                .map(|h| vec![(HEAD_KEY.to_string(), h.clone())])
+                .unwrap_or_default();
+            a.save_peft(&dir.join(r.name()), base_name, &extra)?;
+        }
+    }
+    Ok(())
+}
+
+/// Reads role adapters (and heads) written by `save_roles` back into the model.
+pub fn load_roles<B: Backend>(model: &mut RlhfModel<B>, roles: &[Role], dir: &Path) -> Result<()> {
+    let device = model.base.device.clone();
+    for r in roles {
+        let (a, mut extra) = crate::lora::Adapter::<B>::load_peft(
+            &dir.join(r.name()),
+            r.name(),
+            &model.base.cfg,
+            &device,
+        )?;
+        model.adapters.insert(*r, a);
+        if let Some(h) = extra.remove(HEAD_KEY) {
+            model.heads.insert(*r, h);
+        }
+    }
+    Ok(())
+}
+
+fn mean_metrics(all: &[Metrics]) -> Metrics {
+    let mut out = Metrics::new();
+    for m in all {
+        for (k, v) in m {
+            *out.entry(k.clone()).or_insert(0.0) += v / all.len() as f64;
+        }
+    }
+    out
+}
+
+/// Options of one `train` call.
+pub struct RunOptions {
+    pub resume: Option<PathBuf>,
+    pub base_name: String,
+    pub config_text: String,
+}
+
+/// Runs training to the end. Returns the final metrics of the last logged step.
+pub fn train<B, T>(
+    cfg: &RunConfig,
+    model: &mut RlhfModel<B>,
+    trainer: &mut T,
+    examples: &[T::Example],
+    opts: &RunOptions,
+) -> Result<Metrics>
+where
+    B: AutodiffBackend,
+    T: Trainer<B>,
+{
+    anyhow::ensure!(!examples.is_empty(), "the training set is empty");
+    let t = &cfg.train;
+    let out_dir = &t.output_dir;
+    std::fs::create_dir_all(out_dir)
+        .with_context(|| format!("{}: cannot create output_dir", out_dir.display()))?;
+    let roles = trainer.trainable_roles();
+    let device = model.base.device.clone();
+    let shapes: Vec<[usize; 2]> = model.params(&roles).iter().map(|p| p.dims()).collect();
+    let mut opt = AdamW::<B::InnerBackend>::new(&cfg.optimizer, &shapes, &device);
+    let total = total_steps(cfg, examples.len());
+    let warmup = if t.warmup_steps > 0 {
+        t.warmup_steps
+    } else {
+        (t.warmup_ratio * total as f64).ceil() as usize
+    };
+    let mut state = TrainerState {
+        algorithm: trainer.name().to_string(),
+        global_step: 0,
+        total_steps: total,
+        nonfinite_in_row: 0,
+        skipped_steps: 0,
+        seed: t.seed,
+    };
+    if let Some(dir) = &opts.resume {
+        let text = std::fs::read_to_string(dir.join("trainer_state.json")).with_context(|| {
+            format!(
+                "{}: not a checkpoint (trainer_state.json missing)",
+                dir.display()
+            )
+        })?;
+        state = serde_json::from_str(&text)
+            .with_context(|| format!("{}: trainer_state.json", dir.display()))?;
+        if state.algorithm != trainer.name() {
+            bail!(
+                "{}: checkpoint is from `{}`, not `{}`",
+                dir.display(),
+                state.algorithm,
+                trainer.name()
+            );
+        }
+        load_roles(model, &roles, dir)?;
+        opt.load(&dir.join("optimizer.safetensors"), &device)?;
+        eprintln!(
+            "resuming from {} at step {}",
+            dir.display(),
+            state.global_step
+        );
+    }
+
+    let mut log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(out_dir.join("metrics.jsonl"))
+        .with_context(|| format!("{}: cannot open metrics.jsonl", out_dir.display()))?;
+    let bar = indicatif::ProgressBar::new(total as u64);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{prefix} [{bar:30}] {pos}/{len} {msg} eta {eta}")
+            .expect("valid template")
+            .progress_chars("=> "),
+    );
+    bar.set_prefix(trainer.name().to_string());
+    bar.set_position(state.global_step as u64);
+
+    let accum = t.gradient_accumulation_steps;
+    let mut last = Metrics::new();
+    model.set_training(true);
+    while state.global_step < total {
+        let step = state.global_step;
+        let started = std::time::Instant::now();
+        B::seed(&device, t.seed.wrapping_add(step as u64));
+        let params: Vec<Tensor<B, 2>> = model
+            .params(&roles)
+            .into_iter()
+            .map(|p| p.detach().require_grad())
+            .collect();
+        model.set_params(&roles, params.clone());
+        let mut grads: Vec<Option<Tensor<B::InnerBackend, 2>>> = vec![None; params.len()];
+        let mut metrics = Vec::with_capacity(accum);
+        let mut tokens = 0;
+        let mut finite = true;
+        for k in 0..accum {
+            let idx = micro_batch(examples.len(), t.batch_size, t.seed, step * accum + k);
+            let batch: Vec<T::Example> = idx.iter().map(|&i| examples[i].clone()).collect();
+            let out = trainer.loss(&*model, &batch, true)?;
+            tokens += out.tokens;
+            let loss = out.loss / accum as f64;
+            let value = loss.clone().into_scalar().elem_f64();
+            finite &= value.is_finite();
+            let g = loss.backward();
+            for (acc, p) in grads.iter_mut().zip(&params) {
+                if let Some(gp) = p.grad(&g) {
+                    *acc = Some(match acc.take() {
+                        Some(a) => a + gp,
+                        None => gp,
+                    });
+                }
+            }
+            metrics.push(out.metrics);
+        }
+        let grads: Vec<Tensor<B::InnerBackend, 2>> = grads
+            .into_iter()
+            .zip(&params)
+            .map(|(g, p)| g.unwrap_or_else(|| Tensor::zeros(p.dims(), &device)))
+            .collect();
+        let sq: f64 = grads
+            .iter()
+            .map(|g| g.clone().powi_scalar(2).sum().into_scalar().elem_f64())
+            .sum();
+        let grad_norm = sq.sqrt();
+        finite &= grad_norm.is_finite();
+        let mut m = mean_metrics(&metrics);
+        let lr = learning_rate(t.lr_scheduler, t.learning_rate, step, warmup, total);
+        let inner: Vec<Tensor<B::InnerBackend, 2>> =
+            params.iter().map(|p| p.clone().inner()).collect();
+        if finite {
+            state.nonfinite_in_row = 0;
+            let scale = if t.max_grad_norm > 0.0 && grad_norm > t.max_grad_norm {
+                t.max_grad_norm / (grad_norm + 1e-6)
+            } else {
+                1.0
+            };
+            let grads = if scale < 1.0 {
+                grads.into_iter().map(|g| g * scale).collect()
+            } else {
+                grads
+            };
+            let updated = opt.update(inner, grads, lr);
+            model.set_params(
+                &roles,
+                updated.into_iter().map(Tensor::from_inner).collect(),
+            );
+        } else {
+            state.nonfinite_in_row += 1;
+            state.skipped_steps += 1;
+            model.set_params(&roles, inner.into_iter().map(Tensor::from_inner).collect());
+            if state.nonfinite_in_row >= t.max_nonfinite_steps {
+                bail!(
+                    "{} non-finite losses or gradients in a row at step {} (lower train.learning_rate, check the data); the last checkpoint in {} is intact",
+                    state.nonfinite_in_row,
+                    step + 1,
+                    out_dir.display()
+                );
+            }
+        }
+        state.global_step += 1;
+        let secs = started.elapsed().as_secs_f64();
+        m.insert("grad_norm".into(), grad_norm);
+        m.insert("learning_rate".into(), lr);
+        m.insert("tokens_per_sec".into(), tokens as f64 / secs.max(1e-9));
+        m.insert("skipped_steps".into(), state.skipped_steps as f64);
+        bar.set_message(format!(
+            "loss {:.4} {} {:.0} tok/s",
+            m.get("loss").copied().unwrap_or(f64::NAN),
+            m.get("rewards/margins")
+                .or(m.get("margin"))
+                .map(|v| format!("margin {v:.3}"))
+                .unwrap_or_default(),
+            tokens as f64 / secs.max(1e-9)
+        ));
+        bar.inc(1);
+        if state.global_step.is_multiple_of(t.logging_steps.max(1)) || state.global_step == total {
+            let mut line = serde_json::Map::new();
+            line.insert("step".into(), state.global_step.into());
+            line.insert(
+                "epoch".into(),
+                serde_json::json!(
+                    state.global_step as f64 * accum as f64 * t.batch_size as f64
+                        / examples.len() as f64
+                ),
+            );
+            for (k, v) in &m {
+                line.insert(k.clone(), serde_json::json!(v));
+            }
+            writeln!(log, "{}", serde_json::Value::Object(line))
+                .context("writing metrics.jsonl")?;
+        }
+        last = m;
+        if state.global_step.is_multiple_of(t.save_steps.max(1)) || state.global_step == total {
+            save_checkpoint(model, &roles, &opt, &state, out_dir, opts)?;
+        }
+    }
+    bar.finish();
+    model.set_training(false);
+    save_roles(model, &roles, out_dir, &opts.base_name)?;
+    Ok(last)
+}
+
+/// Writes `checkpoint-N` atomically: everything goes into a temporary folder that is renamed
+/// into place only when complete.
+fn save_checkpoint<B: AutodiffBackend>(
+    model: &RlhfModel<B>,
+    roles: &[Role],
+    opt: &AdamW<B::InnerBackend>,
+    state: &TrainerState,
+    out_dir: &Path,
+    opts: &RunOptions,
+) -> Result<()> {
+    let final_dir = out_dir.join(format!("checkpoint-{}", state.global_step));
+    let tmp = out_dir.join(format!(".checkpoint-{}.tmp", state.global_step));
+    if tmp.exists() {
+        std::fs::remove_dir_all(&tmp).ok();
+    }
+    std::fs::create_dir_all(&tmp).with_context(|| format!("{}: cannot create", tmp.display()))?;
+    save_roles(model, roles, &tmp, &opts.base_name)?;
+    opt.save(&tmp.join("optimizer.safetensors"))?;
+    crate::util::write_atomic(
+        &tmp.join("trainer_state.json"),
+        serde_json::to_string_pretty(state)?.as_bytes(),
+    )?;
+    crate::util::write_atomic(&tmp.join("run.toml"), opts.config_text.as_bytes())?;
+    if final_dir.exists() {
+        std::fs::remove_dir_all(&final_dir).ok();
+    }
+    std::fs::rename(&tmp, &final_dir)
+        .with_context(|| format!("{}: cannot move checkpoint into place", final_dir.display()))?;
+    Ok(())
+}
+
+/// Evaluation: the trainer's metrics averaged over `examples`, in batches, without gradients.
+pub fn evaluate<B, T>(
+    cfg: &RunConfig,
+    model: &mut RlhfModel<B>,
+    trainer: &mut T,
+    examples: &[T::Example],
+) -> Result<Metrics>
+where
+    B: AutodiffBackend,
+    T: Trainer<B>,
+{
+    model.set_training(false);
+    let mut all = Vec::new();
+    for chunk in examples.chunks(cfg.train.batch_size) {
+        let out = trainer.loss(&*model, chunk, false)?;
+        all.push(out.metrics);
+    }
+    Ok(mean_metrics(&all))
+}
+
+trait ElemF64 {
+    fn elem_f64(self) -> f64;
+}
+
+impl<E: burn::tensor::ElementConversion> ElemF64 for E {
+    fn elem_f64(self) -> f64 {
+        self.elem::<f64>()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn micro_batches_cover_each_epoch_once() {
+        let mut seen: Vec<usize> = (0..4).flat_map(|k| micro_batch(10, 3, 7, k)).collect();
+        seen.sort();
+        assert_eq!(seen, (0..10).collect::<Vec<_>>());
+    }
+}
