@@ -1,6 +1,5 @@
 //! Command-line interface. `main.rs` only maps errors to exit codes; everything else is here.
 
-use crate::config::RunConfig;
 use crate::generate::{generate, SamplingParams};
 use crate::lora::Adapter;
 use crate::model::{Llama, LoadOptions};
@@ -133,8 +132,8 @@ pub fn run(cli: Cli) -> Result<i32> {
         }
         Command::Dpo(a) => crate::commands::run_on_device(Algo::Dpo, &a.config, &flags(&a)),
         Command::Rm(a) => crate::commands::run_on_device(Algo::Rm, &a.config, &flags(&a)),
-        Command::Grpo(a) => not_yet("grpo", &a),
-        Command::Ppo(a) => not_yet("ppo", &a),
+        Command::Grpo(a) => crate::grpo_cmd::run_on_device(&a.config, &flags(&a)),
+        Command::Ppo(a) => crate::ppo_cmd::run_on_device(&a.config, &flags(&a)),
         Command::Plan(a) => {
             let algo = a.algo.as_deref().map(Algo::from_str).transpose()?;
             crate::commands::run_plan(&a.config, algo, a.json)
@@ -147,12 +146,6 @@ fn flags(a: &RunArgs) -> crate::commands::TrainFlags {
         resume: a.resume.clone(),
         force: a.force,
     }
-}
-
-/// Subcommands whose issues have not landed: validate the config, then say so (exit 2).
-fn not_yet(name: &str, args: &RunArgs) -> Result<i32> {
-    RunConfig::load(&args.config)?;
-    bail!("`rlhf {name}` is not yet built in this version")
 }
 
 /// A loaded base model and its tokenizer.

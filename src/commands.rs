@@ -186,6 +186,7 @@ pub fn run_preference<B: AutodiffBackend>(
         None => None,
     };
     let mut model = RlhfModel::new(loaded.model);
+    model.tokenizer = Some(loaded.tok.clone());
     model.logits_chunk_rows = if cfg.plan.logits_chunk > 0 { 1 } else { 0 };
     let role = if algo == Algo::Rm {
         Role::Reward

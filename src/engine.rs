@@ -7,7 +7,7 @@ use anyhow::{Context, Result};
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{activation, Int, Tensor, TensorData};
 use rand::{Rng, SeedableRng};
-use rlhf_algorithms::trainer::{PolicyModel, Role, TokenBatch};
+use rlhf_algorithms::trainer::{Completion, PolicyModel, Role, SamplingParams, TokenBatch};
 use std::collections::BTreeMap;
 
 /// Name under which a role's scalar head is stored in its PEFT adapter file: the `score` module
@@ -23,6 +23,8 @@ pub struct RlhfModel<B: Backend> {
     /// Rows per chunk when computing log-probs, so `[b, t, vocab]` logits never exist whole
     /// (0 = all rows at once).
     pub logits_chunk_rows: usize,
+    /// For decoding rollouts into text for reward functions.
+    pub tokenizer: Option<crate::tokenizer::Tok>,
 }
 
 /// A `[1, hidden]` head initialised as HF initialises `score`: normal(0, 0.02).
@@ -46,6 +48,7 @@ impl<B: Backend> RlhfModel<B> {
             adapters: BTreeMap::new(),
             heads: BTreeMap::new(),
             logits_chunk_rows: 0,
+            tokenizer: None,
         }
     }
 
@@ -180,6 +183,32 @@ impl<B: AutodiffBackend> PolicyModel<B> for RlhfModel<B> {
             .reshape([b * t, h])
             .matmul(head.clone().transpose())
             .reshape([b, t]))
+    }
+
+    fn generate(
+        &self,
+        role: Role,
+        prompts: &[Vec<u32>],
+        params: &SamplingParams,
+        seed: u64,
+    ) -> Result<Vec<Completion>> {
+        // Sampling needs no gradients: run with detached adapter copies so no graph is recorded.
+        let adapter = self.adapter(role)?.map(|a| {
+            let mut d = a.clone();
+            d.training = false;
+            d.set_tensors(a.tensors().into_iter().map(|t| t.detach()));
+            d
+        });
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        crate::generate::generate(&self.base, adapter.as_ref(), prompts, params, &mut rng)
+    }
+
+    fn decode(&self, tokens: &[u32]) -> Result<String> {
+        let tok = self
+            .tokenizer
+            .as_ref()
+            .context("no tokenizer attached to the model")?;
+        tok.decode(tokens, true)
     }
 
     fn device(&self) -> B::Device {

@@ -7,31 +7,7 @@ use crate::model::{Batch, KvCache, Llama};
 use burn::tensor::backend::Backend;
 use rand::Rng;
 
-/// How to sample.
-#[derive(Debug, Clone)]
-pub struct SamplingParams {
-    pub max_new_tokens: usize,
-    pub min_new_tokens: usize,
-    /// 0 = greedy.
-    pub temperature: f32,
-    /// 0 = off.
-    pub top_k: usize,
-    /// 1 = off.
-    pub top_p: f32,
-    /// Tokens that end a sequence (eos and any extra stop ids); the stop token is kept.
-    pub stop_ids: Vec<u32>,
-    /// Token fed to finished sequences (never attended to).
-    pub pad_id: u32,
-}
-
-/// What `generate` returns per prompt.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Completion {
-    /// New tokens only, including the stop token when one ended the sequence.
-    pub tokens: Vec<u32>,
-    /// True when a stop token ended the sequence (false: cut at max_new_tokens).
-    pub stopped: bool,
-}
+pub use rlhf_algorithms::trainer::{Completion, SamplingParams};
 
 /// Picks the next token from one row of logits, following HF's warper order:
 /// temperature, top-k, top-p.

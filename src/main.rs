@@ -7,8 +7,15 @@ fn main() {
     match rlhf::cli::run(cli) {
         Ok(code) => std::process::exit(code),
         Err(e) => {
-            // `{:#}` prints the whole context chain on one line.
-            eprintln!("error: {e:#}");
+            // `{:#}` prints the whole context chain; some parsers' messages span lines, and the
+            // contract is one line per error.
+            let msg = format!("{e:#}");
+            let one_line: Vec<&str> = msg
+                .lines()
+                .map(str::trim)
+                .filter(|l| !l.is_empty())
+                .collect();
+            eprintln!("error: {}", one_line.join(" "));
             std::process::exit(2);
         }
     }

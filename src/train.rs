@@ -26,6 +26,8 @@ pub struct TrainerState {
     /// Non-finite steps skipped so far.
     pub skipped_steps: usize,
     pub seed: u64,
+    /// The base model the adapters were trained on (`model.path`).
+    pub model: String,
 }
 
 /// Micro-batch `k` (global index) of the run: the examples it holds.
@@ -38,12 +40,12 @@ fn micro_batch(n: usize, batch: usize, seed: u64, k: usize) -> Vec<usize> {
 }
 
 /// Optimizer steps of the whole run.
-pub fn total_steps(cfg: &RunConfig, n_examples: usize) -> usize {
+pub fn total_steps(cfg: &RunConfig, n_examples: usize, per_batch: usize) -> usize {
     let t = &cfg.train;
     if t.max_steps > 0 {
         return t.max_steps;
     }
-    let micro_per_epoch = n_examples.div_ceil(t.batch_size);
+    let micro_per_epoch = n_examples.div_ceil(per_batch.max(1));
     (micro_per_epoch / t.gradient_accumulation_steps).max(1) * t.epochs
 }
 
@@ -143,7 +145,11 @@ where
     let device = model.base.device.clone();
     let shapes: Vec<[usize; 2]> = model.params(&roles).iter().map(|p| p.dims()).collect();
     let mut opt = AdamW::<B::InnerBackend>::new(&cfg.optimizer, &shapes, &device);
-    let total = total_steps(cfg, examples.len());
+    let total = total_steps(
+        cfg,
+        examples.len(),
+        trainer.examples_per_batch(t.batch_size),
+    );
     let warmup = if t.warmup_steps > 0 {
         t.warmup_steps
     } else {
@@ -156,6 +162,7 @@ where
         nonfinite_in_row: 0,
         skipped_steps: 0,
         seed: t.seed,
+        model: opts.base_name.clone(),
     };
     if let Some(dir) = &opts.resume {
         let text = std::fs::read_to_string(dir.join("trainer_state.json")).with_context(|| {
@@ -166,6 +173,14 @@ where
         })?;
         state = serde_json::from_str(&text)
             .with_context(|| format!("{}: trainer_state.json", dir.display()))?;
+        if state.model != opts.base_name {
+            bail!(
+                "{}: checkpoint was trained on model `{}`, not `{}`",
+                dir.display(),
+                state.model,
+                opts.base_name
+            );
+        }
         if state.algorithm != trainer.name() {
             bail!(
                 "{}: checkpoint is from `{}`, not `{}`",
@@ -176,6 +191,14 @@ where
         }
         load_roles(model, &roles, dir)?;
         opt.load(&dir.join("optimizer.safetensors"), &device)?;
+        let tpath = dir.join("trainer.json");
+        let text = std::fs::read_to_string(&tpath)
+            .with_context(|| format!("{}: cannot read", tpath.display()))?;
+        let v: serde_json::Value = serde_json::from_str(&text)
+            .with_context(|| format!("{}: not valid JSON", tpath.display()))?;
+        trainer
+            .load_state(&v)
+            .with_context(|| format!("{}", tpath.display()))?;
         eprintln!(
             "resuming from {} at step {}",
             dir.display(),
@@ -215,7 +238,8 @@ where
         let mut tokens = 0;
         let mut finite = true;
         for k in 0..accum {
-            let idx = micro_batch(examples.len(), t.batch_size, t.seed, step * accum + k);
+            let per_batch = trainer.examples_per_batch(t.batch_size);
+            let idx = micro_batch(examples.len(), per_batch, t.seed, step * accum + k);
             let batch: Vec<T::Example> = idx.iter().map(|&i| examples[i].clone()).collect();
             let out = trainer.loss(&*model, &batch, true)?;
             tokens += out.tokens;
@@ -300,7 +324,7 @@ where
             line.insert(
                 "epoch".into(),
                 serde_json::json!(
-                    state.global_step as f64 * accum as f64 * t.batch_size as f64
+                    (state.global_step * accum * trainer.examples_per_batch(t.batch_size)) as f64
                         / examples.len() as f64
                 ),
             );
@@ -312,7 +336,8 @@ where
         }
         last = m;
         if state.global_step.is_multiple_of(t.save_steps.max(1)) || state.global_step == total {
-            save_checkpoint(model, &roles, &opt, &state, out_dir, opts)?;
+            let extra = serde_json::to_string(&trainer.state()?)?;
+            save_checkpoint(model, &roles, &opt, &state, &extra, out_dir, opts)?;
         }
     }
     bar.finish();
@@ -328,6 +353,7 @@ fn save_checkpoint<B: AutodiffBackend>(
     roles: &[Role],
     opt: &AdamW<B::InnerBackend>,
     state: &TrainerState,
+    trainer_json: &str,
     out_dir: &Path,
     opts: &RunOptions,
 ) -> Result<()> {
@@ -344,6 +370,7 @@ fn save_checkpoint<B: AutodiffBackend>(
         serde_json::to_string_pretty(state)?.as_bytes(),
     )?;
     crate::util::write_atomic(&tmp.join("run.toml"), opts.config_text.as_bytes())?;
+    crate::util::write_atomic(&tmp.join("trainer.json"), trainer_json.as_bytes())?;
     if final_dir.exists() {
         std::fs::remove_dir_all(&final_dir).ok();
     }
@@ -365,7 +392,7 @@ where
 {
     model.set_training(false);
     let mut all = Vec::new();
-    for chunk in examples.chunks(cfg.train.batch_size) {
+    for chunk in examples.chunks(trainer.examples_per_batch(cfg.train.batch_size).max(1)) {
         let out = trainer.loss(&*model, chunk, false)?;
         all.push(out.metrics);
     }

@@ -101,6 +101,32 @@ impl TokenBatch {
     }
 }
 
+/// How to sample a rollout.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SamplingParams {
+    pub max_new_tokens: usize,
+    pub min_new_tokens: usize,
+    /// 0 = greedy.
+    pub temperature: f32,
+    /// 0 = off.
+    pub top_k: usize,
+    /// 1 = off.
+    pub top_p: f32,
+    /// Tokens that end a sequence (eos and any extra stop ids); the stop token is kept.
+    pub stop_ids: Vec<u32>,
+    /// Token fed to finished sequences (never attended to).
+    pub pad_id: u32,
+}
+
+/// One sampled completion.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Completion {
+    /// New tokens only, including the stop token when one ended the sequence.
+    pub tokens: Vec<u32>,
+    /// True when a stop token ended the sequence (false: cut at max_new_tokens).
+    pub stopped: bool,
+}
+
 /// What an algorithm may ask of the shared base + adapters.
 pub trait PolicyModel<B: AutodiffBackend> {
     /// `log p(token_t | tokens_<t)` under `role`, `[b, t]`, zero where `loss_mask` is false.
@@ -111,6 +137,19 @@ pub trait PolicyModel<B: AutodiffBackend> {
 
     /// The scalar head of `role` ([`Role::Reward`] or [`Role::Value`]) at every position, `[b, t]`.
     fn head_scores(&self, role: Role, batch: &TokenBatch) -> Result<Tensor<B, 2>>;
+
+    /// Samples one completion per prompt under `role` with a KV cache; records no graph.
+    /// `seed` fixes the sampling RNG, so a resumed run draws the same rollouts.
+    fn generate(
+        &self,
+        role: Role,
+        prompts: &[Vec<u32>],
+        params: &SamplingParams,
+        seed: u64,
+    ) -> Result<Vec<Completion>>;
+
+    /// Decodes tokens to text (for reward functions and logs).
+    fn decode(&self, tokens: &[u32]) -> Result<String>;
 
     fn device(&self) -> B::Device;
 }
@@ -137,6 +176,23 @@ pub trait Trainer<B: AutodiffBackend> {
 
     /// Roles whose adapters and heads the optimizer updates.
     fn trainable_roles(&self) -> Vec<Role>;
+
+    /// Examples per micro-batch given `train.batch_size` (GRPO: batch_size / num_generations
+    /// prompts, since the batch counts completions as in TRL).
+    fn examples_per_batch(&self, batch_size: usize) -> usize {
+        batch_size
+    }
+
+    /// Algorithm state a checkpoint must carry besides tensors (KL controller, cached rollouts,
+    /// ...), as JSON. The run loop writes it to `trainer.json` and hands it back on resume.
+    fn state(&self) -> Result<serde_json::Value> {
+        Ok(serde_json::Value::Null)
+    }
+
+    /// Restores what `state` returned.
+    fn load_state(&mut self, _state: &serde_json::Value) -> Result<()> {
+        Ok(())
+    }
 
     /// Loss of one micro-batch. `training` is false for evaluation passes.
     fn loss(
