@@ -56,3 +56,4 @@ EOF
     mv "$DATA.part" "$DATA"
     echo "fetch_assets: wrote $DATA"
 fi
+[[ -s data/arithmetic.jsonl ]] && echo "fetch_assets: data/arithmetic.jsonl already present" || python3 scripts/make_arithmetic.py --out data/arithmetic.jsonl

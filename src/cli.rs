@@ -15,6 +15,7 @@ use std::str::FromStr;
 #[cfg(feature = "ndarray")]
 pub type CpuBackend = burn::backend::NdArray<f32>;
 #[cfg(all(feature = "candle", not(feature = "ndarray")))]
+#[allow(deprecated)] // burn-candle is deprecated upstream; kept as the optional CPU backend the design names
 pub type CpuBackend = burn::backend::Candle<f32, i64>;
 #[cfg(feature = "cuda")]
 pub type CudaBackend = burn::backend::Cuda<f32, i32>;

@@ -101,24 +101,6 @@ impl<B: AutodiffBackend> Trainer<B> for DpoTrainer {
             rejected_lengths: Some(vec1(counts[n..].iter().map(|&c| c as f32).collect())),
         };
         let out = dpo_loss(logps, &self.cfg)?;
-        let mut metrics: crate::trainer::Metrics = out
-            .metrics
-            .named()
-            .iter()
-            .map(|(k, v)| (k.to_string(), *v))
-            .collect();
-        metrics.insert(
-            "loss".into(),
-            crate::trainer::to_f64(out.loss.clone())
-                .first()
-                .copied()
-                .unwrap_or(f64::NAN),
-        );
-        let tokens = tb.valid.iter().flatten().filter(|&&v| v).count();
-        Ok(StepOutput {
-            loss: out.loss,
-            metrics,
-            tokens,
-        })
+        Ok(StepOutput::new(out.loss, &out.metrics.named(), &tb))
     }
 }

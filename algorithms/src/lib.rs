@@ -2,6 +2,8 @@
 //! it talks to the model through [`trainer::PolicyModel`].
 
 pub mod dpo;
+pub mod grpo;
 pub mod losses;
+pub mod ppo;
 pub mod rm;
 pub mod trainer;

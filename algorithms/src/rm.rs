@@ -48,24 +48,6 @@ impl<B: AutodiffBackend> Trainer<B> for RewardTrainer {
         let tb = concat_pairs(batch, self.pad_id);
         let r = last_token_scores(model, Role::Reward, &tb)?;
         let out = reward_loss(r.clone().slice(0..n), r.slice(n..2 * n), None, &self.cfg)?;
-        let mut metrics: crate::trainer::Metrics = out
-            .metrics
-            .named()
-            .iter()
-            .map(|(k, v)| (k.to_string(), *v))
-            .collect();
-        metrics.insert(
-            "loss".into(),
-            crate::trainer::to_f64(out.loss.clone())
-                .first()
-                .copied()
-                .unwrap_or(f64::NAN),
-        );
-        let tokens = tb.valid.iter().flatten().filter(|&&v| v).count();
-        Ok(StepOutput {
-            loss: out.loss,
-            metrics,
-            tokens,
-        })
+        Ok(StepOutput::new(out.loss, &out.metrics.named(), &tb))
     }
 }

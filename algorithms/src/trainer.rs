@@ -166,6 +166,17 @@ pub struct StepOutput<B: AutodiffBackend> {
     pub tokens: usize,
 }
 
+impl<B: AutodiffBackend> StepOutput<B> {
+    /// Packs a loss with its named metrics; adds `loss` itself and counts the batch's real tokens.
+    pub fn new(loss: Tensor<B, 1>, named: &[(&str, f64)], batch: &TokenBatch) -> Self {
+        let mut metrics: Metrics = named.iter().map(|(k, v)| (k.to_string(), *v)).collect();
+        let value = to_f64(loss.clone()).first().copied().unwrap_or(f64::NAN);
+        metrics.insert("loss".into(), value);
+        let tokens = batch.valid.iter().flatten().filter(|&&v| v).count();
+        Self { loss, metrics, tokens }
+    }
+}
+
 /// One algorithm: turns a micro-batch of prepared examples into a loss.
 pub trait Trainer<B: AutodiffBackend> {
     /// A prepared training example (tokenized pair, prompt row, ...).
