@@ -10,7 +10,13 @@ fn main() -> anyhow::Result<()> {
     let path = std::path::Path::new("models/SmolLM2-135M-Instruct.Q4_1.gguf");
     let device = Default::default();
     let loaded = rlhf::cli::load_model::<rlhf::cli::CpuBackend>(path, false, &device)?;
-    let rows: Vec<Vec<u32>> = (0..4).map(|r| (0..64).map(|i| ((i * 37 + r * 101) % 49000) as u32).collect()).collect();
+    let rows: Vec<Vec<u32>> = (0..4)
+        .map(|r| {
+            (0..64)
+                .map(|i| ((i * 37 + r * 101) % 49000) as u32)
+                .collect()
+        })
+        .collect();
     let batch = Batch::dense(&rows, &device);
     let mut times = Vec::new();
     for i in 0..6 {

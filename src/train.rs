@@ -40,13 +40,13 @@ fn micro_batch(n: usize, batch: usize, seed: u64, k: usize) -> Vec<usize> {
 }
 
 /// Optimizer steps of the whole run.
-pub fn total_steps(cfg: &RunConfig, n_examples: usize, per_batch: usize) -> usize {
+pub fn total_steps(cfg: &RunConfig, n_examples: usize, per_batch: usize, reuse: usize) -> usize {
     let t = &cfg.train;
     if t.max_steps > 0 {
         return t.max_steps;
     }
     let micro_per_epoch = n_examples.div_ceil(per_batch.max(1));
-    (micro_per_epoch / t.gradient_accumulation_steps).max(1) * t.epochs
+    (micro_per_epoch / t.gradient_accumulation_steps).max(1) * t.epochs * reuse.max(1)
 }
 
 /// Latest `checkpoint-N` folder under `dir`.
@@ -145,10 +145,12 @@ where
     let device = model.base.device.clone();
     let shapes: Vec<[usize; 2]> = model.params(&roles).iter().map(|p| p.dims()).collect();
     let mut opt = AdamW::<B::InnerBackend>::new(&cfg.optimizer, &shapes, &device);
+    let reuse = trainer.rollout_reuse().max(1);
     let total = total_steps(
         cfg,
         examples.len(),
         trainer.examples_per_batch(t.batch_size),
+        reuse,
     );
     let warmup = if t.warmup_steps > 0 {
         t.warmup_steps
@@ -239,7 +241,13 @@ where
         let mut finite = true;
         for k in 0..accum {
             let per_batch = trainer.examples_per_batch(t.batch_size);
-            let idx = micro_batch(examples.len(), per_batch, t.seed, step * accum + k);
+            // Steps that reuse a rollout (GRPO's num_iterations) see the same examples.
+            let idx = micro_batch(
+                examples.len(),
+                per_batch,
+                t.seed,
+                (step / reuse) * accum + k,
+            );
             let batch: Vec<T::Example> = idx.iter().map(|&i| examples[i].clone()).collect();
             let out = trainer.loss(&*model, &batch, true)?;
             tokens += out.tokens;
@@ -325,6 +333,7 @@ where
                 "epoch".into(),
                 serde_json::json!(
                     (state.global_step * accum * trainer.examples_per_batch(t.batch_size)) as f64
+                        / reuse as f64
                         / examples.len() as f64
                 ),
             );

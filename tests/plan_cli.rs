@@ -18,7 +18,10 @@ fn plan(args: &[&str]) -> (i32, String, String) {
 }
 
 fn algo_of(name: &str) -> &'static str {
-    ["dpo", "grpo", "ppo", "rm"].into_iter().find(|a| name.contains(a)).unwrap_or("dpo")
+    ["dpo", "grpo", "ppo", "rm"]
+        .into_iter()
+        .find(|a| name.contains(a))
+        .unwrap_or("dpo")
 }
 
 #[test]
@@ -54,12 +57,18 @@ fn json_output_parses() {
 }
 
 fn bad(edit: (&str, &str), needle: &str) {
-    let src = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("configs/20b-grpo-24gb.toml")).unwrap();
+    let src = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("configs/20b-grpo-24gb.toml"),
+    )
+    .unwrap();
     assert!(src.contains(edit.0), "config lacks `{}`", edit.0);
     let tmp = tempfile::tempdir().unwrap();
     let f = tmp.path().join("20b-grpo.toml");
     let model = Path::new(env!("CARGO_MANIFEST_DIR")).join("configs/models/llama-20b-class.json");
-    let text = src.replace(edit.0, edit.1).replace("configs/models/llama-20b-class.json", model.to_str().unwrap());
+    let text = src.replace(edit.0, edit.1).replace(
+        "configs/models/llama-20b-class.json",
+        model.to_str().unwrap(),
+    );
     std::fs::write(&f, text).unwrap();
     let (code, _, err) = plan(&["--config", f.to_str().unwrap()]);
     assert_eq!(code, 2, "{err}");
@@ -70,6 +79,15 @@ fn bad(edit: (&str, &str), needle: &str) {
 #[test]
 fn impossible_values_exit_2() {
     bad(("batch_size = ", "batch_size = 0 #"), "batch_size");
-    bad(("num_generations = ", "num_generations = 7 #"), "num_generations");
-    bad(("max_completion_length = ", "max_completion_length = 100000 #"), "max_position_embeddings");
+    bad(
+        ("num_generations = ", "num_generations = 7 #"),
+        "num_generations",
+    );
+    bad(
+        (
+            "max_completion_length = ",
+            "max_completion_length = 100000 #",
+        ),
+        "max_position_embeddings",
+    );
 }

@@ -110,24 +110,44 @@ fn killed_run_resumes_to_the_same_adapter() {
 #[test]
 #[ignore]
 fn export_for_peft_check() {
-    let out = std::path::PathBuf::from(std::env::var("RLHF_EXPORT_DIR").expect("set RLHF_EXPORT_DIR"));
+    let out =
+        std::path::PathBuf::from(std::env::var("RLHF_EXPORT_DIR").expect("set RLHF_EXPORT_DIR"));
     let run = Run::new(51);
     let cfg = run.config("dpo.toml", "out", &format!("{TRAIN}\n[dpo]\nbeta = 0.1\n"));
-    let text = std::fs::read_to_string(&cfg).unwrap().replace("quantize = \"nf4\"", "quantize = \"none\"");
+    let text = std::fs::read_to_string(&cfg)
+        .unwrap()
+        .replace("quantize = \"nf4\"", "quantize = \"none\"");
     std::fs::write(&cfg, text).unwrap();
     rlhf(&["dpo", "--config", cfg.to_str().unwrap()]);
     let _ = std::fs::remove_dir_all(&out);
     std::fs::create_dir_all(out.join("model")).unwrap();
     std::fs::create_dir_all(out.join("adapter")).unwrap();
-    for f in ["config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"] {
+    for f in [
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
+    ] {
         std::fs::copy(run.path("model").join(f), out.join("model").join(f)).unwrap();
     }
     for f in ["adapter_config.json", "adapter_model.safetensors"] {
         std::fs::copy(run.path("out/policy").join(f), out.join("adapter").join(f)).unwrap();
     }
     let ours = rlhf(&[
-        "generate", "--model", run.path("model").to_str().unwrap(), "--adapter", run.path("out/policy").to_str().unwrap(),
-        "--no-quantize", "--prompt", "w1 w2 w3", "--temperature", "0", "--min-new-tokens", "8", "--max-new-tokens", "8",
+        "generate",
+        "--model",
+        run.path("model").to_str().unwrap(),
+        "--adapter",
+        run.path("out/policy").to_str().unwrap(),
+        "--no-quantize",
+        "--prompt",
+        "w1 w2 w3",
+        "--temperature",
+        "0",
+        "--min-new-tokens",
+        "8",
+        "--max-new-tokens",
+        "8",
     ]);
     std::fs::write(out.join("rlhf_generate.txt"), ours).unwrap();
 }

@@ -6,19 +6,38 @@ use std::path::Path;
 
 fn model() -> String {
     let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("models/SmolLM2-135M-Instruct.Q4_1.gguf");
-    assert!(p.exists(), "{} missing: run scripts/fetch_assets.sh", p.display());
+    assert!(
+        p.exists(),
+        "{} missing: run scripts/fetch_assets.sh",
+        p.display()
+    );
     p.to_string_lossy().to_string()
 }
 
 fn ask(extra: &[&str]) -> String {
     let m = model();
     let mut args = vec![
-        "generate", "--model", &m, "--chat", "--prompt", "What is the capital of France?",
-        "--temperature", "0", "--max-new-tokens", "20",
+        "generate",
+        "--model",
+        &m,
+        "--chat",
+        "--prompt",
+        "What is the capital of France?",
+        "--temperature",
+        "0",
+        "--max-new-tokens",
+        "20",
     ];
     args.extend_from_slice(extra);
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_rlhf")).args(&args).output().unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_rlhf"))
+        .args(&args)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     String::from_utf8_lossy(&out.stdout).to_string()
 }
 

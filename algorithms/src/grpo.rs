@@ -530,6 +530,10 @@ impl<B: AutodiffBackend> Trainer<B> for GrpoTrainer {
         (batch_size / self.settings.num_generations).max(1)
     }
 
+    fn rollout_reuse(&self) -> usize {
+        self.settings.num_iterations.max(1)
+    }
+
     fn state(&self) -> Result<serde_json::Value> {
         Ok(serde_json::to_value(GrpoState {
             steps_done: self.steps_done,

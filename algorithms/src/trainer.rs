@@ -173,7 +173,11 @@ impl<B: AutodiffBackend> StepOutput<B> {
         let value = to_f64(loss.clone()).first().copied().unwrap_or(f64::NAN);
         metrics.insert("loss".into(), value);
         let tokens = batch.valid.iter().flatten().filter(|&&v| v).count();
-        Self { loss, metrics, tokens }
+        Self {
+            loss,
+            metrics,
+            tokens,
+        }
     }
 }
 
@@ -192,6 +196,12 @@ pub trait Trainer<B: AutodiffBackend> {
     /// prompts, since the batch counts completions as in TRL).
     fn examples_per_batch(&self, batch_size: usize) -> usize {
         batch_size
+    }
+
+    /// Consecutive optimizer steps that reuse one micro-batch of examples (GRPO's
+    /// `num_iterations`: the same prompts' rollout is optimised μ times, as in TRL).
+    fn rollout_reuse(&self) -> usize {
+        1
     }
 
     /// Algorithm state a checkpoint must carry besides tensors (KL controller, cached rollouts,
