@@ -1,5 +1,6 @@
 //! Command-line interface. `main.rs` only maps errors to exit codes; everything else is here.
 
+use crate::commands::PreferenceJob;
 use crate::generate::{generate, SamplingParams};
 use crate::lora::Adapter;
 use crate::model::{Llama, LoadOptions};
@@ -131,8 +132,12 @@ pub fn run(cli: Cli) -> Result<i32> {
             }
             Ok(0)
         }
-        Command::Dpo(a) => crate::commands::run_on_device(Algo::Dpo, &a.config, &flags(&a)),
-        Command::Rm(a) => crate::commands::run_on_device(Algo::Rm, &a.config, &flags(&a)),
+        Command::Dpo(a) => {
+            crate::commands::run_on_device(&PreferenceJob(Algo::Dpo), &a.config, &flags(&a))
+        }
+        Command::Rm(a) => {
+            crate::commands::run_on_device(&PreferenceJob(Algo::Rm), &a.config, &flags(&a))
+        }
         Command::Grpo(a) => crate::grpo_cmd::run_on_device(&a.config, &flags(&a)),
         Command::Ppo(a) => crate::ppo_cmd::run_on_device(&a.config, &flags(&a)),
         Command::Plan(a) => {
@@ -155,6 +160,13 @@ pub struct Loaded<B: Backend> {
     pub tok: crate::tokenizer::Tok,
     pub chat: Option<crate::tokenizer::ChatTemplate>,
     pub name: String,
+}
+
+impl<B: Backend> Loaded<B> {
+    /// Padding id: the tokenizer's pad token, else eos, else 0 (padding is masked anyway).
+    pub fn pad_id(&self) -> u32 {
+        self.tok.pad_id().or(self.tok.eos_id()).unwrap_or(0)
+    }
 }
 
 /// Loads a base model from a HF folder or a GGUF file, with its tokenizer and chat template.
@@ -225,7 +237,7 @@ fn run_generate<B: Backend>(args: &GenerateArgs, device: &B::Device) -> Result<(
         top_k: args.top_k,
         top_p: args.top_p,
         stop_ids: stop.clone(),
-        pad_id: loaded.tok.pad_id().unwrap_or(0),
+        pad_id: loaded.pad_id(),
     };
     let mut rng = rand::rngs::StdRng::seed_from_u64(args.seed);
     let out = generate(&loaded.model, adapter.as_ref(), &[ids], &params, &mut rng)?;

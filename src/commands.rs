@@ -34,6 +34,20 @@ pub struct Codec<'a> {
     pub chat: Option<&'a crate::tokenizer::ChatTemplate>,
 }
 
+impl<'a> Codec<'a> {
+    /// The loaded model's tokenizer, with its chat template unless `data.chat_template` is off.
+    pub fn of<B: burn::tensor::backend::Backend>(loaded: &'a Loaded<B>, cfg: &RunConfig) -> Self {
+        Codec {
+            tok: &loaded.tok,
+            chat: if cfg.data.chat_template {
+                loaded.chat.as_ref()
+            } else {
+                None
+            },
+        }
+    }
+}
+
 impl TextCodec for Codec<'_> {
     fn encode(&self, text: &str, add_special_tokens: bool) -> Result<Vec<u32>> {
         self.tok.encode(text, add_special_tokens)
@@ -171,15 +185,8 @@ pub fn run_preference<B: AutodiffBackend>(
     }
     let loaded: Loaded<B> =
         crate::cli::load_model(&cfg.model.path, cfg.model.quantize == Quantize::Nf4, device)?;
-    let codec = Codec {
-        tok: &loaded.tok,
-        chat: if cfg.data.chat_template {
-            loaded.chat.as_ref()
-        } else {
-            None
-        },
-    };
-    let pad_id = loaded.tok.pad_id().or(loaded.tok.eos_id()).unwrap_or(0);
+    let codec = Codec::of(&loaded, &cfg);
+    let pad_id = loaded.pad_id();
     let train_set = load_pairs(&cfg.data.train, &codec, &cfg)?;
     let eval_set = match &cfg.data.eval {
         Some(p) => Some(load_pairs(p, &codec, &cfg)?),
@@ -312,26 +319,50 @@ fn print_metrics(what: &str, m: &Metrics) {
     println!("{what}: {}", parts.join(" "));
 }
 
-/// Dispatches a training command to the configured device's backend.
-pub fn run_on_device(algo: Algo, config: &Path, flags: &TrainFlags) -> Result<i32> {
-    let device = RunConfig::load(config)?.model.device;
-    match device {
-        Device::Cpu => run_preference::<burn::backend::Autodiff<crate::cli::CpuBackend>>(
-            algo,
+/// A training command, generic over the autodiff backend it runs on.
+pub trait TrainJob {
+    fn run<B: AutodiffBackend>(
+        &self,
+        config: &Path,
+        flags: &TrainFlags,
+        device: &B::Device,
+    ) -> Result<i32>;
+}
+
+/// `rlhf dpo` / `rlhf rm`.
+pub struct PreferenceJob(pub Algo);
+
+impl TrainJob for PreferenceJob {
+    fn run<B: AutodiffBackend>(
+        &self,
+        config: &Path,
+        flags: &TrainFlags,
+        device: &B::Device,
+    ) -> Result<i32> {
+        run_preference::<B>(self.0, config, flags, device)
+    }
+}
+
+/// Runs `job` on the backend that `model.device` names.
+pub fn run_on_device(job: &impl TrainJob, config: &Path, flags: &TrainFlags) -> Result<i32> {
+    match RunConfig::load(config)?.model.device {
+        Device::Cpu => job.run::<burn::backend::Autodiff<crate::cli::CpuBackend>>(
             config,
             flags,
             &Default::default(),
         ),
         Device::Cuda => {
             #[cfg(feature = "cuda")]
-            return run_preference::<burn::backend::Autodiff<crate::cli::CudaBackend>>(
-                algo,
+            return job.run::<burn::backend::Autodiff<crate::cli::CudaBackend>>(
                 config,
                 flags,
                 &Default::default(),
             );
             #[cfg(not(feature = "cuda"))]
-            bail!("{}: model.device = \"cuda\" but this binary was built without CUDA (rebuild with --features cuda)", config.display())
+            bail!(
+                "{}: model.device = \"cuda\" but this binary was built without CUDA (rebuild with --features cuda)",
+                config.display()
+            )
         }
     }
 }

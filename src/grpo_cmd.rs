@@ -10,7 +10,7 @@
 
 use crate::cli::Loaded;
 use crate::commands::{check_plan, Codec, TrainFlags};
-use crate::config::{Device, Quantize, RunConfig, Truncation};
+use crate::config::{Quantize, RunConfig, Truncation};
 use crate::data::{Content, PromptExample, TextCodec, TokenizeOptions};
 use crate::engine::RlhfModel;
 use crate::lora::Adapter;
@@ -30,23 +30,19 @@ pub const COMPLETIONS_LOG: &str = "completions.jsonl";
 
 /// Runs `rlhf grpo` on the configured device.
 pub fn run_on_device(config: &Path, flags: &TrainFlags) -> Result<i32> {
-    let device = RunConfig::load(config)?.model.device;
-    match device {
-        Device::Cpu => run::<burn::backend::Autodiff<crate::cli::CpuBackend>>(
-            config,
-            flags,
-            &Default::default(),
-        ),
-        Device::Cuda => {
-            #[cfg(feature = "cuda")]
-            return run::<burn::backend::Autodiff<crate::cli::CudaBackend>>(
-                config,
-                flags,
-                &Default::default(),
-            );
-            #[cfg(not(feature = "cuda"))]
-            bail!("{}: model.device = \"cuda\" but this binary was built without CUDA (rebuild with --features cuda)", config.display())
-        }
+    crate::commands::run_on_device(&GrpoJob, config, flags)
+}
+
+struct GrpoJob;
+
+impl crate::commands::TrainJob for GrpoJob {
+    fn run<B: AutodiffBackend>(
+        &self,
+        config: &Path,
+        flags: &TrainFlags,
+        device: &B::Device,
+    ) -> Result<i32> {
+        run::<B>(config, flags, device)
     }
 }
 
@@ -196,15 +192,8 @@ pub fn run<B: AutodiffBackend>(
     }
     let loaded: Loaded<B> =
         crate::cli::load_model(&cfg.model.path, cfg.model.quantize == Quantize::Nf4, device)?;
-    let codec = Codec {
-        tok: &loaded.tok,
-        chat: if cfg.data.chat_template {
-            loaded.chat.as_ref()
-        } else {
-            None
-        },
-    };
-    let pad_id = loaded.tok.pad_id().or(loaded.tok.eos_id()).unwrap_or(0);
+    let codec = Codec::of(&loaded, &cfg);
+    let pad_id = loaded.pad_id();
     let mut stop_ids = loaded.model.cfg.eos_token_ids.clone();
     for id in loaded
         .tok

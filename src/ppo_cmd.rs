@@ -11,7 +11,7 @@
 
 use crate::cli::Loaded;
 use crate::commands::{check_plan, Codec, TrainFlags};
-use crate::config::{Device, Quantize, RunConfig, Truncation};
+use crate::config::{Quantize, RunConfig, Truncation};
 use crate::data::TokenizeOptions;
 use crate::engine::{RlhfModel, HEAD_KEY};
 use crate::lora::Adapter;
@@ -27,23 +27,19 @@ use std::str::FromStr;
 
 /// Runs `rlhf ppo` on the configured device.
 pub fn run_on_device(config: &Path, flags: &TrainFlags) -> Result<i32> {
-    let device = RunConfig::load(config)?.model.device;
-    match device {
-        Device::Cpu => run::<burn::backend::Autodiff<crate::cli::CpuBackend>>(
-            config,
-            flags,
-            &Default::default(),
-        ),
-        Device::Cuda => {
-            #[cfg(feature = "cuda")]
-            return run::<burn::backend::Autodiff<crate::cli::CudaBackend>>(
-                config,
-                flags,
-                &Default::default(),
-            );
-            #[cfg(not(feature = "cuda"))]
-            bail!("{}: model.device = \"cuda\" but this binary was built without CUDA (rebuild with --features cuda)", config.display())
-        }
+    crate::commands::run_on_device(&PpoJob, config, flags)
+}
+
+struct PpoJob;
+
+impl crate::commands::TrainJob for PpoJob {
+    fn run<B: AutodiffBackend>(
+        &self,
+        config: &Path,
+        flags: &TrainFlags,
+        device: &B::Device,
+    ) -> Result<i32> {
+        run::<B>(config, flags, device)
     }
 }
 
@@ -199,15 +195,8 @@ pub fn run<B: AutodiffBackend>(
     }
     let loaded: Loaded<B> =
         crate::cli::load_model(&cfg.model.path, cfg.model.quantize == Quantize::Nf4, device)?;
-    let codec = Codec {
-        tok: &loaded.tok,
-        chat: if cfg.data.chat_template {
-            loaded.chat.as_ref()
-        } else {
-            None
-        },
-    };
-    let pad_id = loaded.tok.pad_id().or(loaded.tok.eos_id()).unwrap_or(0);
+    let codec = Codec::of(&loaded, &cfg);
+    let pad_id = loaded.pad_id();
     let prompts = load_prompt_ids(&cfg.data.train, &codec, &cfg)?;
     let eval_prompts = match &cfg.data.eval {
         Some(p) => Some(load_prompt_ids(p, &codec, &cfg)?),
