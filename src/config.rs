@@ -488,9 +488,9 @@ impl RunConfig {
             bail!("key `grpo.loss_type`: expected one of grpo, bnpo, dr_grpo, dapo");
         }
         for l in &self.dpo.loss_type {
-            if !["sigmoid", "ipo", "hinge", "robust"].contains(&l.as_str()) {
-                bail!("key `dpo.loss_type`: unknown loss `{l}`, expected some of sigmoid, ipo, hinge, robust");
-            }
+            // The losses crate knows TRL 1.16's loss names; its error lists them.
+            <rlhf_algorithms::losses::DpoLossType as std::str::FromStr>::from_str(l)
+                .map_err(|e| anyhow::anyhow!("key `dpo.loss_type`: {e}"))?;
         }
         if let Some(w) = &self.dpo.loss_weights {
             if w.len() != self.dpo.loss_type.len() {
