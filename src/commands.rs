@@ -28,6 +28,28 @@ pub struct TrainFlags {
     pub force: bool,
 }
 
+impl TrainFlags {
+    /// What the run loop needs from the flags: the checkpoint to resume from (`--resume` alone
+    /// means the latest `checkpoint-N` in `train.output_dir`), the base's name, the config text.
+    pub fn run_options(
+        &self,
+        cfg: &RunConfig,
+        base_name: &str,
+        config_text: String,
+    ) -> Result<RunOptions> {
+        let resume = match &self.resume {
+            None => None,
+            Some(Some(dir)) => Some(dir.clone()),
+            Some(None) => Some(latest_checkpoint(&cfg.train.output_dir)?),
+        };
+        Ok(RunOptions {
+            resume,
+            base_name: base_name.to_string(),
+            config_text,
+        })
+    }
+}
+
 /// The tokenizer + chat template of a loaded model, as data preparation sees them.
 pub struct Codec<'a> {
     pub tok: &'a crate::tokenizer::Tok,
@@ -211,16 +233,7 @@ pub fn run_preference<B: AutodiffBackend>(
             new_head(model.base.cfg.hidden_size, seed ^ 0x5EED, device),
         );
     }
-    let resume = match &flags.resume {
-        None => None,
-        Some(Some(dir)) => Some(dir.clone()),
-        Some(None) => Some(latest_checkpoint(&cfg.train.output_dir)?),
-    };
-    let opts = RunOptions {
-        resume,
-        base_name: loaded.name.clone(),
-        config_text,
-    };
+    let opts = flags.run_options(&cfg, &loaded.name, config_text)?;
     let (last, eval) = match algo {
         Algo::Dpo => {
             let mut trainer = DpoTrainer {

@@ -15,7 +15,7 @@ use crate::data::{Content, PromptExample, TextCodec, TokenizeOptions};
 use crate::engine::RlhfModel;
 use crate::lora::Adapter;
 use crate::plan::Algo;
-use crate::train::{evaluate, latest_checkpoint, train, RunOptions};
+use crate::train::{evaluate, latest_checkpoint, train};
 use anyhow::{bail, Context, Result};
 use burn::tensor::backend::AutodiffBackend;
 use rlhf_algorithms::grpo::{GrpoExample, GrpoSettings, GrpoTrainer, RewardFailure};
@@ -225,16 +225,7 @@ pub fn run<B: AutodiffBackend>(
             device,
         )?,
     );
-    let resume = match &flags.resume {
-        None => None,
-        Some(Some(dir)) => Some(dir.clone()),
-        Some(None) => Some(latest_checkpoint(&cfg.train.output_dir)?),
-    };
-    let opts = RunOptions {
-        resume,
-        base_name: loaded.name.clone(),
-        config_text,
-    };
+    let opts = flags.run_options(&cfg, &loaded.name, config_text)?;
     let g = &cfg.generation;
     let settings = GrpoSettings {
         num_generations: cfg.grpo.num_generations,

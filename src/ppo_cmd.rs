@@ -16,7 +16,7 @@ use crate::data::TokenizeOptions;
 use crate::engine::{RlhfModel, HEAD_KEY};
 use crate::lora::Adapter;
 use crate::plan::Algo;
-use crate::train::{latest_checkpoint, train, RunOptions};
+use crate::train::train;
 use anyhow::{bail, ensure, Context, Result};
 use burn::tensor::backend::AutodiffBackend;
 use rlhf_algorithms::losses::{KlController, KlEstimator, PpoConfig};
@@ -235,16 +235,7 @@ pub fn run<B: AutodiffBackend>(
     let mut trainer = PpoTrainer::new(ppo.clone(), kl, schedule, sampling.clone(), prompts, pad_id)
         .with_context(|| format!("{}", config.display()))?;
     let slots = vec![PpoCall; trainer.calls_per_epoch()];
-    let resume = match &flags.resume {
-        None => None,
-        Some(Some(dir)) => Some(dir.clone()),
-        Some(None) => Some(latest_checkpoint(&cfg.train.output_dir)?),
-    };
-    let opts = RunOptions {
-        resume,
-        base_name: loaded.name.clone(),
-        config_text,
-    };
+    let opts = flags.run_options(&cfg, &loaded.name, config_text)?;
     let last = train(&cfg, &mut model, &mut trainer, &slots, &opts)?;
     let parts: Vec<String> = last.iter().map(|(k, v)| format!("{k}={v:.4}")).collect();
     println!("train: {}", parts.join(" "));
