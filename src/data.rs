@@ -1210,14 +1210,15 @@ mod tests {
 
     #[test]
     fn reads_llamafactory_dpo_en_demo() {
-        let path = Path::new("/tmp/dl/llamafactory-0.9.5/data/dpo_en_demo.json");
-        if !path.exists() {
-            eprintln!(
-                "skipped: {} not present (scripts/fetch_assets.sh fetches it)",
-                path.display()
-            );
-            return;
-        }
+        let path = Path::new(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/data/dpo_en_demo.json"
+        ));
+        assert!(
+            path.exists(),
+            "{} missing: run scripts/fetch_assets.sh",
+            path.display()
+        );
         let rows = load_preferences(path).unwrap();
         assert_eq!(rows.len(), 300);
         // The raw JSON, read independently, must match what the parser made of it.
