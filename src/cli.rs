@@ -167,6 +167,19 @@ impl<B: Backend> Loaded<B> {
     pub fn pad_id(&self) -> u32 {
         self.tok.pad_id().or(self.tok.eos_id()).unwrap_or(0)
     }
+
+    /// Tokens that end a sequence: the model config's eos ids, the tokenizer's, then `extra`,
+    /// each once.
+    pub fn stop_ids(&self, extra: &[u32]) -> Vec<u32> {
+        let mut stop = Vec::new();
+        let all = self.model.cfg.eos_token_ids.iter().copied();
+        for id in all.chain(self.tok.eos_ids()).chain(extra.iter().copied()) {
+            if !stop.contains(&id) {
+                stop.push(id);
+            }
+        }
+        stop
+    }
 }
 
 /// Loads a base model from a HF folder or a GGUF file, with its tokenizer and chat template.
@@ -224,12 +237,7 @@ fn run_generate<B: Backend>(args: &GenerateArgs, device: &B::Device) -> Result<(
         args.prompt.clone()
     };
     let ids = loaded.tok.encode(&text, !args.chat)?;
-    let mut stop = loaded.model.cfg.eos_token_ids.clone();
-    for id in loaded.tok.eos_ids() {
-        if !stop.contains(&id) {
-            stop.push(id);
-        }
-    }
+    let stop = loaded.stop_ids(&[]);
     let params = SamplingParams {
         max_new_tokens: args.max_new_tokens,
         min_new_tokens: args.min_new_tokens,

@@ -214,9 +214,7 @@ pub fn run_preference<B: AutodiffBackend>(
         Some(p) => Some(load_pairs(p, &codec, &cfg)?),
         None => None,
     };
-    let mut model = RlhfModel::new(loaded.model);
-    model.tokenizer = Some(loaded.tok.clone());
-    model.logits_chunk_rows = if cfg.plan.logits_chunk > 0 { 1 } else { 0 };
+    let mut model = RlhfModel::for_run(loaded.model, &loaded.tok, &cfg);
     let role = if algo == Algo::Rm {
         Role::Reward
     } else {

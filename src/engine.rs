@@ -63,6 +63,19 @@ impl<B: Backend> RlhfModel<B> {
         }
     }
 
+    /// A model for a training run: keeps the tokenizer for decoding rollouts and chunks
+    /// log-prob computation row by row when `plan.logits_chunk` is set.
+    pub fn for_run(
+        base: Llama<B>,
+        tok: &crate::tokenizer::Tok,
+        cfg: &crate::config::RunConfig,
+    ) -> Self {
+        let mut model = Self::new(base);
+        model.tokenizer = Some(tok.clone());
+        model.logits_chunk_rows = if cfg.plan.logits_chunk > 0 { 1 } else { 0 };
+        model
+    }
+
     /// The trainable tensors of `roles`, in a fixed order: each role's adapter, then its head.
     pub fn params(&self, roles: &[Role]) -> Vec<Tensor<B, 2>> {
         let mut out = Vec::new();

@@ -194,26 +194,14 @@ pub fn run<B: AutodiffBackend>(
         crate::cli::load_model(&cfg.model.path, cfg.model.quantize == Quantize::Nf4, device)?;
     let codec = Codec::of(&loaded, &cfg);
     let pad_id = loaded.pad_id();
-    let mut stop_ids = loaded.model.cfg.eos_token_ids.clone();
-    for id in loaded
-        .tok
-        .eos_ids()
-        .into_iter()
-        .chain(cfg.generation.stop_token_ids.iter().copied())
-    {
-        if !stop_ids.contains(&id) {
-            stop_ids.push(id);
-        }
-    }
+    let stop_ids = loaded.stop_ids(&cfg.generation.stop_token_ids);
     let train_set = load_examples(&cfg.data.train, &codec, &cfg)?;
     let eval_set = match &cfg.data.eval {
         Some(p) => Some(load_examples(p, &codec, &cfg)?),
         None => None,
     };
 
-    let mut model = RlhfModel::new(loaded.model);
-    model.tokenizer = Some(loaded.tok.clone());
-    model.logits_chunk_rows = if cfg.plan.logits_chunk > 0 { 1 } else { 0 };
+    let mut model = RlhfModel::for_run(loaded.model, &loaded.tok, &cfg);
     let seed = cfg.train.seed;
     model.adapters.insert(
         Role::Policy,

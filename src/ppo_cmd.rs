@@ -202,23 +202,10 @@ pub fn run<B: AutodiffBackend>(
         Some(p) => Some(load_prompt_ids(p, &codec, &cfg)?),
         None => None,
     };
-    let stop_ids = &mut sampling.stop_ids;
-    stop_ids.extend(loaded.model.cfg.eos_token_ids.iter().copied());
-    for id in loaded
-        .tok
-        .eos_ids()
-        .into_iter()
-        .chain(cfg.generation.stop_token_ids.iter().copied())
-    {
-        if !stop_ids.contains(&id) {
-            stop_ids.push(id);
-        }
-    }
+    sampling.stop_ids = loaded.stop_ids(&cfg.generation.stop_token_ids);
     sampling.pad_id = pad_id;
 
-    let mut model = RlhfModel::new(loaded.model);
-    model.tokenizer = Some(loaded.tok.clone());
-    model.logits_chunk_rows = if cfg.plan.logits_chunk > 0 { 1 } else { 0 };
+    let mut model = RlhfModel::for_run(loaded.model, &loaded.tok, &cfg);
     model.adapters.insert(
         Role::Policy,
         Adapter::new(
