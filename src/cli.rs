@@ -49,6 +49,8 @@ pub enum Command {
     Plan(PlanArgs),
     /// Sample from the base model, optionally with a LoRA adapter.
     Generate(GenerateArgs),
+    /// Time DPO or GRPO steps on a make_model.py folder (the peer benchmark against TRL).
+    Bench(crate::bench::BenchArgs),
 }
 
 #[derive(clap::Args, Debug)]
@@ -140,6 +142,7 @@ pub fn run(cli: Cli) -> Result<i32> {
         }
         Command::Grpo(a) => crate::grpo_cmd::run_on_device(&a.config, &flags(&a)),
         Command::Ppo(a) => crate::ppo_cmd::run_on_device(&a.config, &flags(&a)),
+        Command::Bench(a) => crate::bench::run(&a),
         Command::Plan(a) => {
             let algo = a.algo.as_deref().map(Algo::from_str).transpose()?;
             crate::commands::run_plan(&a.config, algo, a.json)

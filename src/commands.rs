@@ -174,7 +174,8 @@ pub fn load_pairs(path: &Path, codec: &Codec, cfg: &RunConfig) -> Result<Vec<Pai
         .collect())
 }
 
-fn dpo_config(cfg: &RunConfig) -> Result<DpoConfig> {
+/// The DPO loss of `[dpo]`.
+pub fn dpo_config(cfg: &RunConfig) -> Result<DpoConfig> {
     let loss_types = cfg
         .dpo
         .loss_type

@@ -205,15 +205,12 @@ impl<B: AutodiffBackend> PolicyModel<B> for RlhfModel<B> {
         params: &SamplingParams,
         seed: u64,
     ) -> Result<Vec<Completion>> {
-        // Sampling needs no gradients: run with detached adapter copies so no graph is recorded.
-        let adapter = self.adapter(role)?.map(|a| {
-            let mut d = a.clone();
-            d.training = false;
-            d.set_tensors(a.tensors().into_iter().map(|t| t.detach()));
-            d
-        });
+        // Sampling needs no gradients: run on the backend without autodiff, so no graph is
+        // recorded (tensors are shared, not copied).
+        let adapter = self.adapter(role)?.map(|a| a.inner());
+        let base = self.base.inner();
         let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-        crate::generate::generate(&self.base, adapter.as_ref(), prompts, params, &mut rng)
+        crate::generate::generate(&base, adapter.as_ref(), prompts, params, &mut rng)
     }
 
     fn decode(&self, tokens: &[u32]) -> Result<String> {

@@ -44,11 +44,16 @@ pub fn sample_token<R: Rng>(
     for s in &mut scores {
         s.1 /= p.temperature;
     }
-    scores.sort_by(|a, b| b.1.total_cmp(&a.1));
+    // Order by score only where a filter needs it: a full sort of a 32k-150k vocabulary per token
+    // would cost more than the decode step itself.
     if p.top_k > 0 && p.top_k < scores.len() {
+        scores.select_nth_unstable_by(p.top_k - 1, |a, b| b.1.total_cmp(&a.1));
         scores.truncate(p.top_k);
+        scores.sort_by(|a, b| b.1.total_cmp(&a.1));
+    } else if p.top_p < 1.0 {
+        scores.sort_by(|a, b| b.1.total_cmp(&a.1));
     }
-    let max = scores[0].1;
+    let max = scores.iter().map(|s| s.1).fold(f32::NEG_INFINITY, f32::max);
     let mut probs: Vec<f64> = scores.iter().map(|s| ((s.1 - max) as f64).exp()).collect();
     let total: f64 = probs.iter().sum();
     for q in &mut probs {
@@ -118,7 +123,17 @@ pub fn generate<B: Backend, R: Rng>(
     ];
     let mut batch = Batch::<B>::new(&rows, valid, &device);
     let vocab = model.cfg.vocab_size;
+    // `RLHF_TRACE=1` prints per-token decode times (the logits read below synchronises).
+    let trace = std::env::var_os("RLHF_TRACE").is_some();
+    let mut last_tick = std::time::Instant::now();
     for step in 0..params.max_new_tokens {
+        if trace {
+            eprintln!(
+                "decode step {step}: {:.2} ms",
+                last_tick.elapsed().as_secs_f64() * 1e3
+            );
+            last_tick = std::time::Instant::now();
+        }
         let hidden = model.forward_hidden(&batch, adapter, Some(&mut cache));
         let [bb, t, h] = hidden.dims();
         let last = hidden.slice([0..bb, t - 1..t, 0..h]);

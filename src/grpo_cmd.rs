@@ -77,7 +77,7 @@ pub fn build_rewards(cfg: &RunConfig, config: &Path) -> Result<RewardSet> {
 }
 
 /// Checks the GRPO-specific values of the run config; errors name the key.
-fn check_config(cfg: &RunConfig) -> Result<()> {
+pub fn check_config(cfg: &RunConfig) -> Result<()> {
     let g = cfg.grpo.num_generations;
     if !cfg.train.batch_size.is_multiple_of(g) {
         bail!(
@@ -112,7 +112,7 @@ fn check_config(cfg: &RunConfig) -> Result<()> {
 }
 
 /// The loss configuration of `[grpo]` (TRL's GRPOConfig names).
-fn loss_config(cfg: &RunConfig) -> Result<GrpoLossConfig> {
+pub fn loss_config(cfg: &RunConfig) -> Result<GrpoLossConfig> {
     let g = &cfg.grpo;
     Ok(GrpoLossConfig {
         loss_type: GrpoLossType::from_str(&g.loss_type).context("key `grpo.loss_type`")?,
@@ -214,28 +214,7 @@ pub fn run<B: AutodiffBackend>(
         )?,
     );
     let opts = flags.run_options(&cfg, &loaded.name, config_text)?;
-    let g = &cfg.generation;
-    let settings = GrpoSettings {
-        num_generations: cfg.grpo.num_generations,
-        num_iterations: cfg.grpo.num_iterations,
-        gradient_accumulation_steps: cfg.train.gradient_accumulation_steps,
-        scale_rewards: ScaleRewards::from_str(&cfg.grpo.scale_rewards)?,
-        mask_truncated_completions: cfg.grpo.mask_truncated_completions,
-        loss,
-        sampling: SamplingParams {
-            max_new_tokens: cfg.grpo.max_completion_length,
-            min_new_tokens: g.min_new_tokens,
-            temperature: g.temperature,
-            top_k: g.top_k,
-            top_p: g.top_p,
-            stop_ids,
-            pad_id,
-        },
-        seed,
-        pad_id,
-        logging_steps: cfg.train.logging_steps,
-        completions_log: Some(cfg.train.output_dir.join(COMPLETIONS_LOG)),
-    };
+    let settings = settings(&cfg, loss, stop_ids, pad_id)?;
     let mut trainer = GrpoTrainer::new(settings, rewards)?;
     let last = match train(&cfg, &mut model, &mut trainer, &train_set, &opts) {
         Ok(m) => m,
@@ -264,6 +243,38 @@ pub fn run<B: AutodiffBackend>(
         cfg.train.output_dir.join(COMPLETIONS_LOG).display()
     );
     Ok(0)
+}
+
+/// The trainer settings of a run (`rlhf grpo` and `rlhf bench` build them here, so both train
+/// alike). Sample completions go to `train.output_dir`/[`COMPLETIONS_LOG`].
+pub fn settings(
+    cfg: &RunConfig,
+    loss: GrpoLossConfig,
+    stop_ids: Vec<u32>,
+    pad_id: u32,
+) -> Result<GrpoSettings> {
+    let g = &cfg.generation;
+    Ok(GrpoSettings {
+        num_generations: cfg.grpo.num_generations,
+        num_iterations: cfg.grpo.num_iterations,
+        gradient_accumulation_steps: cfg.train.gradient_accumulation_steps,
+        scale_rewards: ScaleRewards::from_str(&cfg.grpo.scale_rewards)?,
+        mask_truncated_completions: cfg.grpo.mask_truncated_completions,
+        loss,
+        sampling: SamplingParams {
+            max_new_tokens: cfg.grpo.max_completion_length,
+            min_new_tokens: g.min_new_tokens,
+            temperature: g.temperature,
+            top_k: g.top_k,
+            top_p: g.top_p,
+            stop_ids,
+            pad_id,
+        },
+        seed: cfg.train.seed,
+        pad_id,
+        logging_steps: cfg.train.logging_steps,
+        completions_log: Some(cfg.train.output_dir.join(COMPLETIONS_LOG)),
+    })
 }
 
 /// What a run stopped by a reward error leaves behind.

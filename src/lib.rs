@@ -1,10 +1,14 @@
 //! `rlhf`: RLHF post-training (PPO, DPO, GRPO, reward modelling) of LoRA adapters on one frozen,
 //! 4-bit quantized base model. See README.md for the tour and ARCHITECTURE.md for the design.
 
+pub mod bench;
 pub mod cli;
 pub mod commands;
 pub mod config;
+#[cfg(feature = "cuda")]
+pub mod cuda;
 pub mod data;
+pub mod devmem;
 pub mod engine;
 pub mod generate;
 pub mod gguf;

@@ -120,6 +120,33 @@ impl<B: Backend> Adapter<B> {
         }
     }
 
+    /// This adapter on the backend without autodiff, in eval mode (no dropout), for sampling.
+    pub fn inner(&self) -> Adapter<B::InnerBackend>
+    where
+        B: burn::tensor::backend::AutodiffBackend,
+    {
+        Adapter {
+            name: self.name.clone(),
+            cfg: self.cfg.clone(),
+            layers: self
+                .layers
+                .iter()
+                .map(|m| {
+                    m.iter()
+                        .map(|(k, p)| {
+                            let pair = LoraPair {
+                                a: p.a.clone().inner(),
+                                b: p.b.clone().inner(),
+                            };
+                            (k.clone(), pair)
+                        })
+                        .collect()
+                })
+                .collect(),
+            training: false,
+        }
+    }
+
     /// Number of trainable parameters.
     pub fn num_params(&self) -> usize {
         self.tensors()

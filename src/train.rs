@@ -124,6 +124,32 @@ pub struct RunOptions {
     pub config_text: String,
 }
 
+/// A part of one optimizer step, as [`StepObserver::phase_done`] reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StepPhase {
+    /// A micro-batch's loss is computed (for GRPO this includes the rollout and reward scoring).
+    Forward,
+    /// A micro-batch's gradients are computed and accumulated.
+    Backward,
+    /// Clipping and the AdamW update are done.
+    Optimizer,
+}
+
+/// Watches the run loop from outside without changing what it does: `rlhf bench` times steps
+/// and samples device memory through it. Every method does nothing by default.
+pub trait StepObserver {
+    /// Before any work of optimizer step `step` (0-based).
+    fn step_started(&mut self, _step: usize) {}
+    /// After each phase; forward and backward are reported once per micro-batch.
+    fn phase_done(&mut self, _phase: StepPhase) {}
+    /// After the optimizer update of `step`, before metrics and checkpoints are written (so an
+    /// observer timing steps does not count that I/O).
+    fn step_finished(&mut self, _step: usize) {}
+}
+
+/// The observer of a plain run: sees nothing.
+impl StepObserver for () {}
+
 /// Runs training to the end. Returns the final metrics of the last logged step.
 pub fn train<B, T>(
     cfg: &RunConfig,
@@ -131,6 +157,22 @@ pub fn train<B, T>(
     trainer: &mut T,
     examples: &[T::Example],
     opts: &RunOptions,
+) -> Result<Metrics>
+where
+    B: AutodiffBackend,
+    T: Trainer<B>,
+{
+    train_observed(cfg, model, trainer, examples, opts, &mut ())
+}
+
+/// [`train`] with `observer` told where each optimizer step is.
+pub fn train_observed<B, T>(
+    cfg: &RunConfig,
+    model: &mut RlhfModel<B>,
+    trainer: &mut T,
+    examples: &[T::Example],
+    opts: &RunOptions,
+    observer: &mut dyn StepObserver,
 ) -> Result<Metrics>
 where
     B: AutodiffBackend,
@@ -227,6 +269,7 @@ where
     model.set_training(true);
     while state.global_step < total {
         let step = state.global_step;
+        observer.step_started(step);
         let started = std::time::Instant::now();
         B::seed(&device, t.seed.wrapping_add(step as u64));
         let params: Vec<Tensor<B, 2>> = model
@@ -250,6 +293,7 @@ where
             );
             let batch: Vec<T::Example> = idx.iter().map(|&i| examples[i].clone()).collect();
             let out = trainer.loss(&*model, &batch, true)?;
+            observer.phase_done(StepPhase::Forward);
             tokens += out.tokens;
             let loss = out.loss / accum as f64;
             let value = loss.clone().into_scalar().elem_f64();
@@ -263,6 +307,7 @@ where
                     });
                 }
             }
+            observer.phase_done(StepPhase::Backward);
             metrics.push(out.metrics);
         }
         let grads: Vec<Tensor<B::InnerBackend, 2>> = grads
@@ -310,6 +355,8 @@ where
                 );
             }
         }
+        observer.phase_done(StepPhase::Optimizer);
+        observer.step_finished(step);
         state.global_step += 1;
         let secs = started.elapsed().as_secs_f64();
         m.insert("grad_norm".into(), grad_norm);

@@ -6,7 +6,11 @@
 use super::config::{LlamaConfig, RopeScaling};
 use crate::lora::Adapter;
 use crate::quant::BaseLinear;
-use burn::tensor::{activation, backend::Backend, Bool, Int, Tensor, TensorData};
+use burn::tensor::{
+    activation,
+    backend::{AutodiffBackend, Backend},
+    Bool, Int, Tensor, TensorData,
+};
 
 /// One decoder block's frozen weights.
 #[derive(Debug, Clone)]
@@ -53,6 +57,37 @@ pub struct Llama<B: Backend> {
 }
 
 /// Per-layer keys and values of the tokens seen so far (`[batch, kv_heads, len, head_dim]`).
+impl<B: AutodiffBackend> Llama<B> {
+    /// The same model on the backend without autodiff (tensors shared, nothing copied), for
+    /// sampling: a KV cache built on the autodiff backend would chain every decode step into
+    /// one ever-growing graph.
+    pub fn inner(&self) -> Llama<B::InnerBackend> {
+        Llama {
+            cfg: self.cfg.clone(),
+            embed: self.embed.clone().inner(),
+            layers: self
+                .layers
+                .iter()
+                .map(|l| Block {
+                    input_norm: l.input_norm.clone().inner(),
+                    post_norm: l.post_norm.clone().inner(),
+                    q_proj: l.q_proj.inner(),
+                    k_proj: l.k_proj.inner(),
+                    v_proj: l.v_proj.inner(),
+                    o_proj: l.o_proj.inner(),
+                    gate_proj: l.gate_proj.inner(),
+                    up_proj: l.up_proj.inner(),
+                    down_proj: l.down_proj.inner(),
+                })
+                .collect(),
+            norm: self.norm.clone().inner(),
+            lm_head: self.lm_head.as_ref().map(|h| h.inner()),
+            inv_freq: self.inv_freq.clone(),
+            device: self.device.clone(),
+        }
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct KvCache<B: Backend> {
     pub layers: Vec<Option<(Tensor<B, 4>, Tensor<B, 4>)>>,

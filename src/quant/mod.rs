@@ -3,7 +3,10 @@
 
 pub mod nf4;
 
-use burn::tensor::{backend::Backend, Tensor, TensorData};
+use burn::tensor::{
+    backend::{AutodiffBackend, Backend},
+    Tensor, TensorData,
+};
 use nf4::Nf4Tensor;
 use std::sync::Arc;
 
@@ -24,6 +27,9 @@ pub struct BaseLinear<B: Backend> {
     pub bias: Option<Tensor<B, 1>>,
     pub out_features: usize,
     pub in_features: usize,
+    /// The layer's form on the CUDA fast path, built on first use there.
+    #[cfg(feature = "cuda")]
+    pub gpu: crate::cuda::GpuSlot,
 }
 
 impl<B: Backend> BaseLinear<B> {
@@ -61,6 +67,8 @@ impl<B: Backend> BaseLinear<B> {
             bias,
             out_features,
             in_features,
+            #[cfg(feature = "cuda")]
+            gpu: Default::default(),
         })
     }
 
@@ -81,14 +89,28 @@ impl<B: Backend> BaseLinear<B> {
         let dims = x.dims();
         let rows: usize = dims[..D - 1].iter().product();
         let x2: Tensor<B, 2> = x.reshape([rows, self.in_features]);
-        let w = self.dense_weight(&device);
-        let mut y = x2.matmul(w.transpose());
+        let mut y = match self.fast_path(&x2) {
+            Some(y) => y,
+            None => x2.matmul(self.dense_weight(&device).transpose()),
+        };
         if let Some(b) = &self.bias {
             y = y + b.clone().unsqueeze_dim(0);
         }
         let mut out = dims;
         out[D - 1] = self.out_features;
         y.reshape(out)
+    }
+
+    /// The CUDA fast path's result, when `B` is the CUDA backend (see `crate::cuda`).
+    #[cfg(feature = "cuda")]
+    fn fast_path(&self, x: &Tensor<B, 2>) -> Option<Tensor<B, 2>> {
+        crate::cuda::try_linear(self, x)
+    }
+
+    /// No fast path without the `cuda` feature: every backend takes the reference path.
+    #[cfg(not(feature = "cuda"))]
+    fn fast_path(&self, _x: &Tensor<B, 2>) -> Option<Tensor<B, 2>> {
+        None
     }
 
     /// Bytes this weight occupies at rest (NF4: packed codes + quantization constants).
@@ -101,6 +123,24 @@ impl<B: Backend> BaseLinear<B> {
         bias + match &self.weight {
             BaseWeight::Dense(_) => self.out_features * self.in_features * 4,
             BaseWeight::Nf4(q) => q.storage_bytes(),
+        }
+    }
+}
+
+impl<B: AutodiffBackend> BaseLinear<B> {
+    /// The same layer on the backend without autodiff (no copy: tensors are shared). Sampling
+    /// runs there, so it records no graph.
+    pub fn inner(&self) -> BaseLinear<B::InnerBackend> {
+        BaseLinear {
+            weight: match &self.weight {
+                BaseWeight::Dense(w) => BaseWeight::Dense(w.clone().inner()),
+                BaseWeight::Nf4(q) => BaseWeight::Nf4(q.clone()),
+            },
+            bias: self.bias.clone().map(|b| b.inner()),
+            out_features: self.out_features,
+            in_features: self.in_features,
+            #[cfg(feature = "cuda")]
+            gpu: self.gpu.clone(),
         }
     }
 }

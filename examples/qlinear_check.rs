@@ -1,0 +1,159 @@
+//! Checks the CUDA `qlinear` op against the reference path and times its parts (GPU only):
+//!
+//!     cargo build --release --features cuda --example qlinear_check
+//!     target/release/examples/qlinear_check          # prints one JSON line per measurement
+//!
+//! Correctness: for random NF4 weights and inputs at several shapes, the fast forward
+//! (`x @ dequant(W)^T`, bf16 GEMM or fused GEMV) and its backward (`dy @ dequant(W)`) are compared
+//! with the reference path (f32 dequant on the host + burn's f32 matmul) by relative L2 error.
+//! Throughput: dequant kernel, cuBLASLt GEMM and the whole op at 4096^3, and the decode GEMV.
+
+use burn::tensor::{backend::Backend, Distribution, Tensor};
+use rlhf::cuda::qlinear::{Ad, GpuLinear, Inner};
+use rlhf::quant::BaseLinear;
+use std::time::Instant;
+
+fn rel_err(a: Tensor<Inner, 2>, b: Tensor<Inner, 2>) -> f64 {
+    let num = (a - b.clone()).powf_scalar(2.0).sum().into_scalar() as f64;
+    let den = b.powf_scalar(2.0).sum().into_scalar() as f64;
+    (num / den.max(1e-30)).sqrt()
+}
+
+fn random_linear(out: usize, inp: usize, seed: u64) -> anyhow::Result<Vec<f32>> {
+    let mut s = seed.wrapping_mul(6364136223846793005).wrapping_add(1);
+    Ok((0..out * inp)
+        .map(|_| {
+            s = s
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            ((s >> 33) as f32 / (1u64 << 31) as f32 - 0.5) * 0.04
+        })
+        .collect())
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
+
+fn time<F: FnMut()>(device: &cubecl::cuda::CudaDevice, iters: usize, mut f: F) -> f64 {
+    f();
+    Inner::sync(device).expect("sync");
+    let mut times = Vec::new();
+    for _ in 0..iters {
+        let t = Instant::now();
+        f();
+        Inner::sync(device).expect("sync");
+        times.push(t.elapsed().as_secs_f64());
+    }
+    median(times)
+}
+
+fn main() -> anyhow::Result<()> {
+    let device = Default::default();
+    // Correctness at training (GEMM) and decode (GEMV) shapes of the 0.5b and 8b models.
+    let shapes = [
+        (1, 896, 896),
+        (16, 896, 4864),
+        (16, 4864, 896),
+        (512, 896, 128),
+        (4096, 896, 4864),
+        (2048, 4864, 896),
+        (1024, 4096, 14336),
+    ];
+    let mut worst: f64 = 0.0;
+    for (i, &(rows, inp, out)) in shapes.iter().enumerate() {
+        let w = random_linear(out, inp, i as u64)?;
+        let lin = BaseLinear::<Ad>::new(w, out, inp, None, true, &device)?;
+        let x = Tensor::<Ad, 2>::random([rows, inp], Distribution::Normal(0.0, 1.0), &device)
+            .require_grad();
+        let dy = Tensor::<Ad, 2>::random([rows, out], Distribution::Normal(0.0, 1.0), &device);
+        let y = lin.forward(x.clone());
+        let grads = (y.clone() * dy.clone()).sum().backward();
+        let dx = x.grad(&grads).expect("x has a gradient");
+
+        let x_ref = x.clone().detach().require_grad();
+        let y_ref = x_ref.clone().matmul(lin.dense_weight(&device).transpose());
+        let grads_ref = (y_ref.clone() * dy).sum().backward();
+        let dx_ref = x_ref.grad(&grads_ref).expect("x_ref has a gradient");
+
+        let fwd = rel_err(y.inner(), y_ref.inner());
+        let bwd = rel_err(dx, dx_ref);
+        worst = worst.max(fwd).max(bwd);
+        println!(
+            "{{\"check\":\"qlinear\",\"rows\":{rows},\"in\":{inp},\"out\":{out},\"forward_rel_err\":{fwd:.3e},\"backward_rel_err\":{bwd:.3e},\"ok\":{}}}",
+            fwd < 1e-2 && bwd < 1e-2
+        );
+    }
+
+    // Throughput at 4096^3: dequant alone, GEMM alone (bf16 in, f32 accumulate and out), whole op.
+    let n = 4096;
+    let w = random_linear(n, n, 99)?;
+    let q = rlhf::quant::nf4::Nf4Tensor::quantize(&w, &[n, n])?;
+    let gpu = GpuLinear::from_nf4(&q, &device).expect("4096x4096 has a GPU form");
+    let x = Tensor::<Inner, 2>::random([n, n], Distribution::Normal(0.0, 1.0), &device);
+    let flops = 2.0 * (n as f64).powi(3);
+    let t_dequant = time(&device, 20, || {
+        let _ = gpu.dense_bf16();
+    });
+    let wb = gpu.dense_bf16();
+    let xb = burn_cubecl::kernel::cast(
+        x.clone().into_primitive().tensor(),
+        burn::tensor::DType::BF16,
+    );
+    let yb = burn_cubecl::ops::numeric::empty_device_contiguous_dtype(
+        wb.client.clone(),
+        device.clone(),
+        burn::tensor::Shape::new([n, n]),
+        burn::tensor::DType::F32,
+    );
+    let shape = rlhf::cuda::blas::GemmShape {
+        trans_a: true,
+        trans_b: false,
+        m: n as u64,
+        n: n as u64,
+        k: n as u64,
+        lda: n as i64,
+        ldb: n as i64,
+        ldd: n as i64,
+    };
+    let t_gemm = time(&device, 20, || {
+        gpu.gemm(shape, &wb, &xb, &yb).expect("gemm")
+    });
+    let t_op = time(&device, 20, || {
+        let _ = gpu
+            .forward(x.clone().into_primitive().tensor())
+            .expect("forward");
+    });
+    let dequant_bytes = (n * n) as f64 * (0.5 + 2.0);
+    println!(
+        "{{\"bench\":\"qlinear_4096\",\"gemm_ms\":{:.4},\"gemm_tflops\":{:.1},\"dequant_ms\":{:.4},\"dequant_gbps\":{:.0},\"op_ms\":{:.4},\"op_tflops\":{:.1}}}",
+        t_gemm * 1e3,
+        flops / t_gemm / 1e12,
+        t_dequant * 1e3,
+        dequant_bytes / t_dequant / 1e9,
+        t_op * 1e3,
+        flops / t_op / 1e12
+    );
+
+    // Decode GEMV: 16 rows through the 0.5b MLP shapes; bytes = 4-bit weights + constants.
+    for &(inp, out) in &[(896usize, 4864usize), (4864, 896), (4096, 14336)] {
+        let w = random_linear(out, inp, 7)?;
+        let q = rlhf::quant::nf4::Nf4Tensor::quantize(&w, &[out, inp])?;
+        let gpu = GpuLinear::from_nf4(&q, &device).expect("GPU form");
+        let x = Tensor::<Inner, 2>::random([16, inp], Distribution::Normal(0.0, 1.0), &device);
+        let t = time(&device, 50, || {
+            let _ = gpu
+                .forward(x.clone().into_primitive().tensor())
+                .expect("gemv");
+        });
+        let bytes = q.storage_bytes() as f64;
+        println!(
+            "{{\"bench\":\"gemv16\",\"in\":{inp},\"out\":{out},\"us\":{:.2},\"weight_gbps\":{:.0}}}",
+            t * 1e6,
+            bytes / t / 1e9
+        );
+    }
+    println!("{{\"worst_rel_err\":{worst:.3e}}}");
+    Ok(())
+}

@@ -1,0 +1,150 @@
+//! CubeCL kernels over bitsandbytes' NF4 layout, as uploaded by `qlinear::DeviceNf4`:
+//! - `packed`: the 4-bit codes as little-endian u32 words, 8 values per word, the first value of
+//!   each byte in its high nibble (bitsandbytes' packing);
+//! - `codes`: the 8-bit absmax codes of the 64-value blocks, 4 per u32 word;
+//! - `nested`: one f32 per 256 blocks, `code2`: the 256-entry dynamic map, `offset`: the mean
+//!   absmax. A block's scale is `code2[code] * nested[block / 256] + offset`.
+//!
+//! Index arithmetic assumes a whole number of 8-value words per row (`in_features % 8 == 0`,
+//! true of every transformer width); `qlinear` falls back to the reference path otherwise.
+
+use cubecl::prelude::*;
+
+/// Values per packed u32 word.
+pub const WORD: usize = 8;
+/// Values per absmax block (bitsandbytes' blocksize 64) = 8 words.
+const WORDS_PER_BLOCK: usize = 8;
+/// Blocks per nested (second-level) absmax.
+const BLOCKS_PER_NESTED: usize = 256;
+
+/// The scale of the 64-value block that packed word `w` belongs to.
+#[cube]
+fn block_scale(
+    w: usize,
+    codes: &Array<u32>,
+    nested: &Array<f32>,
+    code2: &Array<f32>,
+    offset: f32,
+) -> f32 {
+    let block = w / WORDS_PER_BLOCK;
+    let code = (codes[block / 4] >> (((block % 4) * 8) as u32)) & 0xFF;
+    code2[code as usize] * nested[block / BLOCKS_PER_NESTED] + offset
+}
+
+/// Value `e` (0..8) of a packed word: byte `e / 2`, high nibble first.
+#[cube]
+fn nibble(word: u32, #[comptime] e: usize) -> u32 {
+    let shift = comptime!(((e / 2) * 8 + if e.is_multiple_of(2) { 4 } else { 0 }) as u32);
+    (word >> shift) & 0xF
+}
+
+/// The 16 NF4 levels in shared memory: a table lookup per value must not touch global memory.
+#[cube]
+fn nf4_table(nf4: &Array<f32>) -> SharedMemory<f32> {
+    let mut table = SharedMemory::<f32>::new(16usize);
+    let tid = (UNIT_POS_Y * CUBE_DIM_X + UNIT_POS_X) as usize;
+    if tid < 16 {
+        table[tid] = nf4[tid];
+    }
+    sync_cube();
+    table
+}
+
+/// f32 -> bf16 bits, round to nearest even (what a cast does).
+#[cube]
+fn bf16_bits(v: f32) -> u32 {
+    let bits = u32::reinterpret(v);
+    (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+}
+
+/// Dequantizes one packed word (8 values) per unit into a bf16 buffer seen as u32 pairs
+/// (`out` holds `words * 4` u32 = `words * 8` bf16, value `2j` in the low half of word `j`), so
+/// each unit writes 16 contiguous bytes. Launch with 1-D cubes of at least 16 units.
+#[cube(launch_unchecked)]
+#[allow(clippy::too_many_arguments)]
+pub fn nf4_dequant_bf16(
+    packed: &Array<u32>,
+    codes: &Array<u32>,
+    nested: &Array<f32>,
+    code2: &Array<f32>,
+    nf4: &Array<f32>,
+    offset: f32,
+    words: usize,
+    out: &mut Array<u32>,
+) {
+    let table = nf4_table(nf4);
+    let w = ABSOLUTE_POS;
+    if w >= words {
+        terminate!();
+    }
+    let word = packed[w];
+    let scale = block_scale(w, codes, nested, code2, offset);
+    #[unroll]
+    for j in 0..4usize {
+        let lo = bf16_bits(table[nibble(word, 2 * j) as usize] * scale);
+        let hi = bf16_bits(table[nibble(word, 2 * j + 1) as usize] * scale);
+        out[w * 4 + j] = lo | (hi << 16);
+    }
+}
+
+/// `y[r, o] = sum_k x[r, k] * W[o, k]` for `rows` (compile-time, at most 16) rows: each plane of
+/// 32 lanes owns one output feature, reads that weight row's packed words once, dequantizes
+/// each word in registers and applies it to every row, then reduces across the plane. No dense
+/// weight is written. Launch with `CubeDim (32, P)` and `ceil(out / P)` cubes.
+#[cube(launch_unchecked)]
+#[allow(clippy::too_many_arguments)]
+pub fn nf4_gemv(
+    x: &Array<f32>,
+    packed: &Array<u32>,
+    codes: &Array<u32>,
+    nested: &Array<f32>,
+    code2: &Array<f32>,
+    nf4: &Array<f32>,
+    offset: f32,
+    in_words: usize,
+    out_features: usize,
+    y: &mut Array<f32>,
+    #[comptime] rows: usize,
+) {
+    let table = nf4_table(nf4);
+    let o = (CUBE_POS_X * CUBE_DIM_Y + UNIT_POS_Y) as usize;
+    if o >= out_features {
+        terminate!();
+    }
+    let lane = UNIT_POS_X as usize;
+    let in_features = in_words * WORD;
+    let mut acc = Array::<f32>::new(rows);
+    #[unroll]
+    for r in 0..rows {
+        acc[r] = 0.0;
+    }
+    let mut v = Array::<f32>::new(WORD);
+    let mut w = lane;
+    while w < in_words {
+        let gw = o * in_words + w;
+        let word = packed[gw];
+        let scale = block_scale(gw, codes, nested, code2, offset);
+        #[unroll]
+        for e in 0..WORD {
+            v[e] = table[nibble(word, e) as usize] * scale;
+        }
+        #[unroll]
+        for r in 0..rows {
+            let xb = r * in_features + w * WORD;
+            let mut part = 0.0f32;
+            #[unroll]
+            for e in 0..WORD {
+                part += v[e] * x[xb + e];
+            }
+            acc[r] += part;
+        }
+        w += 32;
+    }
+    #[unroll]
+    for r in 0..rows {
+        let total = plane_sum(acc[r]);
+        if lane == 0 {
+            y[r * out_features + o] = total;
+        }
+    }
+}

@@ -1,0 +1,84 @@
+//! The CUDA fast path for the frozen 4-bit base (feature `cuda`).
+//!
+//! burn has no specialisation, and the engine stays generic over `Backend`; so the few ops that
+//! need CUDA-specific code (the NF4 linear layers) check the concrete backend type at run time and
+//! take this path when it is `Cuda` or `Autodiff<Cuda>`. Every other backend keeps the plain-tensor
+//! reference path in `quant::BaseLinear::forward`, against which this one is tested.
+//!
+//! - `kernels`: CubeCL kernels: NF4 → bf16 dequantization, the fused NF4 GEMV for decode.
+//! - `blas`: cuBLASLt bf16 GEMMs on raw device pointers (cubecl uses the primary context).
+//! - `qlinear`: the `x @ dequant(W)^T` op with its backward `dy @ dequant(W)`, as a burn autodiff
+//!   node that keeps no dense weight alive between forward and backward.
+
+use crate::devmem::DeviceMemory;
+use burn::tensor::backend::Backend;
+use cubecl::cuda::{CudaDevice, CudaRuntime};
+use cubecl::Runtime;
+use std::any::Any;
+
+/// The allocator's numbers on a CUDA device; `None` for any other device type.
+pub fn memory_usage<B: Backend>(device: &B::Device) -> Option<DeviceMemory> {
+    let device = (device as &dyn Any).downcast_ref::<CudaDevice>()?;
+    let usage = CudaRuntime::client(device).memory_usage().ok()?;
+    Some(DeviceMemory {
+        in_use: usage.bytes_in_use,
+        reserved: usage.bytes_reserved,
+    })
+}
+
+pub mod blas;
+pub mod kernels;
+pub mod qlinear;
+
+use crate::quant::{BaseLinear, BaseWeight};
+use burn::tensor::Tensor;
+use qlinear::{Ad, GpuLinear, Inner};
+use std::sync::{Arc, OnceLock};
+
+/// A layer's GPU form, built on first use and shared by its clones; `None` inside when the layer
+/// has no GPU form (odd shapes), so the reference path is taken without retrying.
+pub type GpuSlot = Arc<OnceLock<Option<Arc<GpuLinear>>>>;
+
+fn cast_any<T: 'static, U: 'static>(t: T) -> Option<U> {
+    (Box::new(t) as Box<dyn Any>)
+        .downcast::<U>()
+        .ok()
+        .map(|b| *b)
+}
+
+fn build<B: Backend>(lin: &BaseLinear<B>, device: &CudaDevice) -> Option<Arc<GpuLinear>> {
+    let gpu = match &lin.weight {
+        BaseWeight::Nf4(q) => GpuLinear::from_nf4(q, device),
+        BaseWeight::Dense(w) => {
+            let w: &dyn Any = w;
+            let prim = if let Some(w) = w.downcast_ref::<Tensor<Ad, 2>>() {
+                w.clone().inner().into_primitive().tensor()
+            } else {
+                w.downcast_ref::<Tensor<Inner, 2>>()?
+                    .clone()
+                    .into_primitive()
+                    .tensor()
+            };
+            GpuLinear::from_dense(prim)
+        }
+    };
+    gpu.map(Arc::new)
+}
+
+/// `x @ W^T` through the fast path when `B` is the CUDA backend (plain or autodiff) and the
+/// layer has a GPU form; `None` sends the caller down the reference path.
+pub fn try_linear<B: Backend>(lin: &BaseLinear<B>, x: &Tensor<B, 2>) -> Option<Tensor<B, 2>> {
+    let any: &dyn Any = x;
+    let fail = |e: anyhow::Error| -> ! { panic!("CUDA linear layer failed: {e:#}") };
+    if let Some(x) = any.downcast_ref::<Tensor<Ad, 2>>() {
+        let gpu = lin.gpu.get_or_init(|| build(lin, &x.device())).as_ref()?;
+        let y = qlinear::forward_autodiff(gpu, x.clone()).unwrap_or_else(|e| fail(e));
+        return cast_any(y);
+    }
+    if let Some(x) = any.downcast_ref::<Tensor<Inner, 2>>() {
+        let gpu = lin.gpu.get_or_init(|| build(lin, &x.device())).as_ref()?;
+        let y = qlinear::forward_inner(gpu, x.clone()).unwrap_or_else(|e| fail(e));
+        return cast_any(y);
+    }
+    None
+}

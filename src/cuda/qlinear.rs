@@ -1,0 +1,347 @@
+//! The frozen base's linear op on CUDA: `y = x @ W^T`, backward `dx = dy @ W`, no weight gradient.
+//!
+//! Many rows (prefill, training): `W` is dequantized by a CubeCL kernel into a short-lived bf16
+//! workspace, `x` is cast to bf16, and cuBLASLt multiplies with f32 accumulation and f32 output.
+//! The backward dequantizes again instead of keeping the dense weight alive in the graph: the
+//! autodiff node's state is the 4-bit weight itself. Few rows (decode): the fused NF4 GEMV
+//! kernel reads each 4-bit weight once and never writes a dense copy.
+
+use super::blas::{gemm_bf16, GemmShape};
+use super::kernels::{nf4_dequant_bf16, nf4_gemv, WORD};
+use crate::quant::nf4::{dynamic_map_signed, Nf4Tensor, BLOCK_SIZE, NF4_CODE};
+use anyhow::{ensure, Context, Result};
+use burn::tensor::{DType, Shape, Tensor, TensorPrimitive};
+use burn_autodiff::checkpoint::{base::Checkpointer, strategy::NoCheckpointing};
+use burn_autodiff::grads::Gradients;
+use burn_autodiff::ops::{unary, Backward, Ops, OpsKind};
+use burn_autodiff::Autodiff;
+use burn_cubecl::kernel::{cast, into_contiguous};
+use burn_cubecl::ops::numeric::empty_device_contiguous_dtype;
+use burn_cubecl::tensor::CubeTensor;
+use burn_cubecl::CubeBackend;
+use cubecl::cuda::{CudaDevice, CudaRuntime};
+use cubecl::prelude::*;
+use cubecl::server::Handle;
+use std::sync::Arc;
+
+/// The CUDA backend the engine runs on (`burn::backend::Cuda<f32, i32>` without fusion).
+pub type Inner = CubeBackend<CudaRuntime, f32, i32, u8>;
+/// Its autodiff wrapper, as the training commands use it.
+pub type Ad = Autodiff<Inner>;
+
+/// Up to this many rows, the fused GEMV beats dequantize + GEMM (decode batches).
+pub const GEMV_MAX_ROWS: usize = 16;
+/// Output features per GEMV cube (one plane of 32 lanes each).
+const GEMV_PLANES: u32 = 8;
+
+/// A frozen weight `[out, in]` resident on the GPU.
+#[derive(Debug)]
+enum Stored {
+    /// bitsandbytes NF4 + double quant, see `kernels` for the layout.
+    Nf4 {
+        packed: Handle,
+        codes: Handle,
+        nested: Handle,
+        code2: Handle,
+        nf4: Handle,
+        offset: f32,
+        words: usize,
+        nested_len: usize,
+        code_words: usize,
+    },
+    /// A dense bf16 copy (unquantized bases and the LM head).
+    Bf16(CubeTensor<CudaRuntime>),
+}
+
+/// One frozen linear layer on the GPU; shared by the forward and its autodiff node.
+#[derive(Debug)]
+pub struct GpuLinear {
+    stored: Stored,
+    out_features: usize,
+    in_features: usize,
+    device: CudaDevice,
+}
+
+fn upload_u32(client: &ComputeClient<CudaRuntime>, bytes: &[u8]) -> (Handle, usize) {
+    let mut padded = bytes.to_vec();
+    padded.resize(bytes.len().div_ceil(4) * 4, 0);
+    let words = padded.len() / 4;
+    (client.create_from_slice(&padded), words)
+}
+
+fn upload_f32(client: &ComputeClient<CudaRuntime>, values: &[f32]) -> Handle {
+    client.create_from_slice(f32::as_bytes(values))
+}
+
+impl GpuLinear {
+    /// Uploads an NF4 weight once (bytes as stored: 4.127 bits per value). `None` when its
+    /// shape does not fit the kernels' word layout (the caller keeps the reference path).
+    pub fn from_nf4(q: &Nf4Tensor, device: &CudaDevice) -> Option<Self> {
+        let [out_features, in_features] = q.shape[..] else {
+            return None;
+        };
+        if in_features % WORD != 0 || (out_features * in_features) % BLOCK_SIZE != 0 {
+            return None;
+        }
+        let client = CudaRuntime::client(device);
+        let (packed, words) = upload_u32(&client, &q.packed);
+        let (codes, code_words) = upload_u32(&client, &q.absmax_codes);
+        let stored = Stored::Nf4 {
+            packed,
+            codes,
+            nested: upload_f32(&client, &q.nested_absmax),
+            code2: upload_f32(&client, &dynamic_map_signed()),
+            nf4: upload_f32(&client, &NF4_CODE),
+            offset: q.offset,
+            words,
+            nested_len: q.nested_absmax.len(),
+            code_words,
+        };
+        Some(Self {
+            stored,
+            out_features,
+            in_features,
+            device: device.clone(),
+        })
+    }
+
+    /// Keeps a bf16 copy of a dense f32 weight `[out, in]` already on the GPU.
+    pub fn from_dense(w: CubeTensor<CudaRuntime>) -> Option<Self> {
+        let dims = w.meta.shape().to_vec();
+        let [out_features, in_features] = dims[..] else {
+            return None;
+        };
+        let device = w.device.clone();
+        let w = contiguous(cast(into_contiguous(w), DType::BF16));
+        Some(Self {
+            stored: Stored::Bf16(w),
+            out_features,
+            in_features,
+            device,
+        })
+    }
+
+    fn client(&self) -> ComputeClient<CudaRuntime> {
+        CudaRuntime::client(&self.device)
+    }
+
+    /// The weight as a dense bf16 `[out, in]` tensor: a fresh workspace for NF4.
+    pub fn dense_bf16(&self) -> CubeTensor<CudaRuntime> {
+        match &self.stored {
+            Stored::Bf16(w) => w.clone(),
+            Stored::Nf4 {
+                packed,
+                codes,
+                nested,
+                code2,
+                nf4,
+                offset,
+                words,
+                nested_len,
+                code_words,
+            } => {
+                let client = self.client();
+                let out = empty_device_contiguous_dtype(
+                    client.clone(),
+                    self.device.clone(),
+                    Shape::new([self.out_features, self.in_features]),
+                    DType::BF16,
+                );
+                let cubes = words.div_ceil(256) as u32;
+                // SAFETY: every array length matches its buffer; the kernel bounds-checks words.
+                unsafe {
+                    nf4_dequant_bf16::launch_unchecked::<CudaRuntime>(
+                        &client,
+                        CubeCount::Static(cubes, 1, 1),
+                        CubeDim::new_1d(256),
+                        ArrayArg::from_raw_parts(packed.clone(), *words),
+                        ArrayArg::from_raw_parts(codes.clone(), *code_words),
+                        ArrayArg::from_raw_parts(nested.clone(), *nested_len),
+                        ArrayArg::from_raw_parts(code2.clone(), 256),
+                        ArrayArg::from_raw_parts(nf4.clone(), 16),
+                        *offset,
+                        *words,
+                        ArrayArg::from_raw_parts(out.handle.clone(), words * 4),
+                    )
+                };
+                out
+            }
+        }
+    }
+
+    /// `x [rows, in] (f32) -> [rows, out] (f32)`.
+    pub fn forward(&self, x: CubeTensor<CudaRuntime>) -> Result<CubeTensor<CudaRuntime>> {
+        let x = contiguous(x);
+        let rows = x.meta.shape()[0];
+        ensure!(
+            x.meta.shape()[1] == self.in_features,
+            "qlinear: input has {} features, weight expects {}",
+            x.meta.shape()[1],
+            self.in_features
+        );
+        if rows <= GEMV_MAX_ROWS {
+            if let Stored::Nf4 { .. } = self.stored {
+                return Ok(self.gemv(x, rows));
+            }
+        }
+        let xb = contiguous(cast(x, DType::BF16));
+        let w = self.dense_bf16();
+        let y = self.empty_f32(rows, self.out_features);
+        // Row-major x [rows, in] and W [out, in] are column-major [in, rows] and [in, out]:
+        // y^T [out, rows] = W^T-of-that · x, i.e. op(A) = A^T with A = W.
+        let shape = GemmShape {
+            trans_a: true,
+            trans_b: false,
+            m: self.out_features as u64,
+            n: rows as u64,
+            k: self.in_features as u64,
+            lda: self.in_features as i64,
+            ldb: self.in_features as i64,
+            ldd: self.out_features as i64,
+        };
+        self.gemm(shape, &w, &xb, &y)?;
+        Ok(y)
+    }
+
+    /// `dy [rows, out] (f32) -> dx = dy @ W [rows, in] (f32)`.
+    pub fn backward(&self, dy: CubeTensor<CudaRuntime>) -> Result<CubeTensor<CudaRuntime>> {
+        let rows = dy.meta.shape()[0];
+        let dyb = contiguous(cast(contiguous(dy), DType::BF16));
+        let w = self.dense_bf16();
+        let dx = self.empty_f32(rows, self.in_features);
+        // Column-major: dx^T [in, rows] = W_c [in, out] · dy^T [out, rows].
+        let shape = GemmShape {
+            trans_a: false,
+            trans_b: false,
+            m: self.in_features as u64,
+            n: rows as u64,
+            k: self.out_features as u64,
+            lda: self.in_features as i64,
+            ldb: self.out_features as i64,
+            ldd: self.in_features as i64,
+        };
+        self.gemm(shape, &w, &dyb, &dx)?;
+        Ok(dx)
+    }
+
+    fn empty_f32(&self, rows: usize, cols: usize) -> CubeTensor<CudaRuntime> {
+        empty_device_contiguous_dtype(
+            self.client(),
+            self.device.clone(),
+            Shape::new([rows, cols]),
+            DType::F32,
+        )
+    }
+
+    /// One cuBLASLt GEMM over these buffers (public for the throughput benchmark).
+    pub fn gemm(
+        &self,
+        shape: GemmShape,
+        a: &CubeTensor<CudaRuntime>,
+        b: &CubeTensor<CudaRuntime>,
+        d: &CubeTensor<CudaRuntime>,
+    ) -> Result<()> {
+        let client = self.client();
+        let ptr = |t: &CubeTensor<CudaRuntime>| -> Result<u64> {
+            Ok(client
+                .get_resource(t.handle.clone())
+                .map_err(|e| anyhow::anyhow!("CUDA buffer: {e:?}"))?
+                .resource()
+                .ptr)
+        };
+        let (pa, pb, pd) = (ptr(a)?, ptr(b)?, ptr(d)?);
+        // cubecl's stream must have produced a and b before cuBLAS reads them.
+        cubecl::future::block_on(client.sync())
+            .map_err(|e| anyhow::anyhow!("CUDA sync before GEMM: {e:?}"))?;
+        gemm_bf16(self.device.index, shape, pa, pb, pd).context("qlinear GEMM")
+    }
+
+    fn gemv(&self, x: CubeTensor<CudaRuntime>, rows: usize) -> CubeTensor<CudaRuntime> {
+        let Stored::Nf4 {
+            packed,
+            codes,
+            nested,
+            code2,
+            nf4,
+            offset,
+            words,
+            nested_len,
+            code_words,
+        } = &self.stored
+        else {
+            unreachable!("gemv is only called for NF4 weights")
+        };
+        let client = self.client();
+        let y = self.empty_f32(rows, self.out_features);
+        let cubes = (self.out_features as u32).div_ceil(GEMV_PLANES);
+        // SAFETY: lengths match the buffers; each plane bounds-checks its output feature.
+        unsafe {
+            nf4_gemv::launch_unchecked::<CudaRuntime>(
+                &client,
+                CubeCount::Static(cubes, 1, 1),
+                CubeDim::new_2d(32, GEMV_PLANES),
+                ArrayArg::from_raw_parts(x.handle.clone(), rows * self.in_features),
+                ArrayArg::from_raw_parts(packed.clone(), *words),
+                ArrayArg::from_raw_parts(codes.clone(), *code_words),
+                ArrayArg::from_raw_parts(nested.clone(), *nested_len),
+                ArrayArg::from_raw_parts(code2.clone(), 256),
+                ArrayArg::from_raw_parts(nf4.clone(), 16),
+                *offset,
+                self.in_features / WORD,
+                self.out_features,
+                ArrayArg::from_raw_parts(y.handle.clone(), rows * self.out_features),
+                rows,
+            )
+        };
+        y
+    }
+}
+
+/// A packed row-major tensor (cuBLAS and the kernels index densely): `into_contiguous` copies
+/// into packed strides whenever the strides are not already packed.
+fn contiguous(t: CubeTensor<CudaRuntime>) -> CubeTensor<CudaRuntime> {
+    into_contiguous(t)
+}
+
+/// The autodiff node of `qlinear`: its state is the (4-bit) weight, not a dense copy.
+#[derive(Debug)]
+struct QLinearBackward;
+
+impl Backward<Inner, 1> for QLinearBackward {
+    type State = Arc<GpuLinear>;
+
+    fn backward(
+        self,
+        ops: Ops<Self::State, 1>,
+        grads: &mut Gradients,
+        _checkpointer: &mut Checkpointer,
+    ) {
+        let weight = ops.state;
+        unary::<Inner, _>(ops.parents, ops.node, grads, |dy| {
+            weight
+                .backward(dy)
+                .unwrap_or_else(|e| panic!("qlinear backward failed on the GPU: {e:#}"))
+        });
+    }
+}
+
+/// `x @ W^T` on the autodiff CUDA backend, recording the backward above.
+pub fn forward_autodiff(w: &Arc<GpuLinear>, x: Tensor<Ad, 2>) -> Result<Tensor<Ad, 2>> {
+    let x = x.into_primitive().tensor();
+    let y = w.forward(x.primitive.clone())?;
+    let y = match QLinearBackward
+        .prepare::<NoCheckpointing>([x.node.clone()])
+        .compute_bound()
+        .stateful()
+    {
+        OpsKind::Tracked(prep) => prep.finish(w.clone(), y),
+        OpsKind::UnTracked(prep) => prep.finish(y),
+    };
+    Ok(Tensor::from_primitive(TensorPrimitive::Float(y)))
+}
+
+/// `x @ W^T` on the plain CUDA backend (generation, scoring without graphs).
+pub fn forward_inner(w: &GpuLinear, x: Tensor<Inner, 2>) -> Result<Tensor<Inner, 2>> {
+    let y = w.forward(x.into_primitive().tensor())?;
+    Ok(Tensor::from_primitive(TensorPrimitive::Float(y)))
+}
