@@ -86,6 +86,20 @@ fn main() -> anyhow::Result<()> {
         );
     }
 
+    // The few-row f32 kernel used for LoRA factors while sampling. The reference is burn-cuda's
+    // matmul, which computes in TF32 (errors ~3e-4 relative), so the bound is bf16's, as above.
+    for &(rows, inp, out) in &[(1usize, 896usize, 16usize), (16, 896, 16), (16, 16, 4864)] {
+        let x = Tensor::<Inner, 2>::random([rows, inp], Distribution::Normal(0.0, 1.0), &device);
+        let w = Tensor::<Inner, 2>::random([out, inp], Distribution::Normal(0.0, 1.0), &device);
+        let y = rlhf::cuda::qlinear::small_matmul_t(x.clone(), w.clone()).expect("few rows");
+        let err = rel_err(y, x.matmul(w.transpose()));
+        worst = worst.max(err);
+        println!(
+            "{{\"check\":\"small_matmul_t\",\"rows\":{rows},\"in\":{inp},\"out\":{out},\"rel_err\":{err:.3e},\"ok\":{}}}",
+            err < 1e-2
+        );
+    }
+
     // Throughput at 4096^3: dequant alone, GEMM alone (bf16 in, f32 accumulate and out), whole op.
     let n = 4096;
     let w = random_linear(n, n, 99)?;

@@ -30,6 +30,15 @@ pub struct Adapter<B: Backend> {
     pub training: bool,
 }
 
+/// `x @ w^T`, through the CUDA few-row kernel when sampling on the GPU.
+fn matmul_t<B: Backend>(x: Tensor<B, 2>, w: &Tensor<B, 2>) -> Tensor<B, 2> {
+    #[cfg(feature = "cuda")]
+    if let Some(y) = crate::cuda::try_small_matmul_t(&x, w) {
+        return y;
+    }
+    x.matmul(w.clone().transpose())
+}
+
 /// The module path PEFT uses for a target inside a Llama block.
 fn module_path(layer: usize, module: &str) -> String {
     let group = match module {
@@ -95,10 +104,7 @@ impl<B: Backend> Adapter<B> {
             x2 = x2 * keep / (1.0 - p);
         }
         let out = pair.b.dims()[0];
-        let y = x2
-            .matmul(pair.a.clone().transpose())
-            .matmul(pair.b.clone().transpose())
-            * self.scaling();
+        let y = matmul_t(matmul_t(x2, &pair.a), &pair.b) * self.scaling();
         Some(y.reshape([b, t, out]))
     }
 

@@ -148,3 +148,43 @@ pub fn nf4_gemv(
         }
     }
 }
+
+/// `y[r, o] = sum_k x[r, k] * w[o, k]` with a dense f32 `w`, for `rows` (compile-time, at most
+/// 16) rows: the LoRA factors at decode, where a general matmul kernel spends more time being
+/// launched and tiled than computing. Same plane-per-output layout as [`nf4_gemv`].
+#[cube(launch_unchecked)]
+pub fn f32_gemv(
+    x: &Array<f32>,
+    w: &Array<f32>,
+    in_features: usize,
+    out_features: usize,
+    y: &mut Array<f32>,
+    #[comptime] rows: usize,
+) {
+    let o = (CUBE_POS_X * CUBE_DIM_Y + UNIT_POS_Y) as usize;
+    if o >= out_features {
+        terminate!();
+    }
+    let lane = UNIT_POS_X as usize;
+    let mut acc = Array::<f32>::new(rows);
+    #[unroll]
+    for r in 0..rows {
+        acc[r] = 0.0;
+    }
+    let mut k = lane;
+    while k < in_features {
+        let wv = w[o * in_features + k];
+        #[unroll]
+        for r in 0..rows {
+            acc[r] += wv * x[r * in_features + k];
+        }
+        k += 32;
+    }
+    #[unroll]
+    for r in 0..rows {
+        let total = plane_sum(acc[r]);
+        if lane == 0 {
+            y[r * out_features + o] = total;
+        }
+    }
+}

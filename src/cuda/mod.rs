@@ -82,3 +82,11 @@ pub fn try_linear<B: Backend>(lin: &BaseLinear<B>, x: &Tensor<B, 2>) -> Option<T
     }
     None
 }
+
+/// `x @ w^T` for few rows on the plain CUDA backend (sampling); `None` elsewhere, including the
+/// autodiff backend, whose matmul must record a graph.
+pub fn try_small_matmul_t<B: Backend>(x: &Tensor<B, 2>, w: &Tensor<B, 2>) -> Option<Tensor<B, 2>> {
+    let x = (x as &dyn Any).downcast_ref::<Tensor<Inner, 2>>()?;
+    let w = (w as &dyn Any).downcast_ref::<Tensor<Inner, 2>>()?;
+    cast_any(qlinear::small_matmul_t(x.clone(), w.clone())?)
+}

@@ -7,7 +7,7 @@
 //! kernel reads each 4-bit weight once and never writes a dense copy.
 
 use super::blas::{gemm_bf16, GemmShape};
-use super::kernels::{nf4_dequant_bf16, nf4_gemv, WORD};
+use super::kernels::{f32_gemv, nf4_dequant_bf16, nf4_gemv, WORD};
 use crate::quant::nf4::{dynamic_map_signed, Nf4Tensor, BLOCK_SIZE, NF4_CODE};
 use anyhow::{ensure, Context, Result};
 use burn::tensor::{DType, Shape, Tensor, TensorPrimitive};
@@ -344,4 +344,39 @@ pub fn forward_autodiff(w: &Arc<GpuLinear>, x: Tensor<Ad, 2>) -> Result<Tensor<A
 pub fn forward_inner(w: &GpuLinear, x: Tensor<Inner, 2>) -> Result<Tensor<Inner, 2>> {
     let y = w.forward(x.into_primitive().tensor())?;
     Ok(Tensor::from_primitive(TensorPrimitive::Float(y)))
+}
+
+/// `x @ w^T` for f32 `x [rows, in]` and `w [out, in]` with few rows (see `kernels::f32_gemv`);
+/// `None` above [`GEMV_MAX_ROWS`] rows.
+pub fn small_matmul_t(x: Tensor<Inner, 2>, w: Tensor<Inner, 2>) -> Option<Tensor<Inner, 2>> {
+    let [rows, in_features] = x.dims();
+    let [out_features, w_in] = w.dims();
+    if rows > GEMV_MAX_ROWS || rows == 0 || w_in != in_features {
+        return None;
+    }
+    let x = contiguous(x.into_primitive().tensor());
+    let w = contiguous(w.into_primitive().tensor());
+    let client = x.client.clone();
+    let y = empty_device_contiguous_dtype(
+        client.clone(),
+        x.device.clone(),
+        Shape::new([rows, out_features]),
+        DType::F32,
+    );
+    let cubes = (out_features as u32).div_ceil(GEMV_PLANES);
+    // SAFETY: lengths match the contiguous buffers; each plane bounds-checks its output.
+    unsafe {
+        f32_gemv::launch_unchecked::<CudaRuntime>(
+            &client,
+            CubeCount::Static(cubes, 1, 1),
+            CubeDim::new_2d(32, GEMV_PLANES),
+            ArrayArg::from_raw_parts(x.handle.clone(), rows * in_features),
+            ArrayArg::from_raw_parts(w.handle.clone(), out_features * in_features),
+            in_features,
+            out_features,
+            ArrayArg::from_raw_parts(y.handle.clone(), rows * out_features),
+            rows,
+        )
+    };
+    Some(Tensor::from_primitive(TensorPrimitive::Float(y)))
 }
