@@ -250,3 +250,21 @@ fn saved_adapter_reloads_to_identical_logits_in_peft_layout() {
     tt.sort();
     assert_eq!(ot, tt);
 }
+
+/// Sampling runs on the backend without autodiff (`Llama::inner`, `Adapter::inner`): the model
+/// loaded on the autodiff backend and viewed there must still give PEFT's logits.
+#[test]
+fn inner_backend_view_matches_peft_logits() {
+    type Ad = burn::backend::Autodiff<B>;
+    let base = fixture("llama");
+    let ad = fixture("llama_lora");
+    let opts = LoadOptions { quantize: false };
+    let model = Llama::<Ad>::from_hf_dir(&base, opts, &Default::default()).unwrap();
+    let (adapter, _) =
+        Adapter::<Ad>::load_peft(&ad, "policy", &model.cfg, &Default::default()).unwrap();
+    let (inner, inner_adapter) = (model.inner(), adapter.inner());
+    let r = reference(&base, &ad);
+    let batch = Batch::<B>::new(&r.ids, r.valid.clone(), &Default::default());
+    let diff = max_abs_diff(inner.forward(&batch, Some(&inner_adapter)), &r);
+    assert!(diff < 1e-4, "max |inner logits - PEFT| = {diff}");
+}
