@@ -88,9 +88,10 @@ pub fn nf4_dequant_bf16(
 }
 
 /// `y[r, o] = sum_k x[r, k] * W[o, k]` for `rows` (compile-time, at most 16) rows: each plane of
-/// 32 lanes owns one output feature, reads that weight row's packed words once, dequantizes
-/// each word in registers and applies it to every row, then reduces across the plane. No dense
-/// weight is written. Launch with `CubeDim (32, P)` and `ceil(out / P)` cubes.
+/// 32 lanes owns one output feature and walks its weight row 32 values at a time, lane `l` taking
+/// value `l` of each chunk, so every read of `x` is one coalesced 128-byte line per row. Each
+/// 4-bit weight is read and dequantized once and applied to every row; a plane reduction ends it.
+/// No dense weight is written. Launch with `CubeDim (32, P)` and `ceil(out / P)` cubes.
 #[cube(launch_unchecked)]
 #[allow(clippy::too_many_arguments)]
 pub fn nf4_gemv(
@@ -101,7 +102,7 @@ pub fn nf4_gemv(
     code2: &Array<f32>,
     nf4: &Array<f32>,
     offset: f32,
-    in_words: usize,
+    in_features: usize,
     out_features: usize,
     y: &mut Array<f32>,
     #[comptime] rows: usize,
@@ -112,33 +113,26 @@ pub fn nf4_gemv(
         terminate!();
     }
     let lane = UNIT_POS_X as usize;
-    let in_features = in_words * WORD;
     let mut acc = Array::<f32>::new(rows);
     #[unroll]
     for r in 0..rows {
         acc[r] = 0.0;
     }
-    let mut v = Array::<f32>::new(WORD);
-    let mut w = lane;
-    while w < in_words {
-        let gw = o * in_words + w;
-        let word = packed[gw];
-        let scale = block_scale(gw, codes, nested, code2, offset);
-        #[unroll]
-        for e in 0..WORD {
-            v[e] = table[nibble(word, e) as usize] * scale;
-        }
+    let row_base = o * in_features;
+    let mut k = lane;
+    while k < in_features {
+        let g = row_base + k;
+        let w = g / WORD;
+        let e = (g % WORD) as u32;
+        // Value e of a word: byte e / 2, high nibble first.
+        let shift = ((e >> 1) << 3) + ((1 - (e & 1)) << 2);
+        let code = (packed[w] >> shift) & 0xF;
+        let wv = table[code as usize] * block_scale(w, codes, nested, code2, offset);
         #[unroll]
         for r in 0..rows {
-            let xb = r * in_features + w * WORD;
-            let mut part = 0.0f32;
-            #[unroll]
-            for e in 0..WORD {
-                part += v[e] * x[xb + e];
-            }
-            acc[r] += part;
+            acc[r] += wv * x[r * in_features + k];
         }
-        w += 32;
+        k += 32;
     }
     #[unroll]
     for r in 0..rows {

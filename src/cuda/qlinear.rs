@@ -287,7 +287,7 @@ impl GpuLinear {
                 ArrayArg::from_raw_parts(code2.clone(), 256),
                 ArrayArg::from_raw_parts(nf4.clone(), 16),
                 *offset,
-                self.in_features / WORD,
+                self.in_features,
                 self.out_features,
                 ArrayArg::from_raw_parts(y.handle.clone(), rows * self.out_features),
                 rows,
