@@ -19,16 +19,16 @@ fn rel_err(a: Tensor<Inner, 2>, b: Tensor<Inner, 2>) -> f64 {
     (num / den.max(1e-30)).sqrt()
 }
 
-fn random_linear(out: usize, inp: usize, seed: u64) -> anyhow::Result<Vec<f32>> {
+fn random_linear(out: usize, inp: usize, seed: u64) -> Vec<f32> {
     let mut s = seed.wrapping_mul(6364136223846793005).wrapping_add(1);
-    Ok((0..out * inp)
+    (0..out * inp)
         .map(|_| {
             s = s
                 .wrapping_mul(6364136223846793005)
                 .wrapping_add(1442695040888963407);
             ((s >> 33) as f32 / (1u64 << 31) as f32 - 0.5) * 0.04
         })
-        .collect())
+        .collect()
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -63,7 +63,7 @@ fn main() -> anyhow::Result<()> {
     ];
     let mut worst: f64 = 0.0;
     for (i, &(rows, inp, out)) in shapes.iter().enumerate() {
-        let w = random_linear(out, inp, i as u64)?;
+        let w = random_linear(out, inp, i as u64);
         let lin = BaseLinear::<Ad>::new(w, out, inp, None, true, &device)?;
         let x = Tensor::<Ad, 2>::random([rows, inp], Distribution::Normal(0.0, 1.0), &device)
             .require_grad();
@@ -102,7 +102,7 @@ fn main() -> anyhow::Result<()> {
 
     // Throughput at 4096^3: dequant alone, GEMM alone (bf16 in, f32 accumulate and out), whole op.
     let n = 4096;
-    let w = random_linear(n, n, 99)?;
+    let w = random_linear(n, n, 99);
     let q = rlhf::quant::nf4::Nf4Tensor::quantize(&w, &[n, n])?;
     let gpu = GpuLinear::from_nf4(&q, &device).expect("4096x4096 has a GPU form");
     let x = Tensor::<Inner, 2>::random([n, n], Distribution::Normal(0.0, 1.0), &device);
@@ -152,7 +152,7 @@ fn main() -> anyhow::Result<()> {
 
     // Decode GEMV: 16 rows through the 0.5b MLP shapes; bytes = 4-bit weights + constants.
     for &(inp, out) in &[(896usize, 4864usize), (4864, 896), (4096, 14336)] {
-        let w = random_linear(out, inp, 7)?;
+        let w = random_linear(out, inp, 7);
         let q = rlhf::quant::nf4::Nf4Tensor::quantize(&w, &[out, inp])?;
         let gpu = GpuLinear::from_nf4(&q, &device).expect("GPU form");
         let x = Tensor::<Inner, 2>::random([16, inp], Distribution::Normal(0.0, 1.0), &device);

@@ -112,7 +112,7 @@ impl GpuLinear {
             return None;
         };
         let device = w.device.clone();
-        let w = contiguous(cast(into_contiguous(w), DType::BF16));
+        let w = into_contiguous(cast(into_contiguous(w), DType::BF16));
         Some(Self {
             stored: Stored::Bf16(w),
             out_features,
@@ -171,7 +171,8 @@ impl GpuLinear {
 
     /// `x [rows, in] (f32) -> [rows, out] (f32)`.
     pub fn forward(&self, x: CubeTensor<CudaRuntime>) -> Result<CubeTensor<CudaRuntime>> {
-        let x = contiguous(x);
+        // cuBLAS and the kernels index densely: packed row-major strides.
+        let x = into_contiguous(x);
         let rows = x.meta.shape()[0];
         ensure!(
             x.meta.shape()[1] == self.in_features,
@@ -184,9 +185,6 @@ impl GpuLinear {
                 return Ok(self.gemv(x, rows));
             }
         }
-        let xb = contiguous(cast(x, DType::BF16));
-        let w = self.dense_bf16();
-        let y = self.empty_f32(rows, self.out_features);
         // Row-major x [rows, in] and W [out, in] are column-major [in, rows] and [in, out]:
         // y^T [out, rows] = W^T-of-that · x, i.e. op(A) = A^T with A = W.
         let shape = GemmShape {
@@ -199,16 +197,12 @@ impl GpuLinear {
             ldb: self.in_features as i64,
             ldd: self.out_features as i64,
         };
-        self.gemm(shape, &w, &xb, &y)?;
-        Ok(y)
+        self.with_weight(x, shape)
     }
 
     /// `dy [rows, out] (f32) -> dx = dy @ W [rows, in] (f32)`.
     pub fn backward(&self, dy: CubeTensor<CudaRuntime>) -> Result<CubeTensor<CudaRuntime>> {
         let rows = dy.meta.shape()[0];
-        let dyb = contiguous(cast(contiguous(dy), DType::BF16));
-        let w = self.dense_bf16();
-        let dx = self.empty_f32(rows, self.in_features);
         // Column-major: dx^T [in, rows] = W_c [in, out] · dy^T [out, rows].
         let shape = GemmShape {
             trans_a: false,
@@ -220,8 +214,21 @@ impl GpuLinear {
             ldb: self.out_features as i64,
             ldd: self.in_features as i64,
         };
-        self.gemm(shape, &w, &dyb, &dx)?;
-        Ok(dx)
+        self.with_weight(dy, shape)
+    }
+
+    /// One GEMM of the dequantized weight with `input` (f32, cast to bf16 here): the f32 result
+    /// `[n, m]` row-major, i.e. cuBLAS' column-major `[m, n]` of `shape`.
+    fn with_weight(
+        &self,
+        input: CubeTensor<CudaRuntime>,
+        shape: GemmShape,
+    ) -> Result<CubeTensor<CudaRuntime>> {
+        let input = into_contiguous(cast(into_contiguous(input), DType::BF16));
+        let w = self.dense_bf16();
+        let out = self.empty_f32(shape.n as usize, shape.m as usize);
+        self.gemm(shape, &w, &input, &out)?;
+        Ok(out)
     }
 
     fn empty_f32(&self, rows: usize, cols: usize) -> CubeTensor<CudaRuntime> {
@@ -297,12 +304,6 @@ impl GpuLinear {
     }
 }
 
-/// A packed row-major tensor (cuBLAS and the kernels index densely): `into_contiguous` copies
-/// into packed strides whenever the strides are not already packed.
-fn contiguous(t: CubeTensor<CudaRuntime>) -> CubeTensor<CudaRuntime> {
-    into_contiguous(t)
-}
-
 /// The autodiff node of `qlinear`: its state is the (4-bit) weight, not a dense copy.
 #[derive(Debug)]
 struct QLinearBackward;
@@ -354,8 +355,8 @@ pub fn small_matmul_t(x: Tensor<Inner, 2>, w: Tensor<Inner, 2>) -> Option<Tensor
     if rows > GEMV_MAX_ROWS || rows == 0 || w_in != in_features {
         return None;
     }
-    let x = contiguous(x.into_primitive().tensor());
-    let w = contiguous(w.into_primitive().tensor());
+    let x = into_contiguous(x.into_primitive().tensor());
+    let w = into_contiguous(w.into_primitive().tensor());
     let client = x.client.clone();
     let y = empty_device_contiguous_dtype(
         client.clone(),
