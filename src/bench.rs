@@ -71,6 +71,10 @@ pub struct BenchArgs {
     /// Keep the base unquantized instead of NF4.
     #[arg(long)]
     pub no_quant: bool,
+    /// Let burn's autodiff keep every op's activations instead of checkpointing each block
+    /// (TRL runs with gradient checkpointing; this measures what it saves).
+    #[arg(long)]
+    pub no_checkpoint: bool,
     #[arg(long, value_enum, default_value_t = DeviceArg::Cpu)]
     pub device: DeviceArg,
     /// Also write the JSON to DIR/rlhf_<algo>.json when DIR is an existing folder
@@ -278,6 +282,7 @@ pub fn run_config(a: &BenchArgs, algo: Algo, output_dir: &Path) -> RunConfig {
     t.output_dir = output_dir.to_path_buf();
     t.seed = 0;
     t.max_steps = a.warmup + a.steps;
+    t.gradient_checkpointing = !a.no_checkpoint;
     t.gradient_accumulation_steps = 1;
     t.learning_rate = 5e-6;
     // Only the final checkpoint (always written), after the last timed step.

@@ -5,7 +5,7 @@ use crate::lora::Adapter;
 use crate::model::{Batch, Llama};
 use anyhow::{Context, Result};
 use burn::tensor::backend::{AutodiffBackend, Backend};
-use burn::tensor::{activation, Int, Tensor, TensorData};
+use burn::tensor::{Tensor, TensorData};
 use rand::{Rng, SeedableRng};
 use rlhf_algorithms::trainer::{Completion, PolicyModel, Role, SamplingParams, TokenBatch};
 use std::collections::BTreeMap;
@@ -20,9 +20,11 @@ pub struct RlhfModel<B: Backend> {
     pub adapters: BTreeMap<Role, Adapter<B>>,
     /// `[1, hidden]` linear heads (no bias, as HF's `score`).
     pub heads: BTreeMap<Role, Tensor<B, 2>>,
-    /// Rows per chunk when computing log-probs, so `[b, t, vocab]` logits never exist whole
-    /// (0 = all rows at once).
-    pub logits_chunk_rows: usize,
+    /// Tokens per chunk of the vocabulary projection when computing log-probs (0 = all at
+    /// once); logits are recomputed in backward, never kept (`model::checkpoint`).
+    pub logits_chunk: usize,
+    /// Block-level gradient checkpointing of the trained adapter's forward passes.
+    pub checkpoint: bool,
     /// For decoding rollouts into text for reward functions.
     pub tokenizer: Option<crate::tokenizer::Tok>,
 }
@@ -47,7 +49,8 @@ impl<B: Backend> RlhfModel<B> {
             base,
             adapters: BTreeMap::new(),
             heads: BTreeMap::new(),
-            logits_chunk_rows: 0,
+            logits_chunk: 0,
+            checkpoint: true,
             tokenizer: None,
         }
     }
@@ -63,8 +66,8 @@ impl<B: Backend> RlhfModel<B> {
         }
     }
 
-    /// A model for a training run: keeps the tokenizer for decoding rollouts and chunks
-    /// log-prob computation row by row when `plan.logits_chunk` is set.
+    /// A model for a training run: keeps the tokenizer for decoding rollouts, and takes
+    /// `plan.logits_chunk` and `train.gradient_checkpointing` from the run.
     pub fn for_run(
         base: Llama<B>,
         tok: &crate::tokenizer::Tok,
@@ -72,7 +75,8 @@ impl<B: Backend> RlhfModel<B> {
     ) -> Self {
         let mut model = Self::new(base);
         model.tokenizer = Some(tok.clone());
-        model.logits_chunk_rows = if cfg.plan.logits_chunk > 0 { 1 } else { 0 };
+        model.logits_chunk = cfg.plan.logits_chunk;
+        model.checkpoint = cfg.train.gradient_checkpointing;
         model
     }
 
@@ -112,43 +116,6 @@ impl<B: Backend> RlhfModel<B> {
             a.training = training;
         }
     }
-
-    fn logps_rows(
-        &self,
-        adapter: Option<&Adapter<B>>,
-        batch: &TokenBatch,
-        rows: std::ops::Range<usize>,
-        temperature: f64,
-    ) -> Tensor<B, 2> {
-        let device = self.base.device.clone();
-        let ids = &batch.ids[rows.clone()];
-        let b = ids.len();
-        let t = ids[0].len();
-        let input = Batch::new(ids, batch.valid[rows.clone()].to_vec(), &device);
-        let hidden = self.base.forward_hidden(&input, adapter, None);
-        let h = self.base.cfg.hidden_size;
-        // Logits at position t-1 predict token t: drop the last position before the vocab projection.
-        let hidden = hidden.slice([0..b, 0..t - 1, 0..h]);
-        let mut logits = self.base.logits(hidden);
-        if temperature != 1.0 {
-            logits = logits / temperature;
-        }
-        let labels: Vec<i64> = ids
-            .iter()
-            .flat_map(|r| r[1..].iter().map(|&x| x as i64))
-            .collect();
-        let labels =
-            Tensor::<B, 3, Int>::from_data(TensorData::new(labels, [b, t - 1, 1]), &device);
-        let lp = activation::log_softmax(logits, 2)
-            .gather(2, labels)
-            .reshape([b, t - 1]);
-        let lp = Tensor::cat(vec![Tensor::zeros([b, 1], &device), lp], 1);
-        let mask: Vec<f32> = batch.loss_mask[rows]
-            .iter()
-            .flat_map(|r| r.iter().map(|&m| if m { 1.0 } else { 0.0 }))
-            .collect();
-        lp * Tensor::<B, 2>::from_data(TensorData::new(mask, [b, t]), &device)
-    }
 }
 
 impl<B: AutodiffBackend> PolicyModel<B> for RlhfModel<B> {
@@ -164,17 +131,36 @@ impl<B: AutodiffBackend> PolicyModel<B> for RlhfModel<B> {
             "sequences need at least two tokens"
         );
         let adapter = self.adapter(role)?;
-        let n = batch.len();
-        let chunk = if self.logits_chunk_rows == 0 {
-            n
-        } else {
-            self.logits_chunk_rows
-        };
-        let parts: Vec<Tensor<B, 2>> = (0..n)
-            .step_by(chunk)
-            .map(|s| self.logps_rows(adapter, batch, s..(s + chunk).min(n), temperature))
+        let device = self.base.device.clone();
+        let (b, t, h) = (batch.len(), batch.ids[0].len(), self.base.cfg.hidden_size);
+        let input = Batch::new(&batch.ids, batch.valid.clone(), &device);
+        let hidden = self
+            .base
+            .forward_hidden_train(&input, adapter, self.checkpoint);
+        // Logits at position t-1 predict token t: drop the last position before the vocab projection.
+        let hidden = hidden
+            .slice([0..b, 0..t - 1, 0..h])
+            .reshape([b * (t - 1), h]);
+        let labels: Vec<i64> = batch
+            .ids
+            .iter()
+            .flat_map(|r| r[1..].iter().map(|&x| x as i64))
             .collect();
-        let out = Tensor::cat(parts, 0);
+        let lp = crate::model::checkpoint::token_logps(
+            &self.base,
+            hidden,
+            labels,
+            temperature,
+            self.logits_chunk,
+        )
+        .reshape([b, t - 1]);
+        let lp = Tensor::cat(vec![Tensor::zeros([b, 1], &device), lp], 1);
+        let mask: Vec<f32> = batch
+            .loss_mask
+            .iter()
+            .flat_map(|r| r.iter().map(|&m| if m { 1.0 } else { 0.0 }))
+            .collect();
+        let out = lp * Tensor::<B, 2>::from_data(TensorData::new(mask, [b, t]), &device);
         Ok(if role == Role::Reference {
             out.detach()
         } else {
@@ -190,7 +176,9 @@ impl<B: AutodiffBackend> PolicyModel<B> for RlhfModel<B> {
         let adapter = self.adapter(role)?;
         let device = self.base.device.clone();
         let input = Batch::new(&batch.ids, batch.valid.clone(), &device);
-        let hidden = self.base.forward_hidden(&input, adapter, None);
+        let hidden = self
+            .base
+            .forward_hidden_train(&input, adapter, self.checkpoint);
         let [b, t, h] = hidden.dims();
         Ok(hidden
             .reshape([b * t, h])

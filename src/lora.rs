@@ -4,6 +4,7 @@
 
 use crate::config::{LoraConfig, ALL_TARGETS};
 use crate::model::config::LlamaConfig;
+use crate::model::llama::LoraTrace;
 use anyhow::{bail, ensure, Context, Result};
 use burn::tensor::{backend::Backend, Distribution, Tensor, TensorData};
 use rand::{Rng, SeedableRng};
@@ -93,19 +94,28 @@ impl<B: Backend> Adapter<B> {
         self.cfg.alpha as f64 / self.cfg.r as f64
     }
 
-    /// The LoRA contribution for `module` of `layer`, or None where the module is not adapted.
-    pub fn delta(&self, layer: usize, module: &str, x: Tensor<B, 3>) -> Option<Tensor<B, 3>> {
+    /// The LoRA contribution for `module` of `layer`, or None where the module is not adapted;
+    /// with the values a hand-written backward needs (`model::checkpoint`).
+    pub fn delta_traced(
+        &self,
+        layer: usize,
+        module: &str,
+        x: Tensor<B, 3>,
+    ) -> Option<(Tensor<B, 3>, LoraTrace<B>)> {
         let pair = self.layers.get(layer)?.get(module)?;
         let [b, t, i] = x.dims();
         let mut x2: Tensor<B, 2> = x.reshape([b * t, i]);
+        let mut keep = None;
         if self.training && self.cfg.dropout > 0.0 {
             let p = self.cfg.dropout as f64;
-            let keep = x2.random_like(Distribution::Bernoulli(1.0 - p));
-            x2 = x2 * keep / (1.0 - p);
+            let k = x2.random_like(Distribution::Bernoulli(1.0 - p)) / (1.0 - p);
+            x2 = x2 * k.clone();
+            keep = Some(k);
         }
         let out = pair.b.dims()[0];
-        let y = matmul_t(matmul_t(x2, &pair.a), &pair.b) * self.scaling();
-        Some(y.reshape([b, t, out]))
+        let z = matmul_t(x2.clone(), &pair.a);
+        let y = matmul_t(z.clone(), &pair.b) * self.scaling();
+        Some((y.reshape([b, t, out]), LoraTrace { x: x2, z, keep }))
     }
 
     /// All trainable tensors in a fixed order (layer, module, A then B).

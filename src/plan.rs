@@ -1433,7 +1433,7 @@ fn assemble(
     };
     if phases.contains(&Phase::TrainStep) {
         notes.push(if run.train.gradient_checkpointing {
-            "gradient checkpointing assumed at block level (each layer keeps its input, one block recomputed in backward); the engine does not checkpoint yet (issue 6), so runs peak higher than this plan (BENCHMARKS.md)".into()
+            "gradient checkpointing at block level: each layer keeps its input, one block is recomputed in backward (model::checkpoint)".into()
         } else {
             "no gradient checkpointing: every layer keeps its activations until backward".into()
         });

@@ -27,6 +27,7 @@ pub fn memory_usage<B: Backend>(device: &B::Device) -> Option<DeviceMemory> {
 }
 
 pub mod blas;
+pub mod decode;
 pub mod kernels;
 pub mod qlinear;
 
@@ -81,6 +82,22 @@ pub fn try_linear<B: Backend>(lin: &BaseLinear<B>, x: &Tensor<B, 2>) -> Option<T
         return cast_any(y);
     }
     None
+}
+
+/// `dy @ W` (the input gradient of [`try_linear`]) on the plain CUDA backend, for the
+/// hand-written block backward; `None` elsewhere.
+pub fn try_linear_backward<B: Backend>(
+    lin: &BaseLinear<B>,
+    dy: &Tensor<B, 2>,
+) -> Option<Tensor<B, 2>> {
+    let dy = (dy as &dyn Any).downcast_ref::<Tensor<Inner, 2>>()?;
+    let gpu = lin.gpu.get_or_init(|| build(lin, &dy.device())).as_ref()?;
+    let dx = gpu
+        .backward(dy.clone().into_primitive().tensor())
+        .unwrap_or_else(|e| panic!("CUDA linear backward failed: {e:#}"));
+    cast_any(Tensor::<Inner, 2>::from_primitive(
+        burn::tensor::TensorPrimitive::Float(dx),
+    ))
 }
 
 /// `x @ w^T` for few rows on the plain CUDA backend (sampling); `None` elsewhere, including the

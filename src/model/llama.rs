@@ -11,6 +11,7 @@ use burn::tensor::{
     backend::{AutodiffBackend, Backend},
     Bool, Int, Tensor, TensorData,
 };
+use std::collections::BTreeMap;
 
 /// One decoder block's frozen weights.
 #[derive(Debug, Clone)]
@@ -56,8 +57,43 @@ pub struct Llama<B: Backend> {
     pub device: B::Device,
 }
 
-/// Per-layer keys and values of the tokens seen so far (`[batch, kv_heads, len, head_dim]`).
+impl<B: AutodiffBackend> Block<B> {
+    /// The same block on the backend without autodiff (tensors shared, nothing copied).
+    pub fn inner(&self) -> Block<B::InnerBackend> {
+        Block {
+            input_norm: self.input_norm.clone().inner(),
+            post_norm: self.post_norm.clone().inner(),
+            q_proj: self.q_proj.inner(),
+            k_proj: self.k_proj.inner(),
+            v_proj: self.v_proj.inner(),
+            o_proj: self.o_proj.inner(),
+            gate_proj: self.gate_proj.inner(),
+            up_proj: self.up_proj.inner(),
+            down_proj: self.down_proj.inner(),
+        }
+    }
+}
+
 impl<B: AutodiffBackend> Llama<B> {
+    /// The training forward: with `checkpoint` (and an adapter to train), each block is one
+    /// autodiff node that keeps only its input and is recomputed in backward
+    /// (`model::checkpoint`); otherwise burn's autodiff keeps every op's inputs.
+    pub fn forward_hidden_train(
+        &self,
+        batch: &Batch<B>,
+        adapter: Option<&Adapter<B>>,
+        checkpoint: bool,
+    ) -> Tensor<B, 3> {
+        let Some(adapter) = adapter.filter(|_| checkpoint) else {
+            return self.forward_hidden(batch, adapter, None);
+        };
+        let (mut h, inputs, _, _) = self.prepare(batch, None);
+        for (l, block) in self.layers.iter().enumerate() {
+            h = super::checkpoint::checkpointed_block(&self.cfg, block, l, h, &inputs, adapter);
+        }
+        self.final_norm(h)
+    }
+
     /// The same model on the backend without autodiff (tensors shared, nothing copied), for
     /// sampling: a KV cache built on the autodiff backend would chain every decode step into
     /// one ever-growing graph.
@@ -65,21 +101,7 @@ impl<B: AutodiffBackend> Llama<B> {
         Llama {
             cfg: self.cfg.clone(),
             embed: self.embed.clone().inner(),
-            layers: self
-                .layers
-                .iter()
-                .map(|l| Block {
-                    input_norm: l.input_norm.clone().inner(),
-                    post_norm: l.post_norm.clone().inner(),
-                    q_proj: l.q_proj.inner(),
-                    k_proj: l.k_proj.inner(),
-                    v_proj: l.v_proj.inner(),
-                    o_proj: l.o_proj.inner(),
-                    gate_proj: l.gate_proj.inner(),
-                    up_proj: l.up_proj.inner(),
-                    down_proj: l.down_proj.inner(),
-                })
-                .collect(),
+            layers: self.layers.iter().map(Block::inner).collect(),
             norm: self.norm.clone().inner(),
             lm_head: self.lm_head.as_ref().map(|h| h.inner()),
             inv_freq: self.inv_freq.clone(),
@@ -88,6 +110,7 @@ impl<B: AutodiffBackend> Llama<B> {
     }
 }
 
+/// Per-layer keys and values of the tokens seen so far (`[batch, kv_heads, len, head_dim]`).
 #[derive(Debug, Clone)]
 pub struct KvCache<B: Backend> {
     pub layers: Vec<Option<(Tensor<B, 4>, Tensor<B, 4>)>>,
@@ -141,15 +164,12 @@ impl<B: Backend> Batch<B> {
     }
 }
 
-/// HF's RMSNorm: `w * x / sqrt(mean(x^2) + eps)`.
-fn rms_norm<B: Backend>(x: Tensor<B, 3>, w: &Tensor<B, 1>, eps: f64) -> Tensor<B, 3> {
-    let var = x.clone().powi_scalar(2).mean_dim(2);
-    let x = x * (var + eps).sqrt().recip();
-    x * w.clone().unsqueeze_dim::<2>(0).unsqueeze_dim::<3>(0)
-}
-
 /// transformers' `rotate_half` RoPE: `x*cos + rotate_half(x)*sin`, cos/sin of shape `[b,1,t,d/2]`.
-fn rope<B: Backend>(x: Tensor<B, 4>, cos: &Tensor<B, 4>, sin: &Tensor<B, 4>) -> Tensor<B, 4> {
+pub(crate) fn rope<B: Backend>(
+    x: Tensor<B, 4>,
+    cos: &Tensor<B, 4>,
+    sin: &Tensor<B, 4>,
+) -> Tensor<B, 4> {
     let [b, h, t, d] = x.dims();
     let x1 = x.clone().slice([0..b, 0..h, 0..t, 0..d / 2]);
     let x2 = x.slice([0..b, 0..h, 0..t, d / 2..d]);
@@ -206,22 +226,208 @@ pub fn rope_inv_freq(cfg: &LlamaConfig) -> Vec<f32> {
     inv
 }
 
-impl<B: Backend> Llama<B> {
-    fn linear_with_lora(
+/// The output projection `[vocab, hidden]`: an LM head of its own, or the tied embeddings.
+#[derive(Debug, Clone)]
+pub enum OutputHead<B: Backend> {
+    Own(BaseLinear<B>),
+    Tied(Tensor<B, 2>),
+}
+
+impl<B: Backend> OutputHead<B> {
+    /// `x [n, hidden] -> logits [n, vocab]`.
+    pub fn forward(&self, x: Tensor<B, 2>) -> Tensor<B, 2> {
+        match self {
+            Self::Own(head) => head.forward(x),
+            Self::Tied(embed) => x.matmul(embed.clone().transpose()),
+        }
+    }
+
+    /// `dz [n, vocab] -> dz W [n, hidden]` (the projection is frozen).
+    pub fn backward_input(&self, dz: Tensor<B, 2>) -> Tensor<B, 2> {
+        match self {
+            Self::Own(head) => head.backward_input(dz),
+            Self::Tied(embed) => dz.matmul(embed.clone()),
+        }
+    }
+}
+
+impl<B: AutodiffBackend> OutputHead<B> {
+    pub fn inner(&self) -> OutputHead<B::InnerBackend> {
+        match self {
+            Self::Own(head) => OutputHead::Own(head.inner()),
+            Self::Tied(embed) => OutputHead::Tied(embed.clone().inner()),
+        }
+    }
+}
+
+/// Per-call inputs every block shares: RoPE tables `[b, 1, t, d/2]` and the attention mask
+/// `[b, 1, t, past+t]` (true = forbidden).
+#[derive(Debug, Clone)]
+pub struct AttnInputs<B: Backend> {
+    pub cos: Tensor<B, 4>,
+    pub sin: Tensor<B, 4>,
+    pub mask: Tensor<B, 4, Bool>,
+}
+
+/// One LoRA delta's forward values, kept for a hand-written backward (see `checkpoint`).
+#[derive(Debug, Clone)]
+pub struct LoraTrace<B: Backend> {
+    /// The adapter's input after dropout, `[rows, in]`.
+    pub x: Tensor<B, 2>,
+    /// `x A^T`, `[rows, r]`.
+    pub z: Tensor<B, 2>,
+    /// The dropout keep mask scaled by `1 / (1 - p)`, when dropout was applied.
+    pub keep: Option<Tensor<B, 2>>,
+}
+
+/// Everything one block's forward computed: its output, plus the intermediates a hand-written
+/// backward needs (the normal forward just drops them).
+#[derive(Debug)]
+pub struct BlockTrace<B: Backend> {
+    pub out: Tensor<B, 3>,
+    pub x1: Tensor<B, 3>,
+    pub inv1: Tensor<B, 3>,
+    /// After RoPE, `[b, nh, t, d]`; keys and values before the GQA expansion, `[b, nkv, T, d]`.
+    pub q: Tensor<B, 4>,
+    pub k: Tensor<B, 4>,
+    pub v: Tensor<B, 4>,
+    /// Softmax of the masked scores, `[b, nh, t, T]`.
+    pub probs: Tensor<B, 4>,
+    pub attn: Tensor<B, 3>,
+    pub h2: Tensor<B, 3>,
+    pub x2: Tensor<B, 3>,
+    pub inv2: Tensor<B, 3>,
+    pub gate: Tensor<B, 3>,
+    pub up: Tensor<B, 3>,
+    pub act: Tensor<B, 3>,
+    pub lora: BTreeMap<&'static str, LoraTrace<B>>,
+}
+
+/// HF's RMSNorm `w * x / sqrt(mean(x^2) + eps)`, also returning `1 / sqrt(mean(x^2) + eps)`.
+fn rms_norm_inv<B: Backend>(
+    x: Tensor<B, 3>,
+    w: &Tensor<B, 1>,
+    eps: f64,
+) -> (Tensor<B, 3>, Tensor<B, 3>) {
+    let inv = (x.clone().powi_scalar(2).mean_dim(2) + eps).sqrt().recip();
+    let y = x * inv.clone() * w.clone().unsqueeze_dim::<2>(0).unsqueeze_dim::<3>(0);
+    (y, inv)
+}
+
+/// Grouped-query attention: each of the `nkv` heads serves `rep` query heads.
+pub(crate) fn expand_kv<B: Backend>(x: Tensor<B, 4>, rep: usize) -> Tensor<B, 4> {
+    if rep == 1 {
+        return x;
+    }
+    let [b, nkv, t, d] = x.dims();
+    x.unsqueeze_dim::<5>(2)
+        .expand([b, nkv, rep, t, d])
+        .reshape([b, nkv * rep, t, d])
+}
+
+impl<B: Backend> Block<B> {
+    /// `x @ W^T` plus the adapter's delta for `name`, recording the delta's values in `lora`.
+    fn linear_traced(
         &self,
         layer: usize,
-        name: &str,
+        name: &'static str,
         x: Tensor<B, 3>,
         adapter: Option<&Adapter<B>>,
+        lora: &mut BTreeMap<&'static str, LoraTrace<B>>,
     ) -> Tensor<B, 3> {
-        let base = self.layers[layer].linear(name).expect("known module name");
-        let y = base.forward(x.clone());
-        match adapter.and_then(|a| a.delta(layer, name, x)) {
-            Some(d) => y + d,
+        let y = self
+            .linear(name)
+            .expect("known module name")
+            .forward(x.clone());
+        match adapter.and_then(|a| a.delta_traced(layer, name, x)) {
+            Some((d, trace)) => {
+                lora.insert(name, trace);
+                y + d
+            }
             None => y,
         }
     }
 
+    /// One decoder block. With a cache, the new tokens attend to the cached ones and their keys
+    /// and values are appended to it.
+    pub fn forward_traced(
+        &self,
+        cfg: &LlamaConfig,
+        layer: usize,
+        h: Tensor<B, 3>,
+        inputs: &AttnInputs<B>,
+        adapter: Option<&Adapter<B>>,
+        cache: Option<&mut KvCache<B>>,
+    ) -> BlockTrace<B> {
+        let [b, t, _] = h.dims();
+        let (nh, nkv, hd) = (
+            cfg.num_attention_heads,
+            cfg.num_key_value_heads,
+            cfg.head_dim,
+        );
+        let mut lora = BTreeMap::new();
+        let (x1, inv1) = rms_norm_inv(h.clone(), &self.input_norm, cfg.rms_norm_eps);
+        let q = self.linear_traced(layer, "q_proj", x1.clone(), adapter, &mut lora);
+        let k = self.linear_traced(layer, "k_proj", x1.clone(), adapter, &mut lora);
+        let v = self.linear_traced(layer, "v_proj", x1.clone(), adapter, &mut lora);
+        let q = rope(
+            q.reshape([b, t, nh, hd]).swap_dims(1, 2),
+            &inputs.cos,
+            &inputs.sin,
+        );
+        let mut k = rope(
+            k.reshape([b, t, nkv, hd]).swap_dims(1, 2),
+            &inputs.cos,
+            &inputs.sin,
+        );
+        let mut v = v.reshape([b, t, nkv, hd]).swap_dims(1, 2);
+        if let Some(c) = cache {
+            if let Some((pk, pv)) = c.layers[layer].take() {
+                k = Tensor::cat(vec![pk, k], 2);
+                v = Tensor::cat(vec![pv, v], 2);
+            }
+            c.layers[layer] = Some((k.clone(), v.clone()));
+        }
+        let total = k.dims()[2];
+        let rep = nh / nkv;
+        let scale = 1.0 / (hd as f64).sqrt();
+        let scores = q.clone().matmul(expand_kv(k.clone(), rep).swap_dims(2, 3)) * scale;
+        let scores = scores.mask_fill(inputs.mask.clone().expand([b, nh, t, total]), -1.0e30);
+        let probs = activation::softmax(scores, 3);
+        let attn = probs
+            .clone()
+            .matmul(expand_kv(v.clone(), rep))
+            .swap_dims(1, 2)
+            .reshape([b, t, nh * hd]);
+        let o = self.linear_traced(layer, "o_proj", attn.clone(), adapter, &mut lora);
+        let h2 = h + o;
+
+        let (x2, inv2) = rms_norm_inv(h2.clone(), &self.post_norm, cfg.rms_norm_eps);
+        let gate = self.linear_traced(layer, "gate_proj", x2.clone(), adapter, &mut lora);
+        let up = self.linear_traced(layer, "up_proj", x2.clone(), adapter, &mut lora);
+        let act = activation::silu(gate.clone()) * up.clone();
+        let m = self.linear_traced(layer, "down_proj", act.clone(), adapter, &mut lora);
+        BlockTrace {
+            out: h2.clone() + m,
+            x1,
+            inv1,
+            q,
+            k,
+            v,
+            probs,
+            attn,
+            h2,
+            x2,
+            inv2,
+            gate,
+            up,
+            act,
+            lora,
+        }
+    }
+}
+
+impl<B: Backend> Llama<B> {
     /// cos/sin tables `[b, 1, t, d/2]` for the given absolute positions.
     fn rope_tables(&self, positions: &[Vec<i64>]) -> (Tensor<B, 4>, Tensor<B, 4>) {
         let b = positions.len();
@@ -242,29 +448,21 @@ impl<B: Backend> Llama<B> {
         (mk(cos), mk(sin))
     }
 
-    /// Decoder forward: token ids `[b, t]` -> final hidden states `[b, t, hidden]` (after the
-    /// last RMSNorm). With a cache, the new tokens attend to the cached ones and are appended.
-    pub fn forward_hidden(
+    /// The embedded tokens and the per-call attention inputs; also returns the positions and the
+    /// key validity after this call, for the cache's bookkeeping.
+    pub fn prepare(
         &self,
         batch: &Batch<B>,
-        adapter: Option<&Adapter<B>>,
-        mut cache: Option<&mut KvCache<B>>,
-    ) -> Tensor<B, 3> {
-        let cfg = &self.cfg;
+        cache: Option<&KvCache<B>>,
+    ) -> (Tensor<B, 3>, AttnInputs<B>, Vec<Vec<i64>>, Vec<Vec<bool>>) {
         let [b, t] = batch.tokens.dims();
-        let (nh, nkv, hd) = (
-            cfg.num_attention_heads,
-            cfg.num_key_value_heads,
-            cfg.head_dim,
-        );
-        let past = cache.as_ref().map(|c| c.len()).unwrap_or(0);
-
+        let past = cache.map(|c| c.len()).unwrap_or(0);
         // Positions count real tokens only (left padding gets position 0, as HF does with
         // position_ids = cumsum(mask) - 1 clamped).
         let mut positions = Vec::with_capacity(b);
         let mut key_valid = Vec::with_capacity(b);
         for i in 0..b {
-            let mut p = cache.as_ref().map(|c| c.next_pos[i]).unwrap_or(0);
+            let mut p = cache.map(|c| c.next_pos[i]).unwrap_or(0);
             let mut row = Vec::with_capacity(t);
             for &v in &batch.valid[i] {
                 row.push(if v { p } else { 0 });
@@ -273,62 +471,34 @@ impl<B: Backend> Llama<B> {
                 }
             }
             positions.push(row);
-            let mut kv = cache
-                .as_ref()
-                .map(|c| c.key_valid[i].clone())
-                .unwrap_or_default();
+            let mut kv = cache.map(|c| c.key_valid[i].clone()).unwrap_or_default();
             kv.extend_from_slice(&batch.valid[i]);
             key_valid.push(kv);
         }
-        let total = past + t;
         let mask = self.attention_mask(&key_valid, past, t);
         let (cos, sin) = self.rope_tables(&positions);
-
         let flat = batch.tokens.clone().reshape([b * t]);
-        let mut h: Tensor<B, 3> =
-            self.embed
-                .clone()
-                .select(0, flat)
-                .reshape([b, t, cfg.hidden_size]);
-        let scale = 1.0 / (hd as f64).sqrt();
+        let h = self
+            .embed
+            .clone()
+            .select(0, flat)
+            .reshape([b, t, self.cfg.hidden_size]);
+        (h, AttnInputs { cos, sin, mask }, positions, key_valid)
+    }
 
+    /// Decoder forward: token ids `[b, t]` -> final hidden states `[b, t, hidden]` (after the
+    /// last RMSNorm). With a cache, the new tokens attend to the cached ones and are appended.
+    pub fn forward_hidden(
+        &self,
+        batch: &Batch<B>,
+        adapter: Option<&Adapter<B>>,
+        mut cache: Option<&mut KvCache<B>>,
+    ) -> Tensor<B, 3> {
+        let (mut h, inputs, positions, key_valid) = self.prepare(batch, cache.as_deref());
         for (l, block) in self.layers.iter().enumerate() {
-            let x = rms_norm(h.clone(), &block.input_norm, cfg.rms_norm_eps);
-            let q = self.linear_with_lora(l, "q_proj", x.clone(), adapter);
-            let k = self.linear_with_lora(l, "k_proj", x.clone(), adapter);
-            let v = self.linear_with_lora(l, "v_proj", x, adapter);
-            let q = rope(q.reshape([b, t, nh, hd]).swap_dims(1, 2), &cos, &sin);
-            let mut k = rope(k.reshape([b, t, nkv, hd]).swap_dims(1, 2), &cos, &sin);
-            let mut v = v.reshape([b, t, nkv, hd]).swap_dims(1, 2);
-            if let Some(c) = cache.as_deref_mut() {
-                if let Some((pk, pv)) = c.layers[l].take() {
-                    k = Tensor::cat(vec![pk, k], 2);
-                    v = Tensor::cat(vec![pv, v], 2);
-                }
-                c.layers[l] = Some((k.clone(), v.clone()));
-            }
-            // Grouped-query attention: each KV head serves nh / nkv query heads.
-            let rep = nh / nkv;
-            let k = k
-                .unsqueeze_dim::<5>(2)
-                .expand([b, nkv, rep, total, hd])
-                .reshape([b, nh, total, hd]);
-            let v = v
-                .unsqueeze_dim::<5>(2)
-                .expand([b, nkv, rep, total, hd])
-                .reshape([b, nh, total, hd]);
-            let scores = q.matmul(k.swap_dims(2, 3)) * scale;
-            let scores = scores.mask_fill(mask.clone().expand([b, nh, t, total]), -1.0e30);
-            let probs = activation::softmax(scores, 3);
-            let attn = probs.matmul(v).swap_dims(1, 2).reshape([b, t, nh * hd]);
-            let o = self.linear_with_lora(l, "o_proj", attn, adapter);
-            h = h + o;
-
-            let x = rms_norm(h.clone(), &block.post_norm, cfg.rms_norm_eps);
-            let g = self.linear_with_lora(l, "gate_proj", x.clone(), adapter);
-            let u = self.linear_with_lora(l, "up_proj", x, adapter);
-            let m = self.linear_with_lora(l, "down_proj", activation::silu(g) * u, adapter);
-            h = h + m;
+            h = block
+                .forward_traced(&self.cfg, l, h, &inputs, adapter, cache.as_deref_mut())
+                .out;
         }
         if let Some(c) = cache {
             c.key_valid = key_valid;
@@ -344,7 +514,12 @@ impl<B: Backend> Llama<B> {
                 }
             }
         }
-        rms_norm(h, &self.norm, cfg.rms_norm_eps)
+        self.final_norm(h)
+    }
+
+    /// The last RMSNorm.
+    pub fn final_norm(&self, h: Tensor<B, 3>) -> Tensor<B, 3> {
+        rms_norm_inv(h, &self.norm, self.cfg.rms_norm_eps).0
     }
 
     /// `[b, 1, t, past+t]` boolean mask, true where attention is forbidden: future tokens,
@@ -371,16 +546,17 @@ impl<B: Backend> Llama<B> {
 
     /// Projects hidden states to vocabulary logits `[b, t, vocab]`.
     pub fn logits(&self, hidden: Tensor<B, 3>) -> Tensor<B, 3> {
+        let [b, t, h] = hidden.dims();
+        self.output_head()
+            .forward(hidden.reshape([b * t, h]))
+            .reshape([b, t, self.cfg.vocab_size])
+    }
+
+    /// The output projection (its own weight, or the tied embeddings).
+    pub fn output_head(&self) -> OutputHead<B> {
         match &self.lm_head {
-            Some(head) => head.forward(hidden),
-            None => {
-                let [b, t, h] = hidden.dims();
-                let v = self.cfg.vocab_size;
-                hidden
-                    .reshape([b * t, h])
-                    .matmul(self.embed.clone().transpose())
-                    .reshape([b, t, v])
-            }
+            Some(head) => OutputHead::Own(head.clone()),
+            None => OutputHead::Tied(self.embed.clone()),
         }
     }
 

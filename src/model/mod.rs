@@ -1,5 +1,6 @@
 //! The Llama-family base model: configuration, forward pass and loading.
 
+pub mod checkpoint;
 pub mod config;
 pub mod gguf_source;
 pub mod llama;

@@ -101,15 +101,41 @@ impl<B: Backend> BaseLinear<B> {
         y.reshape(out)
     }
 
+    /// `dy [.., out] -> dy @ W [.., in]`: the input gradient of [`Self::forward`] (the weight is
+    /// frozen), for the hand-written block backward of `model::checkpoint`.
+    pub fn backward_input<const D: usize>(&self, dy: Tensor<B, D>) -> Tensor<B, D> {
+        let device = dy.device();
+        let dims = dy.dims();
+        let rows: usize = dims[..D - 1].iter().product();
+        let dy2: Tensor<B, 2> = dy.reshape([rows, self.out_features]);
+        let dx = match self.fast_backward(&dy2) {
+            Some(dx) => dx,
+            None => dy2.matmul(self.dense_weight(&device)),
+        };
+        let mut out = dims;
+        out[D - 1] = self.in_features;
+        dx.reshape(out)
+    }
+
     /// The CUDA fast path's result, when `B` is the CUDA backend (see `crate::cuda`).
     #[cfg(feature = "cuda")]
     fn fast_path(&self, x: &Tensor<B, 2>) -> Option<Tensor<B, 2>> {
         crate::cuda::try_linear(self, x)
     }
 
+    #[cfg(feature = "cuda")]
+    fn fast_backward(&self, dy: &Tensor<B, 2>) -> Option<Tensor<B, 2>> {
+        crate::cuda::try_linear_backward(self, dy)
+    }
+
     /// No fast path without the `cuda` feature: every backend takes the reference path.
     #[cfg(not(feature = "cuda"))]
     fn fast_path(&self, _x: &Tensor<B, 2>) -> Option<Tensor<B, 2>> {
+        None
+    }
+
+    #[cfg(not(feature = "cuda"))]
+    fn fast_backward(&self, _dy: &Tensor<B, 2>) -> Option<Tensor<B, 2>> {
         None
     }
 

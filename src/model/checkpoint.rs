@@ -1,0 +1,636 @@
+//! Gradient checkpointing at block level, and log-probs that never keep `[tokens, vocab]` logits.
+//!
+//! burn's autodiff keeps every op's inputs until backward: for a decoder block that is ~40
+//! tensors per token (activations, attention probabilities, LoRA inputs), which made a 0.5B DPO
+//! step peak at 16.5 GiB. Here a block is one autodiff node instead: its forward runs on the
+//! backend without autodiff and the node keeps only the block's input (plus handles to frozen
+//! weights); backward recomputes the block's forward once and applies a hand-written backward
+//! (`block_backward`), whose results are checked against burn's autodiff in the tests.
+//! LoRA dropout masks are reproduced by seeding the backend's RNG per block.
+//!
+//! Log-probs get the same treatment: the node keeps the final hidden states, and backward
+//! recomputes logits chunk by chunk (`plan.logits_chunk` tokens at a time).
+
+use super::config::LlamaConfig;
+use super::llama::{expand_kv, rope, AttnInputs, Block, BlockTrace, Llama, LoraTrace, OutputHead};
+use crate::lora::{Adapter, LoraPair};
+use burn::tensor::{
+    activation,
+    backend::{AutodiffBackend, Backend},
+    IndexingUpdateOp, Int, Tensor, TensorData, TensorPrimitive,
+};
+use burn_autodiff::checkpoint::{base::Checkpointer, strategy::NoCheckpointing};
+use burn_autodiff::grads::Gradients;
+use burn_autodiff::ops::{Backward, Ops, OpsKind};
+use burn_autodiff::Autodiff;
+use std::any::Any;
+use std::collections::BTreeMap;
+use std::marker::PhantomData;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// burn_autodiff's tensor type (not exported by name).
+type AutodiffTensor<IB> = burn::tensor::ops::FloatTensor<Autodiff<IB>>;
+
+fn cast<T: 'static, U: 'static>(t: T) -> Option<U> {
+    (Box::new(t) as Box<dyn Any>)
+        .downcast::<U>()
+        .ok()
+        .map(|b| *b)
+}
+
+/// The autodiff form of a tensor (`B` is `Autodiff<B::InnerBackend>`, burn's only autodiff
+/// backend; `None` if some other one ever shows up, and the caller keeps the plain path).
+fn ad<B: AutodiffBackend, const D: usize>(
+    t: &Tensor<B, D>,
+) -> Option<AutodiffTensor<B::InnerBackend>> {
+    cast::<Tensor<B, D>, Tensor<Autodiff<B::InnerBackend>, D>>(t.clone())
+        .map(|t| t.into_primitive().tensor())
+}
+
+fn from_ad<B: AutodiffBackend, const D: usize>(
+    t: AutodiffTensor<B::InnerBackend>,
+) -> Option<Tensor<B, D>> {
+    cast(Tensor::<Autodiff<B::InnerBackend>, D>::from_primitive(
+        TensorPrimitive::Float(t),
+    ))
+}
+
+fn float<B: Backend, const D: usize>(p: B::FloatTensorPrimitive) -> Tensor<B, D> {
+    Tensor::from_primitive(TensorPrimitive::Float(p))
+}
+
+/// Registers `out` as the result of `op` over `parents` (N of them, known at run time).
+fn record<IB: Backend, O, const N: usize>(
+    op: O,
+    parents: &[AutodiffTensor<IB>],
+    state: O::State,
+    out: IB::FloatTensorPrimitive,
+) -> AutodiffTensor<IB>
+where
+    O: Backward<IB, N>,
+{
+    let nodes = std::array::from_fn(|i| parents[i].node.clone());
+    match op
+        .prepare::<NoCheckpointing>(nodes)
+        .compute_bound()
+        .stateful()
+    {
+        OpsKind::Tracked(prep) => prep.finish(state, out),
+        OpsKind::UnTracked(prep) => prep.finish(out),
+    }
+}
+
+/// Seeds for LoRA dropout in checkpointed blocks: forward and recomputation draw the same masks.
+static DROPOUT_SEEDS: AtomicU64 = AtomicU64::new(0x5EED_0F_D80F);
+
+// ---------------------------------------------------------------------------------------------
+// Block checkpointing.
+
+/// What a checkpointed block keeps until backward: its input and handles to what it read.
+#[derive(Debug, Clone)]
+struct BlockState<IB: Backend> {
+    cfg: LlamaConfig,
+    layer: usize,
+    block: Block<IB>,
+    /// The adapter's tensors of this layer as they were in the forward.
+    adapter: Adapter<IB>,
+    h: Tensor<IB, 3>,
+    inputs: AttnInputs<IB>,
+    seed: Option<u64>,
+}
+
+#[derive(Debug)]
+struct BlockBackward<IB>(PhantomData<IB>);
+
+impl<IB: Backend, const N: usize> Backward<IB, N> for BlockBackward<IB> {
+    type State = BlockState<IB>;
+
+    fn backward(self, ops: Ops<Self::State, N>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let dout = float::<IB, 3>(grads.consume::<IB>(&ops.node));
+        let st = ops.state;
+        if let Some(seed) = st.seed {
+            IB::seed(&st.h.device(), seed);
+        }
+        let trace = st.block.forward_traced(
+            &st.cfg,
+            st.layer,
+            st.h.clone(),
+            &st.inputs,
+            Some(&st.adapter),
+            None,
+        );
+        let (dh, dparams) = block_backward(
+            &st.cfg,
+            &st.block,
+            st.layer,
+            &st.h,
+            &st.inputs,
+            &st.adapter,
+            &trace,
+            dout,
+        );
+        drop(trace);
+        let mut values = vec![dh.into_primitive().tensor()];
+        for (da, db) in dparams {
+            values.push(da.into_primitive().tensor());
+            values.push(db.into_primitive().tensor());
+        }
+        for (parent, value) in ops.parents.into_iter().zip(values) {
+            if let Some(node) = parent {
+                grads.register::<IB>(node.id, value);
+            }
+        }
+    }
+}
+
+/// One block with only `layer`'s adapter tensors (the recomputation needs no others).
+fn one_layer<B: AutodiffBackend>(adapter: &Adapter<B>, layer: usize) -> Adapter<B::InnerBackend> {
+    let mut layers = vec![BTreeMap::new(); layer + 1];
+    layers[layer] = adapter.layers[layer]
+        .iter()
+        .map(|(k, p)| {
+            let pair = LoraPair {
+                a: p.a.clone().inner(),
+                b: p.b.clone().inner(),
+            };
+            (k.clone(), pair)
+        })
+        .collect();
+    Adapter {
+        name: adapter.name.clone(),
+        cfg: adapter.cfg.clone(),
+        layers,
+        training: adapter.training,
+    }
+}
+
+/// Block `layer` as one autodiff node that keeps only its input; see the module doc.
+pub fn checkpointed_block<B: AutodiffBackend>(
+    cfg: &LlamaConfig,
+    block: &Block<B>,
+    layer: usize,
+    h: Tensor<B, 3>,
+    inputs: &AttnInputs<B>,
+    adapter: &Adapter<B>,
+) -> Tensor<B, 3> {
+    // Parents: the block input, then A and B of each adapted module in the adapter's order.
+    let mut nodes = Vec::new();
+    nodes.push(ad::<B, 3>(&h));
+    for p in adapter.layers[layer].values() {
+        nodes.push(ad::<B, 2>(&p.a));
+        nodes.push(ad::<B, 2>(&p.b));
+    }
+    let Some(nodes) = nodes.into_iter().collect::<Option<Vec<_>>>() else {
+        return block
+            .forward_traced(cfg, layer, h, inputs, Some(adapter), None)
+            .out;
+    };
+    let ih = h.inner();
+    let seed = (adapter.training && adapter.cfg.dropout > 0.0)
+        .then(|| splitmix(DROPOUT_SEEDS.fetch_add(1, Ordering::Relaxed)));
+    if let Some(seed) = seed {
+        B::InnerBackend::seed(&ih.device(), seed);
+    }
+    let state = BlockState {
+        cfg: cfg.clone(),
+        layer,
+        block: block.inner(),
+        adapter: one_layer(adapter, layer),
+        h: ih,
+        inputs: AttnInputs {
+            cos: inputs.cos.clone().inner(),
+            sin: inputs.sin.clone().inner(),
+            mask: inputs.mask.clone().inner(),
+        },
+        seed,
+    };
+    let out = state
+        .block
+        .forward_traced(
+            cfg,
+            layer,
+            state.h.clone(),
+            &state.inputs,
+            Some(&state.adapter),
+            None,
+        )
+        .out
+        .into_primitive()
+        .tensor();
+    let op = BlockBackward(PhantomData);
+    let out = match nodes.len() {
+        1 => record::<_, _, 1>(op, &nodes, state, out),
+        3 => record::<_, _, 3>(op, &nodes, state, out),
+        5 => record::<_, _, 5>(op, &nodes, state, out),
+        7 => record::<_, _, 7>(op, &nodes, state, out),
+        9 => record::<_, _, 9>(op, &nodes, state, out),
+        11 => record::<_, _, 11>(op, &nodes, state, out),
+        13 => record::<_, _, 13>(op, &nodes, state, out),
+        15 => record::<_, _, 15>(op, &nodes, state, out),
+        n => unreachable!("{n} parents: a block has at most 7 adapted modules"),
+    };
+    from_ad::<B, 3>(out).expect("same backend as the input")
+}
+
+/// A well-mixed 64-bit seed from a counter.
+fn splitmix(x: u64) -> u64 {
+    let mut z = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+/// RMSNorm backward: `y = w * x * inv` with `inv = 1 / sqrt(mean(x^2) + eps)`.
+fn rms_backward<B: Backend>(
+    dy: Tensor<B, 3>,
+    x: &Tensor<B, 3>,
+    inv: &Tensor<B, 3>,
+    w: &Tensor<B, 1>,
+) -> Tensor<B, 3> {
+    let xn = x.clone() * inv.clone();
+    let dxn = dy * w.clone().unsqueeze_dim::<2>(0).unsqueeze_dim::<3>(0);
+    let dot = (dxn.clone() * xn.clone()).mean_dim(2);
+    (dxn - xn * dot) * inv.clone()
+}
+
+/// Input gradients through one adapted linear, collecting the LoRA factors' gradients.
+struct LinearGrads<'a, B: Backend> {
+    block: &'a Block<B>,
+    pairs: &'a BTreeMap<String, LoraPair<B>>,
+    traces: &'a BTreeMap<&'static str, LoraTrace<B>>,
+    scaling: f64,
+    grads: BTreeMap<&'static str, (Tensor<B, 2>, Tensor<B, 2>)>,
+}
+
+impl<B: Backend> LinearGrads<'_, B> {
+    /// `dy [b, t, out] -> dx [b, t, in]` for `y = x W^T + s * drop(x) A^T B^T`.
+    fn backward(&mut self, name: &'static str, dy: Tensor<B, 3>) -> Tensor<B, 3> {
+        let base = self.block.linear(name).expect("known module name");
+        let dx = base.backward_input(dy.clone());
+        let (Some(pair), Some(tr)) = (self.pairs.get(name), self.traces.get(name)) else {
+            return dx;
+        };
+        let [b, t, out] = dy.dims();
+        let dy = dy.reshape([b * t, out]) * self.scaling;
+        // dB = s dy^T z, dz = s dy B, dA = dz^T x, dx = dz A (times the dropout mask).
+        let db = dy.clone().transpose().matmul(tr.z.clone());
+        let dz = dy.matmul(pair.b.clone());
+        let da = dz.clone().transpose().matmul(tr.x.clone());
+        let mut dxl = dz.matmul(pair.a.clone());
+        if let Some(keep) = &tr.keep {
+            dxl = dxl * keep.clone();
+        }
+        self.grads.insert(name, (da, db));
+        dx + dxl.reshape([b, t, base.in_features])
+    }
+}
+
+/// Sums the `rep` query heads' gradients back onto their shared key/value head.
+fn reduce_kv<B: Backend>(x: Tensor<B, 4>, rep: usize) -> Tensor<B, 4> {
+    if rep == 1 {
+        return x;
+    }
+    let [b, nh, t, d] = x.dims();
+    x.reshape([b, nh / rep, rep, t, d])
+        .sum_dim(2)
+        .reshape([b, nh / rep, t, d])
+}
+
+/// The hand-written backward of `Block::forward_traced` (no cache): `dout` -> gradient of the
+/// block input, and `(dA, dB)` for each adapted module in the adapter's (sorted) order.
+#[allow(clippy::too_many_arguments)]
+pub fn block_backward<B: Backend>(
+    cfg: &LlamaConfig,
+    block: &Block<B>,
+    layer: usize,
+    h: &Tensor<B, 3>,
+    inputs: &AttnInputs<B>,
+    adapter: &Adapter<B>,
+    tr: &BlockTrace<B>,
+    dout: Tensor<B, 3>,
+) -> (Tensor<B, 3>, Vec<(Tensor<B, 2>, Tensor<B, 2>)>) {
+    let (nh, nkv, hd) = (
+        cfg.num_attention_heads,
+        cfg.num_key_value_heads,
+        cfg.head_dim,
+    );
+    let rep = nh / nkv;
+    let [b, t, _] = dout.dims();
+    let total = tr.k.dims()[2];
+    let empty = BTreeMap::new();
+    let pairs = adapter.layers.get(layer).unwrap_or(&empty);
+    let mut lin = LinearGrads {
+        block,
+        pairs,
+        traces: &tr.lora,
+        scaling: adapter.scaling(),
+        grads: BTreeMap::new(),
+    };
+
+    // MLP: out = h2 + down(silu(gate) * up).
+    let dact = lin.backward("down_proj", dout.clone());
+    let sig = activation::sigmoid(tr.gate.clone());
+    let silu = tr.gate.clone() * sig.clone();
+    let dsilu = sig.clone() * (tr.gate.clone() * (sig.neg() + 1.0) + 1.0);
+    let dgate = dact.clone() * tr.up.clone() * dsilu;
+    let dup = dact * silu;
+    let dx2 = lin.backward("gate_proj", dgate) + lin.backward("up_proj", dup);
+    let dh2 = dout + rms_backward(dx2, &tr.h2, &tr.inv2, &block.post_norm);
+
+    // Attention: h2 = h + o_proj(softmax(mask(q k^T * scale)) v).
+    let dattn = lin
+        .backward("o_proj", dh2.clone())
+        .reshape([b, t, nh, hd])
+        .swap_dims(1, 2);
+    let ke = expand_kv(tr.k.clone(), rep);
+    let ve = expand_kv(tr.v.clone(), rep);
+    let dve = tr.probs.clone().swap_dims(2, 3).matmul(dattn.clone());
+    let dp = dattn.matmul(ve.swap_dims(2, 3));
+    let row = (dp.clone() * tr.probs.clone()).sum_dim(3);
+    let scale = 1.0 / (hd as f64).sqrt();
+    let ds = (tr.probs.clone() * (dp - row))
+        .mask_fill(inputs.mask.clone().expand([b, nh, t, total]), 0.0)
+        * scale;
+    let dq = ds.clone().matmul(ke);
+    let dke = ds.swap_dims(2, 3).matmul(tr.q.clone());
+    // RoPE is a rotation: its transpose rotates by -angle.
+    let neg_sin = inputs.sin.clone().neg();
+    let dq = rope(dq, &inputs.cos, &neg_sin)
+        .swap_dims(1, 2)
+        .reshape([b, t, nh * hd]);
+    let dk = rope(reduce_kv(dke, rep), &inputs.cos, &neg_sin)
+        .swap_dims(1, 2)
+        .reshape([b, t, nkv * hd]);
+    let dv = reduce_kv(dve, rep)
+        .swap_dims(1, 2)
+        .reshape([b, t, nkv * hd]);
+    let dx1 = lin.backward("q_proj", dq) + lin.backward("k_proj", dk) + lin.backward("v_proj", dv);
+    let dh = dh2 + rms_backward(dx1, h, &tr.inv1, &block.input_norm);
+
+    let mut grads = lin.grads;
+    let dparams = pairs
+        .keys()
+        .map(|k| {
+            grads
+                .remove(k.as_str())
+                .expect("every adapted module of the layer was traced")
+        })
+        .collect();
+    (dh, dparams)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Log-probs without resident logits.
+
+#[derive(Debug, Clone)]
+struct LogpsState<IB: Backend> {
+    head: OutputHead<IB>,
+    hidden: Tensor<IB, 2>,
+    labels: Tensor<IB, 2, Int>,
+    temperature: f64,
+    chunk: usize,
+}
+
+#[derive(Debug)]
+struct LogpsBackward<IB>(PhantomData<IB>);
+
+impl<IB: Backend> Backward<IB, 1> for LogpsBackward<IB> {
+    type State = LogpsState<IB>;
+
+    fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let dlp = float::<IB, 1>(grads.consume::<IB>(&ops.node));
+        let st = ops.state;
+        let [node] = ops.parents;
+        let Some(node) = node else { return };
+        let [n, _] = st.hidden.dims();
+        let mut parts = Vec::new();
+        for s in (0..n).step_by(st.chunk) {
+            let e = (s + st.chunk).min(n);
+            let labels = st.labels.clone().slice([s..e, 0..1]);
+            let dl = dlp.clone().slice([s..e]).unsqueeze_dim::<2>(1);
+            let z = st.head.forward(st.hidden.clone().slice([s..e])) / st.temperature;
+            // d log_softmax(z)[label] / dz = onehot(label) - softmax(z).
+            let dz = (activation::softmax(z, 1) * dl.clone()).neg().scatter(
+                1,
+                labels,
+                dl,
+                IndexingUpdateOp::Add,
+            );
+            parts.push(st.head.backward_input(dz) / st.temperature);
+        }
+        grads.register::<IB>(node.id, Tensor::cat(parts, 0).into_primitive().tensor());
+    }
+}
+
+/// `log softmax(hidden W^T / temperature)[label]` per row of `hidden [n, h]`, computed `chunk`
+/// rows at a time (0 = all at once); the autodiff node keeps `hidden`, not the logits.
+pub fn token_logps<B: AutodiffBackend>(
+    model: &Llama<B>,
+    hidden: Tensor<B, 2>,
+    labels: Vec<i64>,
+    temperature: f64,
+    chunk: usize,
+) -> Tensor<B, 1> {
+    let [n, _] = hidden.dims();
+    let chunk = if chunk == 0 { n.max(1) } else { chunk };
+    let device = hidden.device();
+    let labels =
+        Tensor::<B::InnerBackend, 2, Int>::from_data(TensorData::new(labels, [n, 1]), &device);
+    let Some(node) = ad::<B, 2>(&hidden) else {
+        // Not burn's autodiff type: the plain path, logits kept by the graph.
+        let z = model.output_head().forward(hidden) / temperature;
+        let labels = Tensor::<B, 2, Int>::from_inner(labels);
+        return activation::log_softmax(z, 1).gather(1, labels).reshape([n]);
+    };
+    let head = model.output_head().inner();
+    let ih = hidden.inner();
+    let mut parts = Vec::new();
+    for s in (0..n).step_by(chunk) {
+        let e = (s + chunk).min(n);
+        let z = head.forward(ih.clone().slice([s..e])) / temperature;
+        let lp = activation::log_softmax(z, 1).gather(1, labels.clone().slice([s..e, 0..1]));
+        parts.push(lp.reshape([e - s]));
+    }
+    let out = Tensor::cat(parts, 0).into_primitive().tensor();
+    let state = LogpsState {
+        head,
+        hidden: ih,
+        labels,
+        temperature,
+        chunk,
+    };
+    let out = record::<_, _, 1>(LogpsBackward(PhantomData), &[node], state, out);
+    from_ad::<B, 1>(out).expect("same backend as the input")
+}
+
+#[cfg(test)]
+mod tests {
+    //! The checkpointed block and the chunked log-probs against burn's own autodiff of the same
+    //! forward (the reference), on the transformers fixtures (Llama 3 RoPE + GQA, Qwen2 biases +
+    //! tied embeddings, Mistral sliding window), NF4 and dense, with left padding and dropout.
+    use super::*;
+    use crate::config::{LoraConfig, ALL_TARGETS};
+    use crate::model::{Batch, LoadOptions};
+    use burn::backend::NdArray;
+    use std::path::Path;
+
+    type Ad = Autodiff<NdArray<f32>>;
+
+    fn batch(vocab: usize) -> (Vec<Vec<u32>>, Vec<Vec<bool>>) {
+        let t = 12;
+        let ids: Vec<Vec<u32>> = (0..3)
+            .map(|r| {
+                (0..t)
+                    .map(|i| ((r * 31 + i * 17 + 5) % vocab) as u32)
+                    .collect()
+            })
+            .collect();
+        // Row 1 is left-padded by 4, row 2 by 1.
+        let valid = (0..3)
+            .map(|r| (0..t).map(|i| i >= [0, 4, 1][r]).collect())
+            .collect();
+        (ids, valid)
+    }
+
+    /// `sum(w * log p(token))` and the gradients of every adapter tensor.
+    fn loss_and_grads(
+        model: &Llama<Ad>,
+        adapter: &Adapter<Ad>,
+        checkpoint: bool,
+        chunk: usize,
+    ) -> (f32, Vec<Vec<f32>>) {
+        let dev = Default::default();
+        let mut adapter = adapter.clone();
+        let params: Vec<Tensor<Ad, 2>> = adapter
+            .tensors()
+            .into_iter()
+            .map(|t| t.require_grad())
+            .collect();
+        adapter.set_tensors(params.clone().into_iter());
+        let (ids, valid) = batch(model.cfg.vocab_size);
+        let input = Batch::<Ad>::new(&ids, valid, &dev);
+        let seed0 = 1000;
+        DROPOUT_SEEDS.store(seed0, Ordering::Relaxed);
+        let hidden = if checkpoint {
+            model.forward_hidden_train(&input, Some(&adapter), true)
+        } else {
+            // The reference: burn's autodiff through the plain block forward, with the dropout
+            // RNG seeded per block exactly as the checkpointed forward seeds it.
+            let (mut h, inputs, _, _) = model.prepare(&input, None);
+            for (l, block) in model.layers.iter().enumerate() {
+                if adapter.cfg.dropout > 0.0 {
+                    Ad::seed(&dev, splitmix(seed0 + l as u64));
+                }
+                h = block
+                    .forward_traced(&model.cfg, l, h, &inputs, Some(&adapter), None)
+                    .out;
+            }
+            model.final_norm(h)
+        };
+        let [b, t, h] = hidden.dims();
+        let hidden = hidden
+            .slice([0..b, 0..t - 1, 0..h])
+            .reshape([b * (t - 1), h]);
+        let labels: Vec<i64> = ids
+            .iter()
+            .flat_map(|r| r[1..].iter().map(|&x| x as i64))
+            .collect();
+        let temperature = 0.7;
+        let lp = if checkpoint {
+            token_logps(model, hidden, labels, temperature, chunk)
+        } else {
+            let n = labels.len();
+            let labels = Tensor::<Ad, 2, Int>::from_data(TensorData::new(labels, [n, 1]), &dev);
+            let z = model.output_head().forward(hidden) / temperature;
+            activation::log_softmax(z, 1).gather(1, labels).reshape([n])
+        };
+        let n = lp.dims()[0];
+        let w: Vec<f32> = (0..n).map(|i| ((i * 7) % 5) as f32 - 1.5).collect();
+        let loss = (lp * Tensor::<Ad, 1>::from_data(TensorData::new(w, [n]), &dev)).sum();
+        let value = loss.clone().into_scalar();
+        let grads = loss.backward();
+        let g = params
+            .iter()
+            .map(|p| {
+                p.grad(&grads)
+                    .expect("every adapter tensor gets a gradient")
+                    .into_data()
+                    .to_vec::<f32>()
+                    .unwrap()
+            })
+            .collect();
+        (value, g)
+    }
+
+    /// The backend RNG and the seed counter are global: these checks run one at a time.
+    static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+    fn check(name: &str, quantize: bool, dropout: f32, chunk: usize) {
+        let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/fixtures/hf")
+            .join(name);
+        let dev = Default::default();
+        let model = Llama::<Ad>::from_hf_dir(&dir, LoadOptions { quantize }, &dev).unwrap();
+        let cfg = LoraConfig {
+            r: 4,
+            alpha: 8.0,
+            dropout,
+            target_modules: ALL_TARGETS.iter().map(|s| s.to_string()).collect(),
+        };
+        let mut adapter = Adapter::<Ad>::new("policy", &cfg, &model.cfg, 7, &dev).unwrap();
+        adapter.training = true;
+        // B starts at zero (PEFT's init), which would hide A's gradient: make it non-zero.
+        let ts: Vec<Tensor<Ad, 2>> = adapter
+            .tensors()
+            .into_iter()
+            .enumerate()
+            .map(|(i, t)| {
+                let dims = t.dims();
+                let v: Vec<f32> = (0..dims[0] * dims[1])
+                    .map(|k| (((k * 7 + i * 13) % 17) as f32 - 8.0) * 0.02)
+                    .collect();
+                Tensor::from_data(TensorData::new(v, dims), &dev)
+            })
+            .collect();
+        adapter.set_tensors(ts.into_iter());
+        let (l_ref, g_ref) = loss_and_grads(&model, &adapter, false, 0);
+        let (l_ck, g_ck) = loss_and_grads(&model, &adapter, true, chunk);
+        assert!(
+            (l_ref - l_ck).abs() <= 1e-4 * l_ref.abs().max(1.0),
+            "{name}: loss {l_ck} vs reference {l_ref}"
+        );
+        let scale = g_ref
+            .iter()
+            .flatten()
+            .fold(0f32, |m, v| m.max(v.abs()))
+            .max(1e-6);
+        for (i, (a, b)) in g_ref.iter().zip(&g_ck).enumerate() {
+            let diff = a.iter().zip(b).fold(0f32, |m, (x, y)| m.max((x - y).abs()));
+            assert!(
+                diff <= 2e-4 * scale,
+                "{name}: adapter tensor {i}: max |grad diff| {diff} (largest grad {scale})"
+            );
+        }
+    }
+
+    #[test]
+    fn checkpointed_llama_matches_autodiff() {
+        check("llama", false, 0.0, 0);
+    }
+
+    #[test]
+    fn checkpointed_nf4_llama_with_dropout_and_chunked_logits_matches_autodiff() {
+        check("llama", true, 0.1, 7);
+    }
+
+    #[test]
+    fn checkpointed_qwen2_tied_embeddings_matches_autodiff() {
+        check("qwen2", false, 0.0, 5);
+    }
+
+    #[test]
+    fn checkpointed_mistral_sliding_window_matches_autodiff() {
+        check("mistral", false, 0.05, 0);
+    }
+}
