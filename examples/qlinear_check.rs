@@ -55,6 +55,7 @@ fn main() -> anyhow::Result<()> {
     let shapes = [
         (1, 896, 896),
         (16, 896, 4864),
+        (3, 896, 130),
         (16, 4864, 896),
         (512, 896, 128),
         (4096, 896, 4864),
@@ -151,22 +152,27 @@ fn main() -> anyhow::Result<()> {
     );
 
     // Decode GEMV: 16 rows through the 0.5b MLP shapes; bytes = 4-bit weights + constants.
-    for &(inp, out) in &[(896usize, 4864usize), (4864, 896), (4096, 14336)] {
-        let w = random_linear(out, inp, 7);
-        let q = rlhf::quant::nf4::Nf4Tensor::quantize(&w, &[out, inp])?;
-        let gpu = GpuLinear::from_nf4(&q, &device).expect("GPU form");
-        let x = Tensor::<Inner, 2>::random([16, inp], Distribution::Normal(0.0, 1.0), &device);
-        let t = time(&device, 50, || {
-            let _ = gpu
-                .forward(x.clone().into_primitive().tensor())
-                .expect("gemv");
-        });
-        let bytes = q.storage_bytes() as f64;
-        println!(
-            "{{\"bench\":\"gemv16\",\"in\":{inp},\"out\":{out},\"us\":{:.2},\"weight_gbps\":{:.0}}}",
+    // Each launch shape (planes per cube, outputs per plane) is timed; the last one is the
+    // default again.
+    for &(planes, outs) in &[(8u32, 1usize), (8, 2), (2, 2), (4, 4), (8, 4), (4, 2)] {
+        rlhf::cuda::qlinear::set_nf4_gemv_shape(planes, outs);
+        for &(inp, out) in &[(896usize, 4864usize), (4864, 896), (4096, 14336)] {
+            let w = random_linear(out, inp, 7);
+            let q = rlhf::quant::nf4::Nf4Tensor::quantize(&w, &[out, inp])?;
+            let gpu = GpuLinear::from_nf4(&q, &device).expect("GPU form");
+            let x = Tensor::<Inner, 2>::random([16, inp], Distribution::Normal(0.0, 1.0), &device);
+            let t = time(&device, 50, || {
+                let _ = gpu
+                    .forward(x.clone().into_primitive().tensor())
+                    .expect("gemv");
+            });
+            let bytes = q.storage_bytes() as f64;
+            println!(
+            "{{\"bench\":\"gemv16\",\"planes\":{planes},\"outs\":{outs},\"in\":{inp},\"out\":{out},\"us\":{:.2},\"weight_gbps\":{:.0}}}",
             t * 1e6,
             bytes / t / 1e9
         );
+        }
     }
     println!("{{\"worst_rel_err\":{worst:.3e}}}");
     Ok(())

@@ -5,7 +5,8 @@
 //! through our real training path: the run config is built here, the VRAM plan is checked as
 //! every training command does, and the trainers of `rlhf dpo` / `rlhf grpo` go through the one
 //! run loop ([`crate::train::train_observed`]). The loop's observer hook times each optimizer
-//! step (device synchronized at both ends) and samples the device allocator after each phase;
+//! step (device synchronized at both ends) and samples the device allocator after each phase
+//! and at the high points the large transient ops report (`devmem::note`);
 //! a thread polls `nvidia-smi` on CUDA. One JSON line goes to stdout, with the TRL script's
 //! fields and ours.
 //!
@@ -517,8 +518,10 @@ impl<B: Backend> Probe<B> {
         }
     }
 
+    /// Now, and the high points the big transient ops noted since the last sample.
     fn sample(&mut self) {
-        if let Some(m) = crate::devmem::usage::<B>(&self.device) {
+        let now = crate::devmem::usage::<B>(&self.device);
+        for m in [now, crate::devmem::take_noted()].into_iter().flatten() {
             let p = self.peak.get_or_insert(m);
             p.in_use = p.in_use.max(m.in_use);
             p.reserved = p.reserved.max(m.reserved);

@@ -24,3 +24,26 @@ pub fn usage<B: Backend>(device: &B::Device) -> Option<DeviceMemory> {
         None
     }
 }
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+static NOTED_IN_USE: AtomicU64 = AtomicU64::new(0);
+static NOTED_RESERVED: AtomicU64 = AtomicU64::new(0);
+
+/// Records the allocator's numbers now, if they are the highest so far. Benchmarks sample at
+/// phase boundaries, which miss the transients inside a step; the ops that make the large ones
+/// (a checkpointed block's recomputation, the vocabulary projection's backward) call this at
+/// their high point. Cheap, and a no-op on the CPU backends.
+pub fn note<B: Backend>(device: &B::Device) {
+    if let Some(m) = usage::<B>(device) {
+        NOTED_IN_USE.fetch_max(m.in_use, Ordering::Relaxed);
+        NOTED_RESERVED.fetch_max(m.reserved, Ordering::Relaxed);
+    }
+}
+
+/// The highest numbers [`note`] saw since the last call (then resets them); `None` if none.
+pub fn take_noted() -> Option<DeviceMemory> {
+    let in_use = NOTED_IN_USE.swap(0, Ordering::Relaxed);
+    let reserved = NOTED_RESERVED.swap(0, Ordering::Relaxed);
+    (in_use > 0 || reserved > 0).then_some(DeviceMemory { in_use, reserved })
+}

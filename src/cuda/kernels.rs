@@ -87,14 +87,166 @@ pub fn nf4_dequant_bf16(
     }
 }
 
-/// `y[r, o] = sum_k x[r, k] * W[o, k]` for `rows` (compile-time, at most 16) rows: each plane of
-/// 32 lanes owns one output feature and walks its weight row 32 values at a time, lane `l` taking
-/// value `l` of each chunk, so every read of `x` is one coalesced 128-byte line per row. Each
-/// 4-bit weight is read and dequantized once and applied to every row; a plane reduction ends it.
-/// No dense weight is written. Launch with `CubeDim (32, P)` and `ceil(out / P)` cubes.
+/// Sums each `acc[i]` (`i < n`) over the lanes of every plane, then over the cube's `planes`
+/// planes; returns the `n` totals in shared memory, readable by every unit after the call.
+#[cube]
+fn cube_reduce(
+    acc: &Array<f32>,
+    #[comptime] n: usize,
+    #[comptime] planes: usize,
+) -> SharedMemory<f32> {
+    let mut part = SharedMemory::<f32>::new(comptime!(n * planes));
+    let mut total = SharedMemory::<f32>::new(n);
+    let p = UNIT_POS_Y as usize;
+    #[unroll]
+    for i in 0..n {
+        let s = plane_sum(acc[i]);
+        if UNIT_POS_X == 0 {
+            part[p * n + i] = s;
+        }
+    }
+    sync_cube();
+    let mut i = (UNIT_POS_Y * CUBE_DIM_X + UNIT_POS_X) as usize;
+    while i < n {
+        let mut t = 0.0f32;
+        #[unroll]
+        for q in 0..planes {
+            t += part[q * n + i];
+        }
+        total[i] = t;
+        i += comptime!(planes * 32);
+    }
+    sync_cube();
+    total
+}
+
+/// `y[r, o] = sum_k x[r, k] * w[o, k]` with a dense f32 `w`, for `rows` (compile-time, at most
+/// 16) rows: the LoRA factors at decode, where a general matmul kernel spends more time being
+/// launched and tiled than computing. One cube per output feature; its `planes` planes split
+/// `k` (few outputs, long rows: the LoRA `x A^T`). Launch with `CubeDim (32, planes)`, `out`
+/// cubes.
+#[cube(launch_unchecked)]
+pub fn f32_gemv(
+    x: &Array<f32>,
+    w: &Array<f32>,
+    in_features: usize,
+    out_features: usize,
+    y: &mut Array<f32>,
+    #[comptime] rows: usize,
+    #[comptime] planes: usize,
+) {
+    let o = CUBE_POS_X as usize;
+    if o >= out_features {
+        terminate!();
+    }
+    let mut acc = Array::<f32>::new(rows);
+    #[unroll]
+    for r in 0..rows {
+        acc[r] = 0.0;
+    }
+    let mut k = (UNIT_POS_Y * 32 + UNIT_POS_X) as usize;
+    while k < in_features {
+        let wv = w[o * in_features + k];
+        #[unroll]
+        for r in 0..rows {
+            acc[r] += wv * x[r * in_features + k];
+        }
+        k += comptime!(planes * 32);
+    }
+    let total = cube_reduce(&acc, rows, planes);
+    let tid = (UNIT_POS_Y * 32 + UNIT_POS_X) as usize;
+    if tid < rows {
+        y[tid * out_features + o] = total[tid];
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Decode kernels (`cuda::decode`): one launch per step of a decoder block's few-row forward,
+// instead of the dozens of small tensor ops burn would launch. Rows are sequences (at most 16).
+
+/// Largest cache length the decode attention kernel holds scores for (shared memory).
+pub const DECODE_MAX_KEYS: usize = 4096;
+
+/// The plane-reduced sum over a whole cube of `planes` planes (through shared memory); every
+/// unit gets the total.
+#[cube]
+fn cube_sum(v: f32, #[comptime] planes: usize) -> f32 {
+    let mut part = SharedMemory::<f32>::new(planes);
+    let s = plane_sum(v);
+    if (UNIT_POS_X & 31) == 0 {
+        part[(UNIT_POS_X / 32) as usize] = s;
+    }
+    sync_cube();
+    let mut total = 0.0f32;
+    #[unroll]
+    for p in 0..planes {
+        total += part[p];
+    }
+    sync_cube();
+    total
+}
+
+/// The maximum over a whole cube (as [`cube_sum`]).
+#[cube]
+fn cube_max(v: f32, #[comptime] planes: usize) -> f32 {
+    let mut part = SharedMemory::<f32>::new(planes);
+    let s = plane_max(v);
+    if (UNIT_POS_X & 31) == 0 {
+        part[(UNIT_POS_X / 32) as usize] = s;
+    }
+    sync_cube();
+    let mut total = part[0];
+    #[unroll]
+    for p in 1..planes {
+        let v = part[p];
+        if v > total {
+            total = v;
+        }
+    }
+    sync_cube();
+    total
+}
+
+/// HF's RMSNorm of each row: `y = w * x / sqrt(mean(x^2) + eps)`. One cube of `32 * planes`
+/// units per row.
+#[cube(launch_unchecked)]
+pub fn rms_norm_rows(
+    x: &Array<f32>,
+    w: &Array<f32>,
+    eps: f32,
+    width: usize,
+    y: &mut Array<f32>,
+    #[comptime] planes: usize,
+) {
+    let row = CUBE_POS_X as usize * width;
+    let units = comptime!(planes * 32);
+    let mut ss = 0.0f32;
+    let mut k = UNIT_POS_X as usize;
+    while k < width {
+        let v = x[row + k];
+        ss += v * v;
+        k += units;
+    }
+    let total = cube_sum(ss, planes);
+    let inv = 1.0f32 / (total / (width as f32) + eps).sqrt();
+    let mut k = UNIT_POS_X as usize;
+    while k < width {
+        y[row + k] = x[row + k] * inv * w[k];
+        k += units;
+    }
+}
+
+/// `y[r, o] = sum_k x[r, k] W[o, k] (+ scale * sum_j z[r, zoff + j] B[o, j]) (+ res[r, o])`: the
+/// NF4 GEMV for `rows` (compile-time, at most 16) rows, with the LoRA up-projection and the
+/// residual add fused into its reduction. Each cube owns `outs` consecutive output features; its
+/// `planes` planes split their weight rows (split-K, so long rows still fill the GPU), walking
+/// them 32 values at a time, lane `l` taking value `l` of each chunk: every read of `x` is one
+/// coalesced line per row and serves `outs` outputs, and each 4-bit weight is read and
+/// dequantized once. No dense weight is written. Launch with `CubeDim (32, planes)` and
+/// `ceil(out / outs)` cubes.
 #[cube(launch_unchecked)]
 #[allow(clippy::too_many_arguments)]
-pub fn nf4_gemv(
+pub fn nf4_gemv_fused(
     x: &Array<f32>,
     packed: &Array<u32>,
     codes: &Array<u32>,
@@ -104,81 +256,253 @@ pub fn nf4_gemv(
     offset: f32,
     in_features: usize,
     out_features: usize,
+    z: &Array<f32>,
+    z_stride: usize,
+    z_offset: usize,
+    rank: usize,
+    b: &Array<f32>,
+    scale: f32,
+    res: &Array<f32>,
     y: &mut Array<f32>,
     #[comptime] rows: usize,
+    #[comptime] outs: usize,
+    #[comptime] planes: usize,
+    #[comptime] lora: bool,
+    #[comptime] residual: bool,
 ) {
     let table = nf4_table(nf4);
-    let o = (CUBE_POS_X * CUBE_DIM_Y + UNIT_POS_Y) as usize;
-    if o >= out_features {
+    let o0 = CUBE_POS_X as usize * outs;
+    if o0 >= out_features {
         terminate!();
     }
-    let lane = UNIT_POS_X as usize;
-    let mut acc = Array::<f32>::new(rows);
+    let first = (UNIT_POS_Y * 32 + UNIT_POS_X) as usize;
+    let stride = comptime!(planes * 32);
+    // Output j of this cube; past the end it repeats the last one (its result is not stored).
+    let mut row_of = Array::<usize>::new(outs);
     #[unroll]
-    for r in 0..rows {
-        acc[r] = 0.0;
+    for j in 0..outs {
+        let mut o = o0 + j;
+        if o >= out_features {
+            o = out_features - 1;
+        }
+        row_of[j] = o;
     }
-    let row_base = o * in_features;
-    let mut k = lane;
+    let mut acc = Array::<f32>::new(comptime!(rows * outs));
+    #[unroll]
+    for i in 0..comptime!(rows * outs) {
+        acc[i] = 0.0;
+    }
+    let mut xv = Array::<f32>::new(rows);
+    let mut k = first;
     while k < in_features {
-        let g = row_base + k;
-        let w = g / WORD;
-        let e = (g % WORD) as u32;
-        // Value e of a word: byte e / 2, high nibble first.
-        let shift = ((e >> 1) << 3) + ((1 - (e & 1)) << 2);
-        let code = (packed[w] >> shift) & 0xF;
-        let wv = table[code as usize] * block_scale(w, codes, nested, code2, offset);
         #[unroll]
         for r in 0..rows {
-            acc[r] += wv * x[r * in_features + k];
+            xv[r] = x[r * in_features + k];
         }
-        k += 32;
+        #[unroll]
+        for j in 0..outs {
+            let g = row_of[j] * in_features + k;
+            let w = g / WORD;
+            let e = (g % WORD) as u32;
+            // Value e of a word: byte e / 2, high nibble first.
+            let shift = ((e >> 1) << 3) + ((1 - (e & 1)) << 2);
+            let code = (packed[w] >> shift) & 0xF;
+            let wv = table[code as usize] * block_scale(w, codes, nested, code2, offset);
+            #[unroll]
+            for r in 0..rows {
+                acc[j * rows + r] += wv * xv[r];
+            }
+        }
+        k += stride;
     }
-    #[unroll]
-    for r in 0..rows {
-        let total = plane_sum(acc[r]);
-        if lane == 0 {
-            y[r * out_features + o] = total;
+    if comptime!(lora) {
+        let mut i = first;
+        while i < rank {
+            #[unroll]
+            for j in 0..outs {
+                let bv = b[row_of[j] * rank + i] * scale;
+                #[unroll]
+                for r in 0..rows {
+                    acc[j * rows + r] += bv * z[r * z_stride + z_offset + i];
+                }
+            }
+            i += stride;
         }
+    }
+    let total = cube_reduce(&acc, comptime!(rows * outs), planes);
+    let mut i = first;
+    while i < comptime!(rows * outs) {
+        let o = o0 + i / rows;
+        let r = i % rows;
+        if o < out_features {
+            if comptime!(residual) {
+                y[r * out_features + o] = total[i] + res[r * out_features + o];
+            } else {
+                y[r * out_features + o] = total[i];
+            }
+        }
+        i += stride;
     }
 }
 
-/// `y[r, o] = sum_k x[r, k] * w[o, k]` with a dense f32 `w`, for `rows` (compile-time, at most
-/// 16) rows: the LoRA factors at decode, where a general matmul kernel spends more time being
-/// launched and tiled than computing. Same plane-per-output layout as [`nf4_gemv`].
+/// RoPE for one decode token per row, and the cache append: rotates `q` in place
+/// (`[rows, nh * d]`), rotates `k` and writes it and `v` (`[rows, nkv * d]`) at slot `slot` of the
+/// caches (`[rows, nkv, cap, d]`), and marks the slot valid or not. The angle is
+/// `pos[r] * inv_freq[i]` in f32, as transformers computes it. One cube per row.
 #[cube(launch_unchecked)]
-pub fn f32_gemv(
-    x: &Array<f32>,
-    w: &Array<f32>,
-    in_features: usize,
-    out_features: usize,
-    y: &mut Array<f32>,
-    #[comptime] rows: usize,
+#[allow(clippy::too_many_arguments)]
+pub fn rope_append(
+    q: &mut Array<f32>,
+    k: &Array<f32>,
+    v: &Array<f32>,
+    step: &Array<u32>,
+    inv_freq: &Array<f32>,
+    k_cache: &mut Array<f32>,
+    v_cache: &mut Array<f32>,
+    valid: &mut Array<u32>,
+    rows: usize,
+    nh: usize,
+    nkv: usize,
+    d: usize,
+    cap: usize,
+    slot: usize,
 ) {
-    let o = (CUBE_POS_X * CUBE_DIM_Y + UNIT_POS_Y) as usize;
-    if o >= out_features {
-        terminate!();
-    }
-    let lane = UNIT_POS_X as usize;
-    let mut acc = Array::<f32>::new(rows);
-    #[unroll]
-    for r in 0..rows {
-        acc[r] = 0.0;
-    }
-    let mut k = lane;
-    while k < in_features {
-        let wv = w[o * in_features + k];
-        #[unroll]
-        for r in 0..rows {
-            acc[r] += wv * x[r * in_features + k];
+    let r = CUBE_POS_X as usize;
+    // step = [tokens; rows] ++ [valid; rows] ++ [positions; rows]
+    let pos = step[2 * rows + r] as f32;
+    let half = d / 2;
+    let units = CUBE_DIM_X as usize;
+    let mut idx = UNIT_POS_X as usize;
+    while idx < (nh + nkv) * half {
+        let head = idx / half;
+        let i = idx % half;
+        let angle = pos * inv_freq[i];
+        let c = angle.cos();
+        let s = angle.sin();
+        if head < nh {
+            let base = r * nh * d + head * d;
+            let x1 = q[base + i];
+            let x2 = q[base + i + half];
+            q[base + i] = x1 * c - x2 * s;
+            q[base + i + half] = x2 * c + x1 * s;
+        } else {
+            let kh = head - nh;
+            let src = r * nkv * d + kh * d;
+            let x1 = k[src + i];
+            let x2 = k[src + i + half];
+            let dst = ((r * nkv + kh) * cap + slot) * d;
+            k_cache[dst + i] = x1 * c - x2 * s;
+            k_cache[dst + i + half] = x2 * c + x1 * s;
+            v_cache[dst + i] = v[src + i];
+            v_cache[dst + i + half] = v[src + i + half];
         }
-        k += 32;
+        idx += units;
     }
-    #[unroll]
-    for r in 0..rows {
-        let total = plane_sum(acc[r]);
+    if UNIT_POS_X == 0 {
+        valid[r * cap + slot] = step[rows + r];
+    }
+}
+
+/// Attention of one new token per row over its cache (slots `0..len`), grouped-query heads read
+/// in place: one cube per (row, query head); each plane scores keys (lanes over the head dim),
+/// then the cube takes the softmax and the weighted sum of values. Masked slots (padding,
+/// outside a sliding `window` when non-zero) get -1e30 before the softmax, as the reference does.
+#[cube(launch_unchecked)]
+#[allow(clippy::too_many_arguments)]
+pub fn decode_attention(
+    q: &Array<f32>,
+    k_cache: &Array<f32>,
+    v_cache: &Array<f32>,
+    valid: &Array<u32>,
+    out: &mut Array<f32>,
+    nh: usize,
+    nkv: usize,
+    d: usize,
+    cap: usize,
+    len: usize,
+    window: usize,
+    scale: f32,
+    #[comptime] planes: usize,
+) {
+    let r = CUBE_POS_X as usize / nh;
+    let head = CUBE_POS_X as usize % nh;
+    let kh = head / (nh / nkv);
+    let lane = (UNIT_POS_X % 32) as usize;
+    let plane = (UNIT_POS_X / 32) as usize;
+    let mut scores = SharedMemory::<f32>::new(DECODE_MAX_KEYS);
+    let q_base = (r * nh + head) * d;
+    let kv_base = (r * nkv + kh) * cap * d;
+    let mut j = plane;
+    while j < len {
+        let mut part = 0.0f32;
+        let mut e = lane;
+        while e < d {
+            part += q[q_base + e] * k_cache[kv_base + j * d + e];
+            e += 32;
+        }
+        let s = plane_sum(part) * scale;
         if lane == 0 {
-            y[r * out_features + o] = total;
+            let mut val = s;
+            if valid[r * cap + j] == 0 {
+                val = -1.0e30f32;
+            }
+            if window > 0 && len - 1 - j >= window {
+                val = -1.0e30f32;
+            }
+            scores[j] = val;
         }
+        j += planes;
+    }
+    sync_cube();
+    let units = comptime!(planes * 32);
+    let mut m = scores[0];
+    let mut j = UNIT_POS_X as usize;
+    while j < len {
+        let sj = scores[j];
+        if sj > m {
+            m = sj;
+        }
+        j += units;
+    }
+    let m = cube_max(m, planes);
+    let mut sum = 0.0f32;
+    let mut j = UNIT_POS_X as usize;
+    while j < len {
+        let p = (scores[j] - m).exp();
+        scores[j] = p;
+        sum += p;
+        j += units;
+    }
+    let sum = cube_sum(sum, planes);
+    let mut e = UNIT_POS_X as usize;
+    while e < d {
+        let mut acc = 0.0f32;
+        for j in 0..len {
+            acc += scores[j] * v_cache[kv_base + j * d + e];
+        }
+        out[q_base + e] = acc / sum;
+        e += units;
+    }
+}
+
+/// `y = silu(g) * u` elementwise (the SwiGLU activation), `n` values.
+#[cube(launch_unchecked)]
+pub fn silu_mul(g: &Array<f32>, u: &Array<f32>, y: &mut Array<f32>, n: usize) {
+    let i = ABSOLUTE_POS;
+    if i < n {
+        let x = g[i];
+        y[i] = x / (1.0f32 + (-x).exp()) * u[i];
+    }
+}
+
+/// `h[r, :] = embed[tokens[r], :]` for the step's tokens (`step[0..rows]`).
+#[cube(launch_unchecked)]
+pub fn embed_rows(step: &Array<u32>, embed: &Array<f32>, h: &mut Array<f32>, width: usize) {
+    let r = CUBE_POS_X as usize;
+    let tok = step[r] as usize;
+    let mut k = UNIT_POS_X as usize;
+    while k < width {
+        h[r * width + k] = embed[tok * width + k];
+        k += CUBE_DIM_X as usize;
     }
 }

@@ -7,7 +7,7 @@
 //! kernel reads each 4-bit weight once and never writes a dense copy.
 
 use super::blas::{gemm_bf16, GemmShape};
-use super::kernels::{f32_gemv, nf4_dequant_bf16, nf4_gemv, WORD};
+use super::kernels::{f32_gemv, nf4_dequant_bf16, nf4_gemv_fused, WORD};
 use crate::quant::nf4::{dynamic_map_signed, Nf4Tensor, BLOCK_SIZE, NF4_CODE};
 use anyhow::{ensure, Context, Result};
 use burn::tensor::{DType, Shape, Tensor, TensorPrimitive};
@@ -31,8 +31,17 @@ pub type Ad = Autodiff<Inner>;
 
 /// Up to this many rows, the fused GEMV beats dequantize + GEMM (decode batches).
 pub const GEMV_MAX_ROWS: usize = 16;
-/// Output features per GEMV cube (one plane of 32 lanes each).
+/// Planes per cube of the f32 GEMV (they split each output's row).
 const GEMV_PLANES: u32 = 8;
+
+/// The NF4 GEMV's launch shape: planes per cube and output features per plane (see
+/// `kernels::nf4_gemv_fused`); settable for tuning (`examples/qlinear_check.rs`).
+static NF4_GEMV_SHAPE: std::sync::Mutex<(u32, usize)> = std::sync::Mutex::new((4, 2));
+
+/// Sets the NF4 GEMV's planes per cube and outputs per plane (1, 2, 4 or 8).
+pub fn set_nf4_gemv_shape(planes: u32, outs: usize) {
+    *NF4_GEMV_SHAPE.lock().unwrap_or_else(|e| e.into_inner()) = (planes.max(1), outs.clamp(1, 8));
+}
 
 /// A frozen weight `[out, in]` resident on the GPU.
 #[derive(Debug)]
@@ -264,6 +273,20 @@ impl GpuLinear {
     }
 
     fn gemv(&self, x: CubeTensor<CudaRuntime>, rows: usize) -> CubeTensor<CudaRuntime> {
+        self.gemv_fused(&x, rows, None, None)
+            .expect("gemv is only called for NF4 weights")
+    }
+
+    /// `x [rows, in] @ W^T`, plus a LoRA up-projection `scale * z[:, off..off+rank] @ B^T` and
+    /// a residual `[rows, out]` when given, in one launch (`kernels::nf4_gemv_fused`); `None`
+    /// for a dense weight. `x` must be contiguous, `rows` at most [`GEMV_MAX_ROWS`].
+    pub fn gemv_fused(
+        &self,
+        x: &CubeTensor<CudaRuntime>,
+        rows: usize,
+        lora: Option<&LoraUp<'_>>,
+        residual: Option<&CubeTensor<CudaRuntime>>,
+    ) -> Option<CubeTensor<CudaRuntime>> {
         let Stored::Nf4 {
             packed,
             codes,
@@ -276,17 +299,36 @@ impl GpuLinear {
             code_words,
         } = &self.stored
         else {
-            unreachable!("gemv is only called for NF4 weights")
+            return None;
         };
         let client = self.client();
         let y = self.empty_f32(rows, self.out_features);
-        let cubes = (self.out_features as u32).div_ceil(GEMV_PLANES);
-        // SAFETY: lengths match the buffers; each plane bounds-checks its output feature.
+        let (planes, outs) = *NF4_GEMV_SHAPE.lock().unwrap_or_else(|e| e.into_inner());
+        let cubes = (self.out_features as u32).div_ceil(outs as u32);
+        let (z, z_len, z_stride, z_offset, rank, b, b_len, scale) = match lora {
+            Some(l) => (
+                l.z.handle.clone(),
+                rows * l.z_stride,
+                l.z_stride,
+                l.z_offset,
+                l.rank,
+                l.b.handle.clone(),
+                self.out_features * l.rank,
+                l.scale,
+            ),
+            None => (x.handle.clone(), 1, 0, 0, 0, x.handle.clone(), 1, 0.0),
+        };
+        let (res, res_len) = match residual {
+            Some(r) => (r.handle.clone(), rows * self.out_features),
+            None => (x.handle.clone(), 1),
+        };
+        // SAFETY: lengths match the buffers; each plane bounds-checks its output feature, and the
+        // LoRA / residual arrays are only read when their compile-time flag is set.
         unsafe {
-            nf4_gemv::launch_unchecked::<CudaRuntime>(
+            nf4_gemv_fused::launch_unchecked::<CudaRuntime>(
                 &client,
                 CubeCount::Static(cubes, 1, 1),
-                CubeDim::new_2d(32, GEMV_PLANES),
+                CubeDim::new_2d(32, planes),
                 ArrayArg::from_raw_parts(x.handle.clone(), rows * self.in_features),
                 ArrayArg::from_raw_parts(packed.clone(), *words),
                 ArrayArg::from_raw_parts(codes.clone(), *code_words),
@@ -296,12 +338,48 @@ impl GpuLinear {
                 *offset,
                 self.in_features,
                 self.out_features,
+                ArrayArg::from_raw_parts(z, z_len),
+                z_stride,
+                z_offset,
+                rank,
+                ArrayArg::from_raw_parts(b, b_len),
+                scale,
+                ArrayArg::from_raw_parts(res, res_len),
                 ArrayArg::from_raw_parts(y.handle.clone(), rows * self.out_features),
                 rows,
+                outs,
+                planes as usize,
+                lora.is_some(),
+                residual.is_some(),
             )
         };
-        y
+        Some(y)
     }
+
+    /// Whether the weight is stored as NF4 (the GEMV kernels' format).
+    pub fn is_nf4(&self) -> bool {
+        matches!(self.stored, Stored::Nf4 { .. })
+    }
+
+    pub fn out_features(&self) -> usize {
+        self.out_features
+    }
+
+    pub fn in_features(&self) -> usize {
+        self.in_features
+    }
+}
+
+/// A LoRA up-projection fused into the GEMV: `scale * z[:, z_offset..z_offset + rank] @ b^T`,
+/// with `z = x @ A^T` already computed (for several modules at once, hence the offset).
+pub struct LoraUp<'a> {
+    pub z: &'a CubeTensor<CudaRuntime>,
+    pub z_stride: usize,
+    pub z_offset: usize,
+    pub rank: usize,
+    /// `[out, rank]`, contiguous.
+    pub b: &'a CubeTensor<CudaRuntime>,
+    pub scale: f32,
 }
 
 /// The autodiff node of `qlinear`: its state is the (4-bit) weight, not a dense copy.
@@ -364,8 +442,8 @@ pub fn small_matmul_t(x: Tensor<Inner, 2>, w: Tensor<Inner, 2>) -> Option<Tensor
         Shape::new([rows, out_features]),
         DType::F32,
     );
-    let cubes = (out_features as u32).div_ceil(GEMV_PLANES);
-    // SAFETY: lengths match the contiguous buffers; each plane bounds-checks its output.
+    let cubes = out_features as u32;
+    // SAFETY: lengths match the contiguous buffers; each cube bounds-checks its output.
     unsafe {
         f32_gemv::launch_unchecked::<CudaRuntime>(
             &client,
@@ -377,6 +455,7 @@ pub fn small_matmul_t(x: Tensor<Inner, 2>, w: Tensor<Inner, 2>) -> Option<Tensor
             out_features,
             ArrayArg::from_raw_parts(y.handle.clone(), rows * out_features),
             rows,
+            GEMV_PLANES as usize,
         )
     };
     Some(Tensor::from_primitive(TensorPrimitive::Float(y)))

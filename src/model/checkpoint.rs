@@ -81,7 +81,7 @@ where
 }
 
 /// Seeds for LoRA dropout in checkpointed blocks: forward and recomputation draw the same masks.
-static DROPOUT_SEEDS: AtomicU64 = AtomicU64::new(0x5EED_0F_D80F);
+static DROPOUT_SEEDS: AtomicU64 = AtomicU64::new(0x5EED_D80F);
 
 // ---------------------------------------------------------------------------------------------
 // Block checkpointing.
@@ -129,6 +129,7 @@ impl<IB: Backend, const N: usize> Backward<IB, N> for BlockBackward<IB> {
             &trace,
             dout,
         );
+        crate::devmem::note::<IB>(&st.h.device());
         drop(trace);
         let mut values = vec![dh.into_primitive().tensor()];
         for (da, db) in dparams {
@@ -296,6 +297,9 @@ fn reduce_kv<B: Backend>(x: Tensor<B, 4>, rep: usize) -> Tensor<B, 4> {
         .reshape([b, nh / rep, t, d])
 }
 
+/// `(dA, dB)` of each adapted module of a layer.
+type FactorGrads<B> = Vec<(Tensor<B, 2>, Tensor<B, 2>)>;
+
 /// The hand-written backward of `Block::forward_traced` (no cache): `dout` -> gradient of the
 /// block input, and `(dA, dB)` for each adapted module in the adapter's (sorted) order.
 #[allow(clippy::too_many_arguments)]
@@ -308,7 +312,7 @@ pub fn block_backward<B: Backend>(
     adapter: &Adapter<B>,
     tr: &BlockTrace<B>,
     dout: Tensor<B, 3>,
-) -> (Tensor<B, 3>, Vec<(Tensor<B, 2>, Tensor<B, 2>)>) {
+) -> (Tensor<B, 3>, FactorGrads<B>) {
     let (nh, nkv, hd) = (
         cfg.num_attention_heads,
         cfg.num_key_value_heads,
@@ -407,8 +411,8 @@ impl<IB: Backend> Backward<IB, 1> for LogpsBackward<IB> {
         for s in (0..n).step_by(st.chunk) {
             let e = (s + st.chunk).min(n);
             let labels = st.labels.clone().slice([s..e, 0..1]);
-            let dl = dlp.clone().slice([s..e]).unsqueeze_dim::<2>(1);
-            let z = st.head.forward(st.hidden.clone().slice([s..e])) / st.temperature;
+            let dl = dlp.clone().slice(s..e).unsqueeze_dim::<2>(1);
+            let z = st.head.forward(st.hidden.clone().slice(s..e)) / st.temperature;
             // d log_softmax(z)[label] / dz = onehot(label) - softmax(z).
             let dz = (activation::softmax(z, 1) * dl.clone()).neg().scatter(
                 1,
@@ -417,6 +421,7 @@ impl<IB: Backend> Backward<IB, 1> for LogpsBackward<IB> {
                 IndexingUpdateOp::Add,
             );
             parts.push(st.head.backward_input(dz) / st.temperature);
+            crate::devmem::note::<IB>(&st.hidden.device());
         }
         grads.register::<IB>(node.id, Tensor::cat(parts, 0).into_primitive().tensor());
     }
@@ -447,8 +452,10 @@ pub fn token_logps<B: AutodiffBackend>(
     let mut parts = Vec::new();
     for s in (0..n).step_by(chunk) {
         let e = (s + chunk).min(n);
-        let z = head.forward(ih.clone().slice([s..e])) / temperature;
-        let lp = activation::log_softmax(z, 1).gather(1, labels.clone().slice([s..e, 0..1]));
+        let z = head.forward(ih.clone().slice(s..e)) / temperature;
+        let lp = activation::log_softmax(z, 1);
+        crate::devmem::note::<B::InnerBackend>(&device);
+        let lp = lp.gather(1, labels.clone().slice([s..e, 0..1]));
         parts.push(lp.reshape([e - s]));
     }
     let out = Tensor::cat(parts, 0).into_primitive().tensor();
@@ -516,7 +523,7 @@ mod tests {
         } else {
             // The reference: burn's autodiff through the plain block forward, with the dropout
             // RNG seeded per block exactly as the checkpointed forward seeds it.
-            let (mut h, inputs, _, _) = model.prepare(&input, None);
+            let crate::model::llama::Prepared { mut h, inputs, .. } = model.prepare(&input, None);
             for (l, block) in model.layers.iter().enumerate() {
                 if adapter.cfg.dropout > 0.0 {
                     Ad::seed(&dev, splitmix(seed0 + l as u64));

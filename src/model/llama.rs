@@ -87,7 +87,7 @@ impl<B: AutodiffBackend> Llama<B> {
         let Some(adapter) = adapter.filter(|_| checkpoint) else {
             return self.forward_hidden(batch, adapter, None);
         };
-        let (mut h, inputs, _, _) = self.prepare(batch, None);
+        let Prepared { mut h, inputs, .. } = self.prepare(batch, None);
         for (l, block) in self.layers.iter().enumerate() {
             h = super::checkpoint::checkpointed_block(&self.cfg, block, l, h, &inputs, adapter);
         }
@@ -269,6 +269,16 @@ pub struct AttnInputs<B: Backend> {
     pub mask: Tensor<B, 4, Bool>,
 }
 
+/// What every block of one forward call shares: the embedded tokens, the attention inputs, and
+/// (for a KV cache) the positions and key validity after the call.
+#[derive(Debug, Clone)]
+pub struct Prepared<B: Backend> {
+    pub h: Tensor<B, 3>,
+    pub inputs: AttnInputs<B>,
+    pub positions: Vec<Vec<i64>>,
+    pub key_valid: Vec<Vec<bool>>,
+}
+
 /// One LoRA delta's forward values, kept for a hand-written backward (see `checkpoint`).
 #[derive(Debug, Clone)]
 pub struct LoraTrace<B: Backend> {
@@ -448,13 +458,9 @@ impl<B: Backend> Llama<B> {
         (mk(cos), mk(sin))
     }
 
-    /// The embedded tokens and the per-call attention inputs; also returns the positions and the
-    /// key validity after this call, for the cache's bookkeeping.
-    pub fn prepare(
-        &self,
-        batch: &Batch<B>,
-        cache: Option<&KvCache<B>>,
-    ) -> (Tensor<B, 3>, AttnInputs<B>, Vec<Vec<i64>>, Vec<Vec<bool>>) {
+    /// The embedded tokens and the per-call attention inputs, with the positions and the key
+    /// validity after this call for the cache's bookkeeping.
+    pub fn prepare(&self, batch: &Batch<B>, cache: Option<&KvCache<B>>) -> Prepared<B> {
         let [b, t] = batch.tokens.dims();
         let past = cache.map(|c| c.len()).unwrap_or(0);
         // Positions count real tokens only (left padding gets position 0, as HF does with
@@ -483,7 +489,12 @@ impl<B: Backend> Llama<B> {
             .clone()
             .select(0, flat)
             .reshape([b, t, self.cfg.hidden_size]);
-        (h, AttnInputs { cos, sin, mask }, positions, key_valid)
+        Prepared {
+            h,
+            inputs: AttnInputs { cos, sin, mask },
+            positions,
+            key_valid,
+        }
     }
 
     /// Decoder forward: token ids `[b, t]` -> final hidden states `[b, t, hidden]` (after the
@@ -494,7 +505,12 @@ impl<B: Backend> Llama<B> {
         adapter: Option<&Adapter<B>>,
         mut cache: Option<&mut KvCache<B>>,
     ) -> Tensor<B, 3> {
-        let (mut h, inputs, positions, key_valid) = self.prepare(batch, cache.as_deref());
+        let Prepared {
+            mut h,
+            inputs,
+            positions,
+            key_valid,
+        } = self.prepare(batch, cache.as_deref());
         for (l, block) in self.layers.iter().enumerate() {
             h = block
                 .forward_traced(&self.cfg, l, h, &inputs, adapter, cache.as_deref_mut())
