@@ -1441,6 +1441,12 @@ fn assemble(
     if !s.cuda {
         notes.push("device = cpu: no CUDA context; the budget is compared with host memory".into());
     }
+    if run.model.dtype != crate::config::Dtype::F32 {
+        notes.push(format!(
+            "model.dtype = {:?} is planned here, but the engine computes in f32 today: training commands check the f32 plan (set model.dtype = \"f32\" to see it)",
+            run.model.dtype
+        ));
+    }
     let quantized_params = match run.model.quantize {
         Quantize::Nf4 => (m.block_linear_params() * m.num_hidden_layers) as u64,
         Quantize::None => 0,
