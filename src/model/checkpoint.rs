@@ -117,7 +117,6 @@ impl<IB: Backend, const N: usize> Backward<IB, N> for BlockBackward<IB> {
             st.h.clone(),
             &st.inputs,
             Some(&st.adapter),
-            None,
         );
         let (dh, dparams) = block_backward(
             &st.cfg,
@@ -182,9 +181,7 @@ pub fn checkpointed_block<B: AutodiffBackend>(
         nodes.push(ad::<B, 2>(&p.b));
     }
     let Some(nodes) = nodes.into_iter().collect::<Option<Vec<_>>>() else {
-        return block
-            .forward_traced(cfg, layer, h, inputs, Some(adapter), None)
-            .out;
+        return block.forward(cfg, layer, h, inputs, Some(adapter), None);
     };
     let ih = h.inner();
     let seed = (adapter.training && adapter.cfg.dropout > 0.0)
@@ -207,7 +204,7 @@ pub fn checkpointed_block<B: AutodiffBackend>(
     };
     let out = state
         .block
-        .forward_traced(
+        .forward(
             cfg,
             layer,
             state.h.clone(),
@@ -215,7 +212,6 @@ pub fn checkpointed_block<B: AutodiffBackend>(
             Some(&state.adapter),
             None,
         )
-        .out
         .into_primitive()
         .tensor();
     let op = BlockBackward(PhantomData);
@@ -528,9 +524,7 @@ mod tests {
                 if adapter.cfg.dropout > 0.0 {
                     Ad::seed(&dev, splitmix(seed0 + l as u64));
                 }
-                h = block
-                    .forward_traced(&model.cfg, l, h, &inputs, Some(&adapter), None)
-                    .out;
+                h = block.forward(&model.cfg, l, h, &inputs, Some(&adapter), None);
             }
             model.final_norm(h)
         };

@@ -291,7 +291,7 @@ pub struct LoraTrace<B: Backend> {
 }
 
 /// Everything one block's forward computed: its output, plus the intermediates a hand-written
-/// backward needs (the normal forward just drops them).
+/// backward needs ([`Block::forward_traced`]; the plain forward keeps none of them).
 #[derive(Debug)]
 pub struct BlockTrace<B: Backend> {
     pub out: Tensor<B, 3>,
@@ -335,15 +335,76 @@ pub(crate) fn expand_kv<B: Backend>(x: Tensor<B, 4>, rep: usize) -> Tensor<B, 4>
         .reshape([b, nkv * rep, t, d])
 }
 
+/// What [`Block::forward_traced`] collects while the block runs, each `None` until its step ran.
+/// The plain forward records nothing, so it frees every intermediate as soon as it is consumed.
+struct Recorder<B: Backend> {
+    x1: Option<Tensor<B, 3>>,
+    inv1: Option<Tensor<B, 3>>,
+    q: Option<Tensor<B, 4>>,
+    k: Option<Tensor<B, 4>>,
+    v: Option<Tensor<B, 4>>,
+    probs: Option<Tensor<B, 4>>,
+    attn: Option<Tensor<B, 3>>,
+    h2: Option<Tensor<B, 3>>,
+    x2: Option<Tensor<B, 3>>,
+    inv2: Option<Tensor<B, 3>>,
+    gate: Option<Tensor<B, 3>>,
+    up: Option<Tensor<B, 3>>,
+    act: Option<Tensor<B, 3>>,
+    lora: BTreeMap<&'static str, LoraTrace<B>>,
+}
+
+impl<B: Backend> Recorder<B> {
+    fn new() -> Self {
+        Self {
+            x1: None,
+            inv1: None,
+            q: None,
+            k: None,
+            v: None,
+            probs: None,
+            attn: None,
+            h2: None,
+            x2: None,
+            inv2: None,
+            gate: None,
+            up: None,
+            act: None,
+            lora: BTreeMap::new(),
+        }
+    }
+
+    fn finish(self, out: Tensor<B, 3>) -> BlockTrace<B> {
+        let ran = "every step of Block::run records";
+        BlockTrace {
+            out,
+            x1: self.x1.expect(ran),
+            inv1: self.inv1.expect(ran),
+            q: self.q.expect(ran),
+            k: self.k.expect(ran),
+            v: self.v.expect(ran),
+            probs: self.probs.expect(ran),
+            attn: self.attn.expect(ran),
+            h2: self.h2.expect(ran),
+            x2: self.x2.expect(ran),
+            inv2: self.inv2.expect(ran),
+            gate: self.gate.expect(ran),
+            up: self.up.expect(ran),
+            act: self.act.expect(ran),
+            lora: self.lora,
+        }
+    }
+}
+
 impl<B: Backend> Block<B> {
-    /// `x @ W^T` plus the adapter's delta for `name`, recording the delta's values in `lora`.
-    fn linear_traced(
+    /// `x @ W^T` plus the adapter's delta for `name`, recording the delta's values when asked.
+    fn linear_lora(
         &self,
         layer: usize,
         name: &'static str,
         x: Tensor<B, 3>,
         adapter: Option<&Adapter<B>>,
-        lora: &mut BTreeMap<&'static str, LoraTrace<B>>,
+        rec: Option<&mut Recorder<B>>,
     ) -> Tensor<B, 3> {
         let y = self
             .linear(name)
@@ -351,7 +412,9 @@ impl<B: Backend> Block<B> {
             .forward(x.clone());
         match adapter.and_then(|a| a.delta_traced(layer, name, x)) {
             Some((d, trace)) => {
-                lora.insert(name, trace);
+                if let Some(r) = rec {
+                    r.lora.insert(name, trace);
+                }
                 y + d
             }
             None => y,
@@ -360,7 +423,7 @@ impl<B: Backend> Block<B> {
 
     /// One decoder block. With a cache, the new tokens attend to the cached ones and their keys
     /// and values are appended to it.
-    pub fn forward_traced(
+    pub fn forward(
         &self,
         cfg: &LlamaConfig,
         layer: usize,
@@ -368,18 +431,50 @@ impl<B: Backend> Block<B> {
         inputs: &AttnInputs<B>,
         adapter: Option<&Adapter<B>>,
         cache: Option<&mut KvCache<B>>,
+    ) -> Tensor<B, 3> {
+        self.run(cfg, layer, h, inputs, adapter, cache, None)
+    }
+
+    /// The block (no cache) with the intermediates a hand-written backward needs.
+    pub fn forward_traced(
+        &self,
+        cfg: &LlamaConfig,
+        layer: usize,
+        h: Tensor<B, 3>,
+        inputs: &AttnInputs<B>,
+        adapter: Option<&Adapter<B>>,
     ) -> BlockTrace<B> {
+        let mut rec = Recorder::new();
+        let out = self.run(cfg, layer, h, inputs, adapter, None, Some(&mut rec));
+        rec.finish(out)
+    }
+
+    /// The block's forward; with `rec`, each intermediate is also recorded there.
+    #[allow(clippy::too_many_arguments)]
+    fn run(
+        &self,
+        cfg: &LlamaConfig,
+        layer: usize,
+        h: Tensor<B, 3>,
+        inputs: &AttnInputs<B>,
+        adapter: Option<&Adapter<B>>,
+        cache: Option<&mut KvCache<B>>,
+        mut rec: Option<&mut Recorder<B>>,
+    ) -> Tensor<B, 3> {
         let [b, t, _] = h.dims();
         let (nh, nkv, hd) = (
             cfg.num_attention_heads,
             cfg.num_key_value_heads,
             cfg.head_dim,
         );
-        let mut lora = BTreeMap::new();
         let (x1, inv1) = rms_norm_inv(h.clone(), &self.input_norm, cfg.rms_norm_eps);
-        let q = self.linear_traced(layer, "q_proj", x1.clone(), adapter, &mut lora);
-        let k = self.linear_traced(layer, "k_proj", x1.clone(), adapter, &mut lora);
-        let v = self.linear_traced(layer, "v_proj", x1.clone(), adapter, &mut lora);
+        if let Some(r) = rec.as_deref_mut() {
+            r.x1 = Some(x1.clone());
+            r.inv1 = Some(inv1);
+        }
+        let q = self.linear_lora(layer, "q_proj", x1.clone(), adapter, rec.as_deref_mut());
+        let k = self.linear_lora(layer, "k_proj", x1.clone(), adapter, rec.as_deref_mut());
+        let v = self.linear_lora(layer, "v_proj", x1, adapter, rec.as_deref_mut());
         let q = rope(
             q.reshape([b, t, nh, hd]).swap_dims(1, 2),
             &inputs.cos,
@@ -398,42 +493,46 @@ impl<B: Backend> Block<B> {
             }
             c.layers[layer] = Some((k.clone(), v.clone()));
         }
+        if let Some(r) = rec.as_deref_mut() {
+            r.q = Some(q.clone());
+            r.k = Some(k.clone());
+            r.v = Some(v.clone());
+        }
         let total = k.dims()[2];
         let rep = nh / nkv;
         let scale = 1.0 / (hd as f64).sqrt();
-        let scores = q.clone().matmul(expand_kv(k.clone(), rep).swap_dims(2, 3)) * scale;
+        let scores = q.matmul(expand_kv(k, rep).swap_dims(2, 3)) * scale;
         let scores = scores.mask_fill(inputs.mask.clone().expand([b, nh, t, total]), -1.0e30);
         let probs = activation::softmax(scores, 3);
+        if let Some(r) = rec.as_deref_mut() {
+            r.probs = Some(probs.clone());
+        }
         let attn = probs
-            .clone()
-            .matmul(expand_kv(v.clone(), rep))
+            .matmul(expand_kv(v, rep))
             .swap_dims(1, 2)
             .reshape([b, t, nh * hd]);
-        let o = self.linear_traced(layer, "o_proj", attn.clone(), adapter, &mut lora);
+        if let Some(r) = rec.as_deref_mut() {
+            r.attn = Some(attn.clone());
+        }
+        let o = self.linear_lora(layer, "o_proj", attn, adapter, rec.as_deref_mut());
         let h2 = h + o;
 
         let (x2, inv2) = rms_norm_inv(h2.clone(), &self.post_norm, cfg.rms_norm_eps);
-        let gate = self.linear_traced(layer, "gate_proj", x2.clone(), adapter, &mut lora);
-        let up = self.linear_traced(layer, "up_proj", x2.clone(), adapter, &mut lora);
-        let act = activation::silu(gate.clone()) * up.clone();
-        let m = self.linear_traced(layer, "down_proj", act.clone(), adapter, &mut lora);
-        BlockTrace {
-            out: h2.clone() + m,
-            x1,
-            inv1,
-            q,
-            k,
-            v,
-            probs,
-            attn,
-            h2,
-            x2,
-            inv2,
-            gate,
-            up,
-            act,
-            lora,
+        if let Some(r) = rec.as_deref_mut() {
+            r.h2 = Some(h2.clone());
+            r.x2 = Some(x2.clone());
+            r.inv2 = Some(inv2);
         }
+        let gate = self.linear_lora(layer, "gate_proj", x2.clone(), adapter, rec.as_deref_mut());
+        let up = self.linear_lora(layer, "up_proj", x2, adapter, rec.as_deref_mut());
+        let act = activation::silu(gate.clone()) * up.clone();
+        if let Some(r) = rec.as_deref_mut() {
+            r.gate = Some(gate);
+            r.up = Some(up);
+            r.act = Some(act.clone());
+        }
+        let m = self.linear_lora(layer, "down_proj", act, adapter, rec);
+        h2 + m
     }
 }
 
@@ -512,9 +611,7 @@ impl<B: Backend> Llama<B> {
             key_valid,
         } = self.prepare(batch, cache.as_deref());
         for (l, block) in self.layers.iter().enumerate() {
-            h = block
-                .forward_traced(&self.cfg, l, h, &inputs, adapter, cache.as_deref_mut())
-                .out;
+            h = block.forward(&self.cfg, l, h, &inputs, adapter, cache.as_deref_mut());
         }
         if let Some(c) = cache {
             c.key_valid = key_valid;
