@@ -18,7 +18,6 @@ use crate::commands::{check_plan, Codec};
 use crate::config::{Device, Dtype, Quantize, RunConfig, ALL_TARGETS};
 use crate::devmem::DeviceMemory;
 use crate::engine::RlhfModel;
-use crate::lora::Adapter;
 use crate::plan::Algo;
 use crate::train::{train_observed, RunOptions, StepObserver, StepPhase};
 use anyhow::{bail, ensure, Context, Result};
@@ -379,16 +378,7 @@ fn run_on<B: AutodiffBackend>(args: &BenchArgs, algo: Algo, device: &B::Device) 
         config_text: toml::to_string(&cfg).context("writing the run config")?,
     };
     let mut model = RlhfModel::for_run(loaded.model, &loaded.tok, &cfg);
-    model.adapters.insert(
-        Role::Policy,
-        Adapter::new(
-            Role::Policy.name(),
-            &cfg.lora,
-            &model.base.cfg,
-            cfg.train.seed,
-            device,
-        )?,
-    );
+    model.add_new_adapter(Role::Policy, &cfg.lora, cfg.train.seed)?;
 
     let mut probe = Probe::<B>::new(device.clone());
     let poll_smi = args.device == DeviceArg::Cuda;

@@ -6,7 +6,6 @@ use crate::cli::Loaded;
 use crate::config::{Device, Dtype, Quantize, RunConfig, Truncation};
 use crate::data::{Message, TextCodec, TokenizeOptions};
 use crate::engine::{new_head, RlhfModel};
-use crate::lora::Adapter;
 use crate::model::LlamaConfig;
 use crate::plan::{self, Algo};
 use crate::train::{evaluate, latest_checkpoint, train, RunOptions};
@@ -231,10 +230,7 @@ pub fn run_preference<B: AutodiffBackend>(
         Role::Policy
     };
     let seed = cfg.train.seed;
-    model.adapters.insert(
-        role,
-        Adapter::new(role.name(), &cfg.lora, &model.base.cfg, seed, device)?,
-    );
+    model.add_new_adapter(role, &cfg.lora, seed)?;
     if role == Role::Reward {
         model.heads.insert(
             role,

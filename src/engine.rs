@@ -80,6 +80,18 @@ impl<B: Backend> RlhfModel<B> {
         model
     }
 
+    /// Adds a freshly initialised adapter for `role` (PEFT's init, named after the role).
+    pub fn add_new_adapter(
+        &mut self,
+        role: Role,
+        cfg: &crate::config::LoraConfig,
+        seed: u64,
+    ) -> Result<()> {
+        let adapter = Adapter::new(role.name(), cfg, &self.base.cfg, seed, &self.base.device)?;
+        self.adapters.insert(role, adapter);
+        Ok(())
+    }
+
     /// The trainable tensors of `roles`, in a fixed order: each role's adapter, then its head.
     pub fn params(&self, roles: &[Role]) -> Vec<Tensor<B, 2>> {
         let mut out = Vec::new();

@@ -13,7 +13,6 @@ use crate::commands::{check_plan, Codec, TrainFlags};
 use crate::config::{Quantize, RunConfig, Truncation};
 use crate::data::{Content, PromptExample, TextCodec, TokenizeOptions};
 use crate::engine::RlhfModel;
-use crate::lora::Adapter;
 use crate::plan::Algo;
 use crate::train::{evaluate, latest_checkpoint, train};
 use anyhow::{bail, Context, Result};
@@ -203,16 +202,7 @@ pub fn run<B: AutodiffBackend>(
 
     let mut model = RlhfModel::for_run(loaded.model, &loaded.tok, &cfg);
     let seed = cfg.train.seed;
-    model.adapters.insert(
-        Role::Policy,
-        Adapter::new(
-            Role::Policy.name(),
-            &cfg.lora,
-            &model.base.cfg,
-            seed,
-            device,
-        )?,
-    );
+    model.add_new_adapter(Role::Policy, &cfg.lora, seed)?;
     let opts = flags.run_options(&cfg, &loaded.name, config_text)?;
     let settings = settings(&cfg, loss, stop_ids, pad_id)?;
     let mut trainer = GrpoTrainer::new(settings, rewards)?;

@@ -206,16 +206,7 @@ pub fn run<B: AutodiffBackend>(
     sampling.pad_id = pad_id;
 
     let mut model = RlhfModel::for_run(loaded.model, &loaded.tok, &cfg);
-    model.adapters.insert(
-        Role::Policy,
-        Adapter::new(
-            Role::Policy.name(),
-            &cfg.lora,
-            &model.base.cfg,
-            seed,
-            device,
-        )?,
-    );
+    model.add_new_adapter(Role::Policy, &cfg.lora, seed)?;
     load_reward_as(&mut model, &reward, Role::Reward)?;
     load_reward_as(&mut model, &reward, Role::Value)?;
 
