@@ -1,11 +1,10 @@
 //! bf16 GEMMs through cuBLASLt on raw device pointers.
 //!
 //! cubecl allocates from the CUDA primary context, so the pointers it hands out (`get_resource`)
-//! are valid here once that context is current on the calling thread. cubecl's streams are
-//! private and non-blocking, so ordering is kept by synchronizing: the caller syncs cubecl's
-//! stream before [`gemm_bf16`] and this module synchronizes the context after it. That costs a
-//! host round trip per GEMM, which is small next to GEMMs of training shapes; decode (few rows)
-//! uses the NF4 GEMV kernel instead and never comes here.
+//! are valid here once that context is current on the calling thread. The GEMM is enqueued on the
+//! stream cubecl orders those buffers on (our patched cubecl-cuda hands it out with the resource,
+//! see patches/cubecl-cuda/RLHF_PATCH.md): cubecl's kernels before it have produced the inputs,
+//! its kernels after it see the output, and nobody waits on the host.
 
 use anyhow::{anyhow, Result};
 use cudarc::cublaslt::{result as lt, sys};
@@ -155,10 +154,18 @@ impl Blas {
     }
 }
 
-/// `D (f32) = op(A) · op(B)` with bf16 `A`, `B` (column-major, as cuBLAS sees them), on the
-/// null stream, then waits for it. The caller has synchronized cubecl's stream and holds the
-/// buffers alive; `ordinal` is the device whose primary context owns them.
-pub fn gemm_bf16(ordinal: usize, s: GemmShape, a: u64, b: u64, d: u64) -> Result<()> {
+/// `D (f32) = op(A) · op(B)` with bf16 `A`, `B` (column-major, as cuBLAS sees them), enqueued on
+/// `stream` (cubecl's, which orders the buffers) without waiting. The caller holds the buffers
+/// alive until the call returns (later reuse of their memory is ordered by the stream);
+/// `ordinal` is the device whose primary context owns them.
+pub fn gemm_bf16(
+    ordinal: usize,
+    stream: sys::cudaStream_t,
+    s: GemmShape,
+    a: u64,
+    b: u64,
+    d: u64,
+) -> Result<()> {
     ensure_context(ordinal)?;
     let mut guard = BLAS
         .lock()
@@ -190,10 +197,9 @@ pub fn gemm_bf16(ordinal: usize, s: GemmShape, a: u64, b: u64, d: u64) -> Result
             &plan.algo,
             workspace as *mut c_void,
             WORKSPACE_BYTES,
-            std::ptr::null_mut(),
+            stream,
         )
         .map_err(|e| anyhow!("cuBLASLt matmul {s:?}: {e:?}"))?;
     }
-    drv::ctx::synchronize().map_err(|e| anyhow!("CUDA synchronize after GEMM: {e:?}"))?;
     Ok(())
 }

@@ -258,18 +258,19 @@ impl GpuLinear {
         d: &CubeTensor<CudaRuntime>,
     ) -> Result<()> {
         let client = self.client();
-        let ptr = |t: &CubeTensor<CudaRuntime>| -> Result<u64> {
-            Ok(client
+        let res = |t: &CubeTensor<CudaRuntime>| {
+            client
                 .get_resource(t.handle.clone())
-                .map_err(|e| anyhow::anyhow!("CUDA buffer: {e:?}"))?
-                .resource()
-                .ptr)
+                .map(|r| {
+                    let r = r.resource();
+                    (r.ptr, r.stream)
+                })
+                .map_err(|e| anyhow::anyhow!("CUDA buffer: {e:?}"))
         };
-        let (pa, pb, pd) = (ptr(a)?, ptr(b)?, ptr(d)?);
-        // cubecl's stream must have produced a and b before cuBLAS reads them.
-        cubecl::future::block_on(client.sync())
-            .map_err(|e| anyhow::anyhow!("CUDA sync before GEMM: {e:?}"))?;
-        gemm_bf16(self.device.index, shape, pa, pb, pd).context("qlinear GEMM")
+        let ((pa, stream), (pb, _), (pd, _)) = (res(a)?, res(b)?, res(d)?);
+        // cubecl's stream (the one its next launches go to) orders the GEMM after the kernels
+        // that produced `a` and `b`; a cudarc stream handle is the same pointer as a runtime one.
+        gemm_bf16(self.device.index, stream as _, shape, pa, pb, pd).context("qlinear GEMM")
     }
 
     fn gemv(&self, x: CubeTensor<CudaRuntime>, rows: usize) -> CubeTensor<CudaRuntime> {
