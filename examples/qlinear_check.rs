@@ -122,16 +122,9 @@ fn main() -> anyhow::Result<()> {
         burn::tensor::Shape::new([n, n]),
         burn::tensor::DType::F32,
     );
-    let shape = rlhf::cuda::blas::GemmShape {
-        trans_a: true,
-        trans_b: false,
-        m: n as u64,
-        n: n as u64,
-        k: n as u64,
-        lda: n as i64,
-        ldb: n as i64,
-        ldd: n as i64,
-    };
+    let nn = n as u64;
+    let shape =
+        rlhf::cuda::blas::GemmShape::bf16(true, false, nn, nn, nn, n as i64, n as i64, n as i64);
     let t_gemm = time(&device, 20, || {
         gpu.gemm(shape, &wb, &xb, &yb).expect("gemm")
     });

@@ -37,7 +37,30 @@ fn matmul_t<B: Backend>(x: Tensor<B, 2>, w: &Tensor<B, 2>) -> Tensor<B, 2> {
     if let Some(y) = crate::cuda::try_small_matmul_t(&x, w) {
         return y;
     }
-    x.matmul(w.clone().transpose())
+    matmul(&x, w, false, true, 1.0)
+}
+
+/// `alpha op(x) op(y)` (`op` transposes when asked): cuBLASLt on the plain CUDA backend, burn's
+/// matmul elsewhere.
+pub(crate) fn matmul<B: Backend>(
+    x: &Tensor<B, 2>,
+    y: &Tensor<B, 2>,
+    tx: bool,
+    ty: bool,
+    alpha: f64,
+) -> Tensor<B, 2> {
+    #[cfg(feature = "cuda")]
+    if let Some(z) = crate::cuda::train_ops::try_matmul(x, y, tx, ty, alpha) {
+        return z;
+    }
+    let x = if tx { x.clone().transpose() } else { x.clone() };
+    let y = if ty { y.clone().transpose() } else { y.clone() };
+    let z = x.matmul(y);
+    if alpha == 1.0 {
+        z
+    } else {
+        z * alpha
+    }
 }
 
 /// The module path PEFT uses for a target inside a Llama block.
@@ -114,7 +137,12 @@ impl<B: Backend> Adapter<B> {
         }
         let out = pair.b.dims()[0];
         let z = matmul_t(x2.clone(), &pair.a);
-        let y = matmul_t(z.clone(), &pair.b) * self.scaling();
+        let rows = z.dims()[0];
+        let y = if rows <= 16 {
+            matmul_t(z.clone(), &pair.b) * self.scaling()
+        } else {
+            matmul(&z, &pair.b, false, true, self.scaling())
+        };
         Some((y.reshape([b, t, out]), LoraTrace { x: x2, z, keep }))
     }
 

@@ -17,7 +17,17 @@ use std::sync::Mutex;
 /// cuBLASLt's recommended workspace on Hopper.
 const WORKSPACE_BYTES: usize = 32 << 20;
 
-/// A GEMM shape in cuBLAS' column-major terms: `D[m, n] = op(A)[m, k] · op(B)[k, n]`.
+/// The inputs' element type; the output and accumulation are f32 either way.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum GemmIn {
+    /// bf16 inputs on the tensor cores (the frozen base's GEMMs).
+    Bf16,
+    /// f32 inputs computed in TF32 (attention, LoRA factors), as burn-cuda's own matmul does.
+    F32Tf32,
+}
+
+/// A GEMM shape in cuBLAS' column-major terms: `D[m, n] = op(A)[m, k] · op(B)[k, n]`, repeated
+/// over `batch` matrices `stride_*` elements apart.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct GemmShape {
     pub trans_a: bool,
@@ -28,6 +38,84 @@ pub struct GemmShape {
     pub lda: i64,
     pub ldb: i64,
     pub ldd: i64,
+    pub input: GemmIn,
+    pub batch: i32,
+    pub stride_a: i64,
+    pub stride_b: i64,
+    pub stride_d: i64,
+}
+
+impl GemmShape {
+    /// One (unbatched) GEMM with bf16 inputs.
+    #[allow(clippy::too_many_arguments)]
+    pub fn bf16(
+        trans_a: bool,
+        trans_b: bool,
+        m: u64,
+        n: u64,
+        k: u64,
+        lda: i64,
+        ldb: i64,
+        ldd: i64,
+    ) -> Self {
+        Self {
+            trans_a,
+            trans_b,
+            m,
+            n,
+            k,
+            lda,
+            ldb,
+            ldd,
+            input: GemmIn::Bf16,
+            batch: 1,
+            stride_a: 0,
+            stride_b: 0,
+            stride_d: 0,
+        }
+    }
+
+    /// Row-major `C[rows, cols] = op(X)[rows, inner] · op(Y)[inner, cols]` for contiguous
+    /// matrices, `batch` of each packed back to back: `X` is stored `[rows, inner]` (or
+    /// `[inner, rows]` when `trans_x`), `Y` `[inner, cols]` (or `[cols, inner]`). cuBLAS sees the
+    /// transposed problem `C^T = op(Y)^T · op(X)^T`, so its `A` is `Y` and its `B` is `X`.
+    pub fn row_major(
+        input: GemmIn,
+        batch: usize,
+        (rows, inner, cols): (usize, usize, usize),
+        trans_x: bool,
+        trans_y: bool,
+    ) -> Self {
+        let (r, i, c) = (rows as u64, inner as u64, cols as u64);
+        Self {
+            trans_a: trans_y,
+            trans_b: trans_x,
+            m: c,
+            n: r,
+            k: i,
+            lda: if trans_y { i } else { c } as i64,
+            ldb: if trans_x { r } else { i } as i64,
+            ldd: c as i64,
+            input,
+            batch: batch as i32,
+            stride_a: (i * c) as i64,
+            stride_b: (r * i) as i64,
+            stride_d: (r * c) as i64,
+        }
+    }
+
+    /// Elements each operand spans (for bounds checks by the caller): `(a, b, d)`.
+    pub fn spans(&self) -> (u64, u64, u64) {
+        let cols = |trans: bool, rows_op: u64, cols_op: u64| if trans { rows_op } else { cols_op };
+        let span = |ld: i64, ncols: u64, stride: i64| {
+            (self.batch as u64 - 1) * stride as u64 + ld as u64 * ncols
+        };
+        (
+            span(self.lda, cols(self.trans_a, self.m, self.k), self.stride_a),
+            span(self.ldb, cols(self.trans_b, self.k, self.n), self.stride_b),
+            span(self.ldd, self.n, self.stride_d),
+        )
+    }
 }
 
 /// The descriptors and the heuristic's algorithm for one shape, made once.
@@ -76,8 +164,31 @@ fn layout(
     cols: u64,
     ld: i64,
     ty: sys::cudaDataType,
+    batch: i32,
+    stride: i64,
 ) -> Result<sys::cublasLtMatrixLayout_t> {
-    lt::create_matrix_layout(ty, rows, cols, ld).map_err(|e| anyhow!("cuBLASLt layout: {e:?}"))
+    let l = lt::create_matrix_layout(ty, rows, cols, ld)
+        .map_err(|e| anyhow!("cuBLASLt layout: {e:?}"))?;
+    if batch > 1 {
+        // SAFETY: the attributes are an i32 and an i64, the sizes cuBLASLt documents for them.
+        unsafe {
+            lt::set_matrix_layout_attribute(
+                l,
+                sys::cublasLtMatrixLayoutAttribute_t::CUBLASLT_MATRIX_LAYOUT_BATCH_COUNT,
+                &batch as *const i32 as *const c_void,
+                4,
+            )
+            .map_err(|e| anyhow!("cuBLASLt batch count: {e:?}"))?;
+            lt::set_matrix_layout_attribute(
+                l,
+                sys::cublasLtMatrixLayoutAttribute_t::CUBLASLT_MATRIX_LAYOUT_STRIDED_BATCH_OFFSET,
+                &stride as *const i64 as *const c_void,
+                8,
+            )
+            .map_err(|e| anyhow!("cuBLASLt batch stride: {e:?}"))?;
+        }
+    }
+    Ok(l)
 }
 
 impl Blas {
@@ -95,14 +206,20 @@ impl Blas {
 
     fn plan(&mut self, s: GemmShape) -> Result<&Plan> {
         if !self.plans.contains_key(&s) {
-            let bf16 = sys::cudaDataType::CUDA_R_16BF;
             let f32t = sys::cudaDataType::CUDA_R_32F;
+            let (in_t, compute) = match s.input {
+                GemmIn::Bf16 => (
+                    sys::cudaDataType::CUDA_R_16BF,
+                    sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+                ),
+                GemmIn::F32Tf32 => (f32t, sys::cublasComputeType_t::CUBLAS_COMPUTE_32F_FAST_TF32),
+            };
             let (ar, ac) = if s.trans_a { (s.k, s.m) } else { (s.m, s.k) };
             let (br, bc) = if s.trans_b { (s.n, s.k) } else { (s.k, s.n) };
-            let a = layout(ar, ac, s.lda, bf16)?;
-            let b = layout(br, bc, s.ldb, bf16)?;
-            let d = layout(s.m, s.n, s.ldd, f32t)?;
-            let desc = lt::create_matmul_desc(sys::cublasComputeType_t::CUBLAS_COMPUTE_32F, f32t)
+            let a = layout(ar, ac, s.lda, in_t, s.batch, s.stride_a)?;
+            let b = layout(br, bc, s.ldb, in_t, s.batch, s.stride_b)?;
+            let d = layout(s.m, s.n, s.ldd, f32t, s.batch, s.stride_d)?;
+            let desc = lt::create_matmul_desc(compute, f32t)
                 .map_err(|e| anyhow!("cuBLASLt desc: {e:?}"))?;
             let pref = lt::create_matmul_pref().map_err(|e| anyhow!("cuBLASLt pref: {e:?}"))?;
             // SAFETY: attribute buffers are plain values of the sizes cuBLASLt expects.
@@ -154,14 +271,17 @@ impl Blas {
     }
 }
 
-/// `D (f32) = op(A) · op(B)` with bf16 `A`, `B` (column-major, as cuBLAS sees them), enqueued on
+/// `D (f32) = alpha op(A) · op(B) + beta D` (column-major, as cuBLAS sees them), enqueued on
 /// `stream` (cubecl's, which orders the buffers) without waiting. The caller holds the buffers
 /// alive until the call returns (later reuse of their memory is ordered by the stream);
 /// `ordinal` is the device whose primary context owns them.
-pub fn gemm_bf16(
+#[allow(clippy::too_many_arguments)]
+pub fn gemm(
     ordinal: usize,
     stream: sys::cudaStream_t,
     s: GemmShape,
+    alpha: f32,
+    beta: f32,
     a: u64,
     b: u64,
     d: u64,
@@ -177,9 +297,8 @@ pub fn gemm_bf16(
     let handle = blas.handle;
     let workspace = blas.workspace;
     let plan = blas.plan(s)?;
-    let (alpha, beta) = (1.0f32, 0.0f32);
     // SAFETY: pointers are live device buffers of the sizes the layouts describe (checked by the
-    // caller); `d` is both C (unused, beta = 0) and D.
+    // caller); `d` is both C (read only when beta != 0) and D.
     unsafe {
         lt::matmul(
             handle,

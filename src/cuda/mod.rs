@@ -30,6 +30,8 @@ pub mod blas;
 pub mod decode;
 pub mod kernels;
 pub mod qlinear;
+pub mod train_kernels;
+pub mod train_ops;
 
 use crate::quant::{BaseLinear, BaseWeight};
 use burn::tensor::Tensor;

@@ -6,7 +6,7 @@
 //! autodiff node's state is the 4-bit weight itself. Few rows (decode): the fused NF4 GEMV
 //! kernel reads each 4-bit weight once and never writes a dense copy.
 
-use super::blas::{gemm_bf16, GemmShape};
+use super::blas::GemmShape;
 use super::kernels::{f32_gemv, nf4_dequant_bf16, nf4_gemv_fused, WORD};
 use crate::quant::nf4::{dynamic_map_signed, Nf4Tensor, BLOCK_SIZE, NF4_CODE};
 use anyhow::{ensure, Context, Result};
@@ -196,16 +196,8 @@ impl GpuLinear {
         }
         // Row-major x [rows, in] and W [out, in] are column-major [in, rows] and [in, out]:
         // y^T [out, rows] = W^T-of-that · x, i.e. op(A) = A^T with A = W.
-        let shape = GemmShape {
-            trans_a: true,
-            trans_b: false,
-            m: self.out_features as u64,
-            n: rows as u64,
-            k: self.in_features as u64,
-            lda: self.in_features as i64,
-            ldb: self.in_features as i64,
-            ldd: self.out_features as i64,
-        };
+        let (o, i, n) = (self.out_features as u64, self.in_features as u64, rows as u64);
+        let shape = GemmShape::bf16(true, false, o, n, i, i as i64, i as i64, o as i64);
         self.with_weight(x, shape)
     }
 
@@ -213,16 +205,8 @@ impl GpuLinear {
     pub fn backward(&self, dy: CubeTensor<CudaRuntime>) -> Result<CubeTensor<CudaRuntime>> {
         let rows = dy.meta.shape()[0];
         // Column-major: dx^T [in, rows] = W_c [in, out] · dy^T [out, rows].
-        let shape = GemmShape {
-            trans_a: false,
-            trans_b: false,
-            m: self.in_features as u64,
-            n: rows as u64,
-            k: self.out_features as u64,
-            lda: self.in_features as i64,
-            ldb: self.out_features as i64,
-            ldd: self.in_features as i64,
-        };
+        let (o, i, n) = (self.out_features as u64, self.in_features as u64, rows as u64);
+        let shape = GemmShape::bf16(false, false, i, n, o, i as i64, o as i64, i as i64);
         self.with_weight(dy, shape)
     }
 
@@ -257,20 +241,7 @@ impl GpuLinear {
         b: &CubeTensor<CudaRuntime>,
         d: &CubeTensor<CudaRuntime>,
     ) -> Result<()> {
-        let client = self.client();
-        let res = |t: &CubeTensor<CudaRuntime>| {
-            client
-                .get_resource(t.handle.clone())
-                .map(|r| {
-                    let r = r.resource();
-                    (r.ptr, r.stream)
-                })
-                .map_err(|e| anyhow::anyhow!("CUDA buffer: {e:?}"))
-        };
-        let ((pa, stream), (pb, _), (pd, _)) = (res(a)?, res(b)?, res(d)?);
-        // cubecl's stream (the one its next launches go to) orders the GEMM after the kernels
-        // that produced `a` and `b`; a cudarc stream handle is the same pointer as a runtime one.
-        gemm_bf16(self.device.index, stream as _, shape, pa, pb, pd).context("qlinear GEMM")
+        super::train_ops::gemm(shape, 1.0, 0.0, a, b, d).context("qlinear GEMM")
     }
 
     fn gemv(&self, x: CubeTensor<CudaRuntime>, rows: usize) -> CubeTensor<CudaRuntime> {

@@ -12,12 +12,14 @@
 //! recomputes logits chunk by chunk (`plan.logits_chunk` tokens at a time).
 
 use super::config::LlamaConfig;
-use super::llama::{expand_kv, rope, AttnInputs, Block, BlockTrace, Llama, LoraTrace, OutputHead};
-use crate::lora::{Adapter, LoraPair};
+use super::llama::{
+    expand_kv, from_heads, to_heads, AttnInputs, Block, BlockTrace, Llama, LoraTrace, OutputHead,
+};
+use crate::lora::{matmul, Adapter, LoraPair};
 use burn::tensor::{
     activation,
     backend::{AutodiffBackend, Backend},
-    IndexingUpdateOp, Int, Tensor, TensorData, TensorPrimitive,
+    Bool, IndexingUpdateOp, Int, Tensor, TensorData, TensorPrimitive,
 };
 use burn_autodiff::checkpoint::{base::Checkpointer, strategy::NoCheckpointing};
 use burn_autodiff::grads::Gradients;
@@ -237,17 +239,69 @@ fn splitmix(x: u64) -> u64 {
     z ^ (z >> 31)
 }
 
-/// RMSNorm backward: `y = w * x * inv` with `inv = 1 / sqrt(mean(x^2) + eps)`.
+/// `res` plus the RMSNorm backward of `dy` (`y = w * x * inv`, `inv = 1 / sqrt(mean(x^2) + eps)`).
 fn rms_backward<B: Backend>(
+    res: Tensor<B, 3>,
     dy: Tensor<B, 3>,
     x: &Tensor<B, 3>,
     inv: &Tensor<B, 3>,
     w: &Tensor<B, 1>,
 ) -> Tensor<B, 3> {
+    #[cfg(feature = "cuda")]
+    if let Some(dx) = crate::cuda::train_ops::try_rms_backward(&res, &dy, x, inv, w) {
+        return dx;
+    }
     let xn = x.clone() * inv.clone();
     let dxn = dy * w.clone().unsqueeze_dim::<2>(0).unsqueeze_dim::<3>(0);
     let dot = (dxn.clone() * xn.clone()).mean_dim(2);
-    (dxn - xn * dot) * inv.clone()
+    res + (dxn - xn * dot) * inv.clone()
+}
+
+/// `(dgate, dup)` of `act = silu(gate) * up`.
+fn swiglu_backward<B: Backend>(
+    dact: Tensor<B, 3>,
+    gate: &Tensor<B, 3>,
+    up: &Tensor<B, 3>,
+) -> (Tensor<B, 3>, Tensor<B, 3>) {
+    #[cfg(feature = "cuda")]
+    if let Some(r) = crate::cuda::train_ops::try_swiglu_backward(&dact, gate, up) {
+        return r;
+    }
+    let sig = activation::sigmoid(gate.clone());
+    let silu = gate.clone() * sig.clone();
+    let dsilu = sig.clone() * (gate.clone() * (sig.neg() + 1.0) + 1.0);
+    (dact.clone() * up.clone() * dsilu, dact * silu)
+}
+
+/// Gradients of `llama::attention` from `dout [b, nh, t, d]`: `(dq, dk, dv)`, the key and value
+/// gradients summed over the query heads sharing them (`[b, nkv, total, d]`).
+#[allow(clippy::type_complexity)]
+fn attention_backward<B: Backend>(
+    dout: Tensor<B, 4>,
+    tr: &BlockTrace<B>,
+    mask: &Tensor<B, 4, Bool>,
+    scale: f64,
+) -> (Tensor<B, 4>, Tensor<B, 4>, Tensor<B, 4>) {
+    #[cfg(feature = "cuda")]
+    if let Some(r) = crate::cuda::train_ops::try_attention_backward(
+        &dout, &tr.q, &tr.k, &tr.v, &tr.probs, mask, scale,
+    ) {
+        return r;
+    }
+    let [b, nh, t, _] = dout.dims();
+    let [_, nkv, total, _] = tr.k.dims();
+    let rep = nh / nkv;
+    let ke = expand_kv(tr.k.clone(), rep);
+    let ve = expand_kv(tr.v.clone(), rep);
+    let dve = tr.probs.clone().swap_dims(2, 3).matmul(dout.clone());
+    let dp = dout.matmul(ve.swap_dims(2, 3));
+    let row = (dp.clone() * tr.probs.clone()).sum_dim(3);
+    let ds = (tr.probs.clone() * (dp - row))
+        .mask_fill(mask.clone().expand([b, nh, t, total]), 0.0)
+        * scale;
+    let dq = ds.clone().matmul(ke);
+    let dke = ds.swap_dims(2, 3).matmul(tr.q.clone());
+    (dq, reduce_kv(dke, rep), reduce_kv(dve, rep))
 }
 
 /// Input gradients through one adapted linear, collecting the LoRA factors' gradients.
@@ -268,12 +322,13 @@ impl<B: Backend> LinearGrads<'_, B> {
             return dx;
         };
         let [b, t, out] = dy.dims();
-        let dy = dy.reshape([b * t, out]) * self.scaling;
+        let dy = dy.reshape([b * t, out]);
+        let s = self.scaling;
         // dB = s dy^T z, dz = s dy B, dA = dz^T x, dx = dz A (times the dropout mask).
-        let db = dy.clone().transpose().matmul(tr.z.clone());
-        let dz = dy.matmul(pair.b.clone());
-        let da = dz.clone().transpose().matmul(tr.x.clone());
-        let mut dxl = dz.matmul(pair.a.clone());
+        let db = matmul(&dy, &tr.z, true, false, s);
+        let dz = matmul(&dy, &pair.b, false, false, s);
+        let da = matmul(&dz, &tr.x, true, false, 1.0);
+        let mut dxl = matmul(&dz, &pair.a, false, false, 1.0);
         if let Some(keep) = &tr.keep {
             dxl = dxl * keep.clone();
         }
@@ -309,14 +364,7 @@ pub fn block_backward<B: Backend>(
     tr: &BlockTrace<B>,
     dout: Tensor<B, 3>,
 ) -> (Tensor<B, 3>, FactorGrads<B>) {
-    let (nh, nkv, hd) = (
-        cfg.num_attention_heads,
-        cfg.num_key_value_heads,
-        cfg.head_dim,
-    );
-    let rep = nh / nkv;
-    let [b, t, _] = dout.dims();
-    let total = tr.k.dims()[2];
+    let (nh, hd) = (cfg.num_attention_heads, cfg.head_dim);
     let empty = BTreeMap::new();
     let pairs = adapter.layers.get(layer).unwrap_or(&empty);
     let mut lin = LinearGrads {
@@ -329,43 +377,21 @@ pub fn block_backward<B: Backend>(
 
     // MLP: out = h2 + down(silu(gate) * up).
     let dact = lin.backward("down_proj", dout.clone());
-    let sig = activation::sigmoid(tr.gate.clone());
-    let silu = tr.gate.clone() * sig.clone();
-    let dsilu = sig.clone() * (tr.gate.clone() * (sig.neg() + 1.0) + 1.0);
-    let dgate = dact.clone() * tr.up.clone() * dsilu;
-    let dup = dact * silu;
+    let (dgate, dup) = swiglu_backward(dact, &tr.gate, &tr.up);
     let dx2 = lin.backward("gate_proj", dgate) + lin.backward("up_proj", dup);
-    let dh2 = dout + rms_backward(dx2, &tr.h2, &tr.inv2, &block.post_norm);
+    let dh2 = rms_backward(dout, dx2, &tr.h2, &tr.inv2, &block.post_norm);
 
     // Attention: h2 = h + o_proj(softmax(mask(q k^T * scale)) v).
-    let dattn = lin
-        .backward("o_proj", dh2.clone())
-        .reshape([b, t, nh, hd])
-        .swap_dims(1, 2);
-    let ke = expand_kv(tr.k.clone(), rep);
-    let ve = expand_kv(tr.v.clone(), rep);
-    let dve = tr.probs.clone().swap_dims(2, 3).matmul(dattn.clone());
-    let dp = dattn.matmul(ve.swap_dims(2, 3));
-    let row = (dp.clone() * tr.probs.clone()).sum_dim(3);
+    let dattn = to_heads(lin.backward("o_proj", dh2.clone()), nh, None);
     let scale = 1.0 / (hd as f64).sqrt();
-    let ds = (tr.probs.clone() * (dp - row))
-        .mask_fill(inputs.mask.clone().expand([b, nh, t, total]), 0.0)
-        * scale;
-    let dq = ds.clone().matmul(ke);
-    let dke = ds.swap_dims(2, 3).matmul(tr.q.clone());
-    // RoPE is a rotation: its transpose rotates by -angle.
-    let neg_sin = inputs.sin.clone().neg();
-    let dq = rope(dq, &inputs.cos, &neg_sin)
-        .swap_dims(1, 2)
-        .reshape([b, t, nh * hd]);
-    let dk = rope(reduce_kv(dke, rep), &inputs.cos, &neg_sin)
-        .swap_dims(1, 2)
-        .reshape([b, t, nkv * hd]);
-    let dv = reduce_kv(dve, rep)
-        .swap_dims(1, 2)
-        .reshape([b, t, nkv * hd]);
+    let (dq, dk, dv) = attention_backward(dattn, tr, &inputs.mask, scale);
+    // RoPE is a rotation: its gradient rotates back by minus the angle.
+    let tables = Some((&inputs.cos, &inputs.sin));
+    let dq = from_heads(dq, tables);
+    let dk = from_heads(dk, tables);
+    let dv = from_heads(dv, None);
     let dx1 = lin.backward("q_proj", dq) + lin.backward("k_proj", dk) + lin.backward("v_proj", dv);
-    let dh = dh2 + rms_backward(dx1, h, &tr.inv1, &block.input_norm);
+    let dh = rms_backward(dh2, dx1, h, &tr.inv1, &block.input_norm);
 
     let mut grads = lin.grads;
     let dparams = pairs

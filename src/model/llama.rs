@@ -85,6 +85,15 @@ impl<B: AutodiffBackend> Llama<B> {
         checkpoint: bool,
     ) -> Tensor<B, 3> {
         let Some(adapter) = adapter.filter(|_| checkpoint) else {
+            if adapter.is_none() {
+                // The frozen base alone (the reference role) has nothing to differentiate: run
+                // it on the plain backend, where the fused CUDA ops apply and no graph is kept.
+                let inner = Batch {
+                    tokens: batch.tokens.clone().inner(),
+                    valid: batch.valid.clone(),
+                };
+                return Tensor::from_inner(self.inner().forward_hidden(&inner, None, None));
+            }
             return self.forward_hidden(batch, adapter, None);
         };
         let Prepared { mut h, inputs, .. } = self.prepare(batch, None);
@@ -319,6 +328,10 @@ fn rms_norm_inv<B: Backend>(
     w: &Tensor<B, 1>,
     eps: f64,
 ) -> (Tensor<B, 3>, Tensor<B, 3>) {
+    #[cfg(feature = "cuda")]
+    if let Some(r) = crate::cuda::train_ops::try_rms_norm(&x, w, eps) {
+        return r;
+    }
     let inv = (x.clone().powi_scalar(2).mean_dim(2) + eps).sqrt().recip();
     let y = x * inv.clone() * w.clone().unsqueeze_dim::<2>(0).unsqueeze_dim::<3>(0);
     (y, inv)
@@ -333,6 +346,75 @@ pub(crate) fn expand_kv<B: Backend>(x: Tensor<B, 4>, rep: usize) -> Tensor<B, 4>
     x.unsqueeze_dim::<5>(2)
         .expand([b, nkv, rep, t, d])
         .reshape([b, nkv * rep, t, d])
+}
+
+/// The projections' `[b, t, heads * d]` as attention heads `[b, heads, t, d]`, RoPE-rotated
+/// when `rope` gives the `(cos, sin)` tables.
+pub(crate) fn to_heads<B: Backend>(
+    x: Tensor<B, 3>,
+    heads: usize,
+    rope_tables: Option<(&Tensor<B, 4>, &Tensor<B, 4>)>,
+) -> Tensor<B, 4> {
+    #[cfg(feature = "cuda")]
+    if let Some(y) = crate::cuda::train_ops::try_to_heads(&x, heads, rope_tables) {
+        return y;
+    }
+    let [b, t, w] = x.dims();
+    let x = x.reshape([b, t, heads, w / heads]).swap_dims(1, 2);
+    match rope_tables {
+        Some((cos, sin)) => rope(x, cos, sin),
+        None => x,
+    }
+}
+
+/// The inverse layout change of [`to_heads`], `[b, heads, t, d] -> [b, t, heads * d]`; with
+/// `rope` it rotates back by minus the angle (the transpose of the rotation, for gradients).
+pub(crate) fn from_heads<B: Backend>(
+    x: Tensor<B, 4>,
+    rope_tables: Option<(&Tensor<B, 4>, &Tensor<B, 4>)>,
+) -> Tensor<B, 3> {
+    #[cfg(feature = "cuda")]
+    if let Some(y) = crate::cuda::train_ops::try_from_heads(&x, rope_tables) {
+        return y;
+    }
+    let [b, h, t, d] = x.dims();
+    let x = match rope_tables {
+        Some((cos, sin)) => rope(x, cos, &sin.clone().neg()),
+        None => x,
+    };
+    x.swap_dims(1, 2).reshape([b, t, h * d])
+}
+
+/// `softmax(mask(q k^T * scale)) v` with grouped key/value heads (`q [b, nh, t, d]`,
+/// `k`, `v [b, nkv, total, d]`, mask `[b, 1, t, total]`, true = forbidden): the output
+/// `[b, nh, t, d]` and the probabilities.
+pub(crate) fn attention<B: Backend>(
+    q: Tensor<B, 4>,
+    k: Tensor<B, 4>,
+    v: Tensor<B, 4>,
+    mask: &Tensor<B, 4, Bool>,
+    scale: f64,
+) -> (Tensor<B, 4>, Tensor<B, 4>) {
+    #[cfg(feature = "cuda")]
+    if let Some(r) = crate::cuda::train_ops::try_attention(&q, &k, &v, mask, scale) {
+        return r;
+    }
+    let [b, nh, t, _] = q.dims();
+    let [_, nkv, total, _] = k.dims();
+    let rep = nh / nkv;
+    let scores = q.matmul(expand_kv(k, rep).swap_dims(2, 3)) * scale;
+    let scores = scores.mask_fill(mask.clone().expand([b, nh, t, total]), -1.0e30);
+    let probs = activation::softmax(scores, 3);
+    (probs.clone().matmul(expand_kv(v, rep)), probs)
+}
+
+/// `silu(gate) * up`.
+pub(crate) fn swiglu<B: Backend>(gate: Tensor<B, 3>, up: Tensor<B, 3>) -> Tensor<B, 3> {
+    #[cfg(feature = "cuda")]
+    if let Some(y) = crate::cuda::train_ops::try_swiglu(&gate, &up) {
+        return y;
+    }
+    activation::silu(gate) * up
 }
 
 /// What [`Block::forward_traced`] collects while the block runs, each `None` until its step ran.
@@ -461,7 +543,6 @@ impl<B: Backend> Block<B> {
         cache: Option<&mut KvCache<B>>,
         mut rec: Option<&mut Recorder<B>>,
     ) -> Tensor<B, 3> {
-        let [b, t, _] = h.dims();
         let (nh, nkv, hd) = (
             cfg.num_attention_heads,
             cfg.num_key_value_heads,
@@ -475,17 +556,10 @@ impl<B: Backend> Block<B> {
         let q = self.linear_lora(layer, "q_proj", x1.clone(), adapter, rec.as_deref_mut());
         let k = self.linear_lora(layer, "k_proj", x1.clone(), adapter, rec.as_deref_mut());
         let v = self.linear_lora(layer, "v_proj", x1, adapter, rec.as_deref_mut());
-        let q = rope(
-            q.reshape([b, t, nh, hd]).swap_dims(1, 2),
-            &inputs.cos,
-            &inputs.sin,
-        );
-        let mut k = rope(
-            k.reshape([b, t, nkv, hd]).swap_dims(1, 2),
-            &inputs.cos,
-            &inputs.sin,
-        );
-        let mut v = v.reshape([b, t, nkv, hd]).swap_dims(1, 2);
+        let tables = Some((&inputs.cos, &inputs.sin));
+        let q = to_heads(q, nh, tables);
+        let mut k = to_heads(k, nkv, tables);
+        let mut v = to_heads(v, nkv, None);
         if let Some(c) = cache {
             if let Some((pk, pv)) = c.layers[layer].take() {
                 k = Tensor::cat(vec![pk, k], 2);
@@ -498,19 +572,12 @@ impl<B: Backend> Block<B> {
             r.k = Some(k.clone());
             r.v = Some(v.clone());
         }
-        let total = k.dims()[2];
-        let rep = nh / nkv;
         let scale = 1.0 / (hd as f64).sqrt();
-        let scores = q.matmul(expand_kv(k, rep).swap_dims(2, 3)) * scale;
-        let scores = scores.mask_fill(inputs.mask.clone().expand([b, nh, t, total]), -1.0e30);
-        let probs = activation::softmax(scores, 3);
+        let (attn, probs) = attention(q, k, v, &inputs.mask, scale);
         if let Some(r) = rec.as_deref_mut() {
-            r.probs = Some(probs.clone());
+            r.probs = Some(probs);
         }
-        let attn = probs
-            .matmul(expand_kv(v, rep))
-            .swap_dims(1, 2)
-            .reshape([b, t, nh * hd]);
+        let attn = from_heads(attn, None);
         if let Some(r) = rec.as_deref_mut() {
             r.attn = Some(attn.clone());
         }
@@ -525,7 +592,7 @@ impl<B: Backend> Block<B> {
         }
         let gate = self.linear_lora(layer, "gate_proj", x2.clone(), adapter, rec.as_deref_mut());
         let up = self.linear_lora(layer, "up_proj", x2, adapter, rec.as_deref_mut());
-        let act = activation::silu(gate.clone()) * up.clone();
+        let act = swiglu(gate.clone(), up.clone());
         if let Some(r) = rec.as_deref_mut() {
             r.gate = Some(gate);
             r.up = Some(up);

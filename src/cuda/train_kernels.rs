@@ -1,0 +1,245 @@
+//! CubeCL kernels for the many-row (training, prefill) block: each replaces a chain of burn
+//! tensor ops (one launch and one full read and write of the tensor per op) with one pass.
+//! Row kernels give each row to one plane of 32 lanes, `CUBE_DIM_Y` rows per cube; a whole plane
+//! leaves together, so the plane reductions never see a missing lane.
+
+use cubecl::prelude::*;
+
+/// Rows below this bias are masked (the bias is 0 or -1e30).
+const MASKED: f32 = -1.0e29;
+
+/// The row this plane works on.
+#[cube]
+fn plane_row() -> usize {
+    CUBE_POS_X as usize * CUBE_DIM_Y as usize + UNIT_POS_Y as usize
+}
+
+/// HF's RMSNorm per row, `y = x * inv * w` with `inv = 1 / sqrt(mean(x^2) + eps)`, also
+/// writing `inv` (one per row) for the backward.
+#[cube(launch_unchecked)]
+pub fn rms_norm_fwd(
+    x: &Array<f32>,
+    w: &Array<f32>,
+    y: &mut Array<f32>,
+    inv: &mut Array<f32>,
+    rows: usize,
+    width: usize,
+    eps: f32,
+) {
+    let row = plane_row();
+    if row >= rows {
+        terminate!();
+    }
+    let base = row * width;
+    let lane = UNIT_POS_X as usize;
+    let mut ss = 0.0f32;
+    let mut k = lane;
+    while k < width {
+        let v = x[base + k];
+        ss += v * v;
+        k += 32;
+    }
+    let r = 1.0f32 / (plane_sum(ss) / (width as f32) + eps).sqrt();
+    let mut k = lane;
+    while k < width {
+        y[base + k] = x[base + k] * r * w[k];
+        k += 32;
+    }
+    if lane == 0 {
+        inv[row] = r;
+    }
+}
+
+/// RMSNorm backward plus a residual: `dx = res + (dxn - xn * mean(dxn * xn)) * inv` with
+/// `xn = x * inv`, `dxn = dy * w`.
+#[cube(launch_unchecked)]
+#[allow(clippy::too_many_arguments)]
+pub fn rms_norm_bwd(
+    dy: &Array<f32>,
+    x: &Array<f32>,
+    inv: &Array<f32>,
+    w: &Array<f32>,
+    res: &Array<f32>,
+    dx: &mut Array<f32>,
+    rows: usize,
+    width: usize,
+) {
+    let row = plane_row();
+    if row >= rows {
+        terminate!();
+    }
+    let base = row * width;
+    let lane = UNIT_POS_X as usize;
+    let r = inv[row];
+    let mut dot = 0.0f32;
+    let mut k = lane;
+    while k < width {
+        dot += dy[base + k] * w[k] * x[base + k] * r;
+        k += 32;
+    }
+    let mean = plane_sum(dot) / (width as f32);
+    let mut k = lane;
+    while k < width {
+        let xn = x[base + k] * r;
+        let dxn = dy[base + k] * w[k];
+        dx[base + k] = res[base + k] + (dxn - xn * mean) * r;
+        k += 32;
+    }
+}
+
+/// SwiGLU backward: from `dact` for `act = silu(gate) * up`, `dgate` and `dup`.
+#[cube(launch_unchecked)]
+pub fn swiglu_bwd(
+    dact: &Array<f32>,
+    gate: &Array<f32>,
+    up: &Array<f32>,
+    dgate: &mut Array<f32>,
+    dup: &mut Array<f32>,
+    n: usize,
+) {
+    let i = ABSOLUTE_POS;
+    if i < n {
+        let g = gate[i];
+        let sig = 1.0f32 / (1.0f32 + (-g).exp());
+        let d = dact[i];
+        dgate[i] = d * up[i] * (sig * (g * (1.0f32 - sig) + 1.0f32));
+        dup[i] = d * g * sig;
+    }
+}
+
+/// Between the projections' layout `[b, t, heads, d]` and the attention's `[b, heads, t, d]`,
+/// rotating each head by its RoPE angle on the way in (`rotate`), or by minus the angle on the
+/// way back (`back`: the transpose of a rotation, for gradients). `cos`/`sin` are `[b, t, d/2]`.
+/// One unit per (row, head, pair of rotated values).
+#[cube(launch_unchecked)]
+#[allow(clippy::too_many_arguments)]
+pub fn rope_transpose(
+    src: &Array<f32>,
+    cos: &Array<f32>,
+    sin: &Array<f32>,
+    dst: &mut Array<f32>,
+    b: usize,
+    t: usize,
+    heads: usize,
+    d: usize,
+    #[comptime] rotate: bool,
+    #[comptime] back: bool,
+) {
+    let half = d / 2;
+    let idx = ABSOLUTE_POS;
+    if idx >= b * t * heads * half {
+        terminate!();
+    }
+    let i = idx % half;
+    let rest = idx / half;
+    let h = rest % heads;
+    let bt = rest / heads;
+    let ti = bt % t;
+    let bi = bt / t;
+    let lin = (bt * heads + h) * d;
+    let head = ((bi * heads + h) * t + ti) * d;
+    let mut src_at = lin;
+    let mut dst_at = head;
+    if comptime!(back) {
+        src_at = head;
+        dst_at = lin;
+    }
+    let x1 = src[src_at + i];
+    let x2 = src[src_at + i + half];
+    if comptime!(rotate) {
+        let c = cos[bt * half + i];
+        let mut s = sin[bt * half + i];
+        if comptime!(back) {
+            s = -s;
+        }
+        dst[dst_at + i] = x1 * c - x2 * s;
+        dst[dst_at + i + half] = x2 * c + x1 * s;
+    } else {
+        dst[dst_at + i] = x1;
+        dst[dst_at + i + half] = x2;
+    }
+}
+
+/// Softmax of each score row plus its mask bias (`[b, t, width]`, 0 or -1e30), in place: the
+/// rows are `[b, heads, t]` of `width` keys. A fully masked row comes out uniform, as
+/// `mask_fill(-1e30)` then softmax does.
+#[cube(launch_unchecked)]
+pub fn masked_softmax(
+    s: &mut Array<f32>,
+    bias: &Array<f32>,
+    rows: usize,
+    heads: usize,
+    t: usize,
+    width: usize,
+) {
+    let row = plane_row();
+    if row >= rows {
+        terminate!();
+    }
+    let brow = ((row / (heads * t)) * t + row % t) * width;
+    let srow = row * width;
+    let lane = UNIT_POS_X as usize;
+    let mut m = f32::min_value();
+    let mut k = lane;
+    while k < width {
+        let v = s[srow + k] + bias[brow + k];
+        if v > m {
+            m = v;
+        }
+        k += 32;
+    }
+    let m = plane_max(m);
+    let mut sum = 0.0f32;
+    let mut k = lane;
+    while k < width {
+        let e = (s[srow + k] + bias[brow + k] - m).exp();
+        s[srow + k] = e;
+        sum += e;
+        k += 32;
+    }
+    let r = 1.0f32 / plane_sum(sum);
+    let mut k = lane;
+    while k < width {
+        s[srow + k] *= r;
+        k += 32;
+    }
+}
+
+/// Softmax backward through the mask and the score scale, in place on `dp`:
+/// `ds = scale * p * (dp - sum(dp * p))`, 0 where the key was masked.
+#[cube(launch_unchecked)]
+#[allow(clippy::too_many_arguments)]
+pub fn softmax_bwd(
+    p: &Array<f32>,
+    dp: &mut Array<f32>,
+    bias: &Array<f32>,
+    rows: usize,
+    heads: usize,
+    t: usize,
+    width: usize,
+    scale: f32,
+) {
+    let row = plane_row();
+    if row >= rows {
+        terminate!();
+    }
+    let brow = ((row / (heads * t)) * t + row % t) * width;
+    let srow = row * width;
+    let lane = UNIT_POS_X as usize;
+    let mut dot = 0.0f32;
+    let mut k = lane;
+    while k < width {
+        dot += dp[srow + k] * p[srow + k];
+        k += 32;
+    }
+    let dot = plane_sum(dot);
+    let mut k = lane;
+    while k < width {
+        let mut v = scale * p[srow + k] * (dp[srow + k] - dot);
+        if bias[brow + k] < MASKED {
+            v = 0.0f32;
+        }
+        dp[srow + k] = v;
+        k += 32;
+    }
+}

@@ -1,0 +1,482 @@
+//! The decoder block's many-row ops on CUDA (training, prefill, the reference pass): fused
+//! CubeCL kernels (`train_kernels`) for RMSNorm, SwiGLU, RoPE and the masked softmax, and
+//! cuBLASLt batched GEMMs for attention. Each `try_*` returns `None` unless `B` is the plain CUDA
+//! backend, and the caller then runs its reference burn ops (the autodiff backend must record
+//! burn's graph; the checkpointed blocks run on the plain backend). `examples/train_ops_check.rs`
+//! compares every op here with that reference on the GPU.
+//!
+//! Attention never expands the grouped key/value heads: the `rep` query heads sharing one KV head
+//! are contiguous in `[b, nh, t, d]`, so each group is one `[rep * t, d]` matrix and the scores,
+//! the weighted values and all four backward products are batched GEMMs over `b * nkv` groups
+//! (the key and value gradients come out already summed over the group).
+
+use super::blas::{self, GemmIn, GemmShape};
+use super::qlinear::Inner;
+use super::train_kernels::{
+    masked_softmax, rms_norm_bwd, rms_norm_fwd, rope_transpose, softmax_bwd, swiglu_bwd,
+};
+use anyhow::{ensure, Result};
+use burn::tensor::{backend::Backend, Bool, DType, Shape, Tensor, TensorPrimitive};
+use burn_cubecl::kernel::into_contiguous;
+use burn_cubecl::ops::numeric::empty_device_contiguous_dtype;
+use burn_cubecl::tensor::CubeTensor;
+use cubecl::cuda::CudaRuntime;
+use cubecl::prelude::*;
+use std::any::Any;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::OnceLock;
+
+type T = CubeTensor<CudaRuntime>;
+
+/// Rows per cube of the row kernels (one plane each).
+const ROW_PLANES: u32 = 4;
+
+/// Switch for A/B measurements and checks (`RLHF_NO_FUSED_TRAIN=1` or [`set_enabled`]).
+static ENABLED: AtomicBool = AtomicBool::new(true);
+
+/// Turns these ops on or off (off: every caller takes its reference burn ops).
+pub fn set_enabled(on: bool) {
+    ENABLED.store(on, Ordering::Relaxed);
+}
+
+fn enabled() -> bool {
+    static ENV_OFF: OnceLock<bool> = OnceLock::new();
+    ENABLED.load(Ordering::Relaxed)
+        && !*ENV_OFF.get_or_init(|| std::env::var_os("RLHF_NO_FUSED_TRAIN").is_some())
+}
+
+/// `alpha op(A) op(B) + beta D` over these tensors' buffers, on cubecl's stream (see `blas`).
+/// Each buffer is checked to hold what the shape reads or writes.
+pub fn gemm(shape: GemmShape, alpha: f32, beta: f32, a: &T, b: &T, d: &T) -> Result<()> {
+    let client = d.client.clone();
+    let in_bytes = match shape.input {
+        GemmIn::Bf16 => 2,
+        GemmIn::F32Tf32 => 4,
+    };
+    let (sa, sb, sd) = shape.spans();
+    let mut stream = None;
+    let mut ptrs = [0u64; 3];
+    for (i, (t, span, bytes)) in [(a, sa, in_bytes), (b, sb, in_bytes), (d, sd, 4)]
+        .into_iter()
+        .enumerate()
+    {
+        let res = client
+            .get_resource(t.handle.clone())
+            .map_err(|e| anyhow::anyhow!("CUDA buffer: {e:?}"))?;
+        let r = res.resource();
+        ensure!(
+            span * bytes <= r.size,
+            "GEMM operand {i} needs {} bytes, its buffer has {} ({shape:?})",
+            span * bytes,
+            r.size
+        );
+        ptrs[i] = r.ptr;
+        stream.get_or_insert(r.stream);
+    }
+    let stream = stream.expect("three operands");
+    // A cudarc driver stream is the same handle as a runtime API stream.
+    blas::gemm(
+        d.device.index,
+        stream as _,
+        shape,
+        alpha,
+        beta,
+        ptrs[0],
+        ptrs[1],
+        ptrs[2],
+    )
+}
+
+fn empty(like: &T, dims: &[usize]) -> T {
+    empty_device_contiguous_dtype(
+        like.client.clone(),
+        like.device.clone(),
+        Shape::from(dims.to_vec()),
+        DType::F32,
+    )
+}
+
+/// The plain CUDA primitive behind `t`, contiguous; `None` for any other backend.
+fn prim<B: Backend, const D: usize>(t: &Tensor<B, D>) -> Option<T> {
+    if !enabled() {
+        return None;
+    }
+    let t = (t as &dyn Any).downcast_ref::<Tensor<Inner, D>>()?;
+    Some(into_contiguous(t.clone().into_primitive().tensor()))
+}
+
+/// Back to `B`, which the caller's `prim` proved is the plain CUDA backend.
+fn wrap<B: Backend, const D: usize>(t: T) -> Tensor<B, D> {
+    let t = Tensor::<Inner, D>::from_primitive(TensorPrimitive::Float(t));
+    *(Box::new(t) as Box<dyn Any>)
+        .downcast::<Tensor<B, D>>()
+        .expect("prim() succeeded, so B is the plain CUDA backend")
+}
+
+fn row_cubes(rows: usize) -> (CubeCount, CubeDim) {
+    (
+        CubeCount::Static((rows as u32).div_ceil(ROW_PLANES), 1, 1),
+        CubeDim::new_2d(32, ROW_PLANES),
+    )
+}
+
+fn flat_cubes(n: usize) -> (CubeCount, CubeDim) {
+    (
+        CubeCount::Static((n as u32).div_ceil(256), 1, 1),
+        CubeDim::new_1d(256),
+    )
+}
+
+fn arr(t: &T) -> ArrayArg<CudaRuntime> {
+    let len = t.meta.shape().iter().product();
+    // SAFETY: `t` is contiguous (made so by `prim`/`empty`), so its buffer holds `len` values.
+    unsafe { ArrayArg::from_raw_parts(t.handle.clone(), len) }
+}
+
+/// RMSNorm of `x [b, t, h]` by `w [h]`: `(y, inv [b, t, 1])`.
+pub fn try_rms_norm<B: Backend>(
+    x: &Tensor<B, 3>,
+    w: &Tensor<B, 1>,
+    eps: f64,
+) -> Option<(Tensor<B, 3>, Tensor<B, 3>)> {
+    let xp = prim(x)?;
+    let wp = prim(w)?;
+    let [b, t, h] = x.dims();
+    let y = empty(&xp, &[b, t, h]);
+    let inv = empty(&xp, &[b, t, 1]);
+    let (count, dim) = row_cubes(b * t);
+    // SAFETY: buffers hold rows * width (x, y), width (w) and rows (inv) values.
+    unsafe {
+        rms_norm_fwd::launch_unchecked::<CudaRuntime>(
+            &xp.client,
+            count,
+            dim,
+            arr(&xp),
+            arr(&wp),
+            arr(&y),
+            arr(&inv),
+            b * t,
+            h,
+            eps as f32,
+        )
+    };
+    Some((wrap(y), wrap(inv)))
+}
+
+/// `res + d(RMSNorm)/dx` applied to `dy` (see `train_kernels::rms_norm_bwd`).
+pub fn try_rms_backward<B: Backend>(
+    res: &Tensor<B, 3>,
+    dy: &Tensor<B, 3>,
+    x: &Tensor<B, 3>,
+    inv: &Tensor<B, 3>,
+    w: &Tensor<B, 1>,
+) -> Option<Tensor<B, 3>> {
+    let (rp, dyp, xp, ip, wp) = (prim(res)?, prim(dy)?, prim(x)?, prim(inv)?, prim(w)?);
+    let [b, t, h] = x.dims();
+    let dx = empty(&xp, &[b, t, h]);
+    let (count, dim) = row_cubes(b * t);
+    // SAFETY: as in `try_rms_norm`; every [b, t, h] buffer is contiguous.
+    unsafe {
+        rms_norm_bwd::launch_unchecked::<CudaRuntime>(
+            &xp.client,
+            count,
+            dim,
+            arr(&dyp),
+            arr(&xp),
+            arr(&ip),
+            arr(&wp),
+            arr(&rp),
+            arr(&dx),
+            b * t,
+            h,
+        )
+    };
+    Some(wrap(dx))
+}
+
+/// `silu(gate) * up`.
+pub fn try_swiglu<B: Backend>(gate: &Tensor<B, 3>, up: &Tensor<B, 3>) -> Option<Tensor<B, 3>> {
+    let (g, u) = (prim(gate)?, prim(up)?);
+    let dims = gate.dims();
+    let n = dims.iter().product();
+    let y = empty(&g, &dims);
+    let (count, dim) = flat_cubes(n);
+    // SAFETY: three contiguous buffers of n values; the kernel bounds-checks n.
+    unsafe {
+        super::kernels::silu_mul::launch_unchecked::<CudaRuntime>(
+            &g.client,
+            count,
+            dim,
+            arr(&g),
+            arr(&u),
+            arr(&y),
+            n,
+        )
+    };
+    Some(wrap(y))
+}
+
+/// `(dgate, dup)` of `silu(gate) * up` for `dact`.
+pub fn try_swiglu_backward<B: Backend>(
+    dact: &Tensor<B, 3>,
+    gate: &Tensor<B, 3>,
+    up: &Tensor<B, 3>,
+) -> Option<(Tensor<B, 3>, Tensor<B, 3>)> {
+    let (d, g, u) = (prim(dact)?, prim(gate)?, prim(up)?);
+    let dims = gate.dims();
+    let n = dims.iter().product();
+    let (dg, du) = (empty(&g, &dims), empty(&g, &dims));
+    let (count, dim) = flat_cubes(n);
+    // SAFETY: five contiguous buffers of n values; the kernel bounds-checks n.
+    unsafe {
+        swiglu_bwd::launch_unchecked::<CudaRuntime>(
+            &g.client,
+            count,
+            dim,
+            arr(&d),
+            arr(&g),
+            arr(&u),
+            arr(&dg),
+            arr(&du),
+            n,
+        )
+    };
+    Some((wrap(dg), wrap(du)))
+}
+
+/// `[b, t, heads * d] -> [b, heads, t, d]`, RoPE-rotated when `rope` gives `(cos, sin)`.
+pub fn try_to_heads<B: Backend>(
+    x: &Tensor<B, 3>,
+    heads: usize,
+    rope: Option<(&Tensor<B, 4>, &Tensor<B, 4>)>,
+) -> Option<Tensor<B, 4>> {
+    heads_kernel::<B>(&prim(x)?, x.dims()[0], x.dims()[1], heads, rope, false).map(wrap)
+}
+
+/// `[b, heads, t, d] -> [b, t, heads * d]`, rotated back by minus the RoPE angle when `rope`
+/// gives `(cos, sin)` (the gradient of [`try_to_heads`]).
+pub fn try_from_heads<B: Backend>(
+    x: &Tensor<B, 4>,
+    rope: Option<(&Tensor<B, 4>, &Tensor<B, 4>)>,
+) -> Option<Tensor<B, 3>> {
+    let [b, heads, t, _] = x.dims();
+    heads_kernel::<B>(&prim(x)?, b, t, heads, rope, true).map(wrap)
+}
+
+fn heads_kernel<B: Backend>(
+    x: &T,
+    b: usize,
+    t: usize,
+    heads: usize,
+    rope: Option<(&Tensor<B, 4>, &Tensor<B, 4>)>,
+    back: bool,
+) -> Option<T> {
+    let n: usize = x.meta.shape().iter().product();
+    let d = n / (b * t * heads);
+    let out = if back {
+        empty(x, &[b, t, heads * d])
+    } else {
+        empty(x, &[b, heads, t, d])
+    };
+    let (cos, sin) = match rope {
+        Some((c, s)) => (prim(c)?, prim(s)?),
+        None => (x.clone(), x.clone()),
+    };
+    let (count, dim) = flat_cubes(n / 2);
+    // SAFETY: x and out hold b * t * heads * d values, cos/sin b * t * d/2 (read only when
+    // rotating); the kernel bounds-checks its unit index.
+    unsafe {
+        rope_transpose::launch_unchecked::<CudaRuntime>(
+            &x.client,
+            count,
+            dim,
+            arr(x),
+            arr(&cos),
+            arr(&sin),
+            arr(&out),
+            b,
+            t,
+            heads,
+            d,
+            rope.is_some(),
+            back,
+        )
+    };
+    Some(out)
+}
+
+/// The additive mask bias `[b, t, total]`: 0 where attention is allowed, -1e30 where not.
+fn mask_bias(mask: &Tensor<Inner, 4, Bool>) -> T {
+    let [b, _, t, total] = mask.dims();
+    let bias = mask.clone().float().mul_scalar(-1.0e30).reshape([b, t, total]);
+    into_contiguous(bias.into_primitive().tensor())
+}
+
+fn mask_of<B: Backend>(mask: &Tensor<B, 4, Bool>) -> Option<T> {
+    if !enabled() {
+        return None;
+    }
+    let m = (mask as &dyn Any).downcast_ref::<Tensor<Inner, 4, Bool>>()?;
+    Some(mask_bias(m))
+}
+
+/// The attention's shapes: `b` sequences, `nkv` groups of `rep` query heads, `t` queries,
+/// `total` keys, head width `d`.
+struct Dims {
+    b: usize,
+    nh: usize,
+    nkv: usize,
+    rep: usize,
+    t: usize,
+    total: usize,
+    d: usize,
+}
+
+impl Dims {
+    fn of(q: &T, k: &T) -> Self {
+        let (qs, ks) = (q.meta.shape(), k.meta.shape());
+        let (b, nh, t, d) = (qs[0], qs[1], qs[2], qs[3]);
+        let (nkv, total) = (ks[1], ks[2]);
+        Self {
+            b,
+            nh,
+            nkv,
+            rep: nh / nkv,
+            t,
+            total,
+            d,
+        }
+    }
+
+    /// `out = alpha op(x) op(y)` row-major per group, batched over the `b * nkv` groups:
+    /// `x` is `[rows, inner]` (`[inner, rows]` when `tx`), `y` `[inner, cols]` (`[cols, inner]`
+    /// when `ty`).
+    #[allow(clippy::too_many_arguments)]
+    fn mm(
+        &self,
+        x: &T,
+        y: &T,
+        out: &T,
+        dims: (usize, usize, usize),
+        tx: bool,
+        ty: bool,
+        alpha: f32,
+    ) {
+        let shape = GemmShape::row_major(GemmIn::F32Tf32, self.b * self.nkv, dims, tx, ty);
+        // cuBLAS' A is the row-major right factor (see `GemmShape::row_major`).
+        gemm(shape, alpha, 0.0, y, x, out)
+            .unwrap_or_else(|e| panic!("CUDA attention GEMM failed: {e:#}"));
+    }
+
+    fn softmax_rows(&self) -> usize {
+        self.b * self.nh * self.t
+    }
+}
+
+/// `softmax(mask(q k^T * scale)) v` for `q [b, nh, t, d]`, `k`, `v [b, nkv, total, d]` and the
+/// boolean mask `[b, 1, t, total]` (true = forbidden): `(out [b, nh, t, d], probs)`.
+pub fn try_attention<B: Backend>(
+    q: &Tensor<B, 4>,
+    k: &Tensor<B, 4>,
+    v: &Tensor<B, 4>,
+    mask: &Tensor<B, 4, Bool>,
+    scale: f64,
+) -> Option<(Tensor<B, 4>, Tensor<B, 4>)> {
+    let (qp, kp, vp, bias) = (prim(q)?, prim(k)?, prim(v)?, mask_of(mask)?);
+    let s = Dims::of(&qp, &kp);
+    let probs = empty(&qp, &[s.b, s.nh, s.t, s.total]);
+    let rt = s.rep * s.t;
+    s.mm(&qp, &kp, &probs, (rt, s.d, s.total), false, true, scale as f32);
+    let (count, dim) = row_cubes(s.softmax_rows());
+    // SAFETY: probs holds rows * total values, bias b * t * total; rows are bounds-checked.
+    unsafe {
+        masked_softmax::launch_unchecked::<CudaRuntime>(
+            &qp.client,
+            count,
+            dim,
+            arr(&probs),
+            arr(&bias),
+            s.softmax_rows(),
+            s.nh,
+            s.t,
+            s.total,
+        )
+    };
+    let out = empty(&qp, &[s.b, s.nh, s.t, s.d]);
+    s.mm(&probs, &vp, &out, (rt, s.total, s.d), false, false, 1.0);
+    Some((wrap(out), wrap(probs)))
+}
+
+/// Gradients of [`try_attention`] from `dout [b, nh, t, d]`: `(dq, dk, dv)`, the key and value
+/// gradients summed over each group (`[b, nkv, total, d]`).
+#[allow(clippy::type_complexity)]
+pub fn try_attention_backward<B: Backend>(
+    dout: &Tensor<B, 4>,
+    q: &Tensor<B, 4>,
+    k: &Tensor<B, 4>,
+    v: &Tensor<B, 4>,
+    probs: &Tensor<B, 4>,
+    mask: &Tensor<B, 4, Bool>,
+    scale: f64,
+) -> Option<(Tensor<B, 4>, Tensor<B, 4>, Tensor<B, 4>)> {
+    let (dop, qp, kp, vp, pp, bias) = (
+        prim(dout)?,
+        prim(q)?,
+        prim(k)?,
+        prim(v)?,
+        prim(probs)?,
+        mask_of(mask)?,
+    );
+    let s = Dims::of(&qp, &kp);
+    let rt = s.rep * s.t;
+    // dv = p^T dout and dp = dout v^T, per group.
+    let dv = empty(&qp, &[s.b, s.nkv, s.total, s.d]);
+    s.mm(&pp, &dop, &dv, (s.total, rt, s.d), true, false, 1.0);
+    let ds = empty(&qp, &[s.b, s.nh, s.t, s.total]);
+    s.mm(&dop, &vp, &ds, (rt, s.d, s.total), false, true, 1.0);
+    let (count, dim) = row_cubes(s.softmax_rows());
+    // SAFETY: as in `try_attention`.
+    unsafe {
+        softmax_bwd::launch_unchecked::<CudaRuntime>(
+            &qp.client,
+            count,
+            dim,
+            arr(&pp),
+            arr(&ds),
+            arr(&bias),
+            s.softmax_rows(),
+            s.nh,
+            s.t,
+            s.total,
+            scale as f32,
+        )
+    };
+    // dq = ds k, dk = ds^T q (summing the group's query heads).
+    let dq = empty(&qp, &[s.b, s.nh, s.t, s.d]);
+    s.mm(&ds, &kp, &dq, (rt, s.total, s.d), false, false, 1.0);
+    let dk = empty(&qp, &[s.b, s.nkv, s.total, s.d]);
+    s.mm(&ds, &qp, &dk, (s.total, rt, s.d), true, false, 1.0);
+    Some((wrap(dq), wrap(dk), wrap(dv)))
+}
+
+/// `alpha op(x) op(y)` for row-major matrices (`op` transposes when asked), through cuBLASLt in
+/// TF32: the LoRA factors' products at training shapes.
+pub fn try_matmul<B: Backend>(
+    x: &Tensor<B, 2>,
+    y: &Tensor<B, 2>,
+    tx: bool,
+    ty: bool,
+    alpha: f64,
+) -> Option<Tensor<B, 2>> {
+    let (xp, yp) = (prim(x)?, prim(y)?);
+    let ([xr, xc], [yr, yc]) = (x.dims(), y.dims());
+    let (rows, inner) = if tx { (xc, xr) } else { (xr, xc) };
+    let (inner_y, cols) = if ty { (yc, yr) } else { (yr, yc) };
+    assert_eq!(inner, inner_y, "matmul of [{xr}, {xc}] and [{yr}, {yc}]");
+    let out = empty(&xp, &[rows, cols]);
+    let shape = GemmShape::row_major(GemmIn::F32Tf32, 1, (rows, inner, cols), tx, ty);
+    // cuBLAS' A is the row-major right factor (see `GemmShape::row_major`).
+    gemm(shape, alpha as f32, 0.0, &yp, &xp, &out)
+        .unwrap_or_else(|e| panic!("CUDA matmul failed: {e:#}"));
+    Some(wrap(out))
+}
