@@ -6,19 +6,29 @@
 //! Here the prompt is prefilled by the ordinary forward, its keys and values are copied once into
 //! a preallocated cache, and every later token runs: RMSNorm, one `x A^T` for the LoRA factors
 //! of a group of modules, the NF4 GEMVs with the LoRA up-projection (and the residual add) fused
-//! in, RoPE + cache append, attention over the cache, SwiGLU. Only the vocabulary projection goes
-//! back through the ordinary path. `examples/decode_check.rs` compares its logits with the
-//! ordinary forward's step by step.
+//! in, RoPE + cache append, attention over the cache, SwiGLU, and the vocabulary projection.
+//!
+//! Every buffer a step touches is allocated once, and nothing that changes from step to step is
+//! a launch argument (tokens, positions and the cache slot are read from a small device buffer
+//! written before the step). So after one ordinary step the whole step is captured once into a
+//! CUDA graph on cubecl's stream and replayed: one launch per token instead of ~400, whose host
+//! cost (~20 us each through cubecl) was the step time. `RLHF_NO_DECODE_GRAPH=1` keeps the
+//! per-kernel launches. `examples/decode_check.rs` compares the logits with the ordinary
+//! forward's step by step.
 
+use super::blas::{GemmIn, GemmShape};
 use super::kernels::{
-    decode_attention, embed_rows, f32_gemv, rms_norm_rows, rope_append, silu_mul, DECODE_MAX_KEYS,
+    decode_attention, embed_rows, f32_gemv, f32_to_bf16, rms_norm_rows, rope_append, silu_mul,
+    DECODE_MAX_KEYS,
 };
 use super::qlinear::{GpuLinear, Inner, LoraUp, GEMV_MAX_ROWS};
 use crate::lora::Adapter;
 use crate::model::llama::OutputHead;
 use crate::model::{KvCache, Llama};
-use anyhow::{ensure, Result};
-use burn::tensor::{backend::Backend, DType, Shape, Tensor, TensorData, TensorPrimitive};
+use anyhow::{anyhow, ensure, Result};
+use burn::tensor::{backend::Backend, DType, Shape, Tensor, TensorData};
+use cubecl::server::Handle;
+use cudarc::driver::{result as drv, sys as cu};
 use burn_cubecl::kernel::into_contiguous;
 use burn_cubecl::ops::numeric::empty_device_contiguous_dtype;
 use burn_cubecl::tensor::CubeTensor;
@@ -32,6 +42,14 @@ type T = CubeTensor<CudaRuntime>;
 
 /// Switch for A/B measurements (`RLHF_NO_FUSED_DECODE=1` or [`set_enabled`]).
 static ENABLED: AtomicBool = AtomicBool::new(true);
+
+/// Whether steps are captured into a CUDA graph (off after a failed capture, or with
+/// `RLHF_NO_DECODE_GRAPH=1`).
+static GRAPHS: AtomicBool = AtomicBool::new(true);
+
+fn graphs_enabled() -> bool {
+    GRAPHS.load(Ordering::Relaxed) && std::env::var_os("RLHF_NO_DECODE_GRAPH").is_none()
+}
 
 /// Turns the fused decode on or off for later `generate` calls.
 pub fn set_enabled(on: bool) {
@@ -69,7 +87,14 @@ pub struct FusedDecode {
     inv_freq: T,
     embed: T,
     final_norm: T,
-    head: OutputHead<Inner>,
+    head: Head,
+    vocab: usize,
+    bufs: StepBufs,
+    /// The step inputs as last written (kept alive until the copy to `bufs.step` has run).
+    host_step: Vec<u32>,
+    graph: Option<Graph>,
+    /// Ordinary steps run so far (the first compiles the kernels; capture comes after).
+    plain_steps: usize,
     scale: f32,
     rows: usize,
     cap: usize,
@@ -82,6 +107,52 @@ pub struct FusedDecode {
     inter: usize,
     eps: f32,
     window: usize,
+}
+
+/// The vocabulary projection in the form the step can run without allocating.
+enum Head {
+    /// NF4 weight: the fused GEMV.
+    Nf4(Arc<GpuLinear>),
+    /// Dense bf16 weight `[vocab, hidden]`: the hidden rows cast to bf16, one cuBLASLt GEMM.
+    Bf16(Arc<GpuLinear>),
+    /// Tied f32 embeddings `[vocab, hidden]`: one TF32 cuBLASLt GEMM.
+    Tied(T),
+}
+
+/// Every buffer one step reads or writes besides the weights and caches.
+struct StepBufs {
+    /// u32 `[tokens; rows] ++ [valid; rows] ++ [positions; rows] ++ [slot]`.
+    step: Handle,
+    h: T,
+    h2: T,
+    x: T,
+    q: T,
+    k: T,
+    v: T,
+    attn: T,
+    g: T,
+    u: T,
+    act: T,
+    /// `x A^T` of the current module group (the widest group's size).
+    z: T,
+    /// The final hidden rows as bf16 pairs (for a bf16 head).
+    xb: T,
+    logits: T,
+}
+
+/// A captured step, replayed with one launch.
+struct Graph {
+    exec: cu::CUgraphExec,
+    stream: cu::CUstream,
+}
+
+impl Drop for Graph {
+    fn drop(&mut self) {
+        // SAFETY: the handle came from a successful instantiate and is destroyed once.
+        unsafe {
+            let _ = drv::graph::exec_destroy(self.exec);
+        }
+    }
 }
 
 fn prim<const D: usize>(t: Tensor<Inner, D>) -> T {
@@ -223,11 +294,69 @@ impl FusedDecode {
                 &device,
             ))
         };
+        let head = match model.output_head() {
+            OutputHead::Own(base) => {
+                if base.bias.is_some() {
+                    return None;
+                }
+                let gpu = base
+                    .gpu
+                    .get_or_init(|| super::build(&base, &device))
+                    .clone()?;
+                if gpu.is_nf4() {
+                    Head::Nf4(gpu)
+                } else {
+                    Head::Bf16(gpu)
+                }
+            }
+            OutputHead::Tied(embed) => Head::Tied(prim(embed)),
+        };
+        let vocab = cfg.vocab_size;
+        let (h, q, kv, inter) = (
+            cfg.hidden_size,
+            nh * hd,
+            nkv * hd,
+            cfg.intermediate_size,
+        );
+        let z_width = layers
+            .iter()
+            .flat_map(|l| l.groups.iter().flatten().map(|g| g.width))
+            .max()
+            .unwrap_or(1);
+        let buf = |n: usize| {
+            empty_device_contiguous_dtype(
+                client.clone(),
+                device.clone(),
+                Shape::new([n]),
+                DType::F32,
+            )
+        };
+        let bufs = StepBufs {
+            step: client.empty((3 * rows + 1) * 4),
+            h: buf(rows * h),
+            h2: buf(rows * h),
+            x: buf(rows * h),
+            q: buf(rows * q),
+            k: buf(rows * kv),
+            v: buf(rows * kv),
+            attn: buf(rows * q),
+            g: buf(rows * inter),
+            u: buf(rows * inter),
+            act: buf(rows * inter),
+            z: buf(rows * z_width),
+            xb: buf(rows * h / 2 + 1),
+            logits: buf(rows * vocab),
+        };
         Some(Self {
             inv_freq: f(&model.inv_freq),
             embed: prim(model.embed.clone()),
             final_norm: prim(model.norm.clone()),
-            head: model.output_head(),
+            head,
+            vocab,
+            bufs,
+            host_step: Vec::new(),
+            graph: None,
+            plain_steps: 0,
             scale: adapter.map(|a| a.scaling() as f32).unwrap_or(0.0),
             client,
             device,
@@ -249,17 +378,7 @@ impl FusedDecode {
         })
     }
 
-    fn empty(&self, n: usize) -> T {
-        empty_device_contiguous_dtype(
-            self.client.clone(),
-            self.device.clone(),
-            Shape::new([n]),
-            DType::F32,
-        )
-    }
-
-    fn rms(&self, x: &T, w: &T) -> T {
-        let y = self.empty(self.rows * self.hidden);
+    fn rms(&self, x: &T, w: &T, y: &T) {
         // SAFETY: x and y hold rows x hidden values, w hidden.
         unsafe {
             rms_norm_rows::launch_unchecked::<CudaRuntime>(
@@ -274,14 +393,13 @@ impl FusedDecode {
                 8,
             )
         };
-        y
     }
 
-    /// `x A^T` for every adapted module of group `g` of layer `l`.
-    fn lora_z(&self, l: usize, g: usize, x: &T, width_in: usize) -> Option<T> {
+    /// `x A^T` for every adapted module of group `g` of layer `l`, into `bufs.z`.
+    fn lora_z(&self, l: usize, g: usize, x: &T, width_in: usize) -> Option<&T> {
         let group = self.layers[l].groups[g].as_ref()?;
-        let z = self.empty(self.rows * group.width);
-        // SAFETY: x is rows x in, A width x in, z rows x width.
+        let z = &self.bufs.z;
+        // SAFETY: x is rows x in, A width x in, z at least rows x width.
         unsafe {
             f32_gemv::launch_unchecked::<CudaRuntime>(
                 &self.client,
@@ -299,9 +417,19 @@ impl FusedDecode {
         Some(z)
     }
 
-    /// Module `m` of layer `l` on `x`, with its LoRA delta (from `z` of its group) and an
-    /// optional residual.
-    fn linear(&self, l: usize, g: usize, m: usize, x: &T, z: Option<&T>, res: Option<&T>) -> T {
+    /// Module `m` of layer `l` on `x` into `out`, with its LoRA delta (from `z` of its group)
+    /// and an optional residual.
+    #[allow(clippy::too_many_arguments)]
+    fn linear(
+        &self,
+        l: usize,
+        g: usize,
+        m: usize,
+        x: &T,
+        z: Option<&T>,
+        res: Option<&T>,
+        out: &T,
+    ) {
         let layer = &self.layers[l];
         let up = z.and_then(|z| {
             let group = layer.groups[g].as_ref()?;
@@ -315,9 +443,8 @@ impl FusedDecode {
                 scale: self.scale,
             })
         });
-        layer.lin[m]
-            .gemv_fused(x, self.rows, up.as_ref(), res)
-            .expect("checked NF4 at construction")
+        let ran = layer.lin[m].gemv_into(x, self.rows, up.as_ref(), res, out);
+        assert!(ran, "checked NF4 at construction");
     }
 
     /// Feeds one token per row (`valid` false for rows that already stopped) and returns the
@@ -329,9 +456,8 @@ impl FusedDecode {
             self.rows
         );
         ensure!(self.len < self.cap, "fused decode: the cache is full");
-        let rows = self.rows;
         // Positions count real tokens only, as in `Llama::prepare`.
-        let mut pos = Vec::with_capacity(rows);
+        let mut pos = Vec::with_capacity(self.rows);
         for (i, &v) in valid.iter().enumerate() {
             if v {
                 pos.push(self.next_pos[i] as u32);
@@ -340,43 +466,123 @@ impl FusedDecode {
                 pos.push(0);
             }
         }
-        let step: Vec<u32> = tokens
+        self.host_step = tokens
             .iter()
             .copied()
             .chain(valid.iter().map(|&v| v as u32))
             .chain(pos)
+            .chain([self.len as u32])
             .collect();
-        let step = self.client.create_from_slice(u32::as_bytes(&step));
+        let res = self
+            .client
+            .get_resource(self.bufs.step.clone())
+            .map_err(|e| anyhow!("fused decode buffer: {e:?}"))?;
+        let (ptr, stream) = (res.resource().ptr, res.resource().stream);
+        super::blas::ensure_context(self.device.index)?;
+        // SAFETY: `ptr` is the step buffer (3 rows + 1 u32); the copy is ordered on cubecl's
+        // stream before this step's kernels, and `host_step` lives until the next step, by which
+        // time the logits read below has synchronized the stream.
+        unsafe { drv::memcpy_htod_async(ptr, &self.host_step, stream) }
+            .map_err(|e| anyhow!("fused decode step upload: {e:?}"))?;
+        drop(res);
+        if self.graph.is_none() && self.plain_steps >= 1 && graphs_enabled() {
+            self.graph = self.capture(stream);
+        }
+        match &self.graph {
+            // SAFETY: the graph was captured from this object's launches on this stream, over
+            // buffers it still owns.
+            Some(g) => unsafe { drv::graph::launch(g.exec, g.stream) }
+                .map_err(|e| anyhow!("fused decode graph launch: {e:?}"))?,
+            None => {
+                self.launch_step()?;
+                self.plain_steps += 1;
+            }
+        }
+        self.len += 1;
+        let logits = Tensor::<Inner, 1>::from_primitive(burn::tensor::TensorPrimitive::Float(
+            self.bufs.logits.clone(),
+        ));
+        logits
+            .into_data()
+            .to_vec::<f32>()
+            .map_err(|e| anyhow!("reading logits: {e:?}"))
+    }
+
+    /// Captures [`Self::launch_step`] on `stream` into a graph; `None` (after running the step
+    /// the ordinary way) when capture fails.
+    fn capture(&mut self, stream: cu::CUstream) -> Option<Graph> {
+        let mode = cu::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_RELAXED;
+        // SAFETY: `stream` is cubecl's live stream; capture ends below on every path.
+        if unsafe { drv::stream::begin_capture(stream, mode) }.is_err() {
+            return None;
+        }
+        let launched = self.launch_step();
+        // SAFETY: ends the capture begun above.
+        let graph = unsafe { drv::stream::end_capture(stream) };
+        let exec = match (launched, graph) {
+            (Ok(()), Ok(graph)) => {
+                // SAFETY: `graph` is the captured graph; it is destroyed once instantiated.
+                let exec = unsafe {
+                    let e = drv::graph::instantiate(graph, cu::CUgraphInstantiate_flags(0));
+                    let _ = drv::graph::destroy(graph);
+                    e
+                };
+                exec.ok()
+            }
+            (_, Ok(graph)) => {
+                // SAFETY: as above.
+                unsafe {
+                    let _ = drv::graph::destroy(graph);
+                }
+                None
+            }
+            _ => None,
+        };
+        match exec {
+            Some(exec) => Some(Graph { exec, stream }),
+            None => {
+                eprintln!("fused decode: CUDA graph capture failed; launching kernels per step");
+                GRAPHS.store(false, Ordering::Relaxed);
+                None
+            }
+        }
+    }
+
+    /// Enqueues one whole step (every layer, the final norm and the vocabulary projection) over
+    /// the preallocated buffers.
+    fn launch_step(&self) -> Result<()> {
+        let rows = self.rows;
+        let b = &self.bufs;
         let (h_dim, q_dim, kv_dim) = (self.hidden, self.nh * self.hd, self.nkv * self.hd);
-        let mut h = self.empty(rows * h_dim);
+        // SAFETY: the step buffer holds 3 rows + 1 u32.
+        let step = || unsafe { ArrayArg::from_raw_parts(b.step.clone(), 3 * rows + 1) };
         // SAFETY (all launches below): every array length is the size of its buffer.
         unsafe {
             embed_rows::launch_unchecked::<CudaRuntime>(
                 &self.client,
                 CubeCount::Static(rows as u32, 1, 1),
                 CubeDim::new_1d(256),
-                ArrayArg::from_raw_parts(step.clone(), 3 * rows),
+                step(),
                 ArrayArg::from_raw_parts(self.embed.handle.clone(), self.embed_len()),
-                ArrayArg::from_raw_parts(h.handle.clone(), rows * h_dim),
+                ArrayArg::from_raw_parts(b.h.handle.clone(), rows * h_dim),
                 h_dim,
             )
         };
-        let slot = self.len;
         for l in 0..self.layers.len() {
-            let x = self.rms(&h, &self.layers[l].input_norm);
-            let z = self.lora_z(l, 0, &x, h_dim);
-            let q = self.linear(l, 0, 0, &x, z.as_ref(), None);
-            let k = self.linear(l, 0, 1, &x, z.as_ref(), None);
-            let v = self.linear(l, 0, 2, &x, z.as_ref(), None);
+            self.rms(&b.h, &self.layers[l].input_norm, &b.x);
+            let z = self.lora_z(l, 0, &b.x, h_dim);
+            self.linear(l, 0, 0, &b.x, z, None, &b.q);
+            self.linear(l, 0, 1, &b.x, z, None, &b.k);
+            self.linear(l, 0, 2, &b.x, z, None, &b.v);
             unsafe {
                 rope_append::launch_unchecked::<CudaRuntime>(
                     &self.client,
                     CubeCount::Static(rows as u32, 1, 1),
                     CubeDim::new_1d(256),
-                    ArrayArg::from_raw_parts(q.handle.clone(), rows * q_dim),
-                    ArrayArg::from_raw_parts(k.handle.clone(), rows * kv_dim),
-                    ArrayArg::from_raw_parts(v.handle.clone(), rows * kv_dim),
-                    ArrayArg::from_raw_parts(step.clone(), 3 * rows),
+                    ArrayArg::from_raw_parts(b.q.handle.clone(), rows * q_dim),
+                    ArrayArg::from_raw_parts(b.k.handle.clone(), rows * kv_dim),
+                    ArrayArg::from_raw_parts(b.v.handle.clone(), rows * kv_dim),
+                    step(),
                     ArrayArg::from_raw_parts(self.inv_freq.handle.clone(), self.hd / 2),
                     ArrayArg::from_raw_parts(self.k_cache[l].handle.clone(), self.cache_len()),
                     ArrayArg::from_raw_parts(self.v_cache[l].handle.clone(), self.cache_len()),
@@ -386,66 +592,88 @@ impl FusedDecode {
                     self.nkv,
                     self.hd,
                     self.cap,
-                    slot,
                 )
             };
-            let attn = self.empty(rows * q_dim);
             unsafe {
                 decode_attention::launch_unchecked::<CudaRuntime>(
                     &self.client,
                     CubeCount::Static((rows * self.nh) as u32, 1, 1),
                     CubeDim::new_1d(128),
-                    ArrayArg::from_raw_parts(q.handle.clone(), rows * q_dim),
+                    ArrayArg::from_raw_parts(b.q.handle.clone(), rows * q_dim),
                     ArrayArg::from_raw_parts(self.k_cache[l].handle.clone(), self.cache_len()),
                     ArrayArg::from_raw_parts(self.v_cache[l].handle.clone(), self.cache_len()),
                     ArrayArg::from_raw_parts(self.valid.handle.clone(), rows * self.cap),
-                    ArrayArg::from_raw_parts(attn.handle.clone(), rows * q_dim),
+                    step(),
+                    ArrayArg::from_raw_parts(b.attn.handle.clone(), rows * q_dim),
+                    rows,
                     self.nh,
                     self.nkv,
                     self.hd,
                     self.cap,
-                    slot + 1,
                     self.window,
                     1.0 / (self.hd as f32).sqrt(),
                     4,
                 )
             };
-            let z = self.lora_z(l, 1, &attn, q_dim);
-            let h2 = self.linear(l, 1, 3, &attn, z.as_ref(), Some(&h));
-            let x = self.rms(&h2, &self.layers[l].post_norm);
-            let z = self.lora_z(l, 2, &x, h_dim);
-            let g = self.linear(l, 2, 4, &x, z.as_ref(), None);
-            let u = self.linear(l, 2, 5, &x, z.as_ref(), None);
+            let z = self.lora_z(l, 1, &b.attn, q_dim);
+            self.linear(l, 1, 3, &b.attn, z, Some(&b.h), &b.h2);
+            self.rms(&b.h2, &self.layers[l].post_norm, &b.x);
+            let z = self.lora_z(l, 2, &b.x, h_dim);
+            self.linear(l, 2, 4, &b.x, z, None, &b.g);
+            self.linear(l, 2, 5, &b.x, z, None, &b.u);
             let n = rows * self.inter;
-            let act = self.empty(n);
             unsafe {
                 silu_mul::launch_unchecked::<CudaRuntime>(
                     &self.client,
                     CubeCount::Static((n as u32).div_ceil(256), 1, 1),
                     CubeDim::new_1d(256),
-                    ArrayArg::from_raw_parts(g.handle.clone(), n),
-                    ArrayArg::from_raw_parts(u.handle.clone(), n),
-                    ArrayArg::from_raw_parts(act.handle.clone(), n),
+                    ArrayArg::from_raw_parts(b.g.handle.clone(), n),
+                    ArrayArg::from_raw_parts(b.u.handle.clone(), n),
+                    ArrayArg::from_raw_parts(b.act.handle.clone(), n),
                     n,
                 )
             };
-            let z = self.lora_z(l, 3, &act, self.inter);
-            h = self.linear(l, 3, 6, &act, z.as_ref(), Some(&h2));
+            let z = self.lora_z(l, 3, &b.act, self.inter);
+            // The block output overwrites `h`, which nothing reads any more this layer.
+            self.linear(l, 3, 6, &b.act, z, Some(&b.h2), &b.h);
         }
-        self.len += 1;
-        let h = self.rms(&h, &self.final_norm);
-        let h =
-            Tensor::<Inner, 2>::from_primitive(TensorPrimitive::Float(CubeTensor::new_contiguous(
-                self.client.clone(),
-                self.device.clone(),
-                Shape::new([rows, h_dim]),
-                h.handle,
-                DType::F32,
-            )));
-        let logits = self.head.forward(h).into_data();
-        logits
-            .to_vec::<f32>()
-            .map_err(|e| anyhow::anyhow!("reading logits: {e:?}"))
+        self.rms(&b.h, &self.final_norm, &b.x);
+        self.project(&b.x)
+    }
+
+    /// The vocabulary projection of the final hidden rows `x` into `bufs.logits`.
+    fn project(&self, x: &T) -> Result<()> {
+        let (rows, h) = (self.rows, self.hidden);
+        let logits = &self.bufs.logits;
+        match &self.head {
+            Head::Nf4(lin) => {
+                lin.gemv_into(x, rows, None, None, logits);
+                Ok(())
+            }
+            Head::Bf16(lin) => {
+                let pairs = rows * h / 2;
+                // SAFETY: x holds rows x hidden f32 (hidden even), xb at least pairs u32.
+                unsafe {
+                    f32_to_bf16::launch_unchecked::<CudaRuntime>(
+                        &self.client,
+                        CubeCount::Static((pairs as u32).div_ceil(256), 1, 1),
+                        CubeDim::new_1d(256),
+                        ArrayArg::from_raw_parts(x.handle.clone(), rows * h),
+                        ArrayArg::from_raw_parts(self.bufs.xb.handle.clone(), pairs),
+                        pairs,
+                    )
+                };
+                let w = lin.bf16_weight().expect("a dense head is stored in bf16");
+                let (v, hh, n) = (self.vocab as u64, h as u64, rows as u64);
+                // Column-major: logits^T [vocab, rows] = W^T-of-its-layout · x^T.
+                let shape = GemmShape::bf16(true, false, v, n, hh, hh as i64, hh as i64, v as i64);
+                super::train_ops::gemm(shape, 1.0, 0.0, w, &self.bufs.xb, logits)
+            }
+            Head::Tied(embed) => {
+                let shape = GemmShape::row_major(GemmIn::F32Tf32, 1, (rows, h, self.vocab), false, true);
+                super::train_ops::gemm(shape, 1.0, 0.0, embed, x, logits)
+            }
+        }
     }
 
     fn embed_len(&self) -> usize {

@@ -345,9 +345,17 @@ pub fn nf4_gemv_fused(
     }
 }
 
+/// The step's inputs as the decode kernels read them: `[tokens; rows] ++ [valid; rows] ++
+/// [positions; rows] ++ [slot]`, written before each step (so a captured CUDA graph of the step
+/// replays unchanged: nothing that varies per step is a launch argument).
+#[cube]
+fn step_slot(step: &Array<u32>, rows: usize) -> usize {
+    step[3 * rows] as usize
+}
+
 /// RoPE for one decode token per row, and the cache append: rotates `q` in place
-/// (`[rows, nh * d]`), rotates `k` and writes it and `v` (`[rows, nkv * d]`) at slot `slot` of the
-/// caches (`[rows, nkv, cap, d]`), and marks the slot valid or not. The angle is
+/// (`[rows, nh * d]`), rotates `k` and writes it and `v` (`[rows, nkv * d]`) at the step's slot
+/// of the caches (`[rows, nkv, cap, d]`), and marks the slot valid or not. The angle is
 /// `pos[r] * inv_freq[i]` in f32, as transformers computes it. One cube per row.
 #[cube(launch_unchecked)]
 #[allow(clippy::too_many_arguments)]
@@ -365,10 +373,9 @@ pub fn rope_append(
     nkv: usize,
     d: usize,
     cap: usize,
-    slot: usize,
 ) {
     let r = CUBE_POS_X as usize;
-    // step = [tokens; rows] ++ [valid; rows] ++ [positions; rows]
+    let slot = step_slot(step, rows);
     let pos = step[2 * rows + r] as f32;
     let half = d / 2;
     let units = CUBE_DIM_X as usize;
@@ -403,7 +410,7 @@ pub fn rope_append(
     }
 }
 
-/// Attention of one new token per row over its cache (slots `0..len`), grouped-query heads read
+/// Attention of one new token per row over its cache (slots up to the step's), grouped-query heads read
 /// in place: one cube per (row, query head); each plane scores keys (lanes over the head dim),
 /// then the cube takes the softmax and the weighted sum of values. Masked slots (padding,
 /// outside a sliding `window` when non-zero) get -1e30 before the softmax, as the reference does.
@@ -414,16 +421,18 @@ pub fn decode_attention(
     k_cache: &Array<f32>,
     v_cache: &Array<f32>,
     valid: &Array<u32>,
+    step: &Array<u32>,
     out: &mut Array<f32>,
+    rows: usize,
     nh: usize,
     nkv: usize,
     d: usize,
     cap: usize,
-    len: usize,
     window: usize,
     scale: f32,
     #[comptime] planes: usize,
 ) {
+    let len = step_slot(step, rows) + 1;
     let r = CUBE_POS_X as usize / nh;
     let head = CUBE_POS_X as usize % nh;
     let kh = head / (nh / nkv);
@@ -492,6 +501,15 @@ pub fn silu_mul(g: &Array<f32>, u: &Array<f32>, y: &mut Array<f32>, n: usize) {
     if i < n {
         let x = g[i];
         y[i] = x / (1.0f32 + (-x).exp()) * u[i];
+    }
+}
+
+/// `out[i] = bf16(x[2i]) | bf16(x[2i + 1]) << 16`: `2 * pairs` f32 values as bf16.
+#[cube(launch_unchecked)]
+pub fn f32_to_bf16(x: &Array<f32>, out: &mut Array<u32>, pairs: usize) {
+    let i = ABSOLUTE_POS;
+    if i < pairs {
+        out[i] = bf16_bits(x[2 * i]) | (bf16_bits(x[2 * i + 1]) << 16);
     }
 }
 

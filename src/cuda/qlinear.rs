@@ -259,6 +259,20 @@ impl GpuLinear {
         lora: Option<&LoraUp<'_>>,
         residual: Option<&CubeTensor<CudaRuntime>>,
     ) -> Option<CubeTensor<CudaRuntime>> {
+        let y = self.empty_f32(rows, self.out_features);
+        self.gemv_into(x, rows, lora, residual, &y).then_some(y)
+    }
+
+    /// [`Self::gemv_fused`] writing into `y` (`[rows, out]`, contiguous); false (nothing
+    /// launched) for a dense weight.
+    pub fn gemv_into(
+        &self,
+        x: &CubeTensor<CudaRuntime>,
+        rows: usize,
+        lora: Option<&LoraUp<'_>>,
+        residual: Option<&CubeTensor<CudaRuntime>>,
+        y: &CubeTensor<CudaRuntime>,
+    ) -> bool {
         let Stored::Nf4 {
             packed,
             codes,
@@ -271,10 +285,9 @@ impl GpuLinear {
             code_words,
         } = &self.stored
         else {
-            return None;
+            return false;
         };
         let client = self.client();
-        let y = self.empty_f32(rows, self.out_features);
         let (planes, outs) = *NF4_GEMV_SHAPE.lock().unwrap_or_else(|e| e.into_inner());
         let cubes = (self.out_features as u32).div_ceil(outs as u32);
         let (z, z_len, z_stride, z_offset, rank, b, b_len, scale) = match lora {
@@ -325,7 +338,15 @@ impl GpuLinear {
                 residual.is_some(),
             )
         };
-        Some(y)
+        true
+    }
+
+    /// The dense bf16 weight (`None` for NF4), for callers that run their own GEMM.
+    pub fn bf16_weight(&self) -> Option<&CubeTensor<CudaRuntime>> {
+        match &self.stored {
+            Stored::Bf16(w) => Some(w),
+            Stored::Nf4 { .. } => None,
+        }
     }
 
     /// Whether the weight is stored as NF4 (the GEMV kernels' format).
