@@ -194,9 +194,12 @@ fn main() -> anyhow::Result<()> {
         .fold(0f64, f64::max);
     let loss_err = ((fl - rl).abs() / rl.abs().max(1e-12)) as f64;
     let pre_err = rel(fpre, rpre);
+    // Both GPU paths run the base in bf16, so they differ from each other about as much as each
+    // differs from the f32 CPU path: the bound here is loose, and the CPU comparison below is
+    // the real check (the fused path must be as close to f32 as the reference GPU path).
     println!(
         "{{\"check\":\"fused_vs_reference_gpu\",\"loss_rel\":{loss_err:.3e},\"worst_grad_rel\":{grad_err:.3e},\"prefill_rel\":{pre_err:.3e},\"ok\":{}}}",
-        loss_err < 1e-3 && grad_err < 1e-2 && pre_err < 1e-2
+        loss_err < 1e-3 && grad_err < 5e-2 && pre_err < 2e-2
     );
 
     if std::env::var_os("CPU_REF").is_some() {
@@ -211,14 +214,21 @@ fn main() -> anyhow::Result<()> {
         ca.set_tensors(ts.into_iter());
         let (cl, cg) = loss_and_grads(&cm, &ca, &ids, &valid);
         let cpre = prefill(&cm.inner(), &ca.inner(), &ids, &valid);
+        let mut errs = Vec::new();
         for (name, (l, g), pre) in [("fused", (fl, fg), fpre), ("reference", (rl, rg), rpre)] {
             let ge = g.iter().zip(&cg).map(|(a, b)| rel(a, b)).fold(0f64, f64::max);
+            let (le, pe) = (((l - cl).abs() / cl.abs().max(1e-12)) as f64, rel(pre, &cpre));
             println!(
-                "{{\"check\":\"{name}_vs_cpu_f32\",\"loss_rel\":{:.3e},\"worst_grad_rel\":{ge:.3e},\"prefill_rel\":{:.3e}}}",
-                ((l - cl).abs() / cl.abs().max(1e-12)),
-                rel(pre, &cpre)
+                "{{\"check\":\"{name}_vs_cpu_f32\",\"loss_rel\":{le:.3e},\"worst_grad_rel\":{ge:.3e},\"prefill_rel\":{pe:.3e}}}"
             );
+            errs.push((le, ge, pe));
         }
+        let (f, r) = (errs[0], errs[1]);
+        let close = |a: f64, b: f64| a <= 1.25 * b + 1e-4;
+        println!(
+            "{{\"check\":\"fused_as_close_to_f32_as_reference\",\"ok\":{}}}",
+            close(f.0, r.0) && close(f.1, r.1) && close(f.2, r.2)
+        );
     }
     Ok(())
 }

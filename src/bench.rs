@@ -275,6 +275,9 @@ pub fn run_config(a: &BenchArgs, algo: Algo, output_dir: &Path) -> RunConfig {
     cfg.lora.alpha = 32.0;
     cfg.lora.dropout = 0.0;
     cfg.lora.target_modules = ALL_TARGETS.iter().map(|s| s.to_string()).collect();
+    // Log-probs from 512-token slices of the logits (TRL's selective_log_softmax also avoids
+    // a whole f32 log-softmax of the batch).
+    cfg.plan.logits_chunk = 512;
     cfg.data.train = data_file(a, algo);
     // make_model.py's tokenizer has no chat template; rows are plain text.
     cfg.data.chat_template = false;

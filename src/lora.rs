@@ -40,6 +40,23 @@ fn matmul_t<B: Backend>(x: Tensor<B, 2>, w: &Tensor<B, 2>) -> Tensor<B, 2> {
     matmul(&x, w, false, true, 1.0)
 }
 
+/// `acc + alpha op(x) op(y)`: on the plain CUDA backend one GEMM accumulating into `acc`.
+pub(crate) fn matmul_acc<B: Backend>(
+    acc: Tensor<B, 2>,
+    x: &Tensor<B, 2>,
+    y: &Tensor<B, 2>,
+    tx: bool,
+    ty: bool,
+    alpha: f64,
+) -> Tensor<B, 2> {
+    #[cfg(feature = "cuda")]
+    let acc = match crate::cuda::train_ops::try_matmul_acc(acc, x, y, tx, ty, alpha) {
+        Ok(z) => return z,
+        Err(acc) => acc,
+    };
+    acc + matmul(x, y, tx, ty, alpha)
+}
+
 /// `alpha op(x) op(y)` (`op` transposes when asked): cuBLASLt on the plain CUDA backend, burn's
 /// matmul elsewhere.
 pub(crate) fn matmul<B: Backend>(
@@ -117,15 +134,19 @@ impl<B: Backend> Adapter<B> {
         self.cfg.alpha as f64 / self.cfg.r as f64
     }
 
-    /// The LoRA contribution for `module` of `layer`, or None where the module is not adapted;
-    /// with the values a hand-written backward needs (`model::checkpoint`).
-    pub fn delta_traced(
+    /// `base + the LoRA contribution` for `module` of `layer` (`base` is the frozen layer's
+    /// output for `x`), with the values a hand-written backward needs (`model::checkpoint`);
+    /// `None` as the trace where the module is not adapted.
+    pub fn add_delta_traced(
         &self,
         layer: usize,
         module: &str,
         x: Tensor<B, 3>,
-    ) -> Option<(Tensor<B, 3>, LoraTrace<B>)> {
-        let pair = self.layers.get(layer)?.get(module)?;
+        base: Tensor<B, 3>,
+    ) -> (Tensor<B, 3>, Option<LoraTrace<B>>) {
+        let Some(pair) = self.layers.get(layer).and_then(|m| m.get(module)) else {
+            return (base, None);
+        };
         let [b, t, i] = x.dims();
         let mut x2: Tensor<B, 2> = x.reshape([b * t, i]);
         let mut keep = None;
@@ -137,13 +158,13 @@ impl<B: Backend> Adapter<B> {
         }
         let out = pair.b.dims()[0];
         let z = matmul_t(x2.clone(), &pair.a);
-        let rows = z.dims()[0];
-        let y = if rows <= 16 {
-            matmul_t(z.clone(), &pair.b) * self.scaling()
+        let base = base.reshape([b * t, out]);
+        let y = if b * t <= 16 {
+            base + matmul_t(z.clone(), &pair.b) * self.scaling()
         } else {
-            matmul(&z, &pair.b, false, true, self.scaling())
+            matmul_acc(base, &z, &pair.b, false, true, self.scaling())
         };
-        Some((y.reshape([b, t, out]), LoraTrace { x: x2, z, keep }))
+        (y.reshape([b, t, out]), Some(LoraTrace { x: x2, z, keep }))
     }
 
     /// All trainable tensors in a fixed order (layer, module, A then B).

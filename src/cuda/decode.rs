@@ -516,7 +516,14 @@ impl FusedDecode {
         if unsafe { drv::stream::begin_capture(stream, mode) }.is_err() {
             return None;
         }
-        let launched = self.launch_step();
+        // cubecl hands launches to its device thread; a blocking call returns once every launch
+        // before it reached the stream, so the capture ends after the whole step.
+        let launched = self.launch_step().and_then(|()| {
+            self.client
+                .get_resource(self.bufs.step.clone())
+                .map(drop)
+                .map_err(|e| anyhow!("fused decode: draining cubecl's queue: {e:?}"))
+        });
         // SAFETY: ends the capture begun above.
         let graph = unsafe { drv::stream::end_capture(stream) };
         let exec = match (launched, graph) {

@@ -305,19 +305,16 @@ fn heads_kernel<B: Backend>(
     Some(out)
 }
 
-/// The additive mask bias `[b, t, total]`: 0 where attention is allowed, -1e30 where not.
-fn mask_bias(mask: &Tensor<Inner, 4, Bool>) -> T {
-    let [b, _, t, total] = mask.dims();
-    let bias = mask.clone().float().mul_scalar(-1.0e30).reshape([b, t, total]);
-    into_contiguous(bias.into_primitive().tensor())
-}
-
-fn mask_of<B: Backend>(mask: &Tensor<B, 4, Bool>) -> Option<T> {
+/// The additive mask bias `[b, t, total]` of a boolean mask `[b, 1, t, total]` (true =
+/// forbidden): 0 where attention is allowed, -1e30 where not. `None` off the plain CUDA backend.
+pub fn try_mask_bias<B: Backend>(mask: &Tensor<B, 4, Bool>) -> Option<Tensor<B, 3>> {
     if !enabled() {
         return None;
     }
     let m = (mask as &dyn Any).downcast_ref::<Tensor<Inner, 4, Bool>>()?;
-    Some(mask_bias(m))
+    let [b, _, t, total] = m.dims();
+    let bias = m.clone().float().mul_scalar(-1.0e30).reshape([b, t, total]);
+    Some(wrap(into_contiguous(bias.into_primitive().tensor())))
 }
 
 /// The attention's shapes: `b` sequences, `nkv` groups of `rep` query heads, `t` queries,
@@ -373,16 +370,16 @@ impl Dims {
     }
 }
 
-/// `softmax(mask(q k^T * scale)) v` for `q [b, nh, t, d]`, `k`, `v [b, nkv, total, d]` and the
-/// boolean mask `[b, 1, t, total]` (true = forbidden): `(out [b, nh, t, d], probs)`.
+/// `softmax(q k^T * scale + bias) v` for `q [b, nh, t, d]`, `k`, `v [b, nkv, total, d]` and the
+/// mask bias `[b, t, total]` ([`try_mask_bias`]): `(out [b, nh, t, d], probs)`.
 pub fn try_attention<B: Backend>(
     q: &Tensor<B, 4>,
     k: &Tensor<B, 4>,
     v: &Tensor<B, 4>,
-    mask: &Tensor<B, 4, Bool>,
+    bias: &Tensor<B, 3>,
     scale: f64,
 ) -> Option<(Tensor<B, 4>, Tensor<B, 4>)> {
-    let (qp, kp, vp, bias) = (prim(q)?, prim(k)?, prim(v)?, mask_of(mask)?);
+    let (qp, kp, vp, bias) = (prim(q)?, prim(k)?, prim(v)?, prim(bias)?);
     let s = Dims::of(&qp, &kp);
     let probs = empty(&qp, &[s.b, s.nh, s.t, s.total]);
     let rt = s.rep * s.t;
@@ -416,7 +413,7 @@ pub fn try_attention_backward<B: Backend>(
     k: &Tensor<B, 4>,
     v: &Tensor<B, 4>,
     probs: &Tensor<B, 4>,
-    mask: &Tensor<B, 4, Bool>,
+    bias: &Tensor<B, 3>,
     scale: f64,
 ) -> Option<(Tensor<B, 4>, Tensor<B, 4>, Tensor<B, 4>)> {
     let (dop, qp, kp, vp, pp, bias) = (
@@ -425,7 +422,7 @@ pub fn try_attention_backward<B: Backend>(
         prim(k)?,
         prim(v)?,
         prim(probs)?,
-        mask_of(mask)?,
+        prim(bias)?,
     );
     let s = Dims::of(&qp, &kp);
     let rt = s.rep * s.t;
@@ -479,4 +476,36 @@ pub fn try_matmul<B: Backend>(
     gemm(shape, alpha as f32, 0.0, &yp, &xp, &out)
         .unwrap_or_else(|e| panic!("CUDA matmul failed: {e:#}"));
     Some(wrap(out))
+}
+
+/// `acc + alpha op(x) op(y)`, accumulated in place into `acc`'s buffer by the GEMM (beta = 1)
+/// when `acc` is a plain CUDA tensor nobody else holds; otherwise `Err(acc)` for the caller's
+/// reference path.
+pub fn try_matmul_acc<B: Backend>(
+    acc: Tensor<B, 2>,
+    x: &Tensor<B, 2>,
+    y: &Tensor<B, 2>,
+    tx: bool,
+    ty: bool,
+    alpha: f64,
+) -> Result<Tensor<B, 2>, Tensor<B, 2>> {
+    let (Some(xp), Some(yp)) = (prim(x), prim(y)) else {
+        return Err(acc);
+    };
+    let acc = match (Box::new(acc) as Box<dyn Any>).downcast::<Tensor<Inner, 2>>() {
+        Ok(a) => *a,
+        Err(a) => return Err(*a.downcast::<Tensor<B, 2>>().expect("the same type")),
+    };
+    let ap = acc.into_primitive().tensor();
+    if !ap.can_mut() || !ap.is_contiguous() {
+        return Err(wrap(ap));
+    }
+    let ([xr, xc], [yr, yc]) = (x.dims(), y.dims());
+    let (rows, inner) = if tx { (xc, xr) } else { (xr, xc) };
+    let cols = if ty { yr } else { yc };
+    let shape = GemmShape::row_major(GemmIn::F32Tf32, 1, (rows, inner, cols), tx, ty);
+    assert_eq!(ap.meta.shape().to_vec(), vec![rows, cols], "accumulator shape");
+    gemm(shape, alpha as f32, 1.0, &yp, &xp, &ap)
+        .unwrap_or_else(|e| panic!("CUDA matmul failed: {e:#}"));
+    Ok(wrap(ap))
 }

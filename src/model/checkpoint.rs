@@ -15,11 +15,11 @@ use super::config::LlamaConfig;
 use super::llama::{
     expand_kv, from_heads, to_heads, AttnInputs, Block, BlockTrace, Llama, LoraTrace, OutputHead,
 };
-use crate::lora::{matmul, Adapter, LoraPair};
+use crate::lora::{matmul, matmul_acc, Adapter, LoraPair};
 use burn::tensor::{
     activation,
     backend::{AutodiffBackend, Backend},
-    Bool, IndexingUpdateOp, Int, Tensor, TensorData, TensorPrimitive,
+    IndexingUpdateOp, Int, Tensor, TensorData, TensorPrimitive,
 };
 use burn_autodiff::checkpoint::{base::Checkpointer, strategy::NoCheckpointing};
 use burn_autodiff::grads::Gradients;
@@ -167,12 +167,14 @@ fn one_layer<B: AutodiffBackend>(adapter: &Adapter<B>, layer: usize) -> Adapter<
 }
 
 /// Block `layer` as one autodiff node that keeps only its input; see the module doc.
+/// `inner_inputs` are `inputs` on the plain backend (made once per forward, not per block).
 pub fn checkpointed_block<B: AutodiffBackend>(
     cfg: &LlamaConfig,
     block: &Block<B>,
     layer: usize,
     h: Tensor<B, 3>,
     inputs: &AttnInputs<B>,
+    inner_inputs: &AttnInputs<B::InnerBackend>,
     adapter: &Adapter<B>,
 ) -> Tensor<B, 3> {
     // Parents: the block input, then A and B of each adapted module in the adapter's order.
@@ -197,11 +199,7 @@ pub fn checkpointed_block<B: AutodiffBackend>(
         block: block.inner(),
         adapter: one_layer(adapter, layer),
         h: ih,
-        inputs: AttnInputs {
-            cos: inputs.cos.clone().inner(),
-            sin: inputs.sin.clone().inner(),
-            mask: inputs.mask.clone().inner(),
-        },
+        inputs: inner_inputs.clone(),
         seed,
     };
     let out = state
@@ -279,15 +277,18 @@ fn swiglu_backward<B: Backend>(
 fn attention_backward<B: Backend>(
     dout: Tensor<B, 4>,
     tr: &BlockTrace<B>,
-    mask: &Tensor<B, 4, Bool>,
+    inputs: &AttnInputs<B>,
     scale: f64,
 ) -> (Tensor<B, 4>, Tensor<B, 4>, Tensor<B, 4>) {
     #[cfg(feature = "cuda")]
-    if let Some(r) = crate::cuda::train_ops::try_attention_backward(
-        &dout, &tr.q, &tr.k, &tr.v, &tr.probs, mask, scale,
-    ) {
-        return r;
+    if let Some(bias) = &inputs.bias {
+        if let Some(r) = crate::cuda::train_ops::try_attention_backward(
+            &dout, &tr.q, &tr.k, &tr.v, &tr.probs, bias, scale,
+        ) {
+            return r;
+        }
     }
+    let mask = &inputs.mask;
     let [b, nh, t, _] = dout.dims();
     let [_, nkv, total, _] = tr.k.dims();
     let rep = nh / nkv;
@@ -328,12 +329,14 @@ impl<B: Backend> LinearGrads<'_, B> {
         let db = matmul(&dy, &tr.z, true, false, s);
         let dz = matmul(&dy, &pair.b, false, false, s);
         let da = matmul(&dz, &tr.x, true, false, 1.0);
-        let mut dxl = matmul(&dz, &pair.a, false, false, 1.0);
-        if let Some(keep) = &tr.keep {
-            dxl = dxl * keep.clone();
-        }
         self.grads.insert(name, (da, db));
-        dx + dxl.reshape([b, t, base.in_features])
+        let dx = dx.reshape([b * t, base.in_features]);
+        let dx = match &tr.keep {
+            Some(keep) => dx + matmul(&dz, &pair.a, false, false, 1.0) * keep.clone(),
+            // The base's fresh input gradient takes `dz A` in place.
+            None => matmul_acc(dx, &dz, &pair.a, false, false, 1.0),
+        };
+        dx.reshape([b, t, base.in_features])
     }
 }
 
@@ -384,7 +387,7 @@ pub fn block_backward<B: Backend>(
     // Attention: h2 = h + o_proj(softmax(mask(q k^T * scale)) v).
     let dattn = to_heads(lin.backward("o_proj", dh2.clone()), nh, None);
     let scale = 1.0 / (hd as f64).sqrt();
-    let (dq, dk, dv) = attention_backward(dattn, tr, &inputs.mask, scale);
+    let (dq, dk, dv) = attention_backward(dattn, tr, inputs, scale);
     // RoPE is a rotation: its gradient rotates back by minus the angle.
     let tables = Some((&inputs.cos, &inputs.sin));
     let dq = from_heads(dq, tables);

@@ -97,8 +97,15 @@ impl<B: AutodiffBackend> Llama<B> {
             return self.forward_hidden(batch, adapter, None);
         };
         let Prepared { mut h, inputs, .. } = self.prepare(batch, None);
+        let inner = AttnInputs::new(
+            inputs.cos.clone().inner(),
+            inputs.sin.clone().inner(),
+            inputs.mask.clone().inner(),
+        );
         for (l, block) in self.layers.iter().enumerate() {
-            h = super::checkpoint::checkpointed_block(&self.cfg, block, l, h, &inputs, adapter);
+            h = super::checkpoint::checkpointed_block(
+                &self.cfg, block, l, h, &inputs, &inner, adapter,
+            );
         }
         self.final_norm(h)
     }
@@ -276,6 +283,24 @@ pub struct AttnInputs<B: Backend> {
     pub cos: Tensor<B, 4>,
     pub sin: Tensor<B, 4>,
     pub mask: Tensor<B, 4, Bool>,
+    /// The mask as an additive bias `[b, t, past+t]` (0 or -1e30) for the fused CUDA
+    /// attention, made once per call; `None` on other backends.
+    pub bias: Option<Tensor<B, 3>>,
+}
+
+impl<B: Backend> AttnInputs<B> {
+    pub fn new(cos: Tensor<B, 4>, sin: Tensor<B, 4>, mask: Tensor<B, 4, Bool>) -> Self {
+        #[cfg(feature = "cuda")]
+        let bias = crate::cuda::train_ops::try_mask_bias(&mask);
+        #[cfg(not(feature = "cuda"))]
+        let bias = None;
+        Self {
+            cos,
+            sin,
+            mask,
+            bias,
+        }
+    }
 }
 
 /// What every block of one forward call shares: the embedded tokens, the attention inputs, and
@@ -386,19 +411,22 @@ pub(crate) fn from_heads<B: Backend>(
 }
 
 /// `softmax(mask(q k^T * scale)) v` with grouped key/value heads (`q [b, nh, t, d]`,
-/// `k`, `v [b, nkv, total, d]`, mask `[b, 1, t, total]`, true = forbidden): the output
+/// `k`, `v [b, nkv, total, d]`, the inputs' mask `[b, 1, t, total]`, true = forbidden): the output
 /// `[b, nh, t, d]` and the probabilities.
 pub(crate) fn attention<B: Backend>(
     q: Tensor<B, 4>,
     k: Tensor<B, 4>,
     v: Tensor<B, 4>,
-    mask: &Tensor<B, 4, Bool>,
+    inputs: &AttnInputs<B>,
     scale: f64,
 ) -> (Tensor<B, 4>, Tensor<B, 4>) {
     #[cfg(feature = "cuda")]
-    if let Some(r) = crate::cuda::train_ops::try_attention(&q, &k, &v, mask, scale) {
-        return r;
+    if let Some(bias) = &inputs.bias {
+        if let Some(r) = crate::cuda::train_ops::try_attention(&q, &k, &v, bias, scale) {
+            return r;
+        }
     }
+    let mask = &inputs.mask;
     let [b, nh, t, _] = q.dims();
     let [_, nkv, total, _] = k.dims();
     let rep = nh / nkv;
@@ -492,15 +520,14 @@ impl<B: Backend> Block<B> {
             .linear(name)
             .expect("known module name")
             .forward(x.clone());
-        match adapter.and_then(|a| a.delta_traced(layer, name, x)) {
-            Some((d, trace)) => {
-                if let Some(r) = rec {
-                    r.lora.insert(name, trace);
-                }
-                y + d
-            }
-            None => y,
+        let Some(adapter) = adapter else {
+            return y;
+        };
+        let (y, trace) = adapter.add_delta_traced(layer, name, x, y);
+        if let (Some(r), Some(trace)) = (rec, trace) {
+            r.lora.insert(name, trace);
         }
+        y
     }
 
     /// One decoder block. With a cache, the new tokens attend to the cached ones and their keys
@@ -573,7 +600,7 @@ impl<B: Backend> Block<B> {
             r.v = Some(v.clone());
         }
         let scale = 1.0 / (hd as f64).sqrt();
-        let (attn, probs) = attention(q, k, v, &inputs.mask, scale);
+        let (attn, probs) = attention(q, k, v, inputs, scale);
         if let Some(r) = rec.as_deref_mut() {
             r.probs = Some(probs);
         }
@@ -657,7 +684,7 @@ impl<B: Backend> Llama<B> {
             .reshape([b, t, self.cfg.hidden_size]);
         Prepared {
             h,
-            inputs: AttnInputs { cos, sin, mask },
+            inputs: AttnInputs::new(cos, sin, mask),
             positions,
             key_valid,
         }
