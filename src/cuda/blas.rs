@@ -271,7 +271,8 @@ impl Blas {
     }
 }
 
-/// `D (f32) = alpha op(A) · op(B) + beta D` (column-major, as cuBLAS sees them), enqueued on
+/// `D (f32) = alpha op(A) · op(B) + beta C` (column-major, as cuBLAS sees them; `C` has `D`'s
+/// layout and may be `D` itself), enqueued on
 /// `stream` (cubecl's, which orders the buffers) without waiting. The caller holds the buffers
 /// alive until the call returns (later reuse of their memory is ordered by the stream);
 /// `ordinal` is the device whose primary context owns them.
@@ -284,6 +285,7 @@ pub fn gemm(
     beta: f32,
     a: u64,
     b: u64,
+    c: u64,
     d: u64,
 ) -> Result<()> {
     ensure_context(ordinal)?;
@@ -298,7 +300,7 @@ pub fn gemm(
     let workspace = blas.workspace;
     let plan = blas.plan(s)?;
     // SAFETY: pointers are live device buffers of the sizes the layouts describe (checked by the
-    // caller); `d` is both C (read only when beta != 0) and D.
+    // caller); C is read only when beta != 0.
     unsafe {
         lt::matmul(
             handle,
@@ -309,7 +311,7 @@ pub fn gemm(
             plan.a,
             b as *const c_void,
             plan.b,
-            d as *const c_void,
+            c as *const c_void,
             plan.d,
             d as *mut c_void,
             plan.d,

@@ -5,8 +5,12 @@
 //! and step), and at a few rows the host cost of each launch, not the GPU, sets the step time.
 //! Here the prompt is prefilled by the ordinary forward, its keys and values are copied once into
 //! a preallocated cache, and every later token runs: RMSNorm, one `x A^T` for the LoRA factors
-//! of a group of modules, the NF4 GEMVs with the LoRA up-projection (and the residual add) fused
-//! in, RoPE + cache append, attention over the cache, SwiGLU, and the vocabulary projection.
+//! of a group of modules, per projection the NF4 weight dequantized into a bf16 workspace and one
+//! cuBLASLt GEMM (the residual add as its C term) plus the LoRA up-projection as a second GEMM
+//! accumulating into the output, RoPE + cache append, attention over the cache, SwiGLU, and the
+//! vocabulary projection. (Our fused NF4 GEMV kernel reads 4 bits per weight instead of writing
+//! and reading 16, but as written it is several times slower than dequantize + cuBLAS at these
+//! shapes: BENCHMARKS.md.)
 //!
 //! Every buffer a step touches is allocated once, and nothing that changes from step to step is
 //! a launch argument (tokens, positions and the cache slot are read from a small device buffer
@@ -21,7 +25,8 @@ use super::kernels::{
     decode_attention, embed_rows, f32_gemv, f32_to_bf16, rms_norm_rows, rope_append, silu_mul,
     DECODE_MAX_KEYS,
 };
-use super::qlinear::{GpuLinear, Inner, LoraUp, GEMV_MAX_ROWS};
+use super::qlinear::{GpuLinear, Inner, GEMV_MAX_ROWS};
+use super::train_ops::gemm_at;
 use crate::lora::Adapter;
 use crate::model::llama::OutputHead;
 use crate::model::{KvCache, Llama};
@@ -135,8 +140,10 @@ struct StepBufs {
     act: T,
     /// `x A^T` of the current module group (the widest group's size).
     z: T,
-    /// The final hidden rows as bf16 pairs (for a bf16 head).
+    /// The current linear input as bf16 (pairs of values per f32 slot).
     xb: T,
+    /// One NF4 weight dequantized to bf16 (the largest linear's size).
+    ws: T,
     logits: T,
 }
 
@@ -323,6 +330,12 @@ impl FusedDecode {
             .flat_map(|l| l.groups.iter().flatten().map(|g| g.width))
             .max()
             .unwrap_or(1);
+        let max_in = h.max(q).max(inter);
+        let max_weight = layers
+            .iter()
+            .flat_map(|l| l.lin.iter().map(|w| w.out_features() * w.in_features()))
+            .max()
+            .unwrap_or(1);
         let buf = |n: usize| {
             empty_device_contiguous_dtype(
                 client.clone(),
@@ -343,8 +356,10 @@ impl FusedDecode {
             g: buf(rows * inter),
             u: buf(rows * inter),
             act: buf(rows * inter),
-            z: buf(rows * z_width),
-            xb: buf(rows * h / 2 + 1),
+            // One row of slack: a module's slice of `z` is addressed from its offset.
+            z: buf((rows + 1) * z_width),
+            xb: buf(rows * max_in / 2 + 1),
+            ws: buf(max_weight / 2 + 1),
             logits: buf(rows * vocab),
         };
         Some(Self {
@@ -417,34 +432,76 @@ impl FusedDecode {
         Some(z)
     }
 
-    /// Module `m` of layer `l` on `x` into `out`, with its LoRA delta (from `z` of its group)
-    /// and an optional residual.
+    /// `xb = bf16(x)` for `x [rows, width]`.
+    fn to_bf16(&self, x: &T, width: usize) {
+        let pairs = self.rows * width / 2;
+        // SAFETY: x holds rows x width f32 (width even), xb at least `pairs` u32.
+        unsafe {
+            f32_to_bf16::launch_unchecked::<CudaRuntime>(
+                &self.client,
+                CubeCount::Static((pairs as u32).div_ceil(256), 1, 1),
+                CubeDim::new_1d(256),
+                ArrayArg::from_raw_parts(x.handle.clone(), self.rows * width),
+                ArrayArg::from_raw_parts(self.bufs.xb.handle.clone(), pairs),
+                pairs,
+            )
+        };
+    }
+
+    /// Module `m` of layer `l` into `out`: its NF4 weight dequantized into the workspace and one
+    /// bf16 GEMM with the input already in `bufs.xb` (plus the residual `res` as cuBLAS' C), then
+    /// the LoRA up-projection of its slice of `z` accumulated by a second (TF32) GEMM. At a few
+    /// rows this beats our fused NF4 GEMV kernel several times over (BENCHMARKS.md).
     #[allow(clippy::too_many_arguments)]
     fn linear(
         &self,
         l: usize,
         g: usize,
         m: usize,
-        x: &T,
         z: Option<&T>,
         res: Option<&T>,
         out: &T,
-    ) {
+    ) -> Result<()> {
         let layer = &self.layers[l];
-        let up = z.and_then(|z| {
+        let lin = &layer.lin[m];
+        let (o, i, n) = (
+            lin.out_features() as u64,
+            lin.in_features() as u64,
+            self.rows as u64,
+        );
+        lin.dequant_into(&self.bufs.ws);
+        // Column-major: out^T [o, rows] = W (row-major [o, i], so op = T) · x^T.
+        let shape = GemmShape::bf16(true, false, o, n, i, i as i64, i as i64, o as i64);
+        let (c, beta) = match res {
+            Some(r) => (r, 1.0),
+            None => (out, 0.0),
+        };
+        gemm_at(shape, 1.0, beta, (&self.bufs.ws, 0), (&self.bufs.xb, 0), c, out)?;
+        let member = z.and_then(|z| {
             let group = layer.groups[g].as_ref()?;
             let (_, off, rank, b) = group.members.iter().find(|e| e.0 == m)?;
-            Some(LoraUp {
-                z,
-                z_stride: group.width,
-                z_offset: *off,
-                rank: *rank,
-                b,
-                scale: self.scale,
-            })
+            Some((z, group.width, *off, *rank, b))
         });
-        let ran = layer.lin[m].gemv_into(x, self.rows, up.as_ref(), res, out);
-        assert!(ran, "checked NF4 at construction");
+        if let Some((z, width, off, rank, b)) = member {
+            // out^T [o, rows] += s · B (row-major [o, rank]) · z[:, off..off + rank]^T.
+            let shape = GemmShape {
+                trans_a: true,
+                trans_b: false,
+                m: o,
+                n,
+                k: rank as u64,
+                lda: rank as i64,
+                ldb: width as i64,
+                ldd: o as i64,
+                input: GemmIn::F32Tf32,
+                batch: 1,
+                stride_a: 0,
+                stride_b: 0,
+                stride_d: 0,
+            };
+            gemm_at(shape, self.scale, 1.0, (b, 0), (z, off), out, out)?;
+        }
+        Ok(())
     }
 
     /// Feeds one token per row (`valid` false for rows that already stopped) and returns the
@@ -578,9 +635,10 @@ impl FusedDecode {
         for l in 0..self.layers.len() {
             self.rms(&b.h, &self.layers[l].input_norm, &b.x);
             let z = self.lora_z(l, 0, &b.x, h_dim);
-            self.linear(l, 0, 0, &b.x, z, None, &b.q);
-            self.linear(l, 0, 1, &b.x, z, None, &b.k);
-            self.linear(l, 0, 2, &b.x, z, None, &b.v);
+            self.to_bf16(&b.x, h_dim);
+            self.linear(l, 0, 0, z, None, &b.q)?;
+            self.linear(l, 0, 1, z, None, &b.k)?;
+            self.linear(l, 0, 2, z, None, &b.v)?;
             unsafe {
                 rope_append::launch_unchecked::<CudaRuntime>(
                     &self.client,
@@ -623,11 +681,13 @@ impl FusedDecode {
                 )
             };
             let z = self.lora_z(l, 1, &b.attn, q_dim);
-            self.linear(l, 1, 3, &b.attn, z, Some(&b.h), &b.h2);
+            self.to_bf16(&b.attn, q_dim);
+            self.linear(l, 1, 3, z, Some(&b.h), &b.h2)?;
             self.rms(&b.h2, &self.layers[l].post_norm, &b.x);
             let z = self.lora_z(l, 2, &b.x, h_dim);
-            self.linear(l, 2, 4, &b.x, z, None, &b.g);
-            self.linear(l, 2, 5, &b.x, z, None, &b.u);
+            self.to_bf16(&b.x, h_dim);
+            self.linear(l, 2, 4, z, None, &b.g)?;
+            self.linear(l, 2, 5, z, None, &b.u)?;
             let n = rows * self.inter;
             unsafe {
                 silu_mul::launch_unchecked::<CudaRuntime>(
@@ -641,8 +701,9 @@ impl FusedDecode {
                 )
             };
             let z = self.lora_z(l, 3, &b.act, self.inter);
+            self.to_bf16(&b.act, self.inter);
             // The block output overwrites `h`, which nothing reads any more this layer.
-            self.linear(l, 3, 6, &b.act, z, Some(&b.h2), &b.h);
+            self.linear(l, 3, 6, z, Some(&b.h2), &b.h)?;
         }
         self.rms(&b.h, &self.final_norm, &b.x);
         self.project(&b.x)
@@ -658,18 +719,7 @@ impl FusedDecode {
                 Ok(())
             }
             Head::Bf16(lin) => {
-                let pairs = rows * h / 2;
-                // SAFETY: x holds rows x hidden f32 (hidden even), xb at least pairs u32.
-                unsafe {
-                    f32_to_bf16::launch_unchecked::<CudaRuntime>(
-                        &self.client,
-                        CubeCount::Static((pairs as u32).div_ceil(256), 1, 1),
-                        CubeDim::new_1d(256),
-                        ArrayArg::from_raw_parts(x.handle.clone(), rows * h),
-                        ArrayArg::from_raw_parts(self.bufs.xb.handle.clone(), pairs),
-                        pairs,
-                    )
-                };
+                self.to_bf16(x, h);
                 let w = lin.bf16_weight().expect("a dense head is stored in bf16");
                 let (v, hh, n) = (self.vocab as u64, h as u64, rows as u64);
                 // Column-major: logits^T [vocab, rows] = W^T-of-its-layout · x^T.

@@ -138,44 +138,54 @@ impl GpuLinear {
     pub fn dense_bf16(&self) -> CubeTensor<CudaRuntime> {
         match &self.stored {
             Stored::Bf16(w) => w.clone(),
-            Stored::Nf4 {
-                packed,
-                codes,
-                nested,
-                code2,
-                nf4,
-                offset,
-                words,
-                nested_len,
-                code_words,
-            } => {
-                let client = self.client();
+            Stored::Nf4 { .. } => {
                 let out = empty_device_contiguous_dtype(
-                    client.clone(),
+                    self.client(),
                     self.device.clone(),
                     Shape::new([self.out_features, self.in_features]),
                     DType::BF16,
                 );
-                let cubes = words.div_ceil(256) as u32;
-                // SAFETY: every array length matches its buffer; the kernel bounds-checks words.
-                unsafe {
-                    nf4_dequant_bf16::launch_unchecked::<CudaRuntime>(
-                        &client,
-                        CubeCount::Static(cubes, 1, 1),
-                        CubeDim::new_1d(256),
-                        ArrayArg::from_raw_parts(packed.clone(), *words),
-                        ArrayArg::from_raw_parts(codes.clone(), *code_words),
-                        ArrayArg::from_raw_parts(nested.clone(), *nested_len),
-                        ArrayArg::from_raw_parts(code2.clone(), 256),
-                        ArrayArg::from_raw_parts(nf4.clone(), 16),
-                        *offset,
-                        *words,
-                        ArrayArg::from_raw_parts(out.handle.clone(), words * 4),
-                    )
-                };
+                self.dequant_into(&out);
                 out
             }
         }
+    }
+
+    /// Dequantizes an NF4 weight into `ws` (a buffer of at least `out * in` bf16 values, as
+    /// `[out, in]` row-major); a dense weight launches nothing.
+    pub fn dequant_into(&self, ws: &CubeTensor<CudaRuntime>) {
+        let Stored::Nf4 {
+            packed,
+            codes,
+            nested,
+            code2,
+            nf4,
+            offset,
+            words,
+            nested_len,
+            code_words,
+        } = &self.stored
+        else {
+            return;
+        };
+        let cubes = words.div_ceil(256) as u32;
+        // SAFETY: every array length matches its buffer (`ws` holds words * 8 bf16 = words * 4
+        // u32); the kernel bounds-checks words.
+        unsafe {
+            nf4_dequant_bf16::launch_unchecked::<CudaRuntime>(
+                &self.client(),
+                CubeCount::Static(cubes, 1, 1),
+                CubeDim::new_1d(256),
+                ArrayArg::from_raw_parts(packed.clone(), *words),
+                ArrayArg::from_raw_parts(codes.clone(), *code_words),
+                ArrayArg::from_raw_parts(nested.clone(), *nested_len),
+                ArrayArg::from_raw_parts(code2.clone(), 256),
+                ArrayArg::from_raw_parts(nf4.clone(), 16),
+                *offset,
+                *words,
+                ArrayArg::from_raw_parts(ws.handle.clone(), words * 4),
+            )
+        };
     }
 
     /// `x [rows, in] (f32) -> [rows, out] (f32)`.

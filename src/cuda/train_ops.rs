@@ -48,6 +48,20 @@ fn enabled() -> bool {
 /// `alpha op(A) op(B) + beta D` over these tensors' buffers, on cubecl's stream (see `blas`).
 /// Each buffer is checked to hold what the shape reads or writes.
 pub fn gemm(shape: GemmShape, alpha: f32, beta: f32, a: &T, b: &T, d: &T) -> Result<()> {
+    gemm_at(shape, alpha, beta, (a, 0), (b, 0), d, d)
+}
+
+/// [`gemm`] with `A` and `B` starting `offset` elements into their buffers, and `C` (the
+/// `beta` term, `D`'s layout) read from `c`.
+pub fn gemm_at(
+    shape: GemmShape,
+    alpha: f32,
+    beta: f32,
+    (a, a_off): (&T, usize),
+    (b, b_off): (&T, usize),
+    c: &T,
+    d: &T,
+) -> Result<()> {
     let client = d.client.clone();
     let in_bytes = match shape.input {
         GemmIn::Bf16 => 2,
@@ -55,11 +69,14 @@ pub fn gemm(shape: GemmShape, alpha: f32, beta: f32, a: &T, b: &T, d: &T) -> Res
     };
     let (sa, sb, sd) = shape.spans();
     let mut stream = None;
-    let mut ptrs = [0u64; 3];
-    for (i, (t, span, bytes)) in [(a, sa, in_bytes), (b, sb, in_bytes), (d, sd, 4)]
-        .into_iter()
-        .enumerate()
-    {
+    let mut ptrs = [0u64; 4];
+    let operands = [
+        (a, sa + a_off as u64, in_bytes, a_off as u64),
+        (b, sb + b_off as u64, in_bytes, b_off as u64),
+        (c, sd, 4, 0),
+        (d, sd, 4, 0),
+    ];
+    for (i, (t, span, bytes, off)) in operands.into_iter().enumerate() {
         let res = client
             .get_resource(t.handle.clone())
             .map_err(|e| anyhow::anyhow!("CUDA buffer: {e:?}"))?;
@@ -70,10 +87,10 @@ pub fn gemm(shape: GemmShape, alpha: f32, beta: f32, a: &T, b: &T, d: &T) -> Res
             span * bytes,
             r.size
         );
-        ptrs[i] = r.ptr;
+        ptrs[i] = r.ptr + off * bytes;
         stream.get_or_insert(r.stream);
     }
-    let stream = stream.expect("three operands");
+    let stream = stream.expect("four operands");
     // A cudarc driver stream is the same handle as a runtime API stream.
     blas::gemm(
         d.device.index,
@@ -84,6 +101,7 @@ pub fn gemm(shape: GemmShape, alpha: f32, beta: f32, a: &T, b: &T, d: &T) -> Res
         ptrs[0],
         ptrs[1],
         ptrs[2],
+        ptrs[3],
     )
 }
 
