@@ -33,10 +33,7 @@ fn median(mut v: Vec<f64>) -> f64 {
 /// max |a - b| / max |b|.
 fn rel(a: &[f32], b: &[f32]) -> f64 {
     let scale = b.iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-12) as f64;
-    let d = a
-        .iter()
-        .zip(b)
-        .fold(0f32, |m, (p, q)| m.max((p - q).abs()));
+    let d = a.iter().zip(b).fold(0f32, |m, (p, q)| m.max((p - q).abs()));
     d as f64 / scale
 }
 
@@ -216,8 +213,15 @@ fn main() -> anyhow::Result<()> {
         let cpre = prefill(&cm.inner(), &ca.inner(), &ids, &valid);
         let mut errs = Vec::new();
         for (name, (l, g), pre) in [("fused", (fl, fg), fpre), ("reference", (rl, rg), rpre)] {
-            let ge = g.iter().zip(&cg).map(|(a, b)| rel(a, b)).fold(0f64, f64::max);
-            let (le, pe) = (((l - cl).abs() / cl.abs().max(1e-12)) as f64, rel(pre, &cpre));
+            let ge = g
+                .iter()
+                .zip(&cg)
+                .map(|(a, b)| rel(a, b))
+                .fold(0f64, f64::max);
+            let (le, pe) = (
+                ((l - cl).abs() / cl.abs().max(1e-12)) as f64,
+                rel(pre, &cpre),
+            );
             println!(
                 "{{\"check\":\"{name}_vs_cpu_f32\",\"loss_rel\":{le:.3e},\"worst_grad_rel\":{ge:.3e},\"prefill_rel\":{pe:.3e}}}"
             );

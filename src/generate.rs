@@ -165,17 +165,13 @@ pub fn generate<B: Backend, R: Rng>(
     let mut fused: Option<crate::cuda::decode::FusedDecode> = None;
     let mut next: Vec<u32> = Vec::with_capacity(b);
     let mut next_valid: Vec<bool> = Vec::with_capacity(b);
-    // `RLHF_TRACE=1` prints per-token decode times (the logits read below synchronises).
+    // `RLHF_TRACE=1` prints where the time went: the model's steps (each ends by reading the
+    // logits, which synchronises) and the host-side sampling.
     let trace = std::env::var_os("RLHF_TRACE").is_some();
-    let mut last_tick = std::time::Instant::now();
+    let mut model_ms: Vec<f64> = Vec::new();
+    let mut sample_ms = 0.0;
     for step in 0..params.max_new_tokens {
-        if trace {
-            eprintln!(
-                "decode step {step}: {:.2} ms",
-                last_tick.elapsed().as_secs_f64() * 1e3
-            );
-            last_tick = std::time::Instant::now();
-        }
+        let tick = std::time::Instant::now();
         #[cfg(feature = "cuda")]
         let fused_logits = match fused.as_mut() {
             Some(f) => Some(f.step(&next, &next_valid)?),
@@ -214,7 +210,10 @@ pub fn generate<B: Backend, R: Rng>(
         next.clear();
         next_valid.clear();
         let active: Vec<bool> = out.iter().map(|c| !c.stopped).collect();
+        let tick_sample = std::time::Instant::now();
+        model_ms.push((tick_sample - tick).as_secs_f64() * 1e3);
         let picks = sample_rows(&logits, vocab, &active, params, banned, rng);
+        sample_ms += tick_sample.elapsed().as_secs_f64() * 1e3;
         for (c, pick) in out.iter_mut().zip(picks) {
             let Some(tok) = pick else {
                 next.push(params.pad_id);
@@ -238,6 +237,18 @@ pub fn generate<B: Backend, R: Rng>(
         let rows: Vec<Vec<u32>> = next.iter().map(|&t| vec![t]).collect();
         let valid = next_valid.iter().map(|&v| vec![v]).collect();
         batch = Batch::new(&rows, valid, &device);
+    }
+    if trace && !model_ms.is_empty() {
+        let first = model_ms[0];
+        let mut rest = model_ms[1..].to_vec();
+        rest.sort_by(|a, b| a.total_cmp(b));
+        let median = rest.get(rest.len() / 2).copied().unwrap_or(0.0);
+        eprintln!(
+            "generate: {} rows, {} steps: prompt + first token {first:.1} ms, later steps {:.1} ms (median {median:.2}), sampling {sample_ms:.1} ms",
+            b,
+            model_ms.len(),
+            rest.iter().sum::<f64>()
+        );
     }
     Ok(out)
 }

@@ -32,13 +32,13 @@ use crate::model::llama::OutputHead;
 use crate::model::{KvCache, Llama};
 use anyhow::{anyhow, ensure, Result};
 use burn::tensor::{backend::Backend, DType, Shape, Tensor, TensorData};
-use cubecl::server::Handle;
-use cudarc::driver::{result as drv, sys as cu};
 use burn_cubecl::kernel::into_contiguous;
 use burn_cubecl::ops::numeric::empty_device_contiguous_dtype;
 use burn_cubecl::tensor::CubeTensor;
 use cubecl::cuda::{CudaDevice, CudaRuntime};
 use cubecl::prelude::*;
+use cubecl::server::Handle;
+use cudarc::driver::{result as drv, sys as cu};
 use std::any::Any;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -319,12 +319,7 @@ impl FusedDecode {
             OutputHead::Tied(embed) => Head::Tied(prim(embed)),
         };
         let vocab = cfg.vocab_size;
-        let (h, q, kv, inter) = (
-            cfg.hidden_size,
-            nh * hd,
-            nkv * hd,
-            cfg.intermediate_size,
-        );
+        let (h, q, kv, inter) = (cfg.hidden_size, nh * hd, nkv * hd, cfg.intermediate_size);
         let z_width = layers
             .iter()
             .flat_map(|l| l.groups.iter().flatten().map(|g| g.width))
@@ -476,7 +471,15 @@ impl FusedDecode {
             Some(r) => (r, 1.0),
             None => (out, 0.0),
         };
-        gemm_at(shape, 1.0, beta, (&self.bufs.ws, 0), (&self.bufs.xb, 0), c, out)?;
+        gemm_at(
+            shape,
+            1.0,
+            beta,
+            (&self.bufs.ws, 0),
+            (&self.bufs.xb, 0),
+            c,
+            out,
+        )?;
         let member = z.and_then(|z| {
             let group = layer.groups[g].as_ref()?;
             let (_, off, rank, b) = group.members.iter().find(|e| e.0 == m)?;
@@ -727,7 +730,8 @@ impl FusedDecode {
                 super::train_ops::gemm(shape, 1.0, 0.0, w, &self.bufs.xb, logits)
             }
             Head::Tied(embed) => {
-                let shape = GemmShape::row_major(GemmIn::F32Tf32, 1, (rows, h, self.vocab), false, true);
+                let shape =
+                    GemmShape::row_major(GemmIn::F32Tf32, 1, (rows, h, self.vocab), false, true);
                 super::train_ops::gemm(shape, 1.0, 0.0, embed, x, logits)
             }
         }

@@ -206,7 +206,11 @@ impl GpuLinear {
         }
         // Row-major x [rows, in] and W [out, in] are column-major [in, rows] and [in, out]:
         // y^T [out, rows] = W^T-of-that · x, i.e. op(A) = A^T with A = W.
-        let (o, i, n) = (self.out_features as u64, self.in_features as u64, rows as u64);
+        let (o, i, n) = (
+            self.out_features as u64,
+            self.in_features as u64,
+            rows as u64,
+        );
         let shape = GemmShape::bf16(true, false, o, n, i, i as i64, i as i64, o as i64);
         self.with_weight(x, shape)
     }
@@ -215,7 +219,11 @@ impl GpuLinear {
     pub fn backward(&self, dy: CubeTensor<CudaRuntime>) -> Result<CubeTensor<CudaRuntime>> {
         let rows = dy.meta.shape()[0];
         // Column-major: dx^T [in, rows] = W_c [in, out] · dy^T [out, rows].
-        let (o, i, n) = (self.out_features as u64, self.in_features as u64, rows as u64);
+        let (o, i, n) = (
+            self.out_features as u64,
+            self.in_features as u64,
+            rows as u64,
+        );
         let shape = GemmShape::bf16(false, false, i, n, o, i as i64, o as i64, i as i64);
         self.with_weight(dy, shape)
     }

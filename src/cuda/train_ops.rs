@@ -401,7 +401,15 @@ pub fn try_attention<B: Backend>(
     let s = Dims::of(&qp, &kp);
     let probs = empty(&qp, &[s.b, s.nh, s.t, s.total]);
     let rt = s.rep * s.t;
-    s.mm(&qp, &kp, &probs, (rt, s.d, s.total), false, true, scale as f32);
+    s.mm(
+        &qp,
+        &kp,
+        &probs,
+        (rt, s.d, s.total),
+        false,
+        true,
+        scale as f32,
+    );
     let (count, dim) = row_cubes(s.softmax_rows());
     // SAFETY: probs holds rows * total values, bias b * t * total; rows are bounds-checked.
     unsafe {
@@ -522,7 +530,11 @@ pub fn try_matmul_acc<B: Backend>(
     let (rows, inner) = if tx { (xc, xr) } else { (xr, xc) };
     let cols = if ty { yr } else { yc };
     let shape = GemmShape::row_major(GemmIn::F32Tf32, 1, (rows, inner, cols), tx, ty);
-    assert_eq!(ap.meta.shape().to_vec(), vec![rows, cols], "accumulator shape");
+    assert_eq!(
+        ap.meta.shape().to_vec(),
+        vec![rows, cols],
+        "accumulator shape"
+    );
     gemm(shape, alpha as f32, 1.0, &yp, &xp, &ap)
         .unwrap_or_else(|e| panic!("CUDA matmul failed: {e:#}"));
     Ok(wrap(ap))

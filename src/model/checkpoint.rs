@@ -297,8 +297,7 @@ fn attention_backward<B: Backend>(
     let dve = tr.probs.clone().swap_dims(2, 3).matmul(dout.clone());
     let dp = dout.matmul(ve.swap_dims(2, 3));
     let row = (dp.clone() * tr.probs.clone()).sum_dim(3);
-    let ds = (tr.probs.clone() * (dp - row))
-        .mask_fill(mask.clone().expand([b, nh, t, total]), 0.0)
+    let ds = (tr.probs.clone() * (dp - row)).mask_fill(mask.clone().expand([b, nh, t, total]), 0.0)
         * scale;
     let dq = ds.clone().matmul(ke);
     let dke = ds.swap_dims(2, 3).matmul(tr.q.clone());

@@ -46,7 +46,12 @@ pub struct CudaRuntime;
 
 impl DeviceService for CudaServer {
     fn init(device_id: cubecl_common::device::DeviceId) -> Self {
-        let options = RuntimeOptions::default();
+        let mut options = RuntimeOptions::default();
+        // rlhf patch: `CUBECL_CUDA_MEMORY=exclusive` selects exclusive pages instead of the
+        // default sub-sliced pools (an A/B switch for allocation cost and reserved memory).
+        if std::env::var("CUBECL_CUDA_MEMORY").as_deref() == Ok("exclusive") {
+            options.memory_config = MemoryConfiguration::ExclusivePages;
+        }
         let device = CudaDevice::from_id(device_id);
 
         // To get the supported WMMA features, and memory properties, we have to initialize the server immediately.
