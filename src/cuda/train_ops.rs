@@ -76,10 +76,11 @@ pub fn gemm_at(
         (c, sd, 4, 0),
         (d, sd, 4, 0),
     ];
-    for (i, (t, span, bytes, off)) in operands.into_iter().enumerate() {
-        let res = client
-            .get_resource(t.handle.clone())
-            .map_err(|e| anyhow::anyhow!("CUDA buffer: {e:?}"))?;
+    // One blocking round trip to cubecl's device thread for all four (patched cubecl-runtime).
+    let resources = client
+        .get_resources(operands.iter().map(|o| o.0.handle.clone()).collect())
+        .map_err(|e| anyhow::anyhow!("CUDA buffer: {e:?}"))?;
+    for (i, ((_, span, bytes, off), res)) in operands.into_iter().zip(&resources).enumerate() {
         let r = res.resource();
         ensure!(
             span * bytes <= r.size,
