@@ -7,7 +7,7 @@
 //! kernel reads each 4-bit weight once and never writes a dense copy.
 
 use super::blas::GemmShape;
-use super::kernels::{f32_gemv, nf4_dequant_bf16, nf4_gemv_fused, WORD};
+use super::kernels::{f32_gemv, f32_to_bf16, nf4_dequant_bf16, nf4_gemv_fused, WORD};
 use crate::quant::nf4::{dynamic_map_signed, Nf4Tensor, BLOCK_SIZE, NF4_CODE};
 use anyhow::{ensure, Context, Result};
 use burn::tensor::{DType, Shape, Tensor, TensorPrimitive};
@@ -235,7 +235,7 @@ impl GpuLinear {
         input: CubeTensor<CudaRuntime>,
         shape: GemmShape,
     ) -> Result<CubeTensor<CudaRuntime>> {
-        let input = into_contiguous(cast(into_contiguous(input), DType::BF16));
+        let input = to_bf16(into_contiguous(input));
         let w = self.dense_bf16();
         let out = self.empty_f32(shape.n as usize, shape.m as usize);
         self.gemm(shape, &w, &input, &out)?;
@@ -379,6 +379,35 @@ impl GpuLinear {
     pub fn in_features(&self) -> usize {
         self.in_features
     }
+}
+
+/// A contiguous f32 tensor as bf16 through our array kernel (burn's cast passes the shape and
+/// strides as per-launch metadata, which costs cubecl an upload per call); odd sizes take burn's.
+fn to_bf16(x: CubeTensor<CudaRuntime>) -> CubeTensor<CudaRuntime> {
+    let shape = x.meta.shape().to_vec();
+    let n: usize = shape.iter().product();
+    if n % 2 != 0 || x.dtype != DType::F32 {
+        return into_contiguous(cast(x, DType::BF16));
+    }
+    let out = empty_device_contiguous_dtype(
+        x.client.clone(),
+        x.device.clone(),
+        Shape::from(shape),
+        DType::BF16,
+    );
+    let pairs = n / 2;
+    // SAFETY: x holds n contiguous f32, out n bf16 = pairs u32; the kernel bounds-checks pairs.
+    unsafe {
+        f32_to_bf16::launch_unchecked::<CudaRuntime>(
+            &x.client,
+            CubeCount::Static((pairs as u32).div_ceil(256), 1, 1),
+            CubeDim::new_1d(256),
+            ArrayArg::from_raw_parts(x.handle.clone(), n),
+            ArrayArg::from_raw_parts(out.handle.clone(), pairs),
+            pairs,
+        )
+    };
+    out
 }
 
 /// A LoRA up-projection fused into the GEMV: `scale * z[:, z_offset..z_offset + rank] @ b^T`,
