@@ -17,6 +17,10 @@ pub fn sample_token<R: Rng>(
     banned: &[u32],
     rng: &mut R,
 ) -> u32 {
+    let no_filter = p.top_k == 0 || p.top_k >= logits.len();
+    if p.temperature > 0.0 && no_filter && p.top_p >= 1.0 {
+        return sample_plain(logits, p.temperature, banned, rng);
+    }
     let mut scores: Vec<(u32, f32)> = logits
         .iter()
         .enumerate()
@@ -84,6 +88,40 @@ pub fn sample_token<R: Rng>(
         u -= q;
     }
     scores[probs.len() - 1].0
+}
+
+/// Plain temperature sampling (no top-k / top-p), the common RL case, without building and
+/// normalising a scored copy of the vocabulary: the same inverse-CDF draw as [`sample_token`]'s
+/// general path (one uniform per token, mass accumulated in f64 from f32 exponentials), scaled by
+/// the total instead of dividing every probability by it.
+fn sample_plain<R: Rng>(logits: &[f32], temperature: f32, banned: &[u32], rng: &mut R) -> u32 {
+    let allowed = |i: usize| !banned.contains(&(i as u32));
+    let mut max = f32::NEG_INFINITY;
+    for (i, &l) in logits.iter().enumerate() {
+        if allowed(i) {
+            max = max.max(l / temperature);
+        }
+    }
+    let mut total = 0.0f64;
+    for (i, &l) in logits.iter().enumerate() {
+        if allowed(i) {
+            total += (l / temperature - max).exp() as f64;
+        }
+    }
+    let mut u: f64 = rng.random::<f64>() * total;
+    let mut last = 0;
+    for (i, &l) in logits.iter().enumerate() {
+        if !allowed(i) {
+            continue;
+        }
+        let e = (l / temperature - max).exp() as f64;
+        if u < e {
+            return i as u32;
+        }
+        u -= e;
+        last = i;
+    }
+    last as u32
 }
 
 /// Samples the next token of every active row, rows in parallel. Each row draws from its own
@@ -267,6 +305,32 @@ mod tests {
             top_p: p,
             stop_ids: vec![],
             pad_id: 0,
+        }
+    }
+
+    #[test]
+    fn plain_temperature_sampling_follows_the_softmax_and_skips_banned_tokens() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+        let l = [0.0f32, 1.0, 2.0, 5.0];
+        let t = 2.0;
+        let n = 40_000;
+        let mut counts = [0usize; 4];
+        for _ in 0..n {
+            counts[sample_token(&l, &params(t, 0, 1.0), &[3], &mut rng) as usize] += 1;
+        }
+        assert_eq!(counts[3], 0, "banned token drawn");
+        let e: Vec<f64> = l[..3]
+            .iter()
+            .map(|&x| (x as f64 / t as f64).exp())
+            .collect();
+        let z: f64 = e.iter().sum();
+        for i in 0..3 {
+            let want = e[i] / z;
+            let got = counts[i] as f64 / n as f64;
+            assert!(
+                (got - want).abs() < 0.01,
+                "token {i}: {got:.4} vs {want:.4}"
+            );
         }
     }
 

@@ -31,13 +31,6 @@ fn block_scale(
     code2[code as usize] * nested[block / BLOCKS_PER_NESTED] + offset
 }
 
-/// Value `e` (0..8) of a packed word: byte `e / 2`, high nibble first.
-#[cube]
-fn nibble(word: u32, #[comptime] e: usize) -> u32 {
-    let shift = comptime!(((e / 2) * 8 + if e.is_multiple_of(2) { 4 } else { 0 }) as u32);
-    (word >> shift) & 0xF
-}
-
 /// The 16 NF4 levels in shared memory: a table lookup per value must not touch global memory.
 #[cube]
 fn nf4_table(nf4: &Array<f32>) -> SharedMemory<f32> {
@@ -57,9 +50,10 @@ fn bf16_bits(v: f32) -> u32 {
     (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
 }
 
-/// Dequantizes one packed word (8 values) per unit into a bf16 buffer seen as u32 pairs
-/// (`out` holds `words * 4` u32 = `words * 8` bf16, value `2j` in the low half of word `j`), so
-/// each unit writes 16 contiguous bytes. Launch with 1-D cubes of at least 16 units.
+/// Dequantizes into a bf16 buffer seen as u32 pairs (`out` holds `words * 4` u32 = `words * 8`
+/// bf16, value `2j` of a word in the low half of u32 `4w + j`). One unit per output u32, so
+/// consecutive units store consecutive words (coalesced); the four units of a packed word read
+/// it and its block scale once each (cached). Launch with 1-D cubes of at least 16 units.
 #[cube(launch_unchecked)]
 #[allow(clippy::too_many_arguments)]
 pub fn nf4_dequant_bf16(
@@ -73,18 +67,20 @@ pub fn nf4_dequant_bf16(
     out: &mut Array<u32>,
 ) {
     let table = nf4_table(nf4);
-    let w = ABSOLUTE_POS;
-    if w >= words {
+    let idx = ABSOLUTE_POS;
+    if idx >= words * 4 {
         terminate!();
     }
+    let w = idx / 4;
+    // Byte j of the word holds values 2j (high nibble) and 2j + 1 (low nibble).
+    let j = (idx % 4) as u32;
     let word = packed[w];
     let scale = block_scale(w, codes, nested, code2, offset);
-    #[unroll]
-    for j in 0..4usize {
-        let lo = bf16_bits(table[nibble(word, 2 * j) as usize] * scale);
-        let hi = bf16_bits(table[nibble(word, 2 * j + 1) as usize] * scale);
-        out[w * 4 + j] = lo | (hi << 16);
-    }
+    let first = (word >> (j * 8 + 4)) & 0xF;
+    let second = (word >> (j * 8)) & 0xF;
+    let lo = bf16_bits(table[first as usize] * scale);
+    let hi = bf16_bits(table[second as usize] * scale);
+    out[idx] = lo | (hi << 16);
 }
 
 /// Sums each `acc[i]` (`i < n`) over the lanes of every plane, then over the cube's `planes`

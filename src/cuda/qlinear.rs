@@ -168,9 +168,9 @@ impl GpuLinear {
         else {
             return;
         };
-        let cubes = words.div_ceil(256) as u32;
+        let cubes = (words * 4).div_ceil(256) as u32;
         // SAFETY: every array length matches its buffer (`ws` holds words * 8 bf16 = words * 4
-        // u32); the kernel bounds-checks words.
+        // u32); the kernel bounds-checks its index against words * 4.
         unsafe {
             nf4_dequant_bf16::launch_unchecked::<CudaRuntime>(
                 &self.client(),

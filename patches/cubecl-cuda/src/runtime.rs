@@ -47,9 +47,10 @@ pub struct CudaRuntime;
 impl DeviceService for CudaServer {
     fn init(device_id: cubecl_common::device::DeviceId) -> Self {
         let mut options = RuntimeOptions::default();
-        // rlhf patch: `CUBECL_CUDA_MEMORY=exclusive` selects exclusive pages instead of the
-        // default sub-sliced pools (an A/B switch for allocation cost and reserved memory).
-        if std::env::var("CUBECL_CUDA_MEMORY").as_deref() == Ok("exclusive") {
+        // rlhf patch: exclusive pages instead of the default sub-sliced pools (measured: a 0.5b
+        // DPO step 12% faster, reserved memory 1.66 GiB instead of 3.76);
+        // `CUBECL_CUDA_MEMORY=subslices` restores the default.
+        if std::env::var("CUBECL_CUDA_MEMORY").as_deref() != Ok("subslices") {
             options.memory_config = MemoryConfiguration::ExclusivePages;
         }
         let device = CudaDevice::from_id(device_id);
