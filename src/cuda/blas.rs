@@ -276,8 +276,12 @@ impl Blas {
 /// `stream` (cubecl's, which orders the buffers) without waiting. The caller holds the buffers
 /// alive until the call returns (later reuse of their memory is ordered by the stream);
 /// `ordinal` is the device whose primary context owns them.
+///
+/// # Safety
+/// `stream` is a live stream of that context, and `a`, `b`, `c`, `d` are device addresses of
+/// buffers holding what `s` reads and writes (`train_ops::gemm_at` checks the sizes).
 #[allow(clippy::too_many_arguments)]
-pub fn gemm(
+pub unsafe fn gemm(
     ordinal: usize,
     stream: sys::cudaStream_t,
     s: GemmShape,

@@ -121,7 +121,7 @@ enum Head {
     /// Dense bf16 weight `[vocab, hidden]`: the hidden rows cast to bf16, one cuBLASLt GEMM.
     Bf16(Arc<GpuLinear>),
     /// Tied f32 embeddings `[vocab, hidden]`: one TF32 cuBLASLt GEMM.
-    Tied(T),
+    Tied(Box<T>),
 }
 
 /// Every buffer one step reads or writes besides the weights and caches.
@@ -316,7 +316,7 @@ impl FusedDecode {
                     Head::Bf16(gpu)
                 }
             }
-            OutputHead::Tied(embed) => Head::Tied(prim(embed)),
+            OutputHead::Tied(embed) => Head::Tied(Box::new(prim(embed))),
         };
         let vocab = cfg.vocab_size;
         let (h, q, kv, inter) = (cfg.hidden_size, nh * hd, nkv * hd, cfg.intermediate_size);

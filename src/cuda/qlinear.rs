@@ -386,7 +386,7 @@ impl GpuLinear {
 fn to_bf16(x: CubeTensor<CudaRuntime>) -> CubeTensor<CudaRuntime> {
     let shape = x.meta.shape().to_vec();
     let n: usize = shape.iter().product();
-    if n % 2 != 0 || x.dtype != DType::F32 {
+    if !n.is_multiple_of(2) || x.dtype != DType::F32 {
         return into_contiguous(cast(x, DType::BF16));
     }
     let out = empty_device_contiguous_dtype(

@@ -92,18 +92,23 @@ pub fn gemm_at(
         stream.get_or_insert(r.stream);
     }
     let stream = stream.expect("four operands");
-    // A cudarc driver stream is the same handle as a runtime API stream.
-    blas::gemm(
-        d.device.index,
-        stream as _,
-        shape,
-        alpha,
-        beta,
-        ptrs[0],
-        ptrs[1],
-        ptrs[2],
-        ptrs[3],
-    )
+    // SAFETY: the stream is cubecl's (live while its client is), the four buffers were checked
+    // above to span what the shape touches, and the tensors outlive the enqueue (later reuse of
+    // their memory is ordered by the stream). A cudarc driver stream is the same handle as a
+    // runtime API stream.
+    unsafe {
+        blas::gemm(
+            d.device.index,
+            stream as _,
+            shape,
+            alpha,
+            beta,
+            ptrs[0],
+            ptrs[1],
+            ptrs[2],
+            ptrs[3],
+        )
+    }
 }
 
 fn empty(like: &T, dims: &[usize]) -> T {
