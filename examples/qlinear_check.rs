@@ -133,6 +133,35 @@ fn main() -> anyhow::Result<()> {
             .forward(x.clone().into_primitive().tensor())
             .expect("forward");
     });
+    // Throughput: 20 calls back to back, one synchronisation (the per-call numbers above include
+    // a host round trip per call, which at 0.2 ms of GPU work is a large and host-dependent share).
+    let batch = |f: &mut dyn FnMut()| {
+        f();
+        Inner::sync(&device).expect("sync");
+        let mut times = Vec::new();
+        for _ in 0..5 {
+            let t = Instant::now();
+            for _ in 0..20 {
+                f();
+            }
+            Inner::sync(&device).expect("sync");
+            times.push(t.elapsed().as_secs_f64() / 20.0);
+        }
+        median(times)
+    };
+    let b_gemm = batch(&mut || gpu.gemm(shape, &wb, &xb, &yb).expect("gemm"));
+    let b_op = batch(&mut || {
+        let _ = gpu
+            .forward(x.clone().into_primitive().tensor())
+            .expect("forward");
+    });
+    println!(
+        "{{\"bench\":\"qlinear_4096_back_to_back\",\"gemm_ms\":{:.4},\"gemm_tflops\":{:.1},\"op_ms\":{:.4},\"op_tflops\":{:.1}}}",
+        b_gemm * 1e3,
+        flops / b_gemm / 1e12,
+        b_op * 1e3,
+        flops / b_op / 1e12
+    );
     let dequant_bytes = (n * n) as f64 * (0.5 + 2.0);
     println!(
         "{{\"bench\":\"qlinear_4096\",\"gemm_ms\":{:.4},\"gemm_tflops\":{:.1},\"dequant_ms\":{:.4},\"dequant_gbps\":{:.0},\"op_ms\":{:.4},\"op_tflops\":{:.1}}}",
