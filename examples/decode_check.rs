@@ -11,18 +11,15 @@
 //! max |difference| / max |logit|. With `CPU_REF=1` the same steps also run on the CPU backend
 //! in f32, the exact reference (burn-cuda's matmul computes in TF32). Prints JSON lines.
 
-use burn::tensor::{backend::Backend, Distribution, Tensor};
-use rlhf::config::{LoraConfig, ALL_TARGETS};
+mod common;
+
+use burn::tensor::backend::Backend;
+use common::{copy_adapter, load_nf4, median, random_adapter};
 use rlhf::cuda::decode::FusedDecode;
 use rlhf::cuda::qlinear::Inner;
 use rlhf::lora::Adapter;
-use rlhf::model::{Batch, KvCache, Llama, LoadOptions};
+use rlhf::model::{Batch, KvCache, Llama};
 use std::time::Instant;
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
-    v[v.len() / 2]
-}
 
 fn argmax_rows(logits: &[f32], vocab: usize) -> Vec<u32> {
     logits
@@ -78,15 +75,6 @@ fn rel_diff(a: &[f32], b: &[f32], valid: &[bool], vocab: usize) -> f64 {
 
 type Cpu = burn::backend::NdArray<f32>;
 
-/// The model in `dir` with an NF4 base.
-fn load<B: Backend>(dir: &str, device: &B::Device) -> anyhow::Result<Llama<B>> {
-    Llama::<B>::from_hf_dir(
-        std::path::Path::new(dir),
-        LoadOptions { quantize: true },
-        device,
-    )
-}
-
 fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().collect();
     let dir = args
@@ -96,21 +84,9 @@ fn main() -> anyhow::Result<()> {
     let prompt_len: usize = args.get(3).map(|s| s.parse()).transpose()?.unwrap_or(64);
     let steps: usize = args.get(4).map(|s| s.parse()).transpose()?.unwrap_or(64);
     let device = Default::default();
-    let model = load::<Inner>(dir, &device)?;
+    let model = load_nf4::<Inner>(dir, &device)?;
     let vocab = model.cfg.vocab_size;
-    let cfg = LoraConfig {
-        r: 16,
-        alpha: 32.0,
-        dropout: 0.0,
-        target_modules: ALL_TARGETS.iter().map(|s| s.to_string()).collect(),
-    };
-    let mut adapter = Adapter::<Inner>::new("policy", &cfg, &model.cfg, 3, &device)?;
-    let ts: Vec<Tensor<Inner, 2>> = adapter
-        .tensors()
-        .into_iter()
-        .map(|t| Tensor::random(t.dims(), Distribution::Uniform(-0.05, 0.05), &device))
-        .collect();
-    adapter.set_tensors(ts.into_iter());
+    let adapter = random_adapter(&model)?;
     // NO_ADAPTER=1 checks the base alone.
     let adapter = std::env::var_os("NO_ADAPTER").is_none().then_some(adapter);
     let adapter = adapter.as_ref();
@@ -150,20 +126,8 @@ fn main() -> anyhow::Result<()> {
     // paths with it.
     let mut cpu = if std::env::var_os("CPU_REF").is_some() {
         let cdev = Default::default();
-        let m = load::<Cpu>(dir, &cdev)?;
-        let a = match adapter {
-            Some(a) => {
-                let mut c = Adapter::<Cpu>::new("policy", &cfg, &m.cfg, 3, &cdev)?;
-                let ts: Vec<Tensor<Cpu, 2>> = a
-                    .tensors()
-                    .into_iter()
-                    .map(|t| Tensor::from_data(t.into_data(), &cdev))
-                    .collect();
-                c.set_tensors(ts.into_iter());
-                Some(c)
-            }
-            None => None,
-        };
+        let m = load_nf4::<Cpu>(dir, &cdev)?;
+        let a = adapter.map(|a| copy_adapter(a, &m)).transpose()?;
         let batch = Batch::<Cpu>::new(&ids, valid_rows.clone(), &cdev);
         let mut c = KvCache::new(m.cfg.num_hidden_layers, rows);
         let _ = m.forward_hidden(&batch, a.as_ref(), Some(&mut c));

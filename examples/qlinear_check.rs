@@ -8,7 +8,10 @@
 //! with the reference path (f32 dequant on the host + burn's f32 matmul) by relative L2 error.
 //! Throughput: dequant kernel, cuBLASLt GEMM and the whole op at 4096^3, and the decode GEMV.
 
+mod common;
+
 use burn::tensor::{backend::Backend, Distribution, Tensor};
+use common::median;
 use rlhf::cuda::qlinear::{Ad, GpuLinear, Inner};
 use rlhf::quant::BaseLinear;
 use std::time::Instant;
@@ -29,11 +32,6 @@ fn random_linear(out: usize, inp: usize, seed: u64) -> Vec<f32> {
             ((s >> 33) as f32 / (1u64 << 31) as f32 - 0.5) * 0.04
         })
         .collect()
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
-    v[v.len() / 2]
 }
 
 fn time<F: FnMut()>(device: &cubecl::cuda::CudaDevice, iters: usize, mut f: F) -> f64 {

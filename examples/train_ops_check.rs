@@ -13,22 +13,19 @@
 //! `CPU_REF=1` both GPU paths are also compared with the f32 CPU backend (burn-cuda's matmul,
 //! used by the reference GPU path, computes in TF32). Prints JSON lines.
 
+mod common;
+
 use burn::backend::Autodiff;
-use burn::tensor::{backend::Backend, Distribution, ElementConversion, Tensor, TensorData};
-use rlhf::config::{LoraConfig, ALL_TARGETS};
+use burn::tensor::{backend::Backend, ElementConversion, Tensor, TensorData};
+use common::{copy_adapter, load_nf4, median, random_adapter};
 use rlhf::cuda::qlinear::{Ad, Inner};
 use rlhf::cuda::train_ops::set_enabled;
 use rlhf::lora::Adapter;
 use rlhf::model::checkpoint::token_logps;
-use rlhf::model::{Batch, KvCache, Llama, LoadOptions};
+use rlhf::model::{Batch, KvCache, Llama};
 use std::time::Instant;
 
 type Cpu = Autodiff<burn::backend::NdArray<f32>>;
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
-    v[v.len() / 2]
-}
 
 /// max |a - b| / max |b|.
 fn rel(a: &[f32], b: &[f32]) -> f64 {
@@ -126,14 +123,6 @@ fn prefill<B: Backend>(
         .unwrap()
 }
 
-fn load<B: Backend>(dir: &str, device: &B::Device) -> anyhow::Result<Llama<B>> {
-    Llama::<B>::from_hf_dir(
-        std::path::Path::new(dir),
-        LoadOptions { quantize: true },
-        device,
-    )
-}
-
 fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().collect();
     let dir = args
@@ -142,20 +131,8 @@ fn main() -> anyhow::Result<()> {
     let rows: usize = args.get(2).map(|s| s.parse()).transpose()?.unwrap_or(8);
     let len: usize = args.get(3).map(|s| s.parse()).transpose()?.unwrap_or(128);
     let device = Default::default();
-    let model = load::<Ad>(dir, &device)?;
-    let cfg = LoraConfig {
-        r: 16,
-        alpha: 32.0,
-        dropout: 0.0,
-        target_modules: ALL_TARGETS.iter().map(|s| s.to_string()).collect(),
-    };
-    let mut adapter = Adapter::<Ad>::new("policy", &cfg, &model.cfg, 3, &device)?;
-    let ts: Vec<Tensor<Ad, 2>> = adapter
-        .tensors()
-        .into_iter()
-        .map(|t| Tensor::random(t.dims(), Distribution::Uniform(-0.05, 0.05), &device))
-        .collect();
-    adapter.set_tensors(ts.into_iter());
+    let model = load_nf4::<Ad>(dir, &device)?;
+    let adapter = random_adapter(&model)?;
     let (ids, valid) = batch(rows, len, model.cfg.vocab_size);
 
     let mut results = Vec::new();
@@ -201,14 +178,8 @@ fn main() -> anyhow::Result<()> {
 
     if std::env::var_os("CPU_REF").is_some() {
         let cdev = Default::default();
-        let cm = load::<Cpu>(dir, &cdev)?;
-        let mut ca = Adapter::<Cpu>::new("policy", &cfg, &cm.cfg, 3, &cdev)?;
-        let ts: Vec<Tensor<Cpu, 2>> = adapter
-            .tensors()
-            .into_iter()
-            .map(|t| Tensor::from_data(t.into_data(), &cdev))
-            .collect();
-        ca.set_tensors(ts.into_iter());
+        let cm = load_nf4::<Cpu>(dir, &cdev)?;
+        let ca = copy_adapter(&adapter, &cm)?;
         let (cl, cg) = loss_and_grads(&cm, &ca, &ids, &valid);
         let cpre = prefill(&cm.inner(), &ca.inner(), &ids, &valid);
         let mut errs = Vec::new();
