@@ -33,14 +33,29 @@ pub struct Adapter<B: Backend> {
 
 /// `x @ w^T`, through the CUDA few-row kernel when sampling on the GPU.
 fn matmul_t<B: Backend>(x: Tensor<B, 2>, w: &Tensor<B, 2>) -> Tensor<B, 2> {
-    #[cfg(feature = "cuda")]
-    if let Some(y) = crate::cuda::try_small_matmul_t(&x, w) {
-        return y;
-    }
     matmul(&x, w, false, true, 1.0)
 }
 
-/// `acc + alpha op(x) op(y)`: on the plain CUDA backend one GEMM accumulating into `acc`.
+/// `alpha x y^T` through the few-row GEMV kernel (sampling), when `B` is the plain CUDA backend,
+/// the product is `x y^T` and `x` has few rows; `None` sends the caller to the GEMM.
+fn small_product<B: Backend>(
+    x: &Tensor<B, 2>,
+    y: &Tensor<B, 2>,
+    tx: bool,
+    ty: bool,
+    alpha: f64,
+) -> Option<Tensor<B, 2>> {
+    #[cfg(feature = "cuda")]
+    if !tx && ty {
+        let z = crate::cuda::try_small_matmul_t(x, y)?;
+        return Some(if alpha == 1.0 { z } else { z * alpha });
+    }
+    let _ = (x, y, tx, ty, alpha);
+    None
+}
+
+/// `acc + alpha op(x) op(y)`: on the plain CUDA backend one GEMM accumulating into `acc` (few
+/// rows: the GEMV kernel, then an add).
 pub(crate) fn matmul_acc<B: Backend>(
     acc: Tensor<B, 2>,
     x: &Tensor<B, 2>,
@@ -49,6 +64,9 @@ pub(crate) fn matmul_acc<B: Backend>(
     ty: bool,
     alpha: f64,
 ) -> Tensor<B, 2> {
+    if let Some(z) = small_product(x, y, tx, ty, alpha) {
+        return acc + z;
+    }
     #[cfg(feature = "cuda")]
     let acc = match crate::cuda::train_ops::try_matmul_acc(acc, x, y, tx, ty, alpha) {
         Ok(z) => return z,
@@ -57,8 +75,8 @@ pub(crate) fn matmul_acc<B: Backend>(
     acc + matmul(x, y, tx, ty, alpha)
 }
 
-/// `alpha op(x) op(y)` (`op` transposes when asked): cuBLASLt on the plain CUDA backend, burn's
-/// matmul elsewhere.
+/// `alpha op(x) op(y)` (`op` transposes when asked): cuBLASLt on the plain CUDA backend (few
+/// rows of `x y^T`: the GEMV kernel), burn's matmul elsewhere.
 pub(crate) fn matmul<B: Backend>(
     x: &Tensor<B, 2>,
     y: &Tensor<B, 2>,
@@ -66,6 +84,9 @@ pub(crate) fn matmul<B: Backend>(
     ty: bool,
     alpha: f64,
 ) -> Tensor<B, 2> {
+    if let Some(z) = small_product(x, y, tx, ty, alpha) {
+        return z;
+    }
     #[cfg(feature = "cuda")]
     if let Some(z) = crate::cuda::train_ops::try_matmul(x, y, tx, ty, alpha) {
         return z;
@@ -159,11 +180,7 @@ impl<B: Backend> Adapter<B> {
         let out = pair.b.dims()[0];
         let z = matmul_t(x2.clone(), &pair.a);
         let base = base.reshape([b * t, out]);
-        let y = if b * t <= 16 {
-            base + matmul_t(z.clone(), &pair.b) * self.scaling()
-        } else {
-            matmul_acc(base, &z, &pair.b, false, true, self.scaling())
-        };
+        let y = matmul_acc(base, &z, &pair.b, false, true, self.scaling());
         (y.reshape([b, t, out]), Some(LoraTrace { x: x2, z, keep }))
     }
 

@@ -22,10 +22,9 @@
 
 use super::blas::{GemmIn, GemmShape};
 use super::kernels::{
-    decode_attention, embed_rows, f32_gemv, f32_to_bf16, rms_norm_rows, rope_append, silu_mul,
-    DECODE_MAX_KEYS,
+    decode_attention, embed_rows, f32_gemv, rms_norm_rows, rope_append, silu_mul, DECODE_MAX_KEYS,
 };
-use super::qlinear::{GpuLinear, Inner, GEMV_MAX_ROWS};
+use super::qlinear::{cast_bf16_into, GpuLinear, Inner, GEMV_MAX_ROWS};
 use super::train_ops::gemm_at;
 use crate::lora::Adapter;
 use crate::model::llama::OutputHead;
@@ -429,18 +428,8 @@ impl FusedDecode {
 
     /// `xb = bf16(x)` for `x [rows, width]`.
     fn to_bf16(&self, x: &T, width: usize) {
-        let pairs = self.rows * width / 2;
-        // SAFETY: x holds rows x width f32 (width even), xb at least `pairs` u32.
-        unsafe {
-            f32_to_bf16::launch_unchecked::<CudaRuntime>(
-                &self.client,
-                CubeCount::Static((pairs as u32).div_ceil(256), 1, 1),
-                CubeDim::new_1d(256),
-                ArrayArg::from_raw_parts(x.handle.clone(), self.rows * width),
-                ArrayArg::from_raw_parts(self.bufs.xb.handle.clone(), pairs),
-                pairs,
-            )
-        };
+        // x holds rows x width f32 (width even), xb room for at least that many bf16.
+        cast_bf16_into(x, self.rows * width, &self.bufs.xb);
     }
 
     /// Module `m` of layer `l` into `out`: its NF4 weight dequantized into the workspace and one

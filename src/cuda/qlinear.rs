@@ -395,6 +395,13 @@ fn to_bf16(x: CubeTensor<CudaRuntime>) -> CubeTensor<CudaRuntime> {
         Shape::from(shape),
         DType::BF16,
     );
+    cast_bf16_into(&x, n, &out);
+    out
+}
+
+/// Writes the first `n` (even) values of the contiguous f32 `x` as bf16 into `out`, which holds
+/// at least `n` bf16 values.
+pub(super) fn cast_bf16_into(x: &CubeTensor<CudaRuntime>, n: usize, out: &CubeTensor<CudaRuntime>) {
     let pairs = n / 2;
     // SAFETY: x holds n contiguous f32, out n bf16 = pairs u32; the kernel bounds-checks pairs.
     unsafe {
@@ -407,7 +414,6 @@ fn to_bf16(x: CubeTensor<CudaRuntime>) -> CubeTensor<CudaRuntime> {
             pairs,
         )
     };
-    out
 }
 
 /// A LoRA up-projection fused into the GEMV: `scale * z[:, z_offset..z_offset + rank] @ b^T`,

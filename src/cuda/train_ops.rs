@@ -111,6 +111,33 @@ pub fn gemm_at(
     }
 }
 
+/// Row-major `out = alpha op(x) op(y) + beta out` (TF32), `batch` contiguous matrices of each:
+/// `x` is `[rows, inner]` (`[inner, rows]` when `tx`), `y` `[inner, cols]` (`[cols, inner]`
+/// when `ty`).
+#[allow(clippy::too_many_arguments)]
+fn row_gemm(
+    batch: usize,
+    dims: (usize, usize, usize),
+    x: &T,
+    y: &T,
+    tx: bool,
+    ty: bool,
+    (alpha, beta): (f32, f32),
+    out: &T,
+) {
+    let shape = GemmShape::row_major(GemmIn::F32Tf32, batch, dims, tx, ty);
+    // cuBLAS' A is the row-major right factor (see `GemmShape::row_major`).
+    gemm(shape, alpha, beta, y, x, out).unwrap_or_else(|e| panic!("CUDA GEMM failed: {e:#}"));
+}
+
+/// `(rows, inner, cols)` of `op(x) op(y)` for 2-D operands.
+fn product_dims(x: [usize; 2], y: [usize; 2], tx: bool, ty: bool) -> (usize, usize, usize) {
+    let (rows, inner) = if tx { (x[1], x[0]) } else { (x[0], x[1]) };
+    let (inner_y, cols) = if ty { (y[1], y[0]) } else { (y[0], y[1]) };
+    assert_eq!(inner, inner_y, "matmul of {x:?} and {y:?}");
+    (rows, inner, cols)
+}
+
 fn empty(like: &T, dims: &[usize]) -> T {
     empty_device_contiguous_dtype(
         like.client.clone(),
@@ -383,10 +410,7 @@ impl Dims {
         ty: bool,
         alpha: f32,
     ) {
-        let shape = GemmShape::row_major(GemmIn::F32Tf32, self.b * self.nkv, dims, tx, ty);
-        // cuBLAS' A is the row-major right factor (see `GemmShape::row_major`).
-        gemm(shape, alpha, 0.0, y, x, out)
-            .unwrap_or_else(|e| panic!("CUDA attention GEMM failed: {e:#}"));
+        row_gemm(self.b * self.nkv, dims, x, y, tx, ty, (alpha, 0.0), out);
     }
 
     fn softmax_rows(&self) -> usize {
@@ -498,15 +522,9 @@ pub fn try_matmul<B: Backend>(
     alpha: f64,
 ) -> Option<Tensor<B, 2>> {
     let (xp, yp) = (prim(x)?, prim(y)?);
-    let ([xr, xc], [yr, yc]) = (x.dims(), y.dims());
-    let (rows, inner) = if tx { (xc, xr) } else { (xr, xc) };
-    let (inner_y, cols) = if ty { (yc, yr) } else { (yr, yc) };
-    assert_eq!(inner, inner_y, "matmul of [{xr}, {xc}] and [{yr}, {yc}]");
-    let out = empty(&xp, &[rows, cols]);
-    let shape = GemmShape::row_major(GemmIn::F32Tf32, 1, (rows, inner, cols), tx, ty);
-    // cuBLAS' A is the row-major right factor (see `GemmShape::row_major`).
-    gemm(shape, alpha as f32, 0.0, &yp, &xp, &out)
-        .unwrap_or_else(|e| panic!("CUDA matmul failed: {e:#}"));
+    let dims = product_dims(x.dims(), y.dims(), tx, ty);
+    let out = empty(&xp, &[dims.0, dims.2]);
+    row_gemm(1, dims, &xp, &yp, tx, ty, (alpha as f32, 0.0), &out);
     Some(wrap(out))
 }
 
@@ -532,16 +550,12 @@ pub fn try_matmul_acc<B: Backend>(
     if !ap.can_mut() || !ap.is_contiguous() {
         return Err(wrap(ap));
     }
-    let ([xr, xc], [yr, yc]) = (x.dims(), y.dims());
-    let (rows, inner) = if tx { (xc, xr) } else { (xr, xc) };
-    let cols = if ty { yr } else { yc };
-    let shape = GemmShape::row_major(GemmIn::F32Tf32, 1, (rows, inner, cols), tx, ty);
+    let dims = product_dims(x.dims(), y.dims(), tx, ty);
     assert_eq!(
         ap.meta.shape().to_vec(),
-        vec![rows, cols],
+        vec![dims.0, dims.2],
         "accumulator shape"
     );
-    gemm(shape, alpha as f32, 1.0, &yp, &xp, &ap)
-        .unwrap_or_else(|e| panic!("CUDA matmul failed: {e:#}"));
+    row_gemm(1, dims, &xp, &yp, tx, ty, (alpha as f32, 1.0), &ap);
     Ok(wrap(ap))
 }
