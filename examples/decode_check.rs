@@ -17,6 +17,7 @@ use burn::tensor::backend::Backend;
 use common::{copy_adapter, load_nf4, median, random_adapter};
 use rlhf::cuda::decode::FusedDecode;
 use rlhf::cuda::qlinear::Inner;
+use rlhf::generate::SamplingParams;
 use rlhf::lora::Adapter;
 use rlhf::model::{Batch, KvCache, Llama};
 use std::time::Instant;
@@ -54,6 +55,92 @@ fn reference_step<B: Backend>(
         .convert::<f32>()
         .to_vec::<f32>()
         .unwrap()
+}
+
+/// Sampling inside the fused step (`kernels::sample_rows`), from the same prefill: greedy picks
+/// must be the argmax of the step's own logits, and temperature-1 draws must score the
+/// log-probability that draws from `softmax(logits)` score on average (the sum over all draws,
+/// against its mean and variance under the model: |z| < 4.5; a sampler that picked the argmax,
+/// or uniformly, is many standard deviations off). Prints the step times with and without
+/// reading the logits back. The returned result is checked after the other checks print.
+#[allow(clippy::too_many_arguments)]
+fn check_sampling(
+    model: &Llama<Inner>,
+    adapter: Option<&Adapter<Inner>>,
+    cache: &KvCache<Inner>,
+    cap: usize,
+    first: &[f32],
+    rows: usize,
+    steps: usize,
+    vocab: usize,
+) -> anyhow::Result<anyhow::Result<()>> {
+    let mut outcome = Ok(());
+    for temperature in [0.0f32, 1.0] {
+        let params = SamplingParams {
+            max_new_tokens: steps,
+            min_new_tokens: 0,
+            temperature,
+            top_k: 0,
+            top_p: 1.0,
+            stop_ids: vec![2],
+            pad_id: 0,
+        };
+        let Some(mut fused) = FusedDecode::try_new(model, adapter, cache, cap, Some(&params))
+        else {
+            anyhow::bail!("the fused decode did not accept this model");
+        };
+        anyhow::ensure!(
+            fused.samples(),
+            "the fused decode does not sample on the GPU"
+        );
+        let valid = vec![true; rows];
+        let mut tokens = argmax_rows(first, vocab);
+        let (mut mismatched, mut draws) = (0usize, 0usize);
+        let (mut score, mut mean, mut var) = (0f64, 0f64, 0f64);
+        let mut times = Vec::new();
+        for s in 0..steps {
+            let t0 = Instant::now();
+            let picks = fused.step_sample(&tokens, &valid, 1000 + s as u32, false)?;
+            times.push(t0.elapsed().as_secs_f64());
+            let logits = fused.logits()?;
+            if temperature == 0.0 {
+                let want = argmax_rows(&logits, vocab);
+                mismatched += want.iter().zip(&picks).filter(|(a, b)| a != b).count();
+            } else {
+                for (r, &pick) in picks.iter().enumerate() {
+                    let row = &logits[r * vocab..(r + 1) * vocab];
+                    let max = row.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v)) as f64;
+                    let z: f64 = row.iter().map(|&v| (v as f64 - max).exp()).sum();
+                    let logp = |v: f32| v as f64 - max - z.ln();
+                    let (m1, m2) = row.iter().fold((0f64, 0f64), |(a, b), &v| {
+                        let (lp, p) = (logp(v), logp(v).exp());
+                        (a + p * lp, b + p * lp * lp)
+                    });
+                    score += logp(row[pick as usize]);
+                    mean += m1;
+                    var += m2 - m1 * m1;
+                }
+            }
+            draws += rows;
+            tokens = picks;
+        }
+        let z = (score - mean) / var.max(1e-12).sqrt();
+        println!(
+            "{{\"check\":\"gpu_sampling\",\"temperature\":{temperature},\"draws\":{draws},\"greedy_mismatches\":{mismatched},\"logprob_z\":{z:.2},\"ms_per_step\":{:.3}}}",
+            median(times) * 1e3
+        );
+        if temperature == 0.0 && mismatched > 0 {
+            outcome = Err(anyhow::anyhow!(
+                "GPU greedy picks differ from the argmax in {mismatched} of {draws} draws"
+            ));
+        }
+        if temperature > 0.0 && z.abs() >= 4.5 {
+            outcome = Err(anyhow::anyhow!(
+                "GPU draws score {score:.1} nats against an expected {mean:.1} (z = {z:.2})"
+            ));
+        }
+    }
+    Ok(outcome)
 }
 
 /// max |a - b| / max |b| over the rows that are valid.
@@ -136,7 +223,7 @@ fn main() -> anyhow::Result<()> {
         None
     };
     let (mut cpu_vs_fused, mut cpu_vs_ordinary) = (0f64, 0f64);
-    let Some(mut fused) = FusedDecode::try_new(&model, adapter, &cache, cap) else {
+    let Some(mut fused) = FusedDecode::try_new(&model, adapter, &cache, cap, None) else {
         anyhow::bail!("the fused decode did not accept this model");
     };
 
@@ -181,6 +268,7 @@ fn main() -> anyhow::Result<()> {
         }
         tokens = argmax_rows(&want, vocab);
     }
+    let sampling = check_sampling(&model, adapter, &cache, cap, &first, rows, steps, vocab)?;
     if cpu.is_some() {
         println!(
             "{{\"check\":\"decode_vs_cpu_f32\",\"rows\":{rows},\"steps\":{steps},\"fused\":{cpu_vs_fused:.3e},\"ordinary_cuda\":{cpu_vs_ordinary:.3e}}}"
@@ -206,6 +294,7 @@ fn main() -> anyhow::Result<()> {
             "fused decode is further from the f32 CPU path ({cpu_vs_fused:.3e}) than 1.5x the ordinary CUDA path ({cpu_vs_ordinary:.3e})"
         );
     }
+    sampling?;
     anyhow::ensure!(
         worst < 2e-2 && same_argmax * 100 >= compared * 97,
         "fused decode logits differ from the ordinary path: {worst:.3e}, argmax {same_argmax}/{compared}"

@@ -172,20 +172,28 @@ fn main() -> anyhow::Result<()> {
     );
 
     // Decode GEMV: 16 rows through the 0.5b MLP shapes; bytes = 4-bit weights + constants.
-    // Each launch shape (planes per cube, outputs per plane) is timed; the last one is the
-    // default again.
-    for &(planes, outs) in &[(8u32, 1usize), (8, 2), (2, 2), (4, 4), (8, 4), (4, 2)] {
-        rlhf::cuda::qlinear::set_nf4_gemv_shape(planes, outs);
-        for &(inp, out) in &[(896usize, 4864usize), (4864, 896), (4096, 14336)] {
+    // Each launch shape (planes per cube, outputs per plane) is timed, then the default choice
+    // by output width (planes 0).
+    for &(planes, outs) in &[(4u32, 1usize), (4, 2), (4, 4), (8, 2), (2, 4), (0, 0)] {
+        rlhf::cuda::qlinear::set_nf4_gemv_shape((planes > 0).then_some((planes, outs)));
+        for &(inp, out) in &[
+            (896usize, 896usize),
+            (896, 4864),
+            (4864, 896),
+            (4096, 14336),
+        ] {
             let w = random_linear(out, inp, 7);
             let q = rlhf::quant::nf4::Nf4Tensor::quantize(&w, &[out, inp])?;
             let gpu = GpuLinear::from_nf4(&q, &device).expect("GPU form");
             let x = Tensor::<Inner, 2>::random([16, inp], Distribution::Normal(0.0, 1.0), &device);
-            let t = time(&device, 50, || {
-                let _ = gpu
-                    .forward(x.clone().into_primitive().tensor())
-                    .expect("gemv");
-            });
+            // Ten launches per synchronization: one host round trip per kernel would hide it.
+            let t = time(&device, 20, || {
+                for _ in 0..10 {
+                    let _ = gpu
+                        .forward(x.clone().into_primitive().tensor())
+                        .expect("gemv");
+                }
+            }) / 10.0;
             let bytes = q.storage_bytes() as f64;
             println!(
             "{{\"bench\":\"gemv16\",\"planes\":{planes},\"outs\":{outs},\"in\":{inp},\"out\":{out},\"us\":{:.2},\"weight_gbps\":{:.0}}}",

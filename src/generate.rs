@@ -210,8 +210,20 @@ pub fn generate<B: Backend, R: Rng>(
     let mut sample_ms = 0.0;
     for step in 0..params.max_new_tokens {
         let tick = std::time::Instant::now();
+        let banned: &[u32] = if step < params.min_new_tokens {
+            &params.stop_ids
+        } else {
+            &[]
+        };
+        // Tokens drawn on the GPU inside the fused step, or logits to sample from here.
+        let mut gpu_picks: Option<Vec<u32>> = None;
         #[cfg(feature = "cuda")]
         let fused_logits = match fused.as_mut() {
+            Some(f) if f.samples() => {
+                let seed: u32 = rng.random();
+                gpu_picks = Some(f.step_sample(&next, &next_valid, seed, !banned.is_empty())?);
+                Some(Vec::new())
+            }
             Some(f) => Some(f.step(&next, &next_valid)?),
             None => None,
         };
@@ -238,19 +250,18 @@ pub fn generate<B: Backend, R: Rng>(
                 adapter,
                 &cache,
                 longest + params.max_new_tokens,
+                Some(params),
             );
         }
-        let banned: &[u32] = if step < params.min_new_tokens {
-            &params.stop_ids
-        } else {
-            &[]
-        };
         next.clear();
         next_valid.clear();
         let active: Vec<bool> = out.iter().map(|c| !c.stopped).collect();
         let tick_sample = std::time::Instant::now();
         model_ms.push((tick_sample - tick).as_secs_f64() * 1e3);
-        let picks = sample_rows(&logits, vocab, &active, params, banned, rng);
+        let picks = match gpu_picks {
+            Some(p) => active.iter().zip(p).map(|(&a, t)| a.then_some(t)).collect(),
+            None => sample_rows(&logits, vocab, &active, params, banned, rng),
+        };
         sample_ms += tick_sample.elapsed().as_secs_f64() * 1e3;
         for (c, pick) in out.iter_mut().zip(picks) {
             let Some(tok) = pick else {

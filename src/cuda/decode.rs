@@ -22,9 +22,10 @@
 
 use super::blas::{GemmIn, GemmShape};
 use super::kernels::{
-    decode_attention, embed_rows, f32_gemv, rms_norm_rows, rope_append, silu_mul, DECODE_MAX_KEYS,
+    decode_attention, embed_rows, f32_gemv, rms_norm_rows, rope_append, sample_rows, silu_mul,
+    step_words, DECODE_MAX_KEYS,
 };
-use super::qlinear::{cast_bf16_into, GpuLinear, Inner, GEMV_MAX_ROWS};
+use super::qlinear::{cast_bf16_into, GpuLinear, Inner, LoraUp, GEMV_MAX_ROWS};
 use super::train_ops::gemm_at;
 use crate::lora::Adapter;
 use crate::model::llama::OutputHead;
@@ -38,6 +39,7 @@ use cubecl::cuda::{CudaDevice, CudaRuntime};
 use cubecl::prelude::*;
 use cubecl::server::Handle;
 use cudarc::driver::{result as drv, sys as cu};
+use rlhf_algorithms::trainer::SamplingParams;
 use std::any::Any;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -94,12 +96,16 @@ pub struct FusedDecode {
     head: Head,
     vocab: usize,
     bufs: StepBufs,
+    /// Sampling on the GPU, when the caller's sampling parameters allow it.
+    sampler: Option<Sampler>,
     /// The step inputs as last written (kept alive until the copy to `bufs.step` has run).
     host_step: Vec<u32>,
     graph: Option<Graph>,
     /// Ordinary steps run so far (the first compiles the kernels; capture comes after).
     plain_steps: usize,
     scale: f32,
+    /// Projections through the fused NF4 GEMV (default) or dequantize + cuBLASLt.
+    gemv: bool,
     rows: usize,
     cap: usize,
     len: usize,
@@ -123,9 +129,21 @@ enum Head {
     Tied(Box<T>),
 }
 
+/// Plain temperature (or greedy) sampling inside the step (`kernels::sample_rows`): the step
+/// returns one token id per row instead of `rows x vocab` logits for the host to sample from.
+struct Sampler {
+    /// The stop ids, banned while `min_new_tokens` is not reached (at least one u32).
+    banned: Handle,
+    n_banned: usize,
+    inv_temp: f32,
+    greedy: bool,
+    /// u32 `[rows]`: the drawn tokens.
+    picks: Handle,
+}
+
 /// Every buffer one step reads or writes besides the weights and caches.
 struct StepBufs {
-    /// u32 `[tokens; rows] ++ [valid; rows] ++ [positions; rows] ++ [slot]`.
+    /// u32 `[tokens; rows] ++ [valid; rows] ++ [positions; rows] ++ [slot] ++ [seed] ++ [ban]`.
     step: Handle,
     h: T,
     h2: T,
@@ -170,11 +188,15 @@ impl FusedDecode {
     /// when `B` is not the plain CUDA backend, or the model is outside what the kernels cover
     /// (more than 16 rows, dense or biased projections, caches beyond 4,096 slots, odd head
     /// dims); the caller keeps the ordinary path then.
+    ///
+    /// With `sampling` given and free of top-k / top-p filters, every step also draws the next
+    /// tokens on the GPU ([`Self::step_sample`]).
     pub fn try_new<B: Backend>(
         model: &Llama<B>,
         adapter: Option<&Adapter<B>>,
         cache: &KvCache<B>,
         cap: usize,
+        sampling: Option<&SamplingParams>,
     ) -> Option<Self> {
         if !ENABLED.load(Ordering::Relaxed) || std::env::var_os("RLHF_NO_FUSED_DECODE").is_some() {
             return None;
@@ -185,7 +207,7 @@ impl FusedDecode {
             None => None,
         };
         let cache = (cache as &dyn Any).downcast_ref::<KvCache<Inner>>()?;
-        Self::new(model, adapter, cache, cap)
+        Self::new(model, adapter, cache, cap, sampling)
     }
 
     fn new(
@@ -193,6 +215,7 @@ impl FusedDecode {
         adapter: Option<&Adapter<Inner>>,
         cache: &KvCache<Inner>,
         cap: usize,
+        sampling: Option<&SamplingParams>,
     ) -> Option<Self> {
         let cfg = &model.cfg;
         let rows = cache.key_valid.len();
@@ -330,6 +353,7 @@ impl FusedDecode {
             .flat_map(|l| l.lin.iter().map(|w| w.out_features() * w.in_features()))
             .max()
             .unwrap_or(1);
+        let gemv = std::env::var_os("RLHF_DECODE_DEQUANT").is_none();
         let buf = |n: usize| {
             empty_device_contiguous_dtype(
                 client.clone(),
@@ -339,7 +363,7 @@ impl FusedDecode {
             )
         };
         let bufs = StepBufs {
-            step: client.empty((3 * rows + 1) * 4),
+            step: client.empty(step_words(rows) * 4),
             h: buf(rows * h),
             h2: buf(rows * h),
             x: buf(rows * h),
@@ -353,9 +377,29 @@ impl FusedDecode {
             // One row of slack: a module's slice of `z` is addressed from its offset.
             z: buf((rows + 1) * z_width),
             xb: buf(rows * max_in / 2 + 1),
-            ws: buf(max_weight / 2 + 1),
+            // The dequantized weight, only for the dequantize + GEMM path.
+            ws: buf(if gemv { 1 } else { max_weight / 2 + 1 }),
             logits: buf(rows * vocab),
         };
+        let vocab_filter = |p: &SamplingParams| p.top_k > 0 && p.top_k < vocab;
+        let sampler = sampling
+            .filter(|p| !vocab_filter(p) && (p.top_p >= 1.0 || p.temperature <= 0.0))
+            .map(|p| {
+                let mut banned = p.stop_ids.clone();
+                let n_banned = banned.len();
+                banned.push(0);
+                Sampler {
+                    banned: client.create_from_slice(u32::as_bytes(&banned)),
+                    n_banned,
+                    inv_temp: if p.temperature > 0.0 {
+                        1.0 / p.temperature
+                    } else {
+                        1.0
+                    },
+                    greedy: p.temperature <= 0.0,
+                    picks: client.empty(rows * 4),
+                }
+            });
         Some(Self {
             inv_freq: f(&model.inv_freq),
             embed: prim(model.embed.clone()),
@@ -363,10 +407,12 @@ impl FusedDecode {
             head,
             vocab,
             bufs,
+            sampler,
             host_step: Vec::new(),
             graph: None,
             plain_steps: 0,
             scale: adapter.map(|a| a.scaling() as f32).unwrap_or(0.0),
+            gemv,
             client,
             device,
             layers,
@@ -426,28 +472,52 @@ impl FusedDecode {
         Some(z)
     }
 
-    /// `xb = bf16(x)` for `x [rows, width]`.
-    fn to_bf16(&self, x: &T, width: usize) {
-        // x holds rows x width f32 (width even), xb room for at least that many bf16.
-        cast_bf16_into(x, self.rows * width, &self.bufs.xb);
+    /// Prepares a linear input `x [rows, width]` for [`Self::linear`]: its bf16 copy in
+    /// `bufs.xb` for the dequantize + GEMM path; nothing for the GEMV, which reads f32.
+    fn stage(&self, x: &T, width: usize) {
+        if !self.gemv {
+            // x holds rows x width f32 (width even), xb room for at least that many bf16.
+            cast_bf16_into(x, self.rows * width, &self.bufs.xb);
+        }
     }
 
-    /// Module `m` of layer `l` into `out`: its NF4 weight dequantized into the workspace and one
-    /// bf16 GEMM with the input already in `bufs.xb` (plus the residual `res` as cuBLAS' C), then
-    /// the LoRA up-projection of its slice of `z` accumulated by a second (TF32) GEMM. At a few
-    /// rows this beats our fused NF4 GEMV kernel several times over (BENCHMARKS.md).
+    /// Module `m` of layer `l` of input `x` (staged by [`Self::stage`]) into `out`, plus the
+    /// residual `res` and the LoRA up-projection of its slice of `z`. By default one launch of
+    /// the fused NF4 GEMV (4 bits read per weight); with `RLHF_DECODE_DEQUANT=1` the NF4 weight
+    /// is dequantized into the workspace and multiplied by one bf16 cuBLASLt GEMM (the residual
+    /// as its C term), the LoRA term by a second (TF32) GEMM.
     #[allow(clippy::too_many_arguments)]
     fn linear(
         &self,
         l: usize,
         g: usize,
         m: usize,
+        x: &T,
         z: Option<&T>,
         res: Option<&T>,
         out: &T,
     ) -> Result<()> {
         let layer = &self.layers[l];
         let lin = &layer.lin[m];
+        let member = z.and_then(|z| {
+            let group = layer.groups[g].as_ref()?;
+            let (_, off, rank, b) = group.members.iter().find(|e| e.0 == m)?;
+            Some(LoraUp {
+                z,
+                z_stride: group.width,
+                z_offset: *off,
+                rank: *rank,
+                b,
+                scale: self.scale,
+            })
+        });
+        if self.gemv {
+            ensure!(
+                lin.gemv_into(x, self.rows, member.as_ref(), res, out),
+                "fused decode: the GEMV needs an NF4 weight"
+            );
+            return Ok(());
+        }
         let (o, i, n) = (
             lin.out_features() as u64,
             lin.in_features() as u64,
@@ -469,21 +539,16 @@ impl FusedDecode {
             c,
             out,
         )?;
-        let member = z.and_then(|z| {
-            let group = layer.groups[g].as_ref()?;
-            let (_, off, rank, b) = group.members.iter().find(|e| e.0 == m)?;
-            Some((z, group.width, *off, *rank, b))
-        });
-        if let Some((z, width, off, rank, b)) = member {
+        if let Some(up) = member {
             // out^T [o, rows] += s · B (row-major [o, rank]) · z[:, off..off + rank]^T.
             let shape = GemmShape {
                 trans_a: true,
                 trans_b: false,
                 m: o,
                 n,
-                k: rank as u64,
-                lda: rank as i64,
-                ldb: width as i64,
+                k: up.rank as u64,
+                lda: up.rank as i64,
+                ldb: up.z_stride as i64,
                 ldd: o as i64,
                 input: GemmIn::F32Tf32,
                 batch: 1,
@@ -491,14 +556,70 @@ impl FusedDecode {
                 stride_b: 0,
                 stride_d: 0,
             };
-            gemm_at(shape, self.scale, 1.0, (b, 0), (z, off), out, out)?;
+            gemm_at(
+                shape,
+                up.scale,
+                1.0,
+                (up.b, 0),
+                (up.z, up.z_offset),
+                out,
+                out,
+            )?;
         }
         Ok(())
+    }
+
+    /// Whether steps draw the next tokens on the GPU ([`Self::step_sample`]).
+    pub fn samples(&self) -> bool {
+        self.sampler.is_some()
     }
 
     /// Feeds one token per row (`valid` false for rows that already stopped) and returns the
     /// next-token logits, `[rows, vocab]` row-major.
     pub fn step(&mut self, tokens: &[u32], valid: &[bool]) -> Result<Vec<f32>> {
+        self.run(tokens, valid, 0, false)?;
+        self.logits()
+    }
+
+    /// The last step's logits, `[rows, vocab]` row-major (also after [`Self::step_sample`]).
+    pub fn logits(&self) -> Result<Vec<f32>> {
+        let logits = Tensor::<Inner, 1>::from_primitive(burn::tensor::TensorPrimitive::Float(
+            self.bufs.logits.clone(),
+        ));
+        logits
+            .into_data()
+            .to_vec::<f32>()
+            .map_err(|e| anyhow!("reading logits: {e:?}"))
+    }
+
+    /// [`Self::step`], returning the tokens drawn on the GPU instead of the logits: one per row
+    /// (meaningless for rows fed `valid = false`). `seed` picks the draw; `ban` excludes the
+    /// stop ids (before `min_new_tokens`). Needs [`Self::samples`].
+    pub fn step_sample(
+        &mut self,
+        tokens: &[u32],
+        valid: &[bool],
+        seed: u32,
+        ban: bool,
+    ) -> Result<Vec<u32>> {
+        let picks = self
+            .sampler
+            .as_ref()
+            .map(|s| s.picks.clone())
+            .ok_or_else(|| anyhow!("fused decode: sampling on the GPU was not set up"))?;
+        self.run(tokens, valid, seed, ban)?;
+        let bytes = self
+            .client
+            .read_one(picks)
+            .map_err(|e| anyhow!("reading sampled tokens: {e:?}"))?;
+        Ok(bytes
+            .chunks_exact(4)
+            .map(|w| u32::from_le_bytes([w[0], w[1], w[2], w[3]]))
+            .collect())
+    }
+
+    /// Uploads the step's inputs and runs the step (the graph once captured).
+    fn run(&mut self, tokens: &[u32], valid: &[bool], seed: u32, ban: bool) -> Result<()> {
         ensure!(
             tokens.len() == self.rows && valid.len() == self.rows,
             "fused decode: expected {} rows",
@@ -520,7 +641,7 @@ impl FusedDecode {
             .copied()
             .chain(valid.iter().map(|&v| v as u32))
             .chain(pos)
-            .chain([self.len as u32])
+            .chain([self.len as u32, seed, ban as u32])
             .collect();
         let res = self
             .client
@@ -528,7 +649,7 @@ impl FusedDecode {
             .map_err(|e| anyhow!("fused decode buffer: {e:?}"))?;
         let (ptr, stream) = (res.resource().ptr, res.resource().stream);
         super::blas::ensure_context(self.device.index)?;
-        // SAFETY: `ptr` is the step buffer (3 rows + 1 u32); the copy is ordered on cubecl's
+        // SAFETY: `ptr` is the step buffer (`step_words(rows)` u32); the copy is ordered on cubecl's
         // stream before this step's kernels, and `host_step` lives until the next step, by which
         // time the logits read below has synchronized the stream.
         unsafe { drv::memcpy_htod_async(ptr, &self.host_step, stream) }
@@ -548,13 +669,7 @@ impl FusedDecode {
             }
         }
         self.len += 1;
-        let logits = Tensor::<Inner, 1>::from_primitive(burn::tensor::TensorPrimitive::Float(
-            self.bufs.logits.clone(),
-        ));
-        logits
-            .into_data()
-            .to_vec::<f32>()
-            .map_err(|e| anyhow!("reading logits: {e:?}"))
+        Ok(())
     }
 
     /// Captures [`Self::launch_step`] on `stream` into a graph; `None` (after running the step
@@ -610,8 +725,8 @@ impl FusedDecode {
         let rows = self.rows;
         let b = &self.bufs;
         let (h_dim, q_dim, kv_dim) = (self.hidden, self.nh * self.hd, self.nkv * self.hd);
-        // SAFETY: the step buffer holds 3 rows + 1 u32.
-        let step = || unsafe { ArrayArg::from_raw_parts(b.step.clone(), 3 * rows + 1) };
+        // SAFETY: the step buffer holds `step_words(rows)` u32.
+        let step = || unsafe { ArrayArg::from_raw_parts(b.step.clone(), step_words(rows)) };
         // SAFETY (all launches below): every array length is the size of its buffer.
         unsafe {
             embed_rows::launch_unchecked::<CudaRuntime>(
@@ -627,10 +742,10 @@ impl FusedDecode {
         for l in 0..self.layers.len() {
             self.rms(&b.h, &self.layers[l].input_norm, &b.x);
             let z = self.lora_z(l, 0, &b.x, h_dim);
-            self.to_bf16(&b.x, h_dim);
-            self.linear(l, 0, 0, z, None, &b.q)?;
-            self.linear(l, 0, 1, z, None, &b.k)?;
-            self.linear(l, 0, 2, z, None, &b.v)?;
+            self.stage(&b.x, h_dim);
+            self.linear(l, 0, 0, &b.x, z, None, &b.q)?;
+            self.linear(l, 0, 1, &b.x, z, None, &b.k)?;
+            self.linear(l, 0, 2, &b.x, z, None, &b.v)?;
             unsafe {
                 rope_append::launch_unchecked::<CudaRuntime>(
                     &self.client,
@@ -673,13 +788,13 @@ impl FusedDecode {
                 )
             };
             let z = self.lora_z(l, 1, &b.attn, q_dim);
-            self.to_bf16(&b.attn, q_dim);
-            self.linear(l, 1, 3, z, Some(&b.h), &b.h2)?;
+            self.stage(&b.attn, q_dim);
+            self.linear(l, 1, 3, &b.attn, z, Some(&b.h), &b.h2)?;
             self.rms(&b.h2, &self.layers[l].post_norm, &b.x);
             let z = self.lora_z(l, 2, &b.x, h_dim);
-            self.to_bf16(&b.x, h_dim);
-            self.linear(l, 2, 4, z, None, &b.g)?;
-            self.linear(l, 2, 5, z, None, &b.u)?;
+            self.stage(&b.x, h_dim);
+            self.linear(l, 2, 4, &b.x, z, None, &b.g)?;
+            self.linear(l, 2, 5, &b.x, z, None, &b.u)?;
             let n = rows * self.inter;
             unsafe {
                 silu_mul::launch_unchecked::<CudaRuntime>(
@@ -693,12 +808,33 @@ impl FusedDecode {
                 )
             };
             let z = self.lora_z(l, 3, &b.act, self.inter);
-            self.to_bf16(&b.act, self.inter);
+            self.stage(&b.act, self.inter);
             // The block output overwrites `h`, which nothing reads any more this layer.
-            self.linear(l, 3, 6, z, Some(&b.h2), &b.h)?;
+            self.linear(l, 3, 6, &b.act, z, Some(&b.h2), &b.h)?;
         }
         self.rms(&b.h, &self.final_norm, &b.x);
-        self.project(&b.x)
+        self.project(&b.x)?;
+        if let Some(smp) = &self.sampler {
+            // SAFETY: logits hold rows x vocab f32, picks rows u32, banned n_banned + 1 u32.
+            unsafe {
+                sample_rows::launch_unchecked::<CudaRuntime>(
+                    &self.client,
+                    CubeCount::Static(rows as u32, 1, 1),
+                    CubeDim::new_1d(256),
+                    ArrayArg::from_raw_parts(b.logits.handle.clone(), rows * self.vocab),
+                    step(),
+                    ArrayArg::from_raw_parts(smp.banned.clone(), smp.n_banned + 1),
+                    ArrayArg::from_raw_parts(smp.picks.clone(), rows),
+                    rows,
+                    self.vocab,
+                    smp.n_banned,
+                    smp.inv_temp,
+                    smp.greedy,
+                    8,
+                )
+            };
+        }
+        Ok(())
     }
 
     /// The vocabulary projection of the final hidden rows `x` into `bufs.logits`.
@@ -711,7 +847,7 @@ impl FusedDecode {
                 Ok(())
             }
             Head::Bf16(lin) => {
-                self.to_bf16(x, h);
+                cast_bf16_into(x, rows * h, &self.bufs.xb);
                 let w = lin.bf16_weight().expect("a dense head is stored in bf16");
                 let (v, hh, n) = (self.vocab as u64, h as u64, rows as u64);
                 // Column-major: logits^T [vocab, rows] = W^T-of-its-layout · x^T.

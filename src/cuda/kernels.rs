@@ -232,14 +232,19 @@ pub fn rms_norm_rows(
     }
 }
 
+/// Packed words of a weight row per shared-memory chunk of the NF4 GEMV: one per lane.
+const GEMV_CHUNK_WORDS: usize = 32;
+/// Shared-memory slots per row of a GEMV chunk: each word's 8 values and one pad slot, so the
+/// 32 lanes reading value `e` of "their" word hit 32 different banks (`9 * lane + e` mod 32).
+const GEMV_CHUNK_SLOTS: usize = GEMV_CHUNK_WORDS * 9;
+
 /// `y[r, o] = sum_k x[r, k] W[o, k] (+ scale * sum_j z[r, zoff + j] B[o, j]) (+ res[r, o])`: the
 /// NF4 GEMV for `rows` (compile-time, at most 16) rows, with the LoRA up-projection and the
-/// residual add fused into its reduction. Each cube owns `outs` consecutive output features; its
-/// `planes` planes split their weight rows (split-K, so long rows still fill the GPU), walking
-/// them 32 values at a time, lane `l` taking value `l` of each chunk: every read of `x` is one
-/// coalesced line per row and serves `outs` outputs, and each 4-bit weight is read and
-/// dequantized once. No dense weight is written. Launch with `CubeDim (32, planes)` and
-/// `ceil(out / outs)` cubes.
+/// residual add fused in. Each plane owns `outs` consecutive output features and its lanes split
+/// their rows one packed word (8 values) at a time, so each 4-bit weight is read once and
+/// decoded once, and every `x` value a lane reads from shared memory feeds `outs` outputs (x is
+/// staged per chunk of 256 input features by the whole cube, coalesced). Launch with
+/// `CubeDim (32, planes)` and `ceil(out / (planes * outs))` cubes.
 #[cube(launch_unchecked)]
 #[allow(clippy::too_many_arguments)]
 pub fn nf4_gemv_fused(
@@ -267,13 +272,12 @@ pub fn nf4_gemv_fused(
     #[comptime] residual: bool,
 ) {
     let table = nf4_table(nf4);
-    let o0 = CUBE_POS_X as usize * outs;
-    if o0 >= out_features {
-        terminate!();
-    }
-    let first = (UNIT_POS_Y * 32 + UNIT_POS_X) as usize;
-    let stride = comptime!(planes * 32);
-    // Output j of this cube; past the end it repeats the last one (its result is not stored).
+    let lane = UNIT_POS_X as usize;
+    let tid = (UNIT_POS_Y * 32 + UNIT_POS_X) as usize;
+    let units = comptime!(planes * 32);
+    let o0 = (CUBE_POS_X as usize * planes + UNIT_POS_Y as usize) * outs;
+    // Output j of this plane; past the end it repeats the last one (its result is not stored).
+    // No unit may leave early: the whole cube stages x.
     let mut row_of = Array::<usize>::new(outs);
     #[unroll]
     for j in 0..outs {
@@ -288,31 +292,58 @@ pub fn nf4_gemv_fused(
     for i in 0..comptime!(rows * outs) {
         acc[i] = 0.0;
     }
-    let mut xv = Array::<f32>::new(rows);
-    let mut k = first;
-    while k < in_features {
-        #[unroll]
-        for r in 0..rows {
-            xv[r] = x[r * in_features + k];
+    let mut wv = Array::<f32>::new(comptime!(outs * WORD));
+    let mut xs = SharedMemory::<f32>::new(comptime!(rows * GEMV_CHUNK_SLOTS));
+    let words_per_row = in_features / WORD;
+    let chunk = comptime!(GEMV_CHUNK_WORDS * WORD);
+    let mut c0 = 0usize;
+    while c0 < words_per_row {
+        // Stage x[:, 8 c0 .. 8 c0 + 256] (zeros past the row's end).
+        let mut i = tid;
+        while i < comptime!(rows * GEMV_CHUNK_WORDS * WORD) {
+            let r = i / chunk;
+            let kk = i % chunk;
+            let k = c0 * WORD + kk;
+            let mut v = 0.0f32;
+            if k < in_features {
+                v = x[r * in_features + k];
+            }
+            xs[r * GEMV_CHUNK_SLOTS + (kk / WORD) * 9 + kk % WORD] = v;
+            i += units;
         }
-        #[unroll]
-        for j in 0..outs {
-            let g = row_of[j] * in_features + k;
-            let w = g / WORD;
-            let e = (g % WORD) as u32;
-            // Value e of a word: byte e / 2, high nibble first.
-            let shift = ((e >> 1) << 3) + ((1 - (e & 1)) << 2);
-            let code = (packed[w] >> shift) & 0xF;
-            let wv = table[code as usize] * block_scale(w, codes, nested, code2, offset);
+        sync_cube();
+        let w = c0 + lane;
+        if w < words_per_row {
             #[unroll]
-            for r in 0..rows {
-                acc[j * rows + r] += wv * xv[r];
+            for j in 0..outs {
+                let g = row_of[j] * words_per_row + w;
+                let word = packed[g];
+                let s = block_scale(g, codes, nested, code2, offset);
+                #[unroll]
+                for e in 0..WORD {
+                    // Value e of a word: byte e / 2, high nibble first.
+                    let eu = e as u32;
+                    let shift = ((eu >> 1) << 3) + ((1 - (eu & 1)) << 2);
+                    wv[j * WORD + e] = table[((word >> shift) & 0xF) as usize] * s;
+                }
+            }
+            #[unroll]
+            for e in 0..WORD {
+                #[unroll]
+                for r in 0..rows {
+                    let xv = xs[r * GEMV_CHUNK_SLOTS + lane * 9 + e];
+                    #[unroll]
+                    for j in 0..outs {
+                        acc[j * rows + r] += wv[j * WORD + e] * xv;
+                    }
+                }
             }
         }
-        k += stride;
+        sync_cube();
+        c0 += GEMV_CHUNK_WORDS;
     }
     if comptime!(lora) {
-        let mut i = first;
+        let mut i = lane;
         while i < rank {
             #[unroll]
             for j in 0..outs {
@@ -322,28 +353,35 @@ pub fn nf4_gemv_fused(
                     acc[j * rows + r] += bv * z[r * z_stride + z_offset + i];
                 }
             }
-            i += stride;
+            i += 32;
         }
     }
-    let total = cube_reduce(&acc, comptime!(rows * outs), planes);
-    let mut i = first;
-    while i < comptime!(rows * outs) {
-        let o = o0 + i / rows;
-        let r = i % rows;
-        if o < out_features {
-            if comptime!(residual) {
-                y[r * out_features + o] = total[i] + res[r * out_features + o];
-            } else {
-                y[r * out_features + o] = total[i];
+    #[unroll]
+    for j in 0..outs {
+        #[unroll]
+        for r in 0..rows {
+            let total = plane_sum(acc[j * rows + r]);
+            let o = o0 + j;
+            if lane == 0 && o < out_features {
+                if comptime!(residual) {
+                    y[r * out_features + o] = total + res[r * out_features + o];
+                } else {
+                    y[r * out_features + o] = total;
+                }
             }
         }
-        i += stride;
     }
 }
 
+/// u32 words of the decode step buffer (see [`step_slot`]).
+pub const fn step_words(rows: usize) -> usize {
+    3 * rows + 3
+}
+
 /// The step's inputs as the decode kernels read them: `[tokens; rows] ++ [valid; rows] ++
-/// [positions; rows] ++ [slot]`, written before each step (so a captured CUDA graph of the step
-/// replays unchanged: nothing that varies per step is a launch argument).
+/// [positions; rows] ++ [slot] ++ [seed] ++ [ban]` (the last two for [`sample_rows`]), written
+/// before each step (so a captured CUDA graph of the step replays unchanged: nothing that varies
+/// per step is a launch argument).
 #[cube]
 fn step_slot(step: &Array<u32>, rows: usize) -> usize {
     step[3 * rows] as usize
@@ -487,6 +525,96 @@ pub fn decode_attention(
         }
         out[q_base + e] = acc / sum;
         e += units;
+    }
+}
+
+/// A 32-bit integer mixer (the "lowbias32" hash): turns (seed, row, token) into the uniform
+/// draws of [`sample_rows`].
+#[cube]
+fn mix32(v: u32) -> u32 {
+    let mut x = v ^ (v >> 16);
+    x *= 0x7feb_352du32;
+    x ^= x >> 15;
+    x *= 0x846c_a68bu32;
+    x ^ (x >> 16)
+}
+
+/// Draws each row's next token from `softmax(logits / T)` by the Gumbel-max trick: the argmax
+/// of `logits_i / T + G_i`, `G_i = -ln(-ln u_i)` with independent uniforms `u_i`, is a draw from
+/// exactly that distribution, and an argmax needs no sort, no normalization and no copy of the
+/// vocabulary back to the host. The uniforms hash the step's seed (`step[3 rows + 1]`) with the
+/// row and the token index, at 24-bit resolution (the noise is capped near 17.3 nats: a token
+/// that far below the top is never drawn). `greedy` takes the plain argmax. Tokens in `banned`
+/// are skipped when `step[3 rows + 2]` is set (before `min_new_tokens`). Ties go to the lowest
+/// index. One cube of `planes` planes (1-D) per row.
+#[cube(launch_unchecked)]
+#[allow(clippy::too_many_arguments)]
+pub fn sample_rows(
+    logits: &Array<f32>,
+    step: &Array<u32>,
+    banned: &Array<u32>,
+    picks: &mut Array<u32>,
+    rows: usize,
+    vocab: usize,
+    n_banned: usize,
+    inv_temp: f32,
+    #[comptime] greedy: bool,
+    #[comptime] planes: usize,
+) {
+    let r = CUBE_POS_X as usize;
+    let key = mix32(step[3 * rows + 1] ^ mix32(r as u32 + 0x9e37_79b9u32));
+    let ban = step[3 * rows + 2] != 0;
+    let mut best = f32::new(-3.4e38);
+    let mut best_i = vocab as u32;
+    let mut i = UNIT_POS_X as usize;
+    while i < vocab {
+        let mut s = logits[r * vocab + i];
+        if !comptime!(greedy) {
+            let h = mix32(key ^ mix32(i as u32));
+            // 2^-24: the top 24 bits of the hash as a uniform in (0, 1).
+            let u = ((h >> 8) as f32 + 0.5f32) * 5.960_464_5e-8f32;
+            let g = -(-u.ln()).ln();
+            s = s * inv_temp + g;
+        }
+        let mut allowed = true;
+        if ban {
+            for j in 0..n_banned {
+                if banned[j] as usize == i {
+                    allowed = false;
+                }
+            }
+        }
+        if allowed && s > best {
+            best = s;
+            best_i = i as u32;
+        }
+        i += comptime!(planes * 32);
+    }
+    let top = cube_max(best, planes);
+    let mut cand = vocab as u32;
+    if best == top {
+        cand = best_i;
+    }
+    let mut part = SharedMemory::<u32>::new(planes);
+    let m = plane_min(cand);
+    if (UNIT_POS_X & 31) == 0 {
+        part[(UNIT_POS_X / 32) as usize] = m;
+    }
+    sync_cube();
+    if UNIT_POS_X == 0 {
+        let mut pick = part[0];
+        #[unroll]
+        for p in 1..planes {
+            let v = part[p];
+            if v < pick {
+                pick = v;
+            }
+        }
+        // Nothing allowed (every logit -inf or banned): token 0 rather than out of range.
+        if pick >= vocab as u32 {
+            pick = 0;
+        }
+        picks[r] = pick;
     }
 }
 

@@ -34,13 +34,32 @@ pub const GEMV_MAX_ROWS: usize = 16;
 /// Planes per cube of the f32 GEMV (they split each output's row).
 const GEMV_PLANES: u32 = 8;
 
-/// The NF4 GEMV's launch shape: planes per cube and output features per plane (see
-/// `kernels::nf4_gemv_fused`); settable for tuning (`examples/qlinear_check.rs`).
-static NF4_GEMV_SHAPE: std::sync::Mutex<(u32, usize)> = std::sync::Mutex::new((4, 2));
+/// The NF4 GEMV's launch shape when set for tuning (`examples/qlinear_check.rs`): planes per
+/// cube and output features per plane; `None` picks by output width ([`gemv_shape`]).
+static NF4_GEMV_SHAPE: std::sync::Mutex<Option<(u32, usize)>> = std::sync::Mutex::new(None);
 
-/// Sets the NF4 GEMV's planes per cube and outputs per plane (1, 2, 4 or 8).
-pub fn set_nf4_gemv_shape(planes: u32, outs: usize) {
-    *NF4_GEMV_SHAPE.lock().unwrap_or_else(|e| e.into_inner()) = (planes.max(1), outs.clamp(1, 8));
+/// Sets the NF4 GEMV's planes per cube and outputs per plane (1, 2, 4 or 8); `None` restores
+/// the choice by output width.
+pub fn set_nf4_gemv_shape(shape: Option<(u32, usize)>) {
+    *NF4_GEMV_SHAPE.lock().unwrap_or_else(|e| e.into_inner()) =
+        shape.map(|(p, o)| (p.max(1), o.clamp(1, 8)));
+}
+
+/// Planes per cube and outputs per plane of the NF4 GEMV for `out` output features: four
+/// outputs per plane (each x value read feeds four weights) where that still gives a few
+/// hundred cubes, fewer on narrow layers so that every SM gets work.
+fn gemv_shape(out: usize) -> (u32, usize) {
+    if let Some(shape) = *NF4_GEMV_SHAPE.lock().unwrap_or_else(|e| e.into_inner()) {
+        return shape;
+    }
+    let outs = if out >= 16 * 256 {
+        4
+    } else if out >= 8 * 100 {
+        2
+    } else {
+        1
+    };
+    (4, outs)
 }
 
 /// A frozen weight `[out, in]` resident on the GPU.
@@ -306,8 +325,8 @@ impl GpuLinear {
             return false;
         };
         let client = self.client();
-        let (planes, outs) = *NF4_GEMV_SHAPE.lock().unwrap_or_else(|e| e.into_inner());
-        let cubes = (self.out_features as u32).div_ceil(outs as u32);
+        let (planes, outs) = gemv_shape(self.out_features);
+        let cubes = (self.out_features as u32).div_ceil(planes * outs as u32);
         let (z, z_len, z_stride, z_offset, rank, b, b_len, scale) = match lora {
             Some(l) => (
                 l.z.handle.clone(),
