@@ -33,9 +33,17 @@ static NOTED_RESERVED: AtomicU64 = AtomicU64::new(0);
 /// Records the allocator's numbers now, if they are the highest so far. Benchmarks sample at
 /// phase boundaries, which miss the transients inside a step; the ops that make the large ones
 /// (a checkpointed block's recomputation, the vocabulary projection's backward) call this at
-/// their high point. Cheap, and a no-op on the CPU backends.
-pub fn note<B: Backend>(device: &B::Device) {
+/// their high point. Cheap, and a no-op on the CPU backends. With `RLHF_TRACE_MEM=1` each
+/// call prints `what` and the bytes in use (where a peak comes from).
+pub fn note<B: Backend>(device: &B::Device, what: &str) {
     if let Some(m) = usage::<B>(device) {
+        if std::env::var_os("RLHF_TRACE_MEM").is_some() {
+            eprintln!(
+                "mem {what}: {:.1} MiB in use, {:.1} MiB reserved",
+                m.in_use as f64 / 1048576.0,
+                m.reserved as f64 / 1048576.0
+            );
+        }
         NOTED_IN_USE.fetch_max(m.in_use, Ordering::Relaxed);
         NOTED_RESERVED.fetch_max(m.reserved, Ordering::Relaxed);
     }

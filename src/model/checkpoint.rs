@@ -130,7 +130,7 @@ impl<IB: Backend, const N: usize> Backward<IB, N> for BlockBackward<IB> {
             &trace,
             dout,
         );
-        crate::devmem::note::<IB>(&st.h.device());
+        crate::devmem::note::<IB>(&st.h.device(), "block backward");
         drop(trace);
         let mut values = vec![dh.into_primitive().tensor()];
         for (da, db) in dparams {
@@ -445,7 +445,7 @@ impl<IB: Backend> Backward<IB, 1> for LogpsBackward<IB> {
                 IndexingUpdateOp::Add,
             );
             parts.push(st.head.backward_input(dz) / st.temperature);
-            crate::devmem::note::<IB>(&st.hidden.device());
+            crate::devmem::note::<IB>(&st.hidden.device(), "logits backward");
         }
         grads.register::<IB>(node.id, Tensor::cat(parts, 0).into_primitive().tensor());
     }
@@ -478,7 +478,7 @@ pub fn token_logps<B: AutodiffBackend>(
         let e = (s + chunk).min(n);
         let z = head.forward(ih.clone().slice(s..e)) / temperature;
         let lp = activation::log_softmax(z, 1);
-        crate::devmem::note::<B::InnerBackend>(&device);
+        crate::devmem::note::<B::InnerBackend>(&device, "logits forward");
         let lp = lp.gather(1, labels.clone().slice([s..e, 0..1]));
         parts.push(lp.reshape([e - s]));
     }
