@@ -216,19 +216,18 @@ pub fn generate<B: Backend, R: Rng>(
             &[]
         };
         // Tokens drawn on the GPU inside the fused step, or logits to sample from here.
-        let mut gpu_picks: Option<Vec<u32>> = None;
         #[cfg(feature = "cuda")]
-        let fused_logits = match fused.as_mut() {
+        let (gpu_picks, fused_logits) = match fused.as_mut() {
             Some(f) if f.samples() => {
                 let seed: u32 = rng.random();
-                gpu_picks = Some(f.step_sample(&next, &next_valid, seed, !banned.is_empty())?);
-                Some(Vec::new())
+                let picks = f.step_sample(&next, &next_valid, seed, !banned.is_empty())?;
+                (Some(picks), Some(Vec::new()))
             }
-            Some(f) => Some(f.step(&next, &next_valid)?),
-            None => None,
+            Some(f) => (None, Some(f.step(&next, &next_valid)?)),
+            None => (None, None),
         };
         #[cfg(not(feature = "cuda"))]
-        let fused_logits: Option<Vec<f32>> = None;
+        let (gpu_picks, fused_logits): (Option<Vec<u32>>, Option<Vec<f32>>) = (None, None);
         let logits = match fused_logits {
             Some(l) => l,
             None => {

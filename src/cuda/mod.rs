@@ -38,6 +38,12 @@ use burn::tensor::Tensor;
 use qlinear::{Ad, GpuLinear, Inner};
 use std::sync::{Arc, OnceLock};
 
+/// Whether `B` is the CUDA backend (plain or autodiff).
+pub fn is_cuda<B: Backend>() -> bool {
+    let t = std::any::TypeId::of::<B>();
+    t == std::any::TypeId::of::<Inner>() || t == std::any::TypeId::of::<Ad>()
+}
+
 /// A layer's GPU form, built on first use and shared by its clones; `None` inside when the layer
 /// has no GPU form (odd shapes), so the reference path is taken without retrying.
 pub type GpuSlot = Arc<OnceLock<Option<Arc<GpuLinear>>>>;
