@@ -104,7 +104,8 @@ pub struct FusedDecode {
     /// Ordinary steps run so far (the first compiles the kernels; capture comes after).
     plain_steps: usize,
     scale: f32,
-    /// Projections through the fused NF4 GEMV (default) or dequantize + cuBLASLt.
+    /// Projections through the fused NF4 GEMV (`RLHF_DECODE_GEMV=1`) instead of dequantize +
+    /// cuBLASLt.
     gemv: bool,
     rows: usize,
     cap: usize,
@@ -353,7 +354,7 @@ impl FusedDecode {
             .flat_map(|l| l.lin.iter().map(|w| w.out_features() * w.in_features()))
             .max()
             .unwrap_or(1);
-        let gemv = std::env::var_os("RLHF_DECODE_DEQUANT").is_none();
+        let gemv = std::env::var_os("RLHF_DECODE_GEMV").is_some();
         let buf = |n: usize| {
             empty_device_contiguous_dtype(
                 client.clone(),
@@ -482,10 +483,11 @@ impl FusedDecode {
     }
 
     /// Module `m` of layer `l` of input `x` (staged by [`Self::stage`]) into `out`, plus the
-    /// residual `res` and the LoRA up-projection of its slice of `z`. By default one launch of
-    /// the fused NF4 GEMV (4 bits read per weight); with `RLHF_DECODE_DEQUANT=1` the NF4 weight
+    /// residual `res` and the LoRA up-projection of its slice of `z`. By default the NF4 weight
     /// is dequantized into the workspace and multiplied by one bf16 cuBLASLt GEMM (the residual
-    /// as its C term), the LoRA term by a second (TF32) GEMM.
+    /// as its C term), the LoRA term by a second (TF32) GEMM; with `RLHF_DECODE_GEMV=1` one
+    /// launch of the fused NF4 GEMV (4 bits read per weight, but 1.7x slower per step in call 9:
+    /// BENCHMARKS.md).
     #[allow(clippy::too_many_arguments)]
     fn linear(
         &self,
