@@ -87,23 +87,19 @@ pub fn rms_norm_bwd(
     }
 }
 
-/// SwiGLU backward: from `dact` for `act = silu(gate) * up`, `dgate` and `dup`.
+/// SwiGLU backward in place: from `dact` for `act = silu(gate) * up`, `gate` becomes `dgate` and
+/// `up` becomes `dup` (the recomputed block keeps neither afterwards, and two fresh
+/// `[tokens, intermediate]` buffers were the largest part of a block's backward).
 #[cube(launch_unchecked)]
-pub fn swiglu_bwd(
-    dact: &Array<f32>,
-    gate: &Array<f32>,
-    up: &Array<f32>,
-    dgate: &mut Array<f32>,
-    dup: &mut Array<f32>,
-    n: usize,
-) {
+pub fn swiglu_bwd(dact: &Array<f32>, gate: &mut Array<f32>, up: &mut Array<f32>, n: usize) {
     let i = ABSOLUTE_POS;
     if i < n {
         let g = gate[i];
+        let u = up[i];
         let sig = 1.0f32 / (1.0f32 + (-g).exp());
         let d = dact[i];
-        dgate[i] = d * up[i] * (sig * (g * (1.0f32 - sig) + 1.0f32));
-        dup[i] = d * g * sig;
+        gate[i] = d * u * (sig * (g * (1.0f32 - sig) + 1.0f32));
+        up[i] = d * g * sig;
     }
 }
 

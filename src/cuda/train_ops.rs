@@ -267,18 +267,35 @@ pub fn try_swiglu<B: Backend>(gate: &Tensor<B, 3>, up: &Tensor<B, 3>) -> Option<
     Some(wrap(y))
 }
 
-/// `(dgate, dup)` of `silu(gate) * up` for `dact`.
+/// `(dgate, dup)` of `act = silu(gate) * up` from `dact`, written over `gate` and `up` when
+/// nothing else holds their buffers (else over copies). `Err` gives the inputs back when `B` is
+/// not the CUDA backend.
+#[allow(clippy::type_complexity)]
 pub fn try_swiglu_backward<B: Backend>(
     dact: &Tensor<B, 3>,
-    gate: &Tensor<B, 3>,
-    up: &Tensor<B, 3>,
-) -> Option<(Tensor<B, 3>, Tensor<B, 3>)> {
-    let (d, g, u) = (prim(dact)?, prim(gate)?, prim(up)?);
-    let dims = gate.dims();
-    let n = dims.iter().product();
-    let (dg, du) = (empty(&g, &dims), empty(&g, &dims));
+    gate: Tensor<B, 3>,
+    up: Tensor<B, 3>,
+) -> Result<(Tensor<B, 3>, Tensor<B, 3>), (Tensor<B, 3>, Tensor<B, 3>)> {
+    let Some(d) = prim(dact) else {
+        return Err((gate, up));
+    };
+    let own = |t: Tensor<B, 3>| {
+        let t = (Box::new(t) as Box<dyn Any>)
+            .downcast::<Tensor<Inner, 3>>()
+            .expect("the CUDA backend, as dact showed");
+        let p = into_contiguous(t.into_primitive().tensor());
+        if p.can_mut() {
+            p
+        } else {
+            // A buffer shared with another tensor is copied before being overwritten.
+            let copy = Tensor::<Inner, 3>::from_primitive(TensorPrimitive::Float(p)) * 1.0;
+            into_contiguous(copy.into_primitive().tensor())
+        }
+    };
+    let (g, u) = (own(gate), own(up));
+    let n = g.meta.shape().iter().product();
     let (count, dim) = flat_cubes(n);
-    // SAFETY: five contiguous buffers of n values; the kernel bounds-checks n.
+    // SAFETY: three contiguous buffers of n values; the kernel bounds-checks n.
     unsafe {
         swiglu_bwd::launch_unchecked::<CudaRuntime>(
             &g.client,
@@ -287,12 +304,10 @@ pub fn try_swiglu_backward<B: Backend>(
             arr(&d),
             arr(&g),
             arr(&u),
-            arr(&dg),
-            arr(&du),
             n,
         )
     };
-    Some((wrap(dg), wrap(du)))
+    Ok((wrap(g), wrap(u)))
 }
 
 /// `[b, t, heads * d] -> [b, heads, t, d]`, RoPE-rotated when `rope` gives `(cos, sin)`.

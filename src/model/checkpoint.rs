@@ -141,11 +141,10 @@ impl<IB: Backend, const N: usize> Backward<IB, N> for BlockBackward<IB> {
             &st.h,
             &st.inputs,
             &st.adapter,
-            &trace,
+            trace,
             dout,
         );
         crate::devmem::note::<IB>(&st.h.device(), "block backward");
-        drop(trace);
         let mut values = vec![dh.into_primitive().tensor()];
         for (da, db) in dparams {
             values.push(da.into_primitive().tensor());
@@ -218,14 +217,7 @@ pub fn checkpointed_block<B: AutodiffBackend>(
     };
     let out = state
         .block
-        .forward(
-            cfg,
-            layer,
-            ih,
-            &state.inputs,
-            Some(&state.adapter),
-            None,
-        )
+        .forward(cfg, layer, ih, &state.inputs, Some(&state.adapter), None)
         .into_primitive()
         .tensor();
     let op = BlockBackward(PhantomData);
@@ -272,17 +264,26 @@ fn rms_backward<B: Backend>(
 /// `(dgate, dup)` of `act = silu(gate) * up`.
 fn swiglu_backward<B: Backend>(
     dact: Tensor<B, 3>,
-    gate: &Tensor<B, 3>,
-    up: &Tensor<B, 3>,
+    gate: Tensor<B, 3>,
+    up: Tensor<B, 3>,
 ) -> (Tensor<B, 3>, Tensor<B, 3>) {
     #[cfg(feature = "cuda")]
-    if let Some(r) = crate::cuda::train_ops::try_swiglu_backward(&dact, gate, up) {
-        return r;
-    }
+    let (gate, up) = match crate::cuda::train_ops::try_swiglu_backward(&dact, gate, up) {
+        Ok(r) => return r,
+        Err(inputs) => inputs,
+    };
     let sig = activation::sigmoid(gate.clone());
     let silu = gate.clone() * sig.clone();
-    let dsilu = sig.clone() * (gate.clone() * (sig.neg() + 1.0) + 1.0);
-    (dact.clone() * up.clone() * dsilu, dact * silu)
+    let dsilu = sig.clone() * (gate * (sig.neg() + 1.0) + 1.0);
+    (dact.clone() * up * dsilu, dact * silu)
+}
+
+/// What the attention's backward reads of a block's trace.
+struct AttnTrace<B: Backend> {
+    q: Tensor<B, 4>,
+    k: Tensor<B, 4>,
+    v: Tensor<B, 4>,
+    probs: Tensor<B, 4>,
 }
 
 /// Gradients of `llama::attention` from `dout [b, nh, t, d]`: `(dq, dk, dv)`, the key and value
@@ -290,7 +291,7 @@ fn swiglu_backward<B: Backend>(
 #[allow(clippy::type_complexity)]
 fn attention_backward<B: Backend>(
     dout: Tensor<B, 4>,
-    tr: &BlockTrace<B>,
+    tr: &AttnTrace<B>,
     inputs: &AttnInputs<B>,
     scale: f64,
 ) -> (Tensor<B, 4>, Tensor<B, 4>, Tensor<B, 4>) {
@@ -322,7 +323,8 @@ fn attention_backward<B: Backend>(
 struct LinearGrads<'a, B: Backend> {
     block: &'a Block<B>,
     pairs: &'a BTreeMap<String, LoraPair<B>>,
-    traces: &'a BTreeMap<&'static str, LoraTrace<B>>,
+    /// Each module's trace, dropped once its backward ran (its input is released then).
+    traces: BTreeMap<&'static str, LoraTrace<B>>,
     scaling: f64,
     grads: BTreeMap<&'static str, (Tensor<B, 2>, Tensor<B, 2>)>,
 }
@@ -332,7 +334,7 @@ impl<B: Backend> LinearGrads<'_, B> {
     fn backward(&mut self, name: &'static str, dy: Tensor<B, 3>) -> Tensor<B, 3> {
         let base = self.block.linear(name).expect("known module name");
         let dx = base.backward_input(dy.clone());
-        let (Some(pair), Some(tr)) = (self.pairs.get(name), self.traces.get(name)) else {
+        let (Some(pair), Some(tr)) = (self.pairs.get(name), self.traces.remove(name)) else {
             return dx;
         };
         let [b, t, out] = dy.dims();
@@ -368,7 +370,9 @@ fn reduce_kv<B: Backend>(x: Tensor<B, 4>, rep: usize) -> Tensor<B, 4> {
 type FactorGrads<B> = Vec<(Tensor<B, 2>, Tensor<B, 2>)>;
 
 /// The hand-written backward of `Block::forward_traced` (no cache): `dout` -> gradient of the
-/// block input, and `(dA, dB)` for each adapted module in the adapter's (sorted) order.
+/// block input, and `(dA, dB)` for each adapted module in the adapter's (sorted) order. The
+/// trace is consumed: each recomputed activation is released once the backward no longer
+/// needs it (the MLP's `[tokens, intermediate]` tensors before the attention's backward).
 #[allow(clippy::too_many_arguments)]
 pub fn block_backward<B: Backend>(
     cfg: &LlamaConfig,
@@ -377,37 +381,63 @@ pub fn block_backward<B: Backend>(
     h: &Tensor<B, 3>,
     inputs: &AttnInputs<B>,
     adapter: &Adapter<B>,
-    tr: &BlockTrace<B>,
+    tr: BlockTrace<B>,
     dout: Tensor<B, 3>,
 ) -> (Tensor<B, 3>, FactorGrads<B>) {
     let (nh, hd) = (cfg.num_attention_heads, cfg.head_dim);
+    let device = dout.device();
     let empty = BTreeMap::new();
     let pairs = adapter.layers.get(layer).unwrap_or(&empty);
+    let BlockTrace {
+        q,
+        k,
+        v,
+        probs,
+        h2,
+        inv1,
+        inv2,
+        gate,
+        up,
+        act,
+        lora,
+        out,
+        x1,
+        attn,
+        x2,
+    } = tr;
+    // Held elsewhere (the LoRA traces keep the projections' inputs) or not needed here.
+    drop((out, x1, attn, x2));
     let mut lin = LinearGrads {
         block,
         pairs,
-        traces: &tr.lora,
+        traces: lora,
         scaling: adapter.scaling(),
         grads: BTreeMap::new(),
     };
 
     // MLP: out = h2 + down(silu(gate) * up).
     let dact = lin.backward("down_proj", dout.clone());
-    let (dgate, dup) = swiglu_backward(dact, &tr.gate, &tr.up);
+    drop(act);
+    let (dgate, dup) = swiglu_backward(dact, gate, up);
+    crate::devmem::note::<B>(&device, "block backward (MLP)");
     let dx2 = lin.backward("gate_proj", dgate) + lin.backward("up_proj", dup);
-    let dh2 = rms_backward(dout, dx2, &tr.h2, &tr.inv2, &block.post_norm);
+    let dh2 = rms_backward(dout, dx2, &h2, &inv2, &block.post_norm);
+    drop(h2);
 
     // Attention: h2 = h + o_proj(softmax(mask(q k^T * scale)) v).
     let dattn = to_heads(lin.backward("o_proj", dh2.clone()), nh, None);
     let scale = 1.0 / (hd as f64).sqrt();
-    let (dq, dk, dv) = attention_backward(dattn, tr, inputs, scale);
+    let attn = AttnTrace { q, k, v, probs };
+    let (dq, dk, dv) = attention_backward(dattn, &attn, inputs, scale);
+    crate::devmem::note::<B>(&device, "block backward (attention)");
+    drop(attn);
     // RoPE is a rotation: its gradient rotates back by minus the angle.
     let tables = Some((&inputs.cos, &inputs.sin));
     let dq = from_heads(dq, tables);
     let dk = from_heads(dk, tables);
     let dv = from_heads(dv, None);
     let dx1 = lin.backward("q_proj", dq) + lin.backward("k_proj", dk) + lin.backward("v_proj", dv);
-    let dh = rms_backward(dh2, dx1, h, &tr.inv1, &block.input_norm);
+    let dh = rms_backward(dh2, dx1, h, &inv1, &block.input_norm);
 
     let mut grads = lin.grads;
     let dparams = pairs
