@@ -736,9 +736,10 @@ impl FusedDecode {
                 CubeCount::Static(rows as u32, 1, 1),
                 CubeDim::new_1d(256),
                 step(),
-                ArrayArg::from_raw_parts(self.embed.handle.clone(), self.embed_len()),
+                ArrayArg::from_raw_parts(self.embed.handle.clone(), self.embed_words()),
                 ArrayArg::from_raw_parts(b.h.handle.clone(), rows * h_dim),
                 h_dim,
+                self.embed.dtype == DType::BF16,
             )
         };
         for l in 0..self.layers.len() {
@@ -864,8 +865,14 @@ impl FusedDecode {
         }
     }
 
-    fn embed_len(&self) -> usize {
-        self.embed.meta.shape().iter().product()
+    /// The embedding table's size in u32 words (bf16 tables: two values per word).
+    fn embed_words(&self) -> usize {
+        let n: usize = self.embed.meta.shape().iter().product();
+        if self.embed.dtype == DType::BF16 {
+            n.div_ceil(2)
+        } else {
+            n
+        }
     }
 
     fn cache_len(&self) -> usize {

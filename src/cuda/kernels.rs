@@ -637,14 +637,29 @@ pub fn f32_to_bf16(x: &Array<f32>, out: &mut Array<u32>, pairs: usize) {
     }
 }
 
-/// `h[r, :] = embed[tokens[r], :]` for the step's tokens (`step[0..rows]`).
+/// `h[r, :] = embed[tokens[r], :]` for the step's tokens (`step[0..rows]`). The table's bits
+/// are read as u32: f32 values, or with `bf16` pairs of bf16 values (value `2j` in the low half
+/// of word `j`).
 #[cube(launch_unchecked)]
-pub fn embed_rows(step: &Array<u32>, embed: &Array<f32>, h: &mut Array<f32>, width: usize) {
+pub fn embed_rows(
+    step: &Array<u32>,
+    embed: &Array<u32>,
+    h: &mut Array<f32>,
+    width: usize,
+    #[comptime] bf16: bool,
+) {
     let r = CUBE_POS_X as usize;
     let tok = step[r] as usize;
     let mut k = UNIT_POS_X as usize;
     while k < width {
-        h[r * width + k] = embed[tok * width + k];
+        let i = tok * width + k;
+        if comptime!(bf16) {
+            let word = embed[i / 2];
+            let half = (word >> (((i % 2) * 16) as u32)) & 0xFFFF;
+            h[r * width + k] = f32::reinterpret(half << 16);
+        } else {
+            h[r * width + k] = f32::reinterpret(embed[i]);
+        }
         k += CUBE_DIM_X as usize;
     }
 }

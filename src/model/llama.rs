@@ -9,7 +9,7 @@ use crate::quant::BaseLinear;
 use burn::tensor::{
     activation,
     backend::{AutodiffBackend, Backend},
-    Bool, Int, Tensor, TensorData,
+    Bool, FloatDType, Int, Tensor, TensorData,
 };
 use std::collections::BTreeMap;
 
@@ -681,6 +681,7 @@ impl<B: Backend> Llama<B> {
             .embed
             .clone()
             .select(0, flat)
+            .cast(FloatDType::F32)
             .reshape([b, t, self.cfg.hidden_size]);
         Prepared {
             h,

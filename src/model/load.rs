@@ -156,6 +156,13 @@ impl<B: Backend> Llama<B> {
         let (h, v) = (cfg.hidden_size, cfg.vocab_size);
         let embed = read_shaped(src, "model.embed_tokens.weight", &[v, h])?;
         let embed = Tensor::from_data(TensorData::new(embed, [v, h]), device);
+        // An untied table is only looked up (its rows cast to f32): bf16 on CUDA, as the dense
+        // weights (`quant::dense_at_rest`). A tied one is also the LM head's f32 matmul operand.
+        let embed = if cfg.tie_word_embeddings {
+            embed
+        } else {
+            crate::quant::dense_at_rest(embed)
+        };
         let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
         for l in 0..cfg.num_hidden_layers {
             let p = format!("model.layers.{l}");
@@ -233,7 +240,7 @@ impl<B: Backend> Llama<B> {
 
     /// Bytes of the frozen base at rest.
     pub fn storage_bytes(&self) -> usize {
-        let dense = |t: &Tensor<B, 2>| t.shape().num_elements() * 4;
+        let dense = |t: &Tensor<B, 2>| t.shape().num_elements() * t.dtype().size();
         let mut n = dense(&self.embed) + self.norm.dims()[0] * 4;
         for b in &self.layers {
             n += b.input_norm.dims()[0] * 8;

@@ -35,7 +35,7 @@ pub struct BaseLinear<B: Backend> {
 /// A frozen dense weight as kept: bf16 on CUDA, where every product with it is a bf16 cuBLASLt
 /// GEMM anyway (an f32 copy beside the GEMM's bf16 one doubled a dense LM head's bytes: 172 MB
 /// instead of 57 for the 0.5b model's), f32 on the CPU backends.
-fn dense_at_rest<B: Backend>(w: Tensor<B, 2>) -> Tensor<B, 2> {
+pub(crate) fn dense_at_rest<B: Backend>(w: Tensor<B, 2>) -> Tensor<B, 2> {
     #[cfg(feature = "cuda")]
     if crate::cuda::is_cuda::<B>() {
         return w.cast(FloatDType::BF16);
