@@ -25,7 +25,7 @@ use super::kernels::{
     decode_attention, embed_rows, f32_gemv, rms_norm_rows, rope_append, sample_rows, silu_mul,
     step_words, DECODE_MAX_KEYS,
 };
-use super::qlinear::{cast_bf16_into, GpuLinear, Inner, LoraUp, GEMV_MAX_ROWS};
+use super::qlinear::{GpuLinear, Inner, LoraUp, GEMV_MAX_ROWS};
 use super::train_ops::gemm_at;
 use crate::lora::Adapter;
 use crate::model::llama::OutputHead;
@@ -434,8 +434,9 @@ impl FusedDecode {
         })
     }
 
+    /// RMSNorm of `x` into `y`, and as bf16 into `bufs.xb` (the next GEMM's input).
     fn rms(&self, x: &T, w: &T, y: &T) {
-        // SAFETY: x and y hold rows x hidden values, w hidden.
+        // SAFETY: x and y hold rows x hidden values, w hidden, xb at least rows x hidden / 2 u32.
         unsafe {
             rms_norm_rows::launch_unchecked::<CudaRuntime>(
                 &self.client,
@@ -446,6 +447,7 @@ impl FusedDecode {
                 self.eps,
                 self.hidden,
                 ArrayArg::from_raw_parts(y.handle.clone(), self.rows * self.hidden),
+                ArrayArg::from_raw_parts(self.bufs.xb.handle.clone(), self.rows * self.hidden / 2),
                 8,
             )
         };
@@ -473,16 +475,8 @@ impl FusedDecode {
         Some(z)
     }
 
-    /// Prepares a linear input `x [rows, width]` for [`Self::linear`]: its bf16 copy in
-    /// `bufs.xb` for the dequantize + GEMM path; nothing for the GEMV, which reads f32.
-    fn stage(&self, x: &T, width: usize) {
-        if !self.gemv {
-            // x holds rows x width f32 (width even), xb room for at least that many bf16.
-            cast_bf16_into(x, self.rows * width, &self.bufs.xb);
-        }
-    }
-
-    /// Module `m` of layer `l` of input `x` (staged by [`Self::stage`]) into `out`, plus the
+    /// Module `m` of layer `l` of input `x` (f32; its bf16 copy in `bufs.xb`, written by the
+    /// kernel that produced it) into `out`, plus the
     /// residual `res` and the LoRA up-projection of its slice of `z`. By default the NF4 weight
     /// is dequantized into the workspace and multiplied by one bf16 cuBLASLt GEMM (the residual
     /// as its C term), the LoRA term by a second (TF32) GEMM; with `RLHF_DECODE_GEMV=1` one
@@ -745,7 +739,6 @@ impl FusedDecode {
         for l in 0..self.layers.len() {
             self.rms(&b.h, &self.layers[l].input_norm, &b.x);
             let z = self.lora_z(l, 0, &b.x, h_dim);
-            self.stage(&b.x, h_dim);
             self.linear(l, 0, 0, &b.x, z, None, &b.q)?;
             self.linear(l, 0, 1, &b.x, z, None, &b.k)?;
             self.linear(l, 0, 2, &b.x, z, None, &b.v)?;
@@ -780,6 +773,7 @@ impl FusedDecode {
                     ArrayArg::from_raw_parts(self.valid.handle.clone(), rows * self.cap),
                     step(),
                     ArrayArg::from_raw_parts(b.attn.handle.clone(), rows * q_dim),
+                    ArrayArg::from_raw_parts(b.xb.handle.clone(), rows * q_dim / 2),
                     rows,
                     self.nh,
                     self.nkv,
@@ -791,27 +785,26 @@ impl FusedDecode {
                 )
             };
             let z = self.lora_z(l, 1, &b.attn, q_dim);
-            self.stage(&b.attn, q_dim);
             self.linear(l, 1, 3, &b.attn, z, Some(&b.h), &b.h2)?;
             self.rms(&b.h2, &self.layers[l].post_norm, &b.x);
             let z = self.lora_z(l, 2, &b.x, h_dim);
-            self.stage(&b.x, h_dim);
             self.linear(l, 2, 4, &b.x, z, None, &b.g)?;
             self.linear(l, 2, 5, &b.x, z, None, &b.u)?;
             let n = rows * self.inter;
             unsafe {
                 silu_mul::launch_unchecked::<CudaRuntime>(
                     &self.client,
-                    CubeCount::Static((n as u32).div_ceil(256), 1, 1),
+                    CubeCount::Static((n as u32 / 2).div_ceil(256), 1, 1),
                     CubeDim::new_1d(256),
                     ArrayArg::from_raw_parts(b.g.handle.clone(), n),
                     ArrayArg::from_raw_parts(b.u.handle.clone(), n),
                     ArrayArg::from_raw_parts(b.act.handle.clone(), n),
-                    n,
+                    ArrayArg::from_raw_parts(b.xb.handle.clone(), n / 2),
+                    n / 2,
+                    true,
                 )
             };
             let z = self.lora_z(l, 3, &b.act, self.inter);
-            self.stage(&b.act, self.inter);
             // The block output overwrites `h`, which nothing reads any more this layer.
             self.linear(l, 3, 6, &b.act, z, Some(&b.h2), &b.h)?;
         }
@@ -850,7 +843,7 @@ impl FusedDecode {
                 Ok(())
             }
             Head::Bf16(lin) => {
-                cast_bf16_into(x, rows * h, &self.bufs.xb);
+                // The final RMSNorm wrote x's bf16 copy into xb.
                 let w = lin.bf16_weight().expect("a dense head is stored in bf16");
                 let (v, hh, n) = (self.vocab as u64, h as u64, rows as u64);
                 // Column-major: logits^T [vocab, rows] = W^T-of-its-layout · x^T.

@@ -203,8 +203,9 @@ fn cube_max(v: f32, #[comptime] planes: usize) -> f32 {
     total
 }
 
-/// HF's RMSNorm of each row: `y = w * x / sqrt(mean(x^2) + eps)`. One cube of `32 * planes`
-/// units per row.
+/// HF's RMSNorm of each row: `y = w * x / sqrt(mean(x^2) + eps)`, also as bf16 pairs in `yb`
+/// (value `2j` in the low half of word `j`: the next GEMM's input, without a cast launch). One
+/// cube of `32 * planes` units per row; `width` even.
 #[cube(launch_unchecked)]
 pub fn rms_norm_rows(
     x: &Array<f32>,
@@ -212,6 +213,7 @@ pub fn rms_norm_rows(
     eps: f32,
     width: usize,
     y: &mut Array<f32>,
+    yb: &mut Array<u32>,
     #[comptime] planes: usize,
 ) {
     let row = CUBE_POS_X as usize * width;
@@ -225,10 +227,15 @@ pub fn rms_norm_rows(
     }
     let total = cube_sum(ss, planes);
     let inv = 1.0f32 / (total / (width as f32) + eps).sqrt();
-    let mut k = UNIT_POS_X as usize;
-    while k < width {
-        y[row + k] = x[row + k] * inv * w[k];
-        k += units;
+    let mut p = UNIT_POS_X as usize;
+    while p < width / 2 {
+        let k = 2 * p;
+        let v0 = x[row + k] * inv * w[k];
+        let v1 = x[row + k + 1] * inv * w[k + 1];
+        y[row + k] = v0;
+        y[row + k + 1] = v1;
+        yb[row / 2 + p] = bf16_bits(v0) | (bf16_bits(v1) << 16);
+        p += units;
     }
 }
 
@@ -457,6 +464,7 @@ pub fn decode_attention(
     valid: &Array<u32>,
     step: &Array<u32>,
     out: &mut Array<f32>,
+    outb: &mut Array<u32>,
     rows: usize,
     nh: usize,
     nkv: usize,
@@ -525,6 +533,15 @@ pub fn decode_attention(
         }
         out[q_base + e] = acc / sum;
         e += units;
+    }
+    // The bf16 copy for the output projection's GEMM (the cube's own writes are visible after
+    // the barrier).
+    sync_cube();
+    let mut p = UNIT_POS_X as usize;
+    while p < d / 2 {
+        let e = q_base + 2 * p;
+        outb[e / 2] = bf16_bits(out[e]) | (bf16_bits(out[e + 1]) << 16);
+        p += units;
     }
 }
 
@@ -618,13 +635,29 @@ pub fn sample_rows(
     }
 }
 
-/// `y = silu(g) * u` elementwise (the SwiGLU activation), `n` values.
+/// `y = silu(g) * u` elementwise (the SwiGLU activation), `2 * pairs` values; with `bf16` also
+/// as bf16 pairs in `yb` (as [`rms_norm_rows`]).
 #[cube(launch_unchecked)]
-pub fn silu_mul(g: &Array<f32>, u: &Array<f32>, y: &mut Array<f32>, n: usize) {
-    let i = ABSOLUTE_POS;
-    if i < n {
-        let x = g[i];
-        y[i] = x / (1.0f32 + (-x).exp()) * u[i];
+pub fn silu_mul(
+    g: &Array<f32>,
+    u: &Array<f32>,
+    y: &mut Array<f32>,
+    yb: &mut Array<u32>,
+    pairs: usize,
+    #[comptime] bf16: bool,
+) {
+    let p = ABSOLUTE_POS;
+    if p < pairs {
+        let i = 2 * p;
+        let a = g[i];
+        let b = g[i + 1];
+        let v0 = a / (1.0f32 + (-a).exp()) * u[i];
+        let v1 = b / (1.0f32 + (-b).exp()) * u[i + 1];
+        y[i] = v0;
+        y[i + 1] = v1;
+        if comptime!(bf16) {
+            yb[p] = bf16_bits(v0) | (bf16_bits(v1) << 16);
+        }
     }
 }
 

@@ -249,10 +249,16 @@ pub fn try_rms_backward<B: Backend>(
 pub fn try_swiglu<B: Backend>(gate: &Tensor<B, 3>, up: &Tensor<B, 3>) -> Option<Tensor<B, 3>> {
     let (g, u) = (prim(gate)?, prim(up)?);
     let dims = gate.dims();
-    let n = dims.iter().product();
+    let n: usize = dims.iter().product();
+    if n % 2 != 0 {
+        return None;
+    }
     let y = empty(&g, &dims);
-    let (count, dim) = flat_cubes(n);
-    // SAFETY: three contiguous buffers of n values; the kernel bounds-checks n.
+    // The kernel's bf16 output, unused here (its flag is off): a one-value placeholder.
+    let unused = empty(&g, &[1]);
+    let (count, dim) = flat_cubes(n / 2);
+    // SAFETY: three contiguous buffers of n values (the kernel takes pairs and bounds-checks
+    // n / 2); without its bf16 flag the kernel never touches its fourth array.
     unsafe {
         super::kernels::silu_mul::launch_unchecked::<CudaRuntime>(
             &g.client,
@@ -261,7 +267,9 @@ pub fn try_swiglu<B: Backend>(gate: &Tensor<B, 3>, up: &Tensor<B, 3>) -> Option<
             arr(&g),
             arr(&u),
             arr(&y),
-            n,
+            arr(&unused),
+            n / 2,
+            false,
         )
     };
     Some(wrap(y))
