@@ -383,7 +383,7 @@ fn run_on<B: AutodiffBackend>(args: &BenchArgs, algo: Algo, device: &B::Device) 
     let mut model = RlhfModel::for_run(loaded.model, &loaded.tok, &cfg);
     model.add_new_adapter(Role::Policy, &cfg.lora, cfg.train.seed)?;
 
-    crate::devmem::note::<B>(&device, "model and adapter loaded");
+    crate::devmem::note::<B>(device, "model and adapter loaded");
     let _ = crate::devmem::take_noted();
     let mut probe = Probe::<B>::new(device.clone());
     let poll_smi = args.device == DeviceArg::Cuda;

@@ -1,20 +1,24 @@
-//! Fused decode on CUDA: one sampling step of the whole model in ~16 kernel launches per block.
+//! Fused decode on CUDA: one sampling step of the whole model in ~19 kernel launches per block.
 //!
 //! Through burn's tensor ops a decode step of a 24-layer model is ~2,400 small launches (RMSNorm
 //! alone is six, each LoRA delta four, RoPE ten, the growing KV cache a concatenation per layer
 //! and step), and at a few rows the host cost of each launch, not the GPU, sets the step time.
 //! Here the prompt is prefilled by the ordinary forward, its keys and values are copied once into
-//! a preallocated cache, and every later token runs: RMSNorm, one `x A^T` for the LoRA factors
-//! of a group of modules, per projection the NF4 weight dequantized into a bf16 workspace and one
-//! cuBLASLt GEMM (the residual add as its C term) plus the LoRA up-projection as a second GEMM
-//! accumulating into the output, RoPE + cache append, attention over the cache, SwiGLU, and the
-//! vocabulary projection. (Our fused NF4 GEMV kernel reads 4 bits per weight instead of writing
-//! and reading 16, but as written it is several times slower than dequantize + cuBLAS at these
-//! shapes: BENCHMARKS.md.)
+//! a preallocated cache, and every later token runs: RMSNorm (also writing the bf16 copy the
+//! next GEMM reads), one `x A^T` for the LoRA factors of a group of modules that share an input
+//! (q/k/v, o, gate/up, down), the group's NF4 weights dequantized side by side into a bf16
+//! workspace and one cuBLASLt GEMM (the residual add as its C term) plus the group's LoRA
+//! up-projection as a second GEMM (block-diagonal B) accumulating into the output, RoPE + cache
+//! append, attention over the cache, SwiGLU, the vocabulary projection, and (for plain
+//! temperature or greedy sampling) the draw of the next tokens. Even a launch that does almost
+//! nothing costs a few microseconds inside a graph, so the count of launches per block is what
+//! this layout keeps small. (The fused NF4 GEMV, `kernels::nf4_gemv_fused`, reads 4 bits per
+//! weight instead of writing and reading 16, but runs at CUDA-core speed: 1.7x slower per step
+//! than dequantize + cuBLAS in BENCHMARKS.md's call 9.)
 //!
 //! Every buffer a step touches is allocated once, and nothing that changes from step to step is
 //! a launch argument (tokens, positions and the cache slot are read from a small device buffer
-//! written before the step). So after one ordinary step the whole step is captured once into a
+//! written before the step, with the sampling seed). So after one ordinary step the whole step is captured once into a
 //! CUDA graph on cubecl's stream and replayed: one launch per token instead of ~400, whose host
 //! cost (~20 us each through cubecl) was the step time. `RLHF_NO_DECODE_GRAPH=1` keeps the
 //! per-kernel launches. `examples/decode_check.rs` compares the logits with the ordinary
@@ -25,7 +29,7 @@ use super::kernels::{
     decode_attention, embed_rows, f32_gemv, rms_norm_rows, rope_append, sample_rows, silu_mul,
     step_words, DECODE_MAX_KEYS,
 };
-use super::qlinear::{GpuLinear, Inner, LoraUp, GEMV_MAX_ROWS};
+use super::qlinear::{GpuLinear, Inner, GEMV_MAX_ROWS};
 use super::train_ops::gemm_at;
 use crate::lora::Adapter;
 use crate::model::llama::OutputHead;
@@ -64,22 +68,25 @@ pub fn set_enabled(on: bool) {
 
 /// The seven projections in the order the groups below index them (q, k, v, o, gate, up, down).
 const MODULES: [&str; 7] = crate::config::ALL_TARGETS;
-/// Modules that read the same input, so their LoRA `x A^T` is one GEMV.
+/// Modules that read the same input: their weights are dequantized side by side and multiplied
+/// by one GEMM (outputs concatenated: `[q | k | v]`, `[gate | up]`), their LoRA terms by one
+/// GEMV and one GEMM.
 const GROUPS: [&[usize]; 4] = [&[0, 1, 2], &[3], &[4, 5], &[6]];
 
-/// One group's stacked LoRA A `[sum of ranks, in]`, and each member's slice of `x A^T` and B.
-struct Group {
+/// One group's LoRA: the members' A stacked `[width, in]` (`x A^T` of all of them is one GEMV
+/// into `z [rows, width]`) and their B block-diagonal `[group out, width]` (member m's B at its
+/// output rows and its columns of `z`; zeros elsewhere), so the up-projection is one GEMM.
+struct GroupLora {
     a: T,
     width: usize,
-    /// Per module of the group: (module index, offset in `z`, rank, B `[out, rank]`).
-    members: Vec<(usize, usize, usize, T)>,
+    b: T,
 }
 
 struct Layer {
     input_norm: T,
     post_norm: T,
     lin: Vec<Arc<GpuLinear>>,
-    groups: Vec<Option<Group>>,
+    lora: Vec<Option<GroupLora>>,
 }
 
 /// The state of one batch being sampled: caches, the per-layer weights' GPU forms.
@@ -104,9 +111,6 @@ pub struct FusedDecode {
     /// Ordinary steps run so far (the first compiles the kernels; capture comes after).
     plain_steps: usize,
     scale: f32,
-    /// Projections through the fused NF4 GEMV (`RLHF_DECODE_GEMV=1`) instead of dequantize +
-    /// cuBLASLt.
-    gemv: bool,
     rows: usize,
     cap: usize,
     len: usize,
@@ -149,18 +153,19 @@ struct StepBufs {
     h: T,
     h2: T,
     x: T,
+    /// `[rows, q | k | v]`: the attention's projections, one GEMM.
+    qkv: T,
+    /// The rotated queries `[rows, nh * d]`.
     q: T,
-    k: T,
-    v: T,
     attn: T,
-    g: T,
-    u: T,
+    /// `[rows, gate | up]`: the MLP's first projections, one GEMM.
+    gu: T,
     act: T,
     /// `x A^T` of the current module group (the widest group's size).
     z: T,
     /// The current linear input as bf16 (pairs of values per f32 slot).
     xb: T,
-    /// One NF4 weight dequantized to bf16 (the largest linear's size).
+    /// One group's NF4 weights dequantized to bf16, side by side (the largest group's size).
     ws: T,
     logits: T,
 }
@@ -257,39 +262,41 @@ impl FusedDecode {
                 }
                 lin.push(gpu);
             }
-            let mut groups = Vec::with_capacity(GROUPS.len());
+            let mut lora = Vec::with_capacity(GROUPS.len());
             for members in GROUPS {
-                let pairs: Vec<_> = members
-                    .iter()
-                    .filter_map(|&m| {
-                        let pair = adapter?.layers.get(l)?.get(MODULES[m])?;
-                        Some((m, pair))
-                    })
-                    .collect();
+                // (output offset in the group, the module's A and B) of each adapted member.
+                let mut out_off = 0;
+                let mut pairs = Vec::new();
+                for &m in members {
+                    if let Some(p) = adapter.and_then(|a| a.layers.get(l)?.get(MODULES[m])) {
+                        pairs.push((out_off, p));
+                    }
+                    out_off += lin[m].out_features();
+                }
                 if pairs.is_empty() {
-                    groups.push(None);
+                    lora.push(None);
                     continue;
                 }
                 let a = Tensor::cat(pairs.iter().map(|(_, p)| p.a.clone()).collect(), 0);
                 let width = a.dims()[0];
-                let mut off = 0;
-                let mut group_members = Vec::new();
-                for (m, p) in &pairs {
-                    let rank = p.a.dims()[0];
-                    group_members.push((*m, off, rank, prim(p.b.clone())));
-                    off += rank;
+                let mut b = Tensor::<Inner, 2>::zeros([out_off, width], &device);
+                let mut col = 0;
+                for (row, p) in &pairs {
+                    let [out, rank] = p.b.dims();
+                    b = b.slice_assign([*row..row + out, col..col + rank], p.b.clone());
+                    col += rank;
                 }
-                groups.push(Some(Group {
+                lora.push(Some(GroupLora {
                     a: prim(a),
                     width,
-                    members: group_members,
+                    b: prim(b),
                 }));
             }
             layers.push(Layer {
                 input_norm: prim(block.input_norm.clone()),
                 post_norm: prim(block.post_norm.clone()),
                 lin,
-                groups,
+                lora,
             });
         }
         // The prefilled keys and values, copied once into caches of `cap` slots.
@@ -345,16 +352,21 @@ impl FusedDecode {
         let (h, q, kv, inter) = (cfg.hidden_size, nh * hd, nkv * hd, cfg.intermediate_size);
         let z_width = layers
             .iter()
-            .flat_map(|l| l.groups.iter().flatten().map(|g| g.width))
+            .flat_map(|l| l.lora.iter().flatten().map(|g| g.width))
             .max()
             .unwrap_or(1);
         let max_in = h.max(q).max(inter);
-        let max_weight = layers
+        // The largest group's weights, dequantized side by side.
+        let max_group = layers
             .iter()
-            .flat_map(|l| l.lin.iter().map(|w| w.out_features() * w.in_features()))
+            .flat_map(|l| {
+                GROUPS.iter().map(|members| {
+                    let w = members.iter().map(|&m| &l.lin[m]);
+                    w.map(|w| w.out_features() * w.in_features()).sum::<usize>()
+                })
+            })
             .max()
             .unwrap_or(1);
-        let gemv = std::env::var_os("RLHF_DECODE_GEMV").is_some();
         let buf = |n: usize| {
             empty_device_contiguous_dtype(
                 client.clone(),
@@ -368,18 +380,14 @@ impl FusedDecode {
             h: buf(rows * h),
             h2: buf(rows * h),
             x: buf(rows * h),
+            qkv: buf(rows * (q + 2 * kv)),
             q: buf(rows * q),
-            k: buf(rows * kv),
-            v: buf(rows * kv),
             attn: buf(rows * q),
-            g: buf(rows * inter),
-            u: buf(rows * inter),
+            gu: buf(rows * 2 * inter),
             act: buf(rows * inter),
-            // One row of slack: a module's slice of `z` is addressed from its offset.
-            z: buf((rows + 1) * z_width),
+            z: buf(rows * z_width),
             xb: buf(rows * max_in / 2 + 1),
-            // The dequantized weight, only for the dequantize + GEMM path.
-            ws: buf(if gemv { 1 } else { max_weight / 2 + 1 }),
+            ws: buf(max_group / 2 + 1),
             logits: buf(rows * vocab),
         };
         let vocab_filter = |p: &SamplingParams| p.top_k > 0 && p.top_k < vocab;
@@ -413,7 +421,6 @@ impl FusedDecode {
             graph: None,
             plain_steps: 0,
             scale: adapter.map(|a| a.scaling() as f32).unwrap_or(0.0),
-            gemv,
             client,
             device,
             layers,
@@ -455,7 +462,7 @@ impl FusedDecode {
 
     /// `x A^T` for every adapted module of group `g` of layer `l`, into `bufs.z`.
     fn lora_z(&self, l: usize, g: usize, x: &T, width_in: usize) -> Option<&T> {
-        let group = self.layers[l].groups[g].as_ref()?;
+        let group = self.layers[l].lora[g].as_ref()?;
         let z = &self.bufs.z;
         // SAFETY: x is rows x in, A width x in, z at least rows x width.
         unsafe {
@@ -475,51 +482,28 @@ impl FusedDecode {
         Some(z)
     }
 
-    /// Module `m` of layer `l` of input `x` (f32; its bf16 copy in `bufs.xb`, written by the
-    /// kernel that produced it) into `out`, plus the
-    /// residual `res` and the LoRA up-projection of its slice of `z`. By default the NF4 weight
-    /// is dequantized into the workspace and multiplied by one bf16 cuBLASLt GEMM (the residual
-    /// as its C term), the LoRA term by a second (TF32) GEMM; with `RLHF_DECODE_GEMV=1` one
-    /// launch of the fused NF4 GEMV (4 bits read per weight, but 1.7x slower per step in call 9:
-    /// BENCHMARKS.md).
-    #[allow(clippy::too_many_arguments)]
-    fn linear(
+    /// Group `g` of layer `l` (its input's bf16 copy in `bufs.xb`, written by the kernel that
+    /// produced it) into `out` (`[rows, group out]`), plus the residual `res`: the members' NF4
+    /// weights dequantized side by side into the workspace and one bf16 cuBLASLt GEMM (the
+    /// residual as its C term), then the group's LoRA up-projection of `z` as one TF32 GEMM
+    /// accumulating into the output.
+    fn project_group(
         &self,
         l: usize,
         g: usize,
-        m: usize,
-        x: &T,
         z: Option<&T>,
         res: Option<&T>,
         out: &T,
     ) -> Result<()> {
         let layer = &self.layers[l];
-        let lin = &layer.lin[m];
-        let member = z.and_then(|z| {
-            let group = layer.groups[g].as_ref()?;
-            let (_, off, rank, b) = group.members.iter().find(|e| e.0 == m)?;
-            Some(LoraUp {
-                z,
-                z_stride: group.width,
-                z_offset: *off,
-                rank: *rank,
-                b,
-                scale: self.scale,
-            })
-        });
-        if self.gemv {
-            ensure!(
-                lin.gemv_into(x, self.rows, member.as_ref(), res, out),
-                "fused decode: the GEMV needs an NF4 weight"
-            );
-            return Ok(());
+        let members = GROUPS[g];
+        let in_f = layer.lin[members[0]].in_features();
+        let mut o = 0;
+        for &m in members {
+            layer.lin[m].dequant_into(&self.bufs.ws, o * in_f);
+            o += layer.lin[m].out_features();
         }
-        let (o, i, n) = (
-            lin.out_features() as u64,
-            lin.in_features() as u64,
-            self.rows as u64,
-        );
-        lin.dequant_into(&self.bufs.ws);
+        let (o, i, n) = (o as u64, in_f as u64, self.rows as u64);
         // Column-major: out^T [o, rows] = W (row-major [o, i], so op = T) · x^T.
         let shape = GemmShape::bf16(true, false, o, n, i, i as i64, i as i64, o as i64);
         let (c, beta) = match res {
@@ -535,16 +519,17 @@ impl FusedDecode {
             c,
             out,
         )?;
-        if let Some(up) = member {
-            // out^T [o, rows] += s · B (row-major [o, rank]) · z[:, off..off + rank]^T.
+        if let (Some(z), Some(lora)) = (z, &layer.lora[g]) {
+            // out^T [o, rows] += s · B (row-major [o, width]) · z^T (z row-major [rows, width]).
+            let w = lora.width as u64;
             let shape = GemmShape {
                 trans_a: true,
                 trans_b: false,
                 m: o,
                 n,
-                k: up.rank as u64,
-                lda: up.rank as i64,
-                ldb: up.z_stride as i64,
+                k: w,
+                lda: w as i64,
+                ldb: w as i64,
                 ldd: o as i64,
                 input: GemmIn::F32Tf32,
                 batch: 1,
@@ -552,15 +537,7 @@ impl FusedDecode {
                 stride_b: 0,
                 stride_d: 0,
             };
-            gemm_at(
-                shape,
-                up.scale,
-                1.0,
-                (up.b, 0),
-                (up.z, up.z_offset),
-                out,
-                out,
-            )?;
+            gemm_at(shape, self.scale, 1.0, (&lora.b, 0), (z, 0), out, out)?;
         }
         Ok(())
     }
@@ -739,17 +716,14 @@ impl FusedDecode {
         for l in 0..self.layers.len() {
             self.rms(&b.h, &self.layers[l].input_norm, &b.x);
             let z = self.lora_z(l, 0, &b.x, h_dim);
-            self.linear(l, 0, 0, &b.x, z, None, &b.q)?;
-            self.linear(l, 0, 1, &b.x, z, None, &b.k)?;
-            self.linear(l, 0, 2, &b.x, z, None, &b.v)?;
+            self.project_group(l, 0, z, None, &b.qkv)?;
             unsafe {
                 rope_append::launch_unchecked::<CudaRuntime>(
                     &self.client,
                     CubeCount::Static(rows as u32, 1, 1),
                     CubeDim::new_1d(256),
+                    ArrayArg::from_raw_parts(b.qkv.handle.clone(), rows * (q_dim + 2 * kv_dim)),
                     ArrayArg::from_raw_parts(b.q.handle.clone(), rows * q_dim),
-                    ArrayArg::from_raw_parts(b.k.handle.clone(), rows * kv_dim),
-                    ArrayArg::from_raw_parts(b.v.handle.clone(), rows * kv_dim),
                     step(),
                     ArrayArg::from_raw_parts(self.inv_freq.handle.clone(), self.hd / 2),
                     ArrayArg::from_raw_parts(self.k_cache[l].handle.clone(), self.cache_len()),
@@ -785,28 +759,31 @@ impl FusedDecode {
                 )
             };
             let z = self.lora_z(l, 1, &b.attn, q_dim);
-            self.linear(l, 1, 3, &b.attn, z, Some(&b.h), &b.h2)?;
+            self.project_group(l, 1, z, Some(&b.h), &b.h2)?;
             self.rms(&b.h2, &self.layers[l].post_norm, &b.x);
             let z = self.lora_z(l, 2, &b.x, h_dim);
-            self.linear(l, 2, 4, &b.x, z, None, &b.g)?;
-            self.linear(l, 2, 5, &b.x, z, None, &b.u)?;
+            self.project_group(l, 2, z, None, &b.gu)?;
             let n = rows * self.inter;
+            // SAFETY: gu holds rows x 2 inter values (gate then up per row), act rows x inter.
             unsafe {
                 silu_mul::launch_unchecked::<CudaRuntime>(
                     &self.client,
                     CubeCount::Static((n as u32 / 2).div_ceil(256), 1, 1),
                     CubeDim::new_1d(256),
-                    ArrayArg::from_raw_parts(b.g.handle.clone(), n),
-                    ArrayArg::from_raw_parts(b.u.handle.clone(), n),
+                    ArrayArg::from_raw_parts(b.gu.handle.clone(), 2 * n),
+                    ArrayArg::from_raw_parts(b.gu.handle.clone(), 2 * n),
                     ArrayArg::from_raw_parts(b.act.handle.clone(), n),
                     ArrayArg::from_raw_parts(b.xb.handle.clone(), n / 2),
                     n / 2,
+                    self.inter,
+                    2 * self.inter,
+                    self.inter,
                     true,
                 )
             };
             let z = self.lora_z(l, 3, &b.act, self.inter);
             // The block output overwrites `h`, which nothing reads any more this layer.
-            self.linear(l, 3, 6, &b.act, z, Some(&b.h2), &b.h)?;
+            self.project_group(l, 3, z, Some(&b.h2), &b.h)?;
         }
         self.rms(&b.h, &self.final_norm, &b.x);
         self.project(&b.x)?;

@@ -50,8 +50,9 @@ fn bf16_bits(v: f32) -> u32 {
     (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
 }
 
-/// Dequantizes into a bf16 buffer seen as u32 pairs (`out` holds `words * 4` u32 = `words * 8`
-/// bf16, value `2j` of a word in the low half of u32 `4w + j`). One unit per output u32, so
+/// Dequantizes into a bf16 buffer seen as u32 pairs, from u32 `at` on (`out` holds `at +
+/// words * 4` u32 = `words * 8` bf16 after `at`, value `2j` of a word in the low half of u32
+/// `at + 4w + j`). One unit per output u32, so
 /// consecutive units store consecutive words (coalesced); the four units of a packed word read
 /// it and its block scale once each (cached). Launch with 1-D cubes of at least 16 units.
 #[cube(launch_unchecked)]
@@ -65,6 +66,7 @@ pub fn nf4_dequant_bf16(
     offset: f32,
     words: usize,
     out: &mut Array<u32>,
+    at: usize,
 ) {
     let table = nf4_table(nf4);
     let idx = ABSOLUTE_POS;
@@ -80,7 +82,7 @@ pub fn nf4_dequant_bf16(
     let second = (word >> (j * 8)) & 0xF;
     let lo = bf16_bits(table[first as usize] * scale);
     let hi = bf16_bits(table[second as usize] * scale);
-    out[idx] = lo | (hi << 16);
+    out[at + idx] = lo | (hi << 16);
 }
 
 /// Sums each `acc[i]` (`i < n`) over the lanes of every plane, then over the cube's `planes`
@@ -394,16 +396,16 @@ fn step_slot(step: &Array<u32>, rows: usize) -> usize {
     step[3 * rows] as usize
 }
 
-/// RoPE for one decode token per row, and the cache append: rotates `q` in place
-/// (`[rows, nh * d]`), rotates `k` and writes it and `v` (`[rows, nkv * d]`) at the step's slot
-/// of the caches (`[rows, nkv, cap, d]`), and marks the slot valid or not. The angle is
-/// `pos[r] * inv_freq[i]` in f32, as transformers computes it. One cube per row.
+/// RoPE for one decode token per row, and the cache append: reads the step's projections from
+/// `qkv` (`[rows, (nh + 2 nkv) * d]`: q, then k, then v), writes the rotated queries to `q`
+/// (`[rows, nh * d]`), and the rotated keys and the values at the step's slot of the caches
+/// (`[rows, nkv, cap, d]`), marking the slot valid or not. The angle is `pos[r] * inv_freq[i]`
+/// in f32, as transformers computes it. One cube per row.
 #[cube(launch_unchecked)]
 #[allow(clippy::too_many_arguments)]
 pub fn rope_append(
+    qkv: &Array<f32>,
     q: &mut Array<f32>,
-    k: &Array<f32>,
-    v: &Array<f32>,
     step: &Array<u32>,
     inv_freq: &Array<f32>,
     k_cache: &mut Array<f32>,
@@ -419,6 +421,7 @@ pub fn rope_append(
     let slot = step_slot(step, rows);
     let pos = step[2 * rows + r] as f32;
     let half = d / 2;
+    let row = r * (nh + 2 * nkv) * d;
     let units = CUBE_DIM_X as usize;
     let mut idx = UNIT_POS_X as usize;
     while idx < (nh + nkv) * half {
@@ -427,22 +430,22 @@ pub fn rope_append(
         let angle = pos * inv_freq[i];
         let c = angle.cos();
         let s = angle.sin();
+        // Query heads, then key heads, in qkv's order.
+        let src = row + head * d;
+        let x1 = qkv[src + i];
+        let x2 = qkv[src + i + half];
         if head < nh {
-            let base = r * nh * d + head * d;
-            let x1 = q[base + i];
-            let x2 = q[base + i + half];
-            q[base + i] = x1 * c - x2 * s;
-            q[base + i + half] = x2 * c + x1 * s;
+            let dst = r * nh * d + head * d;
+            q[dst + i] = x1 * c - x2 * s;
+            q[dst + i + half] = x2 * c + x1 * s;
         } else {
             let kh = head - nh;
-            let src = r * nkv * d + kh * d;
-            let x1 = k[src + i];
-            let x2 = k[src + i + half];
             let dst = ((r * nkv + kh) * cap + slot) * d;
             k_cache[dst + i] = x1 * c - x2 * s;
             k_cache[dst + i + half] = x2 * c + x1 * s;
-            v_cache[dst + i] = v[src + i];
-            v_cache[dst + i + half] = v[src + i + half];
+            let vsrc = row + (nh + nkv) * d + kh * d;
+            v_cache[dst + i] = qkv[vsrc + i];
+            v_cache[dst + i + half] = qkv[vsrc + i + half];
         }
         idx += units;
     }
@@ -635,24 +638,31 @@ pub fn sample_rows(
     }
 }
 
-/// `y = silu(g) * u` elementwise (the SwiGLU activation), `2 * pairs` values; with `bf16` also
-/// as bf16 pairs in `yb` (as [`rms_norm_rows`]).
+/// `y = silu(g) * u` (the SwiGLU activation) for `y [rows, width]` (`2 * pairs` values, width
+/// even), `g` and `u` read as rows of `stride` values, `u` from `u_off` on in its row (so one
+/// `[rows, 2 * width]` buffer can hold both); with `bf16` also as bf16 pairs in `yb` (as
+/// [`rms_norm_rows`]).
 #[cube(launch_unchecked)]
+#[allow(clippy::too_many_arguments)]
 pub fn silu_mul(
     g: &Array<f32>,
     u: &Array<f32>,
     y: &mut Array<f32>,
     yb: &mut Array<u32>,
     pairs: usize,
+    width: usize,
+    stride: usize,
+    u_off: usize,
     #[comptime] bf16: bool,
 ) {
     let p = ABSOLUTE_POS;
     if p < pairs {
         let i = 2 * p;
-        let a = g[i];
-        let b = g[i + 1];
-        let v0 = a / (1.0f32 + (-a).exp()) * u[i];
-        let v1 = b / (1.0f32 + (-b).exp()) * u[i + 1];
+        let src = (i / width) * stride + i % width;
+        let a = g[src];
+        let b = g[src + 1];
+        let v0 = a / (1.0f32 + (-a).exp()) * u[src + u_off];
+        let v1 = b / (1.0f32 + (-b).exp()) * u[src + u_off + 1];
         y[i] = v0;
         y[i + 1] = v1;
         if comptime!(bf16) {

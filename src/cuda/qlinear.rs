@@ -164,15 +164,16 @@ impl GpuLinear {
                     Shape::new([self.out_features, self.in_features]),
                     DType::BF16,
                 );
-                self.dequant_into(&out);
+                self.dequant_into(&out, 0);
                 out
             }
         }
     }
 
-    /// Dequantizes an NF4 weight into `ws` (a buffer of at least `out * in` bf16 values, as
-    /// `[out, in]` row-major); a dense weight launches nothing.
-    pub fn dequant_into(&self, ws: &CubeTensor<CudaRuntime>) {
+    /// Dequantizes an NF4 weight into `ws` from bf16 value `at` on (even; `ws` holds at least
+    /// `at + out * in` bf16 values, the weight as `[out, in]` row-major); a dense weight launches
+    /// nothing.
+    pub fn dequant_into(&self, ws: &CubeTensor<CudaRuntime>, at: usize) {
         let Stored::Nf4 {
             packed,
             codes,
@@ -188,8 +189,8 @@ impl GpuLinear {
             return;
         };
         let cubes = (words * 4).div_ceil(256) as u32;
-        // SAFETY: every array length matches its buffer (`ws` holds words * 8 bf16 = words * 4
-        // u32); the kernel bounds-checks its index against words * 4.
+        // SAFETY: every array length matches its buffer (`ws` holds at / 2 + words * 4 u32: the
+        // caller's promise); the kernel bounds-checks its index against words * 4.
         unsafe {
             nf4_dequant_bf16::launch_unchecked::<CudaRuntime>(
                 &self.client(),
@@ -202,7 +203,8 @@ impl GpuLinear {
                 ArrayArg::from_raw_parts(nf4.clone(), 16),
                 *offset,
                 *words,
-                ArrayArg::from_raw_parts(ws.handle.clone(), words * 4),
+                ArrayArg::from_raw_parts(ws.handle.clone(), at / 2 + words * 4),
+                at / 2,
             )
         };
     }

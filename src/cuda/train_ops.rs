@@ -250,7 +250,7 @@ pub fn try_swiglu<B: Backend>(gate: &Tensor<B, 3>, up: &Tensor<B, 3>) -> Option<
     let (g, u) = (prim(gate)?, prim(up)?);
     let dims = gate.dims();
     let n: usize = dims.iter().product();
-    if n % 2 != 0 {
+    if !dims[2].is_multiple_of(2) {
         return None;
     }
     let y = empty(&g, &dims);
@@ -269,6 +269,9 @@ pub fn try_swiglu<B: Backend>(gate: &Tensor<B, 3>, up: &Tensor<B, 3>) -> Option<
             arr(&y),
             arr(&unused),
             n / 2,
+            dims[2],
+            dims[2],
+            0,
             false,
         )
     };
