@@ -17,10 +17,10 @@
 //! than dequantize + cuBLAS in BENCHMARKS.md's call 9.)
 //!
 //! Every buffer a step touches is allocated once, and nothing that changes from step to step is
-//! a launch argument (tokens, positions and the cache slot are read from a small device buffer
-//! written before the step, with the sampling seed). So after one ordinary step the whole step is captured once into a
-//! CUDA graph on cubecl's stream and replayed: one launch per token instead of ~400, whose host
-//! cost (~20 us each through cubecl) was the step time. `RLHF_NO_DECODE_GRAPH=1` keeps the
+//! a launch argument (tokens, positions, the cache slot and the sampling seed are read from a
+//! small device buffer written before the step). So after one ordinary step the whole step is
+//! captured once into a CUDA graph on cubecl's stream and replayed: one launch per token instead
+//! of ~450, whose host cost (~20 us each through cubecl) was the step time. `RLHF_NO_DECODE_GRAPH=1` keeps the
 //! per-kernel launches. `examples/decode_check.rs` compares the logits with the ordinary
 //! forward's step by step.
 
