@@ -29,7 +29,8 @@ pub type Inner = CubeBackend<CudaRuntime, f32, i32, u8>;
 /// Its autodiff wrapper, as the training commands use it.
 pub type Ad = Autodiff<Inner>;
 
-/// Up to this many rows, the fused GEMV beats dequantize + GEMM (decode batches).
+/// Up to this many rows, the forward takes the fused NF4 GEMV (one launch, no workspace) instead
+/// of dequantize + GEMM: decode-sized batches outside the fused decode.
 pub const GEMV_MAX_ROWS: usize = 16;
 /// Planes per cube of the f32 GEMV (they split each output's row).
 const GEMV_PLANES: u32 = 8;
@@ -45,21 +46,15 @@ pub fn set_nf4_gemv_shape(shape: Option<(u32, usize)>) {
         shape.map(|(p, o)| (p.max(1), o.clamp(1, 8)));
 }
 
-/// Planes per cube and outputs per plane of the NF4 GEMV for `out` output features: four
-/// outputs per plane (each x value read feeds four weights) where that still gives a few
-/// hundred cubes, fewer on narrow layers so that every SM gets work.
+/// Planes per cube and outputs per plane of the NF4 GEMV for `out` output features: two
+/// outputs per plane, and eight planes per cube on wide layers (BENCHMARKS.md, session 5 call 9:
+/// (4, 2) was fastest at the 0.5b shapes, (8, 2) at 4096 -> 14336; four outputs per plane cost
+/// more in registers than they saved in shared-memory reads).
 fn gemv_shape(out: usize) -> (u32, usize) {
     if let Some(shape) = *NF4_GEMV_SHAPE.lock().unwrap_or_else(|e| e.into_inner()) {
         return shape;
     }
-    let outs = if out >= 16 * 256 {
-        4
-    } else if out >= 8 * 100 {
-        2
-    } else {
-        1
-    };
-    (4, outs)
+    (if out >= 8192 { 8 } else { 4 }, 2)
 }
 
 /// A frozen weight `[out, in]` resident on the GPU.
