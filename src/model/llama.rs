@@ -324,11 +324,11 @@ pub struct LoraTrace<B: Backend> {
     pub keep: Option<Tensor<B, 2>>,
 }
 
-/// Everything one block's forward computed: its output, plus the intermediates a hand-written
-/// backward needs ([`Block::forward_traced`]; the plain forward keeps none of them).
+/// The intermediates of a block's forward up to its MLP input that a hand-written backward
+/// needs ([`Block::forward_traced`]; the plain forward keeps none of them). The MLP's own are
+/// recomputed a chunk of rows at a time ([`Block::mlp_traced`]).
 #[derive(Debug)]
 pub struct BlockTrace<B: Backend> {
-    pub out: Tensor<B, 3>,
     pub x1: Tensor<B, 3>,
     pub inv1: Tensor<B, 3>,
     /// After RoPE, `[b, nh, t, d]`; keys and values before the GQA expansion, `[b, nkv, T, d]`.
@@ -341,9 +341,16 @@ pub struct BlockTrace<B: Backend> {
     pub h2: Tensor<B, 3>,
     pub x2: Tensor<B, 3>,
     pub inv2: Tensor<B, 3>,
+    /// The attention's projections (q, k, v, o).
+    pub lora: BTreeMap<&'static str, LoraTrace<B>>,
+}
+
+/// The MLP's intermediates for some rows ([`Block::mlp_traced`]).
+#[derive(Debug)]
+pub struct MlpTrace<B: Backend> {
     pub gate: Tensor<B, 3>,
     pub up: Tensor<B, 3>,
-    pub act: Tensor<B, 3>,
+    /// The gate, up and down projections'.
     pub lora: BTreeMap<&'static str, LoraTrace<B>>,
 }
 
@@ -458,9 +465,6 @@ struct Recorder<B: Backend> {
     h2: Option<Tensor<B, 3>>,
     x2: Option<Tensor<B, 3>>,
     inv2: Option<Tensor<B, 3>>,
-    gate: Option<Tensor<B, 3>>,
-    up: Option<Tensor<B, 3>>,
-    act: Option<Tensor<B, 3>>,
     lora: BTreeMap<&'static str, LoraTrace<B>>,
 }
 
@@ -477,17 +481,13 @@ impl<B: Backend> Recorder<B> {
             h2: None,
             x2: None,
             inv2: None,
-            gate: None,
-            up: None,
-            act: None,
             lora: BTreeMap::new(),
         }
     }
 
-    fn finish(self, out: Tensor<B, 3>) -> BlockTrace<B> {
+    fn finish(self) -> BlockTrace<B> {
         let ran = "every step of Block::run records";
         BlockTrace {
-            out,
             x1: self.x1.expect(ran),
             inv1: self.inv1.expect(ran),
             q: self.q.expect(ran),
@@ -498,9 +498,6 @@ impl<B: Backend> Recorder<B> {
             h2: self.h2.expect(ran),
             x2: self.x2.expect(ran),
             inv2: self.inv2.expect(ran),
-            gate: self.gate.expect(ran),
-            up: self.up.expect(ran),
-            act: self.act.expect(ran),
             lora: self.lora,
         }
     }
@@ -544,7 +541,8 @@ impl<B: Backend> Block<B> {
         self.run(cfg, layer, h, inputs, adapter, cache, None)
     }
 
-    /// The block (no cache) with the intermediates a hand-written backward needs.
+    /// The block (no cache) up to its MLP input, with the intermediates a hand-written backward
+    /// needs.
     pub fn forward_traced(
         &self,
         cfg: &LlamaConfig,
@@ -554,11 +552,34 @@ impl<B: Backend> Block<B> {
         adapter: Option<&Adapter<B>>,
     ) -> BlockTrace<B> {
         let mut rec = Recorder::new();
-        let out = self.run(cfg, layer, h, inputs, adapter, None, Some(&mut rec));
-        rec.finish(out)
+        self.run(cfg, layer, h, inputs, adapter, None, Some(&mut rec));
+        rec.finish()
     }
 
-    /// The block's forward; with `rec`, each intermediate is also recorded there.
+    /// The MLP of input `x2` (some rows of the block's) with its intermediates. The down
+    /// projection runs for its LoRA trace (and the dropout draw, in the forward's order); its
+    /// output is not needed.
+    pub fn mlp_traced(
+        &self,
+        layer: usize,
+        x2: Tensor<B, 3>,
+        adapter: Option<&Adapter<B>>,
+    ) -> MlpTrace<B> {
+        let mut rec = Recorder::new();
+        let gate = self.linear_lora(layer, "gate_proj", x2.clone(), adapter, Some(&mut rec));
+        let up = self.linear_lora(layer, "up_proj", x2, adapter, Some(&mut rec));
+        let act = swiglu(gate.clone(), up.clone());
+        self.linear_lora(layer, "down_proj", act, adapter, Some(&mut rec));
+        MlpTrace {
+            gate,
+            up,
+            lora: rec.lora,
+        }
+    }
+
+    /// The block's forward; with `rec`, each intermediate up to the MLP input is also recorded
+    /// there and the MLP is skipped (`h2` is returned in place of the output: the recording's
+    /// consumer recomputes the MLP itself, see [`Self::mlp_traced`]).
     #[allow(clippy::too_many_arguments)]
     fn run(
         &self,
@@ -612,20 +633,16 @@ impl<B: Backend> Block<B> {
         let h2 = h + o;
 
         let (x2, inv2) = rms_norm_inv(h2.clone(), &self.post_norm, cfg.rms_norm_eps);
-        if let Some(r) = rec.as_deref_mut() {
+        if let Some(r) = rec {
             r.h2 = Some(h2.clone());
-            r.x2 = Some(x2.clone());
+            r.x2 = Some(x2);
             r.inv2 = Some(inv2);
+            return h2;
         }
-        let gate = self.linear_lora(layer, "gate_proj", x2.clone(), adapter, rec.as_deref_mut());
-        let up = self.linear_lora(layer, "up_proj", x2, adapter, rec.as_deref_mut());
-        let act = swiglu(gate.clone(), up.clone());
-        if let Some(r) = rec.as_deref_mut() {
-            r.gate = Some(gate);
-            r.up = Some(up);
-            r.act = Some(act.clone());
-        }
-        let m = self.linear_lora(layer, "down_proj", act, adapter, rec);
+        let gate = self.linear_lora(layer, "gate_proj", x2.clone(), adapter, None);
+        let up = self.linear_lora(layer, "up_proj", x2, adapter, None);
+        let act = swiglu(gate, up);
+        let m = self.linear_lora(layer, "down_proj", act, adapter, None);
         h2 + m
     }
 }
