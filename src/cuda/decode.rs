@@ -816,7 +816,7 @@ impl FusedDecode {
         let logits = &self.bufs.logits;
         match &self.head {
             Head::Nf4(lin) => {
-                lin.gemv_into(x, rows, None, None, logits);
+                lin.gemv_into(x, rows, logits);
                 Ok(())
             }
             Head::Bf16(lin) => {

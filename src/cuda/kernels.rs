@@ -247,9 +247,8 @@ const GEMV_CHUNK_WORDS: usize = 32;
 /// 32 lanes reading value `e` of "their" word hit 32 different banks (`9 * lane + e` mod 32).
 const GEMV_CHUNK_SLOTS: usize = GEMV_CHUNK_WORDS * 9;
 
-/// `y[r, o] = sum_k x[r, k] W[o, k] (+ scale * sum_j z[r, zoff + j] B[o, j]) (+ res[r, o])`: the
-/// NF4 GEMV for `rows` (compile-time, at most 16) rows, with the LoRA up-projection and the
-/// residual add fused in. Each plane owns `outs` consecutive output features and its lanes split
+/// `y[r, o] = sum_k x[r, k] W[o, k]`: the NF4 GEMV for `rows` (compile-time, at most 16) rows.
+/// Each plane owns `outs` consecutive output features and its lanes split
 /// their rows one packed word (8 values) at a time, so each 4-bit weight is read once and
 /// decoded once, and every `x` value a lane reads from shared memory feeds `outs` outputs (x is
 /// staged per chunk of 256 input features by the whole cube, coalesced). Launch with
@@ -266,19 +265,10 @@ pub fn nf4_gemv_fused(
     offset: f32,
     in_features: usize,
     out_features: usize,
-    z: &Array<f32>,
-    z_stride: usize,
-    z_offset: usize,
-    rank: usize,
-    b: &Array<f32>,
-    scale: f32,
-    res: &Array<f32>,
     y: &mut Array<f32>,
     #[comptime] rows: usize,
     #[comptime] outs: usize,
     #[comptime] planes: usize,
-    #[comptime] lora: bool,
-    #[comptime] residual: bool,
 ) {
     let table = nf4_table(nf4);
     let lane = UNIT_POS_X as usize;
@@ -351,20 +341,6 @@ pub fn nf4_gemv_fused(
         sync_cube();
         c0 += GEMV_CHUNK_WORDS;
     }
-    if comptime!(lora) {
-        let mut i = lane;
-        while i < rank {
-            #[unroll]
-            for j in 0..outs {
-                let bv = b[row_of[j] * rank + i] * scale;
-                #[unroll]
-                for r in 0..rows {
-                    acc[j * rows + r] += bv * z[r * z_stride + z_offset + i];
-                }
-            }
-            i += 32;
-        }
-    }
     #[unroll]
     for j in 0..outs {
         #[unroll]
@@ -372,11 +348,7 @@ pub fn nf4_gemv_fused(
             let total = plane_sum(acc[j * rows + r]);
             let o = o0 + j;
             if lane == 0 && o < out_features {
-                if comptime!(residual) {
-                    y[r * out_features + o] = total + res[r * out_features + o];
-                } else {
-                    y[r * out_features + o] = total;
-                }
+                y[r * out_features + o] = total;
             }
         }
     }

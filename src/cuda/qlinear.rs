@@ -279,32 +279,19 @@ impl GpuLinear {
     }
 
     fn gemv(&self, x: CubeTensor<CudaRuntime>, rows: usize) -> CubeTensor<CudaRuntime> {
-        self.gemv_fused(&x, rows, None, None)
-            .expect("gemv is only called for NF4 weights")
-    }
-
-    /// `x [rows, in] @ W^T`, plus a LoRA up-projection `scale * z[:, off..off+rank] @ B^T` and
-    /// a residual `[rows, out]` when given, in one launch (`kernels::nf4_gemv_fused`); `None`
-    /// for a dense weight. `x` must be contiguous, `rows` at most [`GEMV_MAX_ROWS`].
-    pub fn gemv_fused(
-        &self,
-        x: &CubeTensor<CudaRuntime>,
-        rows: usize,
-        lora: Option<&LoraUp<'_>>,
-        residual: Option<&CubeTensor<CudaRuntime>>,
-    ) -> Option<CubeTensor<CudaRuntime>> {
         let y = self.empty_f32(rows, self.out_features);
-        self.gemv_into(x, rows, lora, residual, &y).then_some(y)
+        let launched = self.gemv_into(&x, rows, &y);
+        assert!(launched, "gemv is only called for NF4 weights");
+        y
     }
 
-    /// [`Self::gemv_fused`] writing into `y` (`[rows, out]`, contiguous); false (nothing
-    /// launched) for a dense weight.
+    /// `y = x [rows, in] @ W^T` in one launch (`kernels::nf4_gemv_fused`), `y` `[rows, out]`
+    /// contiguous; false (nothing launched) for a dense weight. `x` must be contiguous, `rows`
+    /// at most [`GEMV_MAX_ROWS`].
     pub fn gemv_into(
         &self,
         x: &CubeTensor<CudaRuntime>,
         rows: usize,
-        lora: Option<&LoraUp<'_>>,
-        residual: Option<&CubeTensor<CudaRuntime>>,
         y: &CubeTensor<CudaRuntime>,
     ) -> bool {
         let Stored::Nf4 {
@@ -324,25 +311,7 @@ impl GpuLinear {
         let client = self.client();
         let (planes, outs) = gemv_shape(self.out_features);
         let cubes = (self.out_features as u32).div_ceil(planes * outs as u32);
-        let (z, z_len, z_stride, z_offset, rank, b, b_len, scale) = match lora {
-            Some(l) => (
-                l.z.handle.clone(),
-                rows * l.z_stride,
-                l.z_stride,
-                l.z_offset,
-                l.rank,
-                l.b.handle.clone(),
-                self.out_features * l.rank,
-                l.scale,
-            ),
-            None => (x.handle.clone(), 1, 0, 0, 0, x.handle.clone(), 1, 0.0),
-        };
-        let (res, res_len) = match residual {
-            Some(r) => (r.handle.clone(), rows * self.out_features),
-            None => (x.handle.clone(), 1),
-        };
-        // SAFETY: lengths match the buffers; each plane bounds-checks its output feature, and the
-        // LoRA / residual arrays are only read when their compile-time flag is set.
+        // SAFETY: lengths match the buffers; each plane bounds-checks its output feature.
         unsafe {
             nf4_gemv_fused::launch_unchecked::<CudaRuntime>(
                 &client,
@@ -357,19 +326,10 @@ impl GpuLinear {
                 *offset,
                 self.in_features,
                 self.out_features,
-                ArrayArg::from_raw_parts(z, z_len),
-                z_stride,
-                z_offset,
-                rank,
-                ArrayArg::from_raw_parts(b, b_len),
-                scale,
-                ArrayArg::from_raw_parts(res, res_len),
                 ArrayArg::from_raw_parts(y.handle.clone(), rows * self.out_features),
                 rows,
                 outs,
                 planes as usize,
-                lora.is_some(),
-                residual.is_some(),
             )
         };
         true
@@ -430,18 +390,6 @@ pub(super) fn cast_bf16_into(x: &CubeTensor<CudaRuntime>, n: usize, out: &CubeTe
             pairs,
         )
     };
-}
-
-/// A LoRA up-projection fused into the GEMV: `scale * z[:, z_offset..z_offset + rank] @ b^T`,
-/// with `z = x @ A^T` already computed (for several modules at once, hence the offset).
-pub struct LoraUp<'a> {
-    pub z: &'a CubeTensor<CudaRuntime>,
-    pub z_stride: usize,
-    pub z_offset: usize,
-    pub rank: usize,
-    /// `[out, rank]`, contiguous.
-    pub b: &'a CubeTensor<CudaRuntime>,
-    pub scale: f32,
 }
 
 /// The autodiff node of `qlinear`: its state is the (4-bit) weight, not a dense copy.
