@@ -161,6 +161,15 @@ fn sample_rows<R: Rng>(
     picks
 }
 
+/// What one step of [`generate`] produced: the next tokens, drawn on the GPU inside the fused
+/// decode step, or `[rows, vocab]` logits to sample from here.
+enum StepOut {
+    /// Only the CUDA build's fused decode draws tokens itself.
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    Drawn(Vec<u32>),
+    Logits(Vec<f32>),
+}
+
 /// Generates a completion for every prompt, all in one batch.
 pub fn generate<B: Backend, R: Rng>(
     model: &Llama<B>,
@@ -215,31 +224,31 @@ pub fn generate<B: Backend, R: Rng>(
         } else {
             &[]
         };
-        // Tokens drawn on the GPU inside the fused step, or logits to sample from here.
         #[cfg(feature = "cuda")]
-        let (gpu_picks, fused_logits) = match fused.as_mut() {
+        let fused_out = match fused.as_mut() {
             Some(f) if f.samples() => {
                 let seed: u32 = rng.random();
                 let picks = f.step_sample(&next, &next_valid, seed, !banned.is_empty())?;
-                (Some(picks), Some(Vec::new()))
+                Some(StepOut::Drawn(picks))
             }
-            Some(f) => (None, Some(f.step(&next, &next_valid)?)),
-            None => (None, None),
+            Some(f) => Some(StepOut::Logits(f.step(&next, &next_valid)?)),
+            None => None,
         };
         #[cfg(not(feature = "cuda"))]
-        let (gpu_picks, fused_logits): (Option<Vec<u32>>, Option<Vec<f32>>) = (None, None);
-        let logits = match fused_logits {
-            Some(l) => l,
+        let fused_out: Option<StepOut> = None;
+        let step_out = match fused_out {
+            Some(o) => o,
             None => {
                 let hidden = model.forward_hidden(&batch, adapter, Some(&mut cache));
                 let [bb, t, h] = hidden.dims();
                 let last = hidden.slice([0..bb, t - 1..t, 0..h]);
-                model
+                let logits = model
                     .logits(last)
                     .into_data()
                     .convert::<f32>()
                     .to_vec::<f32>()
-                    .map_err(|e| anyhow::anyhow!("reading logits: {e:?}"))?
+                    .map_err(|e| anyhow::anyhow!("reading logits: {e:?}"))?;
+                StepOut::Logits(logits)
             }
         };
         #[cfg(feature = "cuda")]
@@ -257,9 +266,9 @@ pub fn generate<B: Backend, R: Rng>(
         let active: Vec<bool> = out.iter().map(|c| !c.stopped).collect();
         let tick_sample = std::time::Instant::now();
         model_ms.push((tick_sample - tick).as_secs_f64() * 1e3);
-        let picks = match gpu_picks {
-            Some(p) => active.iter().zip(p).map(|(&a, t)| a.then_some(t)).collect(),
-            None => sample_rows(&logits, vocab, &active, params, banned, rng),
+        let picks = match step_out {
+            StepOut::Drawn(p) => active.iter().zip(p).map(|(&a, t)| a.then_some(t)).collect(),
+            StepOut::Logits(l) => sample_rows(&l, vocab, &active, params, banned, rng),
         };
         sample_ms += tick_sample.elapsed().as_secs_f64() * 1e3;
         for (c, pick) in out.iter_mut().zip(picks) {

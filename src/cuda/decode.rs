@@ -503,9 +503,8 @@ impl FusedDecode {
             layer.lin[m].dequant_into(&self.bufs.ws, o * in_f);
             o += layer.lin[m].out_features();
         }
-        let (o, i, n) = (o as u64, in_f as u64, self.rows as u64);
-        // Column-major: out^T [o, rows] = W (row-major [o, i], so op = T) · x^T.
-        let shape = GemmShape::bf16(true, false, o, n, i, i as i64, i as i64, o as i64);
+        // out [rows, o] = x [rows, in] · W^T (W row-major [o, in]).
+        let shape = GemmShape::row_major(GemmIn::Bf16, 1, (self.rows, in_f, o), false, true);
         let (c, beta) = match res {
             Some(r) => (r, 1.0),
             None => (out, 0.0),
@@ -520,23 +519,9 @@ impl FusedDecode {
             out,
         )?;
         if let (Some(z), Some(lora)) = (z, &layer.lora[g]) {
-            // out^T [o, rows] += s · B (row-major [o, width]) · z^T (z row-major [rows, width]).
-            let w = lora.width as u64;
-            let shape = GemmShape {
-                trans_a: true,
-                trans_b: false,
-                m: o,
-                n,
-                k: w,
-                lda: w as i64,
-                ldb: w as i64,
-                ldd: o as i64,
-                input: GemmIn::F32Tf32,
-                batch: 1,
-                stride_a: 0,
-                stride_b: 0,
-                stride_d: 0,
-            };
+            // out [rows, o] += s · z [rows, width] · B^T (B row-major [o, width]).
+            let shape =
+                GemmShape::row_major(GemmIn::F32Tf32, 1, (self.rows, lora.width, o), false, true);
             gemm_at(shape, self.scale, 1.0, (&lora.b, 0), (z, 0), out, out)?;
         }
         Ok(())
