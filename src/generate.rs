@@ -260,6 +260,8 @@ pub fn generate<B: Backend, R: Rng>(
                 longest + params.max_new_tokens,
                 Some(params),
             );
+            // The rollout's high point: the prefill's cache and the decode's copy of it.
+            crate::devmem::note::<B>(&device, "decode set up");
         }
         next.clear();
         next_valid.clear();

@@ -453,7 +453,40 @@ pub fn try_attention<B: Backend>(
     bias: &Tensor<B, 3>,
     scale: f64,
 ) -> Option<(Tensor<B, 4>, Tensor<B, 4>)> {
-    let (qp, kp, vp, bias) = (prim(q)?, prim(k)?, prim(v)?, prim(bias)?);
+    let vp = prim(v)?;
+    let (s, probs) = probs_of(q, k, bias, scale)?;
+    let out = empty(&vp, &[s.b, s.nh, s.t, s.d]);
+    s.mm(
+        &probs,
+        &vp,
+        &out,
+        (s.rep * s.t, s.total, s.d),
+        false,
+        false,
+        1.0,
+    );
+    Some((wrap(out), wrap(probs)))
+}
+
+/// The probabilities of [`try_attention`] alone, `[b, nh, t, total]`: the checkpointed
+/// backward recomputes them rather than keep them from the forward.
+pub fn try_attention_probs<B: Backend>(
+    q: &Tensor<B, 4>,
+    k: &Tensor<B, 4>,
+    bias: &Tensor<B, 3>,
+    scale: f64,
+) -> Option<Tensor<B, 4>> {
+    probs_of(q, k, bias, scale).map(|(_, p)| wrap(p))
+}
+
+/// `softmax(q k^T * scale + bias)` and the shapes.
+fn probs_of<B: Backend>(
+    q: &Tensor<B, 4>,
+    k: &Tensor<B, 4>,
+    bias: &Tensor<B, 3>,
+    scale: f64,
+) -> Option<(Dims, T)> {
+    let (qp, kp, bias) = (prim(q)?, prim(k)?, prim(bias)?);
     let s = Dims::of(&qp, &kp);
     let probs = empty(&qp, &[s.b, s.nh, s.t, s.total]);
     let rt = s.rep * s.t;
@@ -481,9 +514,7 @@ pub fn try_attention<B: Backend>(
             s.total,
         )
     };
-    let out = empty(&qp, &[s.b, s.nh, s.t, s.d]);
-    s.mm(&probs, &vp, &out, (rt, s.total, s.d), false, false, 1.0);
-    Some((wrap(out), wrap(probs)))
+    Some((s, probs))
 }
 
 /// Gradients of [`try_attention`] from `dout [b, nh, t, d]`: `(dq, dk, dv)`, the key and value

@@ -14,7 +14,8 @@
 
 use super::config::LlamaConfig;
 use super::llama::{
-    expand_kv, from_heads, to_heads, AttnInputs, Block, BlockTrace, Llama, LoraTrace, OutputHead,
+    attention_probs, expand_kv, from_heads, to_heads, AttnInputs, Block, BlockTrace, Llama,
+    LoraTrace, OutputHead,
 };
 use crate::lora::{matmul, matmul_acc, Adapter, LoraPair};
 use burn::tensor::{
@@ -508,6 +509,7 @@ pub fn block_backward<B: Backend>(
     // Attention: h2 = h + o_proj(softmax(mask(q k^T * scale)) v).
     let dattn = to_heads(lin.backward("o_proj", dh2.clone()), nh, None);
     let scale = 1.0 / (hd as f64).sqrt();
+    let probs = probs.unwrap_or_else(|| attention_probs(&q, &k, inputs, scale));
     let attn = AttnTrace { q, k, v, probs };
     let (dq, dk, dv) = attention_backward(dattn, &attn, inputs, scale);
     crate::devmem::note::<B>(&device, "block backward (attention)");
