@@ -109,6 +109,8 @@ pub struct BenchResult {
     pub device: &'static str,
     /// The planner's peak for this run (src/plan.rs).
     pub planned_peak_gib: f64,
+    /// Tokens per row the planner was given (the longest row as tokenized).
+    pub planned_seq_len: usize,
 }
 
 /// The benchmark's reward, trl_baseline.py's `c.split().count(ans)`: how many
@@ -340,6 +342,15 @@ fn prepare(cfg: &mut RunConfig, a: &BenchArgs, algo: Algo) -> Result<Examples> {
             cfg.data.max_prompt_length = a.max_length;
             let ex = crate::commands::load_pairs(&cfg.data.train, &codec, cfg)
                 .with_context(|| format!("--max-length {}", a.max_length))?;
+            // Plan for the longest pair as tokenized (TRL pads each batch to its longest row, as
+            // the trainer does): the planner's peak is compared with the measured one.
+            let longest = ex
+                .iter()
+                .map(|e| e.prompt.len() + e.chosen.len().max(e.rejected.len()))
+                .max()
+                .unwrap_or(1);
+            cfg.data.max_length = longest.min(a.max_length);
+            cfg.data.max_prompt_length = cfg.data.max_length;
             let n = ex.len();
             (Examples::Dpo(ex), n)
         }
@@ -451,6 +462,7 @@ fn run_on<B: AutodiffBackend>(args: &BenchArgs, algo: Algo, device: &B::Device) 
             DeviceArg::Cuda => "cuda",
         },
         planned_peak_gib: round(planned.peak_gib(), 6),
+        planned_seq_len: cfg.data.max_length,
     };
     let line = serde_json::to_string(&result)?;
     println!("{line}");
