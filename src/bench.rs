@@ -111,6 +111,9 @@ pub struct BenchResult {
     pub planned_peak_gib: f64,
     /// Tokens per row the planner was given (the longest row as tokenized).
     pub planned_seq_len: usize,
+    /// The planner's peak without CUDA context and allocator slack (GiB): compare with
+    /// `peak_alloc_gib`.
+    pub planned_tensors_gib: f64,
 }
 
 /// The benchmark's reward, trl_baseline.py's `c.split().count(ans)`: how many
@@ -463,6 +466,7 @@ fn run_on<B: AutodiffBackend>(args: &BenchArgs, algo: Algo, device: &B::Device) 
         },
         planned_peak_gib: round(planned.peak_gib(), 6),
         planned_seq_len: cfg.data.max_length,
+        planned_tensors_gib: round(planned.tensor_peak_bytes() as f64 / GIB, 6),
     };
     let line = serde_json::to_string(&result)?;
     println!("{line}");

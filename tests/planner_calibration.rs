@@ -1,0 +1,104 @@
+//! The planner against measured peaks: every run of `tests/data/calibration/measured.json`
+//! (allocator in-use high points of `rlhf bench` / `rlhf ppo` on an H200, BENCHMARKS.md,
+//! session 6) is re-planned from its shapes with today's planner, and the tensor peak (the plan
+//! without CUDA context and allocator slack) must stay within `TOLERANCE` of what was measured.
+//! The issue's target is ±5%; the fitted constants reach ±8.0% (tiny and 0.5b are the outliers,
+//! see BENCHMARKS.md), so this test guards against regressions rather than claiming the target.
+
+use rlhf::bench::{run_config, BenchArgs};
+use rlhf::cli::DeviceArg;
+use rlhf::config::RunConfig;
+use rlhf::plan::{plan, read_model_config, Algo};
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+
+const TOLERANCE: f64 = 0.085;
+
+fn data(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/data/calibration")
+        .join(name)
+}
+
+fn bench_args(model: PathBuf, algo: &str, run: &Value) -> BenchArgs {
+    let n = |k: &str, d: usize| run[k].as_u64().map_or(d, |v| v as usize);
+    BenchArgs {
+        model,
+        algo: algo.to_string(),
+        batch: n("batch", 4),
+        prompts: n("prompts", 4),
+        group: n("group", 8),
+        completion_len: n("completion_len", 128),
+        max_length: n("seq_len", 256),
+        steps: 2,
+        warmup: 1,
+        no_quant: false,
+        no_checkpoint: false,
+        device: DeviceArg::Cuda,
+        out: None,
+        force: false,
+    }
+}
+
+/// The run config the measured run planned with: bench's settings and its tokenized lengths,
+/// or the PPO run's TOML.
+fn run_of(run: &Value, model: &Path, algo: Algo) -> RunConfig {
+    if let Some(file) = run["config"].as_str() {
+        return RunConfig::load(&data(file)).expect("calibration TOML");
+    }
+    let args = bench_args(model.to_path_buf(), run["algo"].as_str().unwrap(), run);
+    let mut cfg = run_config(&args, algo, Path::new("/tmp/rlhf-calibration"));
+    let seq = args.max_length;
+    cfg.data.max_length = seq;
+    cfg.data.max_prompt_length = match algo {
+        Algo::Grpo => seq - args.completion_len,
+        _ => seq,
+    };
+    cfg
+}
+
+#[test]
+fn planned_tensor_peaks_match_the_measured_ones() {
+    let text = std::fs::read_to_string(data("measured.json")).unwrap();
+    let table: Value = serde_json::from_str(&text).unwrap();
+    let runs = table["runs"].as_array().unwrap();
+    assert!(runs.len() >= 8, "the issue asks for at least 8 configs");
+    let mut worst: (f64, String) = (0.0, String::new());
+    let mut within5 = 0;
+    println!("| run | measured MiB | planned MiB | error |");
+    println!("|---|---:|---:|---:|");
+    for run in runs {
+        let name = run["name"].as_str().unwrap();
+        let model = data(&format!("{}.json", run["model"].as_str().unwrap()));
+        let algo: Algo = run["algo"].as_str().unwrap().parse().unwrap();
+        let cfg = run_of(run, &model, algo);
+        let m = read_model_config(&model).unwrap();
+        let p = plan(&cfg, &m, algo).unwrap();
+        let planned = p.tensor_peak_bytes() as f64 / (1u64 << 20) as f64;
+        let measured = run["peak_mib"].as_f64().unwrap();
+        let err = (planned - measured) / measured;
+        println!(
+            "| {name} | {measured:.1} | {planned:.1} | {:+.1}% |",
+            err * 100.0
+        );
+        if err.abs() <= 0.05 {
+            within5 += 1;
+        }
+        if err.abs() > worst.0 {
+            worst = (err.abs(), name.to_string());
+        }
+    }
+    println!(
+        "within 5%: {within5} of {}; worst {:.1}% ({})",
+        runs.len(),
+        worst.0 * 100.0,
+        worst.1
+    );
+    assert!(
+        worst.0 <= TOLERANCE,
+        "{}: planned {:.1}% off the measured peak (tolerance {:.1}%)",
+        worst.1,
+        worst.0 * 100.0,
+        TOLERANCE * 100.0
+    );
+}
