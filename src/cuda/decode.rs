@@ -189,11 +189,18 @@ fn prim<const D: usize>(t: Tensor<Inner, D>) -> T {
     into_contiguous(t.into_primitive().tensor())
 }
 
+/// Most rows (sequences) one fused decode samples: the projections are GEMMs and the other
+/// kernels take the row count at run time; only the LoRA `x A^T` kernel unrolls over rows (one
+/// accumulator each). Beyond it the ordinary KV-cache path runs (session 6 measured a 32-row
+/// GRPO there at 10-12 s/step).
+pub const DECODE_MAX_ROWS: usize = 64;
+
 impl FusedDecode {
     /// Takes over after the prompt was prefilled into `cache` by the ordinary forward. `None`
     /// when `B` is not the plain CUDA backend, or the model is outside what the kernels cover
-    /// (more than 16 rows, dense or biased projections, caches beyond 4,096 slots, odd head
-    /// dims); the caller keeps the ordinary path then.
+    /// (more than [`DECODE_MAX_ROWS`] rows, or more than 16 with an NF4 LM head; dense or biased
+    /// projections, caches beyond 4,096 slots, odd head dims); the caller keeps the ordinary
+    /// path then.
     ///
     /// With `sampling` given and free of top-k / top-p filters, every step also draws the next
     /// tokens on the GPU ([`Self::step_sample`]).
@@ -231,7 +238,7 @@ impl FusedDecode {
             cfg.head_dim,
         );
         if rows == 0
-            || rows > GEMV_MAX_ROWS
+            || rows > DECODE_MAX_ROWS
             || cap > DECODE_MAX_KEYS
             || cache.len() >= cap
             || hd % 2 != 0
@@ -341,6 +348,9 @@ impl FusedDecode {
                     .get_or_init(|| super::build(&base, &device))
                     .clone()?;
                 if gpu.is_nf4() {
+                    if rows > GEMV_MAX_ROWS {
+                        return None;
+                    }
                     Head::Nf4(gpu)
                 } else {
                     Head::Bf16(gpu)

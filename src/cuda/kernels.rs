@@ -118,8 +118,8 @@ fn cube_reduce(
     total
 }
 
-/// `y[r, o] = sum_k x[r, k] * w[o, k]` with a dense f32 `w`, for `rows` (compile-time, at most
-/// 16) rows: the LoRA factors at decode, where a general matmul kernel spends more time being
+/// `y[r, o] = sum_k x[r, k] * w[o, k]` with a dense f32 `w`, for `rows` (compile-time: one
+/// accumulator per row; at most `decode::DECODE_MAX_ROWS`) rows: the LoRA factors at decode, where a general matmul kernel spends more time being
 /// launched and tiled than computing. One cube per output feature; its `planes` planes split
 /// `k` (few outputs, long rows: the LoRA `x A^T`). Launch with `CubeDim (32, planes)`, `out`
 /// cubes.
@@ -160,7 +160,8 @@ pub fn f32_gemv(
 
 // ---------------------------------------------------------------------------------------------
 // Decode kernels (`cuda::decode`): one launch per step of a decoder block's few-row forward,
-// instead of the dozens of small tensor ops burn would launch. Rows are sequences (at most 16).
+// instead of the dozens of small tensor ops burn would launch. Rows are sequences (at most
+// `decode::DECODE_MAX_ROWS`).
 
 /// Largest cache length the decode attention kernel holds scores for (shared memory).
 pub const DECODE_MAX_KEYS: usize = 4096;
