@@ -127,13 +127,23 @@ pub const CALIBRATION: Calibration = Calibration {
 };
 
 /// Rows of a block's MLP the engine recomputes at once: each `[rows, i]` f32 tensor within
-/// 32 MiB (`model::checkpoint`), all rows under LoRA dropout.
+/// `checkpoint::MLP_CHUNK_BOUND`, all rows under LoRA dropout.
 fn engine_mlp_rows(n: u64, i: u64, dropout: bool) -> u64 {
     if dropout {
         return n;
     }
-    let chunks = (n * i * 4).div_ceil(32 << 20).max(1);
+    let bound = crate::model::checkpoint::MLP_CHUNK_BOUND as u64;
+    let chunks = (n * i * 4).div_ceil(bound).max(1);
     n.div_ceil(chunks)
+}
+
+/// Rows of `[rows, V]` logits a log-prob pass computes at once: `want` (rows x tokens scored),
+/// at most `plan.logits_chunk` of them when chunked.
+fn logits_rows(run: &RunConfig, want: u64) -> u64 {
+    match run.plan.logits_chunk as u64 {
+        0 => want,
+        c => c.min(want),
+    }
 }
 
 /// Which command's memory to plan.
@@ -1313,9 +1323,8 @@ fn pass_items(s: &Setup, p: &Pass, graphs: f64) -> Vec<Item> {
     let mut items = Vec::new();
     let logits = |buffers: f64| {
         let want = r * p.logits_tokens;
-        let chunk = s.run.plan.logits_chunk as u64;
-        let rows = if chunk > 0 { want.min(chunk) } else { want };
-        let detail = if chunk > 0 && chunk < want {
+        let rows = logits_rows(s.run, want);
+        let detail = if rows < want {
             format!(
                 "chunk of {rows} of {r} x {} tokens, x {v} x 4 B x {buffers} buffers",
                 p.logits_tokens
@@ -1456,9 +1465,9 @@ fn pass_items(s: &Setup, p: &Pass, graphs: f64) -> Vec<Item> {
 }
 
 /// [`pass_items`] for the CUDA engine ([`Setup::engine`]): generation (fused decode after an
-/// ordinary prefill) and checkpointed training passes, in the engine's layout with the measured
-/// `engine_*` constants. `None` for what the general formulas cover (passes without gradients,
-/// training without checkpointing).
+/// ordinary prefill), checkpointed training passes and passes without gradients, in the
+/// engine's layout with the measured `engine_*` constants. `None` for training without
+/// checkpointing (the general formulas).
 fn engine_pass_items(s: &Setup, m: &LlamaConfig, p: &Pass, graphs: f64) -> Option<Vec<Item>> {
     let cal = &CALIBRATION;
     let (l, h, a, v, i) = (
@@ -1472,6 +1481,12 @@ fn engine_pass_items(s: &Setup, m: &LlamaConfig, p: &Pass, graphs: f64) -> Optio
     let (r, t) = (p.rows, p.tokens);
     let n = r * t;
     let tag = |s: String| format!("{s} [{}]", p.label);
+    // Shared by training and gradient-free passes: one logits chunk beside the [N, h] f32
+    // hidden states, and a block's attention-side trace and probabilities.
+    let chunk = logits_rows(s.run, r * p.logits_tokens);
+    let logits = chunk * v * 4 + (cal.engine_logits_hidden * (n * h * 4) as f64) as u64;
+    let trace = cal.engine_trace * (n * (6 * h + 2 * kv) * 4) as f64;
+    let scores = cal.engine_scores * (r * a * t * t * 4) as f64;
     let mut items = Vec::new();
     match p.kind {
         PassKind::Generate { prompt, completion } => {
@@ -1512,15 +1527,8 @@ fn engine_pass_items(s: &Setup, m: &LlamaConfig, p: &Pass, graphs: f64) -> Optio
                     }
                 )),
             ));
-            let chunk = match s.run.plan.logits_chunk as u64 {
-                0 => r * p.logits_tokens,
-                c => c.min(r * p.logits_tokens),
-            };
-            let logits = chunk * v * 4 + (cal.engine_logits_hidden * (n * h * 4) as f64) as u64;
-            let trace = cal.engine_trace * (n * (6 * h + 2 * kv) * 4) as f64;
             let rows = engine_mlp_rows(n, i, s.run.lora.dropout > 0.0);
             let mlp = cal.engine_mlp_chunk * (rows * i * 4) as f64;
-            let scores = cal.engine_scores * (r * a * t * t * 4) as f64;
             let block = (trace + mlp.max(scores)) as u64;
             let (bytes, what) = if logits >= block {
                 (logits, "logits pass")
@@ -1545,19 +1553,9 @@ fn engine_pass_items(s: &Setup, m: &LlamaConfig, p: &Pass, graphs: f64) -> Optio
         PassKind::Forward { grad: false } => {
             // Not labelled in the calibration runs (they peak in training): the same terms as
             // the training pass without checkpoints, and the MLP forward over all rows.
-            let chunk = match s.run.plan.logits_chunk as u64 {
-                0 => r * p.logits_tokens,
-                c => c.min(r * p.logits_tokens),
-            };
-            let logits = if p.logits_tokens > 0 {
-                chunk * v * 4 + (cal.engine_logits_hidden * (n * h * 4) as f64) as u64
-            } else {
-                0
-            };
-            let attention = cal.engine_trace * (n * (6 * h + 2 * kv) * 4) as f64
-                + cal.engine_scores * (r * a * t * t * 4) as f64;
+            let logits = if p.logits_tokens > 0 { logits } else { 0 };
             let mlp = n * (3 * h + 3 * i) * 4;
-            let block = (attention as u64).max(mlp);
+            let block = ((trace + scores) as u64).max(mlp);
             items.push(item(
                 T_BLOCK,
                 Life::Transient,
@@ -1637,7 +1635,7 @@ fn assemble(
     };
     if phases.contains(&Phase::TrainStep) {
         if s.cuda {
-            notes.push("cuda: the allocator (cubecl) reserves pages of up to a quarter of the card's memory: on an H200 nvidia-smi read 1.55-2.0x the measured tensor peak + 0.57 GiB in training runs (BENCHMARKS.md, planner vs measured); the slack here is not that reservation".into());
+            notes.push("cuda: the allocator (cubecl) reserves pages of up to a quarter of the card's memory: on an H200 cubecl reserved 1.55-2.7x the measured tensor peak, and nvidia-smi read that + 0.57 GiB, in training runs (BENCHMARKS.md, planner vs measured); the slack here is not that reservation".into());
         }
         notes.push(if run.train.gradient_checkpointing {
             "gradient checkpointing at block level: each layer keeps its input, one block is recomputed in backward (model::checkpoint)".into()

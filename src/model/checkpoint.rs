@@ -388,10 +388,13 @@ fn mlp_chunk_rows(rows: usize, inter: usize, dropout: bool) -> usize {
     rows.div_ceil(chunks)
 }
 
-/// The bound of [`mlp_chunk_rows`] (32 MiB: with 64, the 8b DPO step's MLP backward was its
-/// high point, 43 MiB above the logits pass; each extra chunk costs a few dozen launches); a
-/// test lowers it to chunk a tiny model's MLP.
-static MLP_CHUNK_BYTES: AtomicUsize = AtomicUsize::new(32 << 20);
+/// The default bound of [`mlp_chunk_rows`] (32 MiB: with 64, the 8b DPO step's MLP backward
+/// was its high point, 43 MiB above the logits pass; each extra chunk costs a few dozen
+/// launches). The planner counts the same chunks.
+pub const MLP_CHUNK_BOUND: usize = 32 << 20;
+
+/// The bound in force; a test lowers it to chunk a tiny model's MLP.
+static MLP_CHUNK_BYTES: AtomicUsize = AtomicUsize::new(MLP_CHUNK_BOUND);
 
 /// The MLP's part of the block backward: recomputes `gate`, `up` and the activation from the
 /// MLP input `x2` ([`mlp_chunk_rows`] rows at a time) and returns `dx2` from `dout`, adding the
@@ -789,7 +792,7 @@ mod tests {
         MLP_CHUNK_BYTES.store(512, Ordering::Relaxed);
         assert!(mlp_chunk_rows(16, 64, false) < 16);
         check("llama", true, 0.0, 3);
-        MLP_CHUNK_BYTES.store(32 << 20, Ordering::Relaxed);
+        MLP_CHUNK_BYTES.store(MLP_CHUNK_BOUND, Ordering::Relaxed);
     }
 
     #[test]
