@@ -36,12 +36,19 @@ impl<S: DeviceService> DeviceHandleSpec<S> for ReentrantMutexDeviceHandle<S> {
     }
 
     fn utilities(&self) -> ServerUtilitiesHandle {
+        // rlhf patch: start the service on first use, as the channel handle does (upstream
+        // expected `insert` first, but `ComputeClient::load` asks for the utilities right away).
         let state = self.lock.lock.lock();
-        state
-            .map
-            .borrow()
-            .get(&TypeId::of::<S>())
-            .expect("Service not yet initialized — call init() before load()")
+        let mut map = state.map.borrow_mut();
+        map.entry(TypeId::of::<S>())
+            .or_insert_with(|| {
+                let service = S::init(self.device_id);
+                let utilities = service.utilities();
+                ReentrantMutexDeviceState {
+                    service: Cell::new(Some(Box::new(service))),
+                    utilities,
+                }
+            })
             .utilities
             .clone()
     }

@@ -115,3 +115,34 @@ pub(crate) fn calculate_padding(size: u64, memory_alignment: u64) -> u64 {
         0
     }
 }
+
+/// rlhf patch: with `RLHF_TRACE_ALLOCS` set in the environment, prints the live allocations of a
+/// pool grouped by size (largest totals first) each time its usage is read, so a measured peak
+/// can be compared tensor by tensor with the planner's terms. Off (one environment lookup) else.
+#[cfg(feature = "std")]
+pub(crate) fn trace_live_sizes(pool: &str, sizes: impl Iterator<Item = u64>) {
+    if std::env::var_os("RLHF_TRACE_ALLOCS").is_none() {
+        return;
+    }
+    let mut by_size = alloc::collections::BTreeMap::<u64, u64>::new();
+    for size in sizes {
+        *by_size.entry(size).or_default() += 1;
+    }
+    let mut groups: alloc::vec::Vec<(u64, u64)> = by_size.into_iter().collect();
+    groups.sort_by_key(|(size, count)| core::cmp::Reverse(size * count));
+    let total: u64 = groups.iter().map(|(size, count)| size * count).sum();
+    let live: u64 = groups.iter().map(|(_, count)| count).sum();
+    let top: alloc::vec::Vec<alloc::string::String> = groups
+        .iter()
+        .take(24)
+        .map(|(size, count)| alloc::format!("{:.3}x{count}", *size as f64 / 1048576.0))
+        .collect();
+    std::eprintln!(
+        "allocs {pool}: {live} live, {:.1} MiB (MiB x count): {}",
+        total as f64 / 1048576.0,
+        top.join(" ")
+    );
+}
+
+#[cfg(not(feature = "std"))]
+pub(crate) fn trace_live_sizes(_pool: &str, _sizes: impl Iterator<Item = u64>) {}

@@ -132,6 +132,10 @@ impl MemoryPool for PersistentPool {
     }
 
     fn get_memory_usage(&self) -> MemoryUsage {
+        super::base::trace_live_sizes(
+            "persistent",
+            self.slices.iter().filter(|slice| !slice.is_free()).map(|slice| slice.storage.size()),
+        );
         let used_slices: Vec<_> = self
             .slices
             .iter()
