@@ -44,6 +44,31 @@ pub fn is_cuda<B: Backend>() -> bool {
     t == std::any::TypeId::of::<Inner>() || t == std::any::TypeId::of::<Ad>()
 }
 
+/// `t` cast to bf16 into a contiguous buffer on the CUDA backends (plain or autodiff; no graph
+/// is recorded: for frozen weights and checkpoints); any other backend gets `t` back as `Err`.
+/// burn's own cast allocates with cubecl's row pitch (each row padded to a multiple of up to
+/// 512 bytes): a `[32000, 896]` bf16 table took 62.5 MiB instead of 54.7, a 0.5b checkpoint
+/// `[4096, 896]` 8 MiB instead of 7, and the LM head's GEMM operand became a second,
+/// unpitched copy of it (BENCHMARKS.md, session 7).
+pub fn contiguous_bf16<B: Backend, const D: usize>(
+    t: Tensor<B, D>,
+) -> Result<Tensor<B, D>, Tensor<B, D>> {
+    fn cast<const D: usize>(x: Tensor<Inner, D>) -> Tensor<Inner, D> {
+        let x = burn_cubecl::kernel::into_contiguous(x.into_primitive().tensor());
+        Tensor::from_primitive(burn::tensor::TensorPrimitive::Float(qlinear::to_bf16(x)))
+    }
+    let b = std::any::TypeId::of::<B>();
+    if b == std::any::TypeId::of::<Ad>() {
+        let t: Tensor<Ad, D> = cast_any(t).expect("B is Ad");
+        return Ok(cast_any(Tensor::<Ad, D>::from_inner(cast(t.inner()))).expect("B is Ad"));
+    }
+    if b == std::any::TypeId::of::<Inner>() {
+        let t: Tensor<Inner, D> = cast_any(t).expect("B is Inner");
+        return Ok(cast_any(cast(t)).expect("B is Inner"));
+    }
+    Err(t)
+}
+
 /// A layer's GPU form, built on first use and shared by its clones; `None` inside when the layer
 /// has no GPU form (odd shapes), so the reference path is taken without retrying.
 pub type GpuSlot = Arc<OnceLock<Option<Arc<GpuLinear>>>>;

@@ -359,7 +359,7 @@ impl GpuLinear {
 
 /// A contiguous f32 tensor as bf16 through our array kernel (burn's cast passes the shape and
 /// strides as per-launch metadata, which costs cubecl an upload per call); odd sizes take burn's.
-fn to_bf16(x: CubeTensor<CudaRuntime>) -> CubeTensor<CudaRuntime> {
+pub(super) fn to_bf16(x: CubeTensor<CudaRuntime>) -> CubeTensor<CudaRuntime> {
     let shape = x.meta.shape().to_vec();
     let n: usize = shape.iter().product();
     if !n.is_multiple_of(2) || x.dtype != DType::F32 {

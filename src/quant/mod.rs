@@ -37,9 +37,8 @@ pub struct BaseLinear<B: Backend> {
 /// instead of 57 for the 0.5b model's), f32 on the CPU backends.
 pub(crate) fn dense_at_rest<B: Backend>(w: Tensor<B, 2>) -> Tensor<B, 2> {
     #[cfg(feature = "cuda")]
-    if crate::cuda::is_cuda::<B>() {
-        return w.cast(FloatDType::BF16);
-    }
+    return crate::cuda::contiguous_bf16(w).unwrap_or_else(|w| w);
+    #[cfg(not(feature = "cuda"))]
     w
 }
 
