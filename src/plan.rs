@@ -87,20 +87,11 @@ pub struct Calibration {
     /// `[rows, V]` f32 buffers alive while one token is sampled: logits, scaled logits,
     /// probabilities, sorted values, sorted indices, cumulative sum.
     pub sampling_buffers: f64,
-    /// The CUDA engine (f32 compute, NF4 base, block checkpointing; [`Setup::engine`]), fitted
-    /// to the allocator's labelled high points (`RLHF_TRACE_MEM=1`) of 11 runs, tiny to 8b:
-    /// `[N, h]` f32 buffers alive beside one `[chunk, V]` log-softmax in the logits pass.
-    pub engine_logits_hidden: f64,
-    /// Multiplier on a recomputed block's trace, `N x (6h + 2 kv) x 4` B (block input, normed
-    /// input, q, attention output, residual, MLP input; k and v).
-    pub engine_trace: f64,
-    /// `[rows, i]` f32 tensors alive in one MLP row chunk of the block backward.
-    pub engine_mlp_chunk: f64,
-    /// `[R, a, T, T]` f32 tensors alive in the attention backward (probabilities, their
-    /// gradient).
-    pub engine_scores: f64,
-    /// `h`-wide f32 values per prompt token alive when the decode is set up after the prefill
-    /// (the prefill's last block and hidden states).
+    /// The CUDA engine (f32 compute, NF4 base, block checkpointing; [`Setup::engine`]): its
+    /// training high points are counted tensor by tensor ([`engine_pass_items`], from the
+    /// allocator's live allocations at each labelled high point, `RLHF_TRACE_ALLOCS=1`). This
+    /// one and the next are fitted: `h`-wide f32 values per prompt token alive when the decode
+    /// is set up after the prefill (the prefill's last block and hidden states).
     pub engine_prefill: f64,
     /// PPO's training step as a multiple of one pass's checkpoints (policy and value graphs,
     /// rollout buffers); fitted on a single PPO run, so the least certain constant here.
@@ -109,7 +100,7 @@ pub struct Calibration {
 
 /// The planner's constants. See [`Calibration`].
 pub const CALIBRATION: Calibration = Calibration {
-    source: "engine terms fitted to allocator peaks of 11 runs on an H200 (BENCHMARKS.md, session 6); the rest estimates",
+    source: "engine training terms counted from the allocator's live tensors, checked against 11 runs on an H200 (BENCHMARKS.md, sessions 6-7; engine_prefill and engine_ppo_kept fitted); the rest estimates",
     // nvidia-smi minus the allocator's reservation, 0.555-0.578 GiB in the same 11 runs.
     cuda_context_bytes: 0.57 * GIB,
     slack_persistent: 0.02,
@@ -118,12 +109,8 @@ pub const CALIBRATION: Calibration = Calibration {
     logits_buffers_infer: 2.0,
     attention_kept_per_layer: 2.0,
     sampling_buffers: 6.0,
-    engine_logits_hidden: 1.0,
-    engine_trace: 1.3,
-    engine_mlp_chunk: 2.85,
-    engine_scores: 0.95,
     engine_prefill: 27.5,
-    engine_ppo_kept: 3.45,
+    engine_ppo_kept: 2.84,
 };
 
 /// Rows of a block's MLP the engine recomputes at once: each `[rows, i]` f32 tensor within
@@ -1481,12 +1468,20 @@ fn engine_pass_items(s: &Setup, m: &LlamaConfig, p: &Pass, graphs: f64) -> Optio
     let (r, t) = (p.rows, p.tokens);
     let n = r * t;
     let tag = |s: String| format!("{s} [{}]", p.label);
-    // Shared by training and gradient-free passes: one logits chunk beside the [N, h] f32
-    // hidden states, and a block's attention-side trace and probabilities.
+    // The high points of a pass, counted from the allocator's live tensors at each labelled
+    // point (BENCHMARKS.md, session 7); all f32 (4 B) unless said. `[N, h]` and `[N, kv]` are
+    // activations over all N = rows x tokens, `[r, T, T]` the mask bias made once per forward.
+    let nh = n * h * 4;
+    let nkv = n * kv * 4;
+    let mask = r * t * t * 4;
+    // Logits pass: one `[chunk, V]` log-softmax beside the final hidden states shifted by one
+    // token and their gradient.
     let chunk = logits_rows(s.run, r * p.logits_tokens);
-    let logits = chunk * v * 4 + (cal.engine_logits_hidden * (n * h * 4) as f64) as u64;
-    let trace = cal.engine_trace * (n * (6 * h + 2 * kv) * 4) as f64;
-    let scores = cal.engine_scores * (r * a * t * t * 4) as f64;
+    let logits = chunk * v * 4 + 2 * nh;
+    // Attention backward of a recomputed block: four `[N, h]` (block input, normed input, q,
+    // attention output), five `[N, kv]` (k, v and their gradients, RoPE'd k), the mask bias
+    // and the recomputed probabilities `[r, a, T, T]`.
+    let attention = 4 * nh + 5 * nkv + mask + r * a * t * t * 4;
     let mut items = Vec::new();
     match p.kind {
         PassKind::Generate { prompt, completion } => {
@@ -1527,41 +1522,42 @@ fn engine_pass_items(s: &Setup, m: &LlamaConfig, p: &Pass, graphs: f64) -> Optio
                     }
                 )),
             ));
-            let rows = engine_mlp_rows(n, i, s.run.lora.dropout > 0.0);
-            let mlp = cal.engine_mlp_chunk * (rows * i * 4) as f64;
-            let block = (trace + mlp.max(scores)) as u64;
-            let (bytes, what) = if logits >= block {
-                (logits, "logits pass")
-            } else {
-                (block, "block backward")
-            };
+            // MLP backward of a recomputed block, one row chunk at a time: the block's trace
+            // (six `[N, h]`, two `[N, kv]`, the mask bias), the input gradient gathered over all
+            // rows `[N, h]`, and the chunk's gate and up `[c, i]` with its input `[c, h]`.
+            let c = engine_mlp_rows(n, i, s.run.lora.dropout > 0.0);
+            let mlp = 7 * nh + 2 * nkv + mask + 2 * c * i * 4 + c * h * 4;
+            let (bytes, what) = [
+                (logits, "logits pass"),
+                (mlp, "MLP backward"),
+                (attention, "attention backward"),
+            ]
+            .into_iter()
+            .max_by_key(|(b, _)| *b)
+            .expect("three candidates");
             items.push(item(
                 T_BLOCK,
                 Life::Transient,
                 bytes,
                 tag(format!(
-                    "{what}: the larger of logits ([{chunk}, {v}] + {} x [{n}, {h}] f32, {:.2} GiB) and one block's backward ({} x trace + max({} x [{rows}, {i}], {} x [{r}, {a}, {t}, {t}]) f32, {:.2} GiB)",
-                    cal.engine_logits_hidden,
+                    "{what}, the largest of: logits ([{chunk}, {v}] + 2 x [{n}, {h}], {:.2} GiB), MLP backward (7 x [{n}, {h}] + 2 x [{n}, {kv}] + [{r}, {t}, {t}] + 2 x [{c}, {i}] + [{c}, {h}], {:.2} GiB), attention backward (4 x [{n}, {h}] + 5 x [{n}, {kv}] + [{r}, {t}, {t}] + [{r}, {a}, {t}, {t}], {:.2} GiB), f32",
                     logits as f64 / GIB,
-                    cal.engine_trace,
-                    cal.engine_mlp_chunk,
-                    cal.engine_scores,
-                    block as f64 / GIB
+                    mlp as f64 / GIB,
+                    attention as f64 / GIB
                 )),
             ));
         }
         PassKind::Forward { grad: false } => {
-            // Not labelled in the calibration runs (they peak in training): the same terms as
-            // the training pass without checkpoints, and the MLP forward over all rows.
+            // Not a high point of the calibration runs (they peak in training): the attention
+            // as in training, the MLP forward over all rows, no checkpoints.
             let logits = if p.logits_tokens > 0 { logits } else { 0 };
             let mlp = n * (3 * h + 3 * i) * 4;
-            let block = ((trace + scores) as u64).max(mlp);
             items.push(item(
                 T_BLOCK,
                 Life::Transient,
-                logits.max(block),
+                logits.max(attention).max(mlp),
                 tag(format!(
-                    "the larger of logits ([{chunk}, {v}] + [{n}, {h}] f32) and one block (attention as in training, MLP [{n}, 3 x {h} + 3 x {i}] f32), no grads"
+                    "the largest of logits ([{chunk}, {v}] + 2 x [{n}, {h}] f32), one block's attention (as in training) and its MLP ([{n}, 3 x {h} + 3 x {i}] f32), no grads"
                 )),
             ));
         }

@@ -1,9 +1,9 @@
 //! The planner against measured peaks: every run of `tests/data/calibration/measured.json`
 //! (allocator in-use high points of `rlhf bench` / `rlhf ppo` on an H200, BENCHMARKS.md,
-//! session 6) is re-planned from its shapes with today's planner, and the tensor peak (the plan
-//! without CUDA context and allocator slack) must stay within `TOLERANCE` of what was measured.
-//! The target is ±5%; the fitted constants reach ±8.0% (tiny and 0.5b are the outliers,
-//! see BENCHMARKS.md), so this test guards against regressions rather than claiming the target.
+//! sessions 6 and 7) is re-planned from its shapes with today's planner, and the tensor peak (the
+//! plan without CUDA context and allocator slack) must stay within the issue's ±5% of what was
+//! measured. The training terms are counted tensors, not fitted; PPO's `engine_ppo_kept` is
+//! fitted on its one run, the 8b GRPO's rollout on `engine_prefill` (BENCHMARKS.md, session 7).
 
 use rlhf::bench::{run_config, BenchArgs};
 use rlhf::cli::DeviceArg;
@@ -12,7 +12,7 @@ use rlhf::plan::{plan, read_model_config, Algo};
 use serde_json::Value;
 use std::path::{Path, PathBuf};
 
-const TOLERANCE: f64 = 0.085;
+const TOLERANCE: f64 = 0.05;
 
 fn data(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
