@@ -1478,8 +1478,8 @@ fn engine_pass_items(s: &Setup, m: &LlamaConfig, p: &Pass, graphs: f64) -> Optio
     // token and their gradient.
     let chunk = logits_rows(s.run, r * p.logits_tokens);
     let logits = chunk * v * 4 + 2 * nh;
-    // Attention backward of a recomputed block: four `[N, h]` (block input, normed input, q,
-    // attention output), five `[N, kv]` (k, v and their gradients, RoPE'd k), the mask bias
+    // Attention backward of a recomputed block: four `[N, h]` and five `[N, kv]` (the trace's
+    // attention side and the gradients in flight, as the allocator listed them), the mask bias
     // and the recomputed probabilities `[r, a, T, T]`.
     let attention = 4 * nh + 5 * nkv + mask + r * a * t * t * 4;
     let mut items = Vec::new();
