@@ -1631,7 +1631,7 @@ fn assemble(
     };
     if phases.contains(&Phase::TrainStep) {
         if s.cuda {
-            notes.push("cuda: the allocator (cubecl) reserves pages of up to a quarter of the card's memory: on an H200 cubecl reserved 1.55-2.7x the measured tensor peak, and nvidia-smi read that + 0.57 GiB, in training runs (BENCHMARKS.md, planner vs measured); the slack here is not that reservation, and cubecl 0.10 does not hand cached pages back when an allocation fails, so a card with less free memory than that reservation can run out below the planned peak (not measured on a small card yet)".into());
+            notes.push("cuda: the allocator (cubecl) reserves pages of up to a quarter of the card's memory: on an H200 cubecl reserved 1.55-2.7x the measured tensor peak, and nvidia-smi read that + 0.57 GiB, in training runs (BENCHMARKS.md, planner vs measured); the slack here is not that reservation; the patched allocator gives its cached pages back and retries when the card is full (tested on a simulated device, not yet on a small card)".into());
         }
         notes.push(if run.train.gradient_checkpointing {
             "gradient checkpointing at block level: each layer keeps its input, one block is recomputed in backward (model::checkpoint)".into()

@@ -467,7 +467,7 @@ impl<Storage: ComputeStorage> MemoryManagement<Storage> {
         }
 
         if matches!(self.mode, MemoryAllocationMode::Persistent) || self.persistent.has_size(size) {
-            let allocated = self.persistent.alloc(&mut self.storage, size);
+            let allocated = self.alloc_or_release(None, size);
 
             self.logger.log_memory(
                 |level| !matches!(level, MemoryLogLevel::Disabled),
@@ -493,20 +493,20 @@ impl<Storage: ComputeStorage> MemoryManagement<Storage> {
         );
 
         // Find first pool that fits this allocation
-        let pool = self
+        let index = self
             .pools
-            .iter_mut()
-            .find(|p| p.accept(size))
+            .iter()
+            .position(|p| p.accept(size))
             .ok_or(IoError::BufferTooBig {
                 size,
                 backtrace: BackTrace::capture(),
             })?;
 
-        if let Some(slice) = pool.try_reserve(size) {
+        if let Some(slice) = self.pools[index].try_reserve(size) {
             return Ok(slice);
         }
 
-        let allocated = pool.alloc(&mut self.storage, size);
+        let allocated = self.alloc_or_release(Some(index), size);
 
         self.logger.log_memory(
             |level| matches!(level, MemoryLogLevel::Full),
@@ -519,6 +519,29 @@ impl<Storage: ComputeStorage> MemoryManagement<Storage> {
         );
 
         allocated
+    }
+
+    /// rlhf patch: allocates a new page in a dynamic pool (`Some(index)`) or the persistent one;
+    /// when the device refuses, first gives every cached free page back (an explicit cleanup
+    /// and a storage flush, which upstream leaves to its periodic cleanup) and retries once, so
+    /// memory the allocator merely caches never makes a run fail.
+    fn alloc_or_release(
+        &mut self,
+        pool: Option<usize>,
+        size: u64,
+    ) -> Result<ManagedMemoryHandle, IoError> {
+        let alloc = |mm: &mut Self| match pool {
+            Some(index) => mm.pools[index].alloc(&mut mm.storage, size),
+            None => mm.persistent.alloc(&mut mm.storage, size),
+        };
+        match alloc(self) {
+            Err(IoError::BufferTooBig { .. }) => {
+                self.cleanup(true);
+                self.storage.flush();
+                alloc(self)
+            }
+            other => other,
+        }
     }
 
     /// Fetch the storage used by the memory manager.
@@ -685,6 +708,85 @@ mod tests {
         let _handle = memory_management.reserve(100);
         let usage_new = memory_management.memory_usage();
         assert_eq!(usage, usage_new);
+    }
+
+    /// A device of `cap` bytes whose frees take effect at `flush`, like the CUDA storage's.
+    struct Capped {
+        bytes: BytesStorage,
+        cap: u64,
+        used: u64,
+        sizes: hashbrown::HashMap<crate::storage::StorageId, u64>,
+        pending: Vec<crate::storage::StorageId>,
+    }
+
+    impl ComputeStorage for Capped {
+        type Resource = crate::storage::BytesResource;
+        fn alignment(&self) -> usize {
+            self.bytes.alignment()
+        }
+        fn get(&mut self, handle: &crate::storage::StorageHandle) -> Self::Resource {
+            self.bytes.get(handle)
+        }
+        fn alloc(&mut self, size: u64) -> Result<crate::storage::StorageHandle, IoError> {
+            if self.used + size > self.cap {
+                return Err(IoError::BufferTooBig {
+                    size,
+                    backtrace: BackTrace::capture(),
+                });
+            }
+            let handle = self.bytes.alloc(size)?;
+            self.used += size;
+            self.sizes.insert(handle.id, size);
+            Ok(handle)
+        }
+        fn dealloc(&mut self, id: crate::storage::StorageId) {
+            self.pending.push(id);
+        }
+        fn flush(&mut self) {
+            for id in self.pending.drain(..) {
+                self.used -= self.sizes.remove(&id).unwrap_or(0);
+                self.bytes.dealloc(id);
+            }
+            self.bytes.flush();
+        }
+    }
+
+    // rlhf patch: a cached free page too small for the next request is given back when the
+    // device is full, instead of failing the request.
+    #[test_log::test]
+    fn full_device_releases_cached_pages_and_retries() {
+        let storage = Capped {
+            bytes: BytesStorage::default(),
+            cap: 1000,
+            used: 0,
+            sizes: Default::default(),
+            pending: Vec::new(),
+        };
+        let mut memory_management = MemoryManagement::from_configuration(
+            storage,
+            &DUMMY_MEM_PROPS,
+            MemoryConfiguration::Custom {
+                pool_options: vec![MemoryPoolOptions {
+                    pool_type: PoolType::ExclusivePages {
+                        max_alloc_size: 1024,
+                    },
+                    dealloc_period: None,
+                }],
+            },
+            Arc::new(ServerLogger::default()),
+            options(),
+        );
+        let first = memory_management.reserve(600).unwrap();
+        drop(first);
+        // The freed 600-byte page stays cached; 600 + 700 exceed the device.
+        let second = memory_management.reserve(700);
+        assert!(
+            second.is_ok(),
+            "the cached page was not released: {:?}",
+            second.err()
+        );
+        let reserved = memory_management.memory_usage().bytes_reserved;
+        assert!((700..=1000).contains(&reserved), "reserved {reserved}");
     }
 
     #[test_log::test]
