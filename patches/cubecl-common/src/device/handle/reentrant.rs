@@ -41,14 +41,7 @@ impl<S: DeviceService> DeviceHandleSpec<S> for ReentrantMutexDeviceHandle<S> {
         let state = self.lock.lock.lock();
         let mut map = state.map.borrow_mut();
         map.entry(TypeId::of::<S>())
-            .or_insert_with(|| {
-                let service = S::init(self.device_id);
-                let utilities = service.utilities();
-                ReentrantMutexDeviceState {
-                    service: Cell::new(Some(Box::new(service))),
-                    utilities,
-                }
-            })
+            .or_insert_with(|| ReentrantMutexDeviceState::start::<S>(self.device_id))
             .utilities
             .clone()
     }
@@ -163,14 +156,7 @@ impl<S: DeviceService> ReentrantMutexDeviceHandle<S> {
         let entry = {
             let mut map = state.map.borrow_mut();
             map.entry(key)
-                .or_insert_with(|| {
-                    let service = S::init(self.device_id);
-                    let utilities = service.utilities();
-                    ReentrantMutexDeviceState {
-                        service: Cell::new(Some(Box::new(service))),
-                        utilities,
-                    }
-                })
+                .or_insert_with(|| ReentrantMutexDeviceState::start::<S>(self.device_id))
                 .service
                 .take()
         };
@@ -222,6 +208,18 @@ struct ReentrantMutexDeviceState {
     /// `None` means the state is currently borrowed by a `with_lock` call.
     service: Cell<Option<Box<dyn Any + Send + 'static>>>,
     utilities: ServerUtilitiesHandle,
+}
+
+impl ReentrantMutexDeviceState {
+    /// rlhf patch: the service's first start, shared by `utilities` and `with_lock`.
+    fn start<S: DeviceService>(device_id: DeviceId) -> Self {
+        let service = S::init(device_id);
+        let utilities = service.utilities();
+        Self {
+            service: Cell::new(Some(Box::new(service))),
+            utilities,
+        }
+    }
 }
 
 impl DeviceStateLock {

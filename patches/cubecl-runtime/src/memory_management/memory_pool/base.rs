@@ -118,10 +118,12 @@ pub(crate) fn calculate_padding(size: u64, memory_alignment: u64) -> u64 {
 
 /// rlhf patch: with `RLHF_TRACE_ALLOCS` set in the environment, prints the live allocations of a
 /// pool grouped by size (largest totals first) each time its usage is read, so a measured peak
-/// can be compared tensor by tensor with the planner's terms. Off (one environment lookup) else.
+/// can be compared tensor by tensor with the planner's terms. The variable is read once: usage
+/// is queried at every labelled high point, for every pool.
 #[cfg(feature = "std")]
 pub(crate) fn trace_live_sizes(pool: &str, sizes: impl Iterator<Item = u64>) {
-    if std::env::var_os("RLHF_TRACE_ALLOCS").is_none() {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    if !*ON.get_or_init(|| std::env::var_os("RLHF_TRACE_ALLOCS").is_some()) {
         return;
     }
     let mut by_size = alloc::collections::BTreeMap::<u64, u64>::new();

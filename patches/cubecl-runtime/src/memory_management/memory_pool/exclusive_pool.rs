@@ -173,15 +173,15 @@ impl MemoryPool for ExclusiveMemoryPool {
     }
 
     fn get_memory_usage(&self) -> MemoryUsage {
-        super::base::trace_live_sizes(
-            "exclusive",
-            self.pages.iter().filter(|page| !page.slice.is_free()).map(|page| page.slice.storage.size()),
-        );
         let used_slices: Vec<_> = self
             .pages
             .iter()
             .filter(|page| !page.slice.is_free())
             .collect();
+        super::base::trace_live_sizes(
+            "exclusive",
+            used_slices.iter().map(|page| page.slice.storage.size()),
+        );
 
         MemoryUsage {
             number_allocs: used_slices.len() as u64,

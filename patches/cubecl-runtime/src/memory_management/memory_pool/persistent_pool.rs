@@ -132,15 +132,15 @@ impl MemoryPool for PersistentPool {
     }
 
     fn get_memory_usage(&self) -> MemoryUsage {
-        super::base::trace_live_sizes(
-            "persistent",
-            self.slices.iter().filter(|slice| !slice.is_free()).map(|slice| slice.storage.size()),
-        );
         let used_slices: Vec<_> = self
             .slices
             .iter()
             .filter(|slice| !slice.is_free())
             .collect();
+        super::base::trace_live_sizes(
+            "persistent",
+            used_slices.iter().map(|slice| slice.storage.size()),
+        );
 
         MemoryUsage {
             number_allocs: used_slices.len() as u64,
