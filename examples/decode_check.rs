@@ -9,7 +9,8 @@
 //! different prompt lengths, and one row stops half-way (its later tokens are padding). Every step
 //! feeds both paths the same tokens (greedy from the ordinary path) and compares the logits by
 //! max |difference| / max |logit|. With `CPU_REF=1` the same steps also run on the CPU backend
-//! in f32, the exact reference (burn-cuda's matmul computes in TF32). Prints JSON lines.
+//! in f32, the exact reference (burn-cuda's matmul computes in TF32). With `ABLATE=1` it only
+//! times the fused step with each launch class left out in turn. Prints JSON lines.
 
 mod common;
 
@@ -143,6 +144,59 @@ fn check_sampling(
     Ok(outcome)
 }
 
+/// `ABLATE=1`: the fused step's time with each launch class left out in turn (and all of them:
+/// what is left is the graph launch, the step upload and the read-back). The difference to the
+/// full step is that class's share. Prints one JSON line.
+fn ablation(
+    model: &Llama<Inner>,
+    adapter: Option<&Adapter<Inner>>,
+    cache: &KvCache<Inner>,
+    cap: usize,
+    rows: usize,
+    steps: usize,
+) -> anyhow::Result<()> {
+    use rlhf::cuda::decode::skip;
+    let params = SamplingParams {
+        max_new_tokens: steps,
+        min_new_tokens: 0,
+        temperature: 1.0,
+        top_k: 0,
+        top_p: 1.0,
+        stop_ids: vec![2],
+        pad_id: 0,
+    };
+    let all = (1u32 << skip::NAMES.len()) - 1;
+    let mut masks: Vec<(String, u32)> = vec![("none".into(), 0)];
+    for (bit, name) in skip::NAMES.iter().enumerate() {
+        masks.push((name.to_string(), 1 << bit));
+    }
+    masks.push(("all".into(), all));
+    let mut fields = Vec::new();
+    for (name, mask) in masks {
+        let Some(mut fused) = FusedDecode::try_new(model, adapter, cache, cap, Some(&params))
+        else {
+            anyhow::bail!("the fused decode did not accept this model");
+        };
+        fused.ablate(mask);
+        let valid = vec![true; rows];
+        let tokens: Vec<u32> = (0..rows as u32).map(|r| 5 + r).collect();
+        let mut times = Vec::new();
+        for s in 0..steps {
+            let t0 = Instant::now();
+            fused.step_sample(&tokens, &valid, s as u32, false)?;
+            if s >= 2 {
+                times.push(t0.elapsed().as_secs_f64());
+            }
+        }
+        fields.push(format!("\"{name}\":{:.3}", median(times) * 1e3));
+    }
+    println!(
+        "{{\"check\":\"decode_ablation\",\"rows\":{rows},\"ms_per_step_without\":{{{}}}}}",
+        fields.join(",")
+    );
+    Ok(())
+}
+
 /// max |a - b| / max |b| over the rows that are valid.
 fn rel_diff(a: &[f32], b: &[f32], valid: &[bool], vocab: usize) -> f64 {
     let scale = b.iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-6) as f64;
@@ -222,6 +276,9 @@ fn main() -> anyhow::Result<()> {
     } else {
         None
     };
+    if std::env::var_os("ABLATE").is_some() {
+        return ablation(&model, adapter, &cache, cap, rows, steps);
+    }
     let (mut cpu_vs_fused, mut cpu_vs_ordinary) = (0f64, 0f64);
     let Some(mut fused) = FusedDecode::try_new(&model, adapter, &cache, cap, None) else {
         anyhow::bail!("the fused decode did not accept this model");

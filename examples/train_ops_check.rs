@@ -123,6 +123,74 @@ fn prefill<B: Backend>(
         .unwrap()
 }
 
+/// Three AdamW steps (weight decay, clipping at 0.5) and the gradient norm, the fused launches
+/// (`train_ops::try_adamw`, `try_sum_squares`) against the tensor ops, on random tensors of
+/// adapter shapes: both are f32 with the same order of operations, so they must agree to f32
+/// rounding (max relative difference < 1e-5).
+fn check_optimizer(device: &cubecl::cuda::CudaDevice) -> anyhow::Result<bool> {
+    use rlhf::config::OptimizerConfig;
+    use rlhf::optim::{grad_norm, AdamW};
+    let shapes = [[16usize, 896], [4864, 16], [3, 5]];
+    let rand = |s: [usize; 2], seed: u64| {
+        let v: Vec<f32> = (0..s[0] * s[1])
+            .map(|i| {
+                let x = (i as u64 * 2654435761 + seed * 97) % 10007;
+                x as f32 / 10007.0 - 0.5
+            })
+            .collect();
+        Tensor::<Inner, 2>::from_data(TensorData::new(v, s), device)
+    };
+    let cfg = OptimizerConfig {
+        weight_decay: 0.01,
+        ..Default::default()
+    };
+    let mut runs = Vec::new();
+    for fused in [true, false] {
+        set_enabled(fused);
+        let mut opt = AdamW::<Inner>::new(&cfg, &shapes, device);
+        let mut ps: Vec<Tensor<Inner, 2>> = shapes
+            .iter()
+            .enumerate()
+            .map(|(i, &s)| rand(s, i as u64))
+            .collect();
+        let mut norms = Vec::new();
+        for step in 0..3u64 {
+            let gs: Vec<Tensor<Inner, 2>> = shapes
+                .iter()
+                .enumerate()
+                .map(|(i, &s)| rand(s, 10 + step * 7 + i as u64))
+                .collect();
+            let norm = grad_norm(&gs)?;
+            norms.push(norm);
+            let clip = (0.5 / (norm + 1e-6)).min(1.0);
+            ps = opt.update(ps, gs, 1e-3, clip);
+        }
+        let host: Vec<Vec<f32>> = ps
+            .into_iter()
+            .map(|p| p.into_data().to_vec::<f32>().unwrap())
+            .collect();
+        runs.push((host, norms));
+    }
+    set_enabled(true);
+    let param_err = runs[0]
+        .0
+        .iter()
+        .zip(&runs[1].0)
+        .map(|(a, b)| rel(a, b))
+        .fold(0f64, f64::max);
+    let norm_err = runs[0]
+        .1
+        .iter()
+        .zip(&runs[1].1)
+        .map(|(a, b)| (a - b).abs() / b.abs())
+        .fold(0f64, f64::max);
+    let ok = param_err < 1e-5 && norm_err < 1e-5;
+    println!(
+        "{{\"check\":\"adamw_fused_vs_ops\",\"param_rel\":{param_err:.3e},\"grad_norm_rel\":{norm_err:.3e},\"ok\":{ok}}}"
+    );
+    Ok(ok)
+}
+
 fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().collect();
     let dir = args
@@ -131,6 +199,7 @@ fn main() -> anyhow::Result<()> {
     let rows: usize = args.get(2).map(|s| s.parse()).transpose()?.unwrap_or(8);
     let len: usize = args.get(3).map(|s| s.parse()).transpose()?.unwrap_or(128);
     let device = Default::default();
+    let optimizer_ok = check_optimizer(&device)?;
     let model = load_nf4::<Ad>(dir, &device)?;
     let adapter = random_adapter(&model)?;
     let (ids, valid) = batch(rows, len, model.cfg.vocab_size);
@@ -205,5 +274,9 @@ fn main() -> anyhow::Result<()> {
             close(f.0, r.0) && close(f.1, r.1) && close(f.2, r.2)
         );
     }
+    anyhow::ensure!(
+        optimizer_ok,
+        "the fused AdamW step differs from the tensor ops"
+    );
     Ok(())
 }

@@ -84,6 +84,11 @@ pub struct BenchArgs {
     /// Start even when the VRAM plan exceeds the budget (the GPU's memory on cuda).
     #[arg(long)]
     pub force: bool,
+    /// Also report each step's phases (forward: for GRPO the rollout, scoring and loss;
+    /// backward; optimizer: clipping and AdamW) as medians in `phase_secs`. Synchronizes the
+    /// device at every phase boundary, which can add a little to the step time.
+    #[arg(long)]
+    pub phase_times: bool,
 }
 
 /// The JSON line: trl_baseline.py's fields first (same names and units), then ours.
@@ -114,6 +119,17 @@ pub struct BenchResult {
     /// The planner's peak without CUDA context and allocator slack (GiB): compare with
     /// `peak_alloc_gib`.
     pub planned_tensors_gib: f64,
+    /// With `--phase-times`: median seconds per timed step in each phase (micro-batches
+    /// summed); null otherwise.
+    pub phase_secs: Option<PhaseSecs>,
+}
+
+/// Median seconds of a step's phases ([`StepPhase`]).
+#[derive(Debug, Clone, Serialize)]
+pub struct PhaseSecs {
+    pub forward: f64,
+    pub backward: f64,
+    pub optimizer: f64,
 }
 
 /// The benchmark's reward, trl_baseline.py's `c.split().count(ans)`: how many
@@ -399,7 +415,7 @@ fn run_on<B: AutodiffBackend>(args: &BenchArgs, algo: Algo, device: &B::Device) 
 
     crate::devmem::note::<B>(device, "model and adapter loaded");
     let _ = crate::devmem::take_noted();
-    let mut probe = Probe::<B>::new(device.clone());
+    let mut probe = Probe::<B>::new(device.clone(), args.phase_times);
     let poll_smi = args.device == DeviceArg::Cuda;
     let smi_peak = match examples {
         Examples::Dpo(set) => {
@@ -467,6 +483,22 @@ fn run_on<B: AutodiffBackend>(args: &BenchArgs, algo: Algo, device: &B::Device) 
         planned_peak_gib: round(planned.peak_gib(), 6),
         planned_seq_len: cfg.data.max_length,
         planned_tensors_gib: round(planned.tensor_peak_bytes() as f64 / GIB, 6),
+        phase_secs: args.phase_times.then(|| {
+            let timed = |i: usize| {
+                let v: Vec<f64> = probe
+                    .phases
+                    .iter()
+                    .skip(args.warmup)
+                    .map(|p| p[i])
+                    .collect();
+                round(median(&v), 6)
+            };
+            PhaseSecs {
+                forward: timed(0),
+                backward: timed(1),
+                optimizer: timed(2),
+            }
+        }),
     };
     let line = serde_json::to_string(&result)?;
     println!("{line}");
@@ -509,16 +541,25 @@ struct Probe<B: Backend> {
     peak: Option<DeviceMemory>,
     /// The first failed synchronization (the observer hooks cannot return errors).
     error: Option<String>,
+    /// With phase timing: the device is synchronized at every phase boundary and each step's
+    /// seconds per phase (forward, backward, optimizer; micro-batches summed) are kept.
+    time_phases: bool,
+    phases: Vec<[f64; 3]>,
+    /// When the last phase (or the step) began.
+    mark: Option<Instant>,
 }
 
 impl<B: Backend> Probe<B> {
-    fn new(device: B::Device) -> Self {
+    fn new(device: B::Device, time_phases: bool) -> Self {
         Self {
             device,
             started: None,
             secs: Vec::new(),
             peak: None,
             error: None,
+            time_phases,
+            phases: Vec::new(),
+            mark: None,
         }
     }
 
@@ -545,9 +586,25 @@ impl<B: Backend> StepObserver for Probe<B> {
         self.sync();
         self.sample();
         self.started = Some(Instant::now());
+        if self.time_phases {
+            self.phases.push([0.0; 3]);
+            self.mark = self.started;
+        }
     }
 
-    fn phase_done(&mut self, _phase: StepPhase) {
+    fn phase_done(&mut self, phase: StepPhase) {
+        if self.time_phases {
+            self.sync();
+            let now = Instant::now();
+            let i = match phase {
+                StepPhase::Forward => 0,
+                StepPhase::Backward => 1,
+                StepPhase::Optimizer => 2,
+            };
+            if let (Some(t), Some(p)) = (self.mark.replace(now), self.phases.last_mut()) {
+                p[i] += (now - t).as_secs_f64();
+            }
+        }
         self.sample();
     }
 

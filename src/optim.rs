@@ -5,7 +5,7 @@
 
 use crate::config::{LrScheduler, OptimizerConfig};
 use anyhow::{ensure, Context, Result};
-use burn::tensor::{backend::Backend, Tensor, TensorData};
+use burn::tensor::{backend::Backend, ElementConversion, Tensor, TensorData};
 use std::path::Path;
 
 enum Moments<B: Backend> {
@@ -60,12 +60,15 @@ impl<B: Backend> AdamW<B> {
         }
     }
 
-    /// One AdamW step; returns the new parameters.
+    /// One AdamW step on gradients scaled by `clip` (gradient clipping's factor, 1 for none);
+    /// returns the new parameters. On CUDA each resident tensor's step is one fused launch
+    /// (`cuda::train_ops::try_adamw`), the same arithmetic as the tensor ops below.
     pub fn update(
         &mut self,
         params: Vec<Tensor<B, 2>>,
         grads: Vec<Tensor<B, 2>>,
         lr: f64,
+        clip: f64,
     ) -> Vec<Tensor<B, 2>> {
         self.step += 1;
         let (b1, b2, eps, wd) = (
@@ -82,6 +85,26 @@ impl<B: Backend> AdamW<B> {
             .zip(grads)
             .zip(self.state.iter_mut())
             .map(|((p, g), st)| {
+                #[cfg(feature = "cuda")]
+                if let Moments::Resident { m, v } = st {
+                    let s = crate::cuda::train_ops::AdamwScalars {
+                        clip: clip as f32,
+                        decay: (1.0 - lr * wd) as f32,
+                        b1: b1 as f32,
+                        one_minus_b1: (1.0 - b1) as f32,
+                        b2: b2 as f32,
+                        one_minus_b2: (1.0 - b2) as f32,
+                        eps: eps as f32,
+                        bc2_sqrt: bc2_sqrt as f32,
+                        step_size: step_size as f32,
+                    };
+                    if let Some((p, nm, nv)) = crate::cuda::train_ops::try_adamw(&p, &g, m, v, &s) {
+                        *m = nm;
+                        *v = nv;
+                        return p;
+                    }
+                }
+                let g = if clip < 1.0 { g * clip } else { g };
                 let device = p.device();
                 let (m, v) = match st {
                     Moments::Resident { m, v } => (m.clone(), v.clone()),
@@ -193,6 +216,21 @@ impl<B: Backend> AdamW<B> {
 
 /// Learning rate at optimizer step `step` (0-based) of `total`, as transformers' schedulers
 /// (warmup linear from 0, then constant, linear decay to 0, or half-cosine to 0).
+/// The global L2 norm of `grads` (as `torch.nn.utils.clip_grad_norm_` computes it: the square
+/// root of the summed squares of every tensor), with one device read on CUDA instead of one
+/// per tensor. Non-finite when any gradient is.
+pub fn grad_norm<B: Backend>(grads: &[Tensor<B, 2>]) -> Result<f64> {
+    #[cfg(feature = "cuda")]
+    if let Some(sums) = crate::cuda::train_ops::try_sum_squares(grads) {
+        return Ok(sums?.iter().map(|&s| s as f64).sum::<f64>().sqrt());
+    }
+    Ok(grads
+        .iter()
+        .map(|g| g.clone().powi_scalar(2).sum().into_scalar().elem::<f64>())
+        .sum::<f64>()
+        .sqrt())
+}
+
 pub fn learning_rate(
     kind: LrScheduler,
     base: f64,
@@ -235,7 +273,7 @@ mod tests {
             ..Default::default()
         };
         let mut opt = AdamW::<B>::new(&cfg, &[[1, 1]], &Default::default());
-        let p = opt.update(vec![t(vec![1.0])], vec![t(vec![0.5])], 0.1);
+        let p = opt.update(vec![t(vec![1.0])], vec![t(vec![0.5])], 0.1, 1.0);
         let v = host(p[0].clone())[0];
         assert!((v - 0.899).abs() < 1e-6, "{v}");
     }
@@ -252,8 +290,8 @@ mod tests {
         let (mut pa, mut pb) = (t(vec![1.0, -2.0, 0.5]), t(vec![1.0, -2.0, 0.5]));
         for k in 0..5 {
             let g = t(vec![0.3 * k as f32, -0.1, 0.7]);
-            pa = a.update(vec![pa], vec![g.clone()], 0.01).remove(0);
-            pb = b.update(vec![pb], vec![g], 0.01).remove(0);
+            pa = a.update(vec![pa], vec![g.clone()], 0.01, 1.0).remove(0);
+            pb = b.update(vec![pb], vec![g], 0.01, 1.0).remove(0);
         }
         assert_eq!(host(pa.clone()), host(pb));
         let dir = tempfile::tempdir().unwrap();
@@ -263,8 +301,8 @@ mod tests {
             .unwrap();
         assert_eq!(c.step, 5);
         let g = t(vec![0.1, 0.2, 0.3]);
-        let x = a.update(vec![pa.clone()], vec![g.clone()], 0.01);
-        let y = c.update(vec![pa], vec![g], 0.01);
+        let x = a.update(vec![pa.clone()], vec![g.clone()], 0.01, 1.0);
+        let y = c.update(vec![pa], vec![g], 0.01, 1.0);
         assert_eq!(host(x[0].clone()), host(y[0].clone()));
     }
 

@@ -315,11 +315,7 @@ where
             .zip(&params)
             .map(|(g, p)| g.unwrap_or_else(|| Tensor::zeros(p.dims(), &device)))
             .collect();
-        let sq: f64 = grads
-            .iter()
-            .map(|g| g.clone().powi_scalar(2).sum().into_scalar().elem_f64())
-            .sum();
-        let grad_norm = sq.sqrt();
+        let grad_norm = crate::optim::grad_norm(&grads)?;
         finite &= grad_norm.is_finite();
         let mut m = mean_metrics(&metrics);
         let lr = learning_rate(t.lr_scheduler, t.learning_rate, step, warmup, total);
@@ -332,12 +328,7 @@ where
             } else {
                 1.0
             };
-            let grads = if scale < 1.0 {
-                grads.into_iter().map(|g| g * scale).collect()
-            } else {
-                grads
-            };
-            let updated = opt.update(inner, grads, lr);
+            let updated = opt.update(inner, grads, lr, scale);
             model.set_params(
                 &roles,
                 updated.into_iter().map(Tensor::from_inner).collect(),

@@ -37,6 +37,7 @@ fn bench_args(model: PathBuf, algo: &str, run: &Value) -> BenchArgs {
         device: DeviceArg::Cuda,
         out: None,
         force: false,
+        phase_times: false,
     }
 }
 

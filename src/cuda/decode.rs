@@ -66,6 +66,30 @@ pub fn set_enabled(on: bool) {
     ENABLED.store(on, Ordering::Relaxed);
 }
 
+/// Launch classes of a step, for [`FusedDecode::ablate`].
+pub mod skip {
+    /// RMSNorms (each also writes the next GEMM's bf16 input).
+    pub const NORM: u32 = 1;
+    /// The LoRA `x A^T` kernels and up-projection GEMMs.
+    pub const LORA: u32 = 2;
+    /// The NF4 dequantizations into the workspace.
+    pub const DEQUANT: u32 = 4;
+    /// The projections' base GEMMs.
+    pub const GEMM: u32 = 8;
+    /// RoPE + cache append.
+    pub const ROPE: u32 = 16;
+    /// Attention over the cache.
+    pub const ATTN: u32 = 32;
+    /// SwiGLU.
+    pub const SILU: u32 = 64;
+    /// The LM head and the sampling kernel.
+    pub const HEAD: u32 = 128;
+    /// The names of the classes above, by bit.
+    pub const NAMES: [&str; 8] = [
+        "norm", "lora", "dequant", "gemm", "rope", "attn", "silu", "head",
+    ];
+}
+
 /// The seven projections in the order the groups below index them (q, k, v, o, gate, up, down).
 const MODULES: [&str; 7] = crate::config::ALL_TARGETS;
 /// Modules that read the same input: their weights are dequantized side by side and multiplied
@@ -108,6 +132,8 @@ pub struct FusedDecode {
     /// The step inputs as last written (kept alive until the copy to `bufs.step` has run).
     host_step: Vec<u32>,
     graph: Option<Graph>,
+    /// Launch classes left out of the step ([`skip`]); measurement only, see [`Self::ablate`].
+    skip: u32,
     /// Ordinary steps run so far (the first compiles the kernels; capture comes after).
     plain_steps: usize,
     scale: f32,
@@ -429,6 +455,7 @@ impl FusedDecode {
             sampler,
             host_step: Vec::new(),
             graph: None,
+            skip: 0,
             plain_steps: 0,
             scale: adapter.map(|a| a.scaling() as f32).unwrap_or(0.0),
             client,
@@ -451,8 +478,23 @@ impl FusedDecode {
         })
     }
 
+    /// Leaves the launch classes in `mask` ([`skip`]) out of later steps, so that timing a step
+    /// with and without a class gives that class's share of the step (`decode_check` with
+    /// `ABLATE=1`). The logits are then wrong: for measurement only. Drops a captured graph.
+    pub fn ablate(&mut self, mask: u32) {
+        self.skip = mask;
+        self.graph = None;
+    }
+
+    fn runs(&self, class: u32) -> bool {
+        self.skip & class == 0
+    }
+
     /// RMSNorm of `x` into `y`, and as bf16 into `bufs.xb` (the next GEMM's input).
     fn rms(&self, x: &T, w: &T, y: &T) {
+        if !self.runs(skip::NORM) {
+            return;
+        }
         // SAFETY: x and y hold rows x hidden values, w hidden, xb at least rows x hidden / 2 u32.
         unsafe {
             rms_norm_rows::launch_unchecked::<CudaRuntime>(
@@ -474,6 +516,9 @@ impl FusedDecode {
     fn lora_z(&self, l: usize, g: usize, x: &T, width_in: usize) -> Option<&T> {
         let group = self.layers[l].lora[g].as_ref()?;
         let z = &self.bufs.z;
+        if !self.runs(skip::LORA) {
+            return None;
+        }
         // SAFETY: x is rows x in, A width x in, z at least rows x width.
         unsafe {
             f32_gemv::launch_unchecked::<CudaRuntime>(
@@ -510,8 +555,13 @@ impl FusedDecode {
         let in_f = layer.lin[members[0]].in_features();
         let mut o = 0;
         for &m in members {
-            layer.lin[m].dequant_into(&self.bufs.ws, o * in_f);
+            if self.runs(skip::DEQUANT) {
+                layer.lin[m].dequant_into(&self.bufs.ws, o * in_f);
+            }
             o += layer.lin[m].out_features();
+        }
+        if !self.runs(skip::GEMM) {
+            return Ok(());
         }
         // out [rows, o] = x [rows, in] · W^T (W row-major [o, in]).
         let shape = GemmShape::row_major(GemmIn::Bf16, 1, (self.rows, in_f, o), false, true);
@@ -712,47 +762,51 @@ impl FusedDecode {
             self.rms(&b.h, &self.layers[l].input_norm, &b.x);
             let z = self.lora_z(l, 0, &b.x, h_dim);
             self.project_group(l, 0, z, None, &b.qkv)?;
-            unsafe {
-                rope_append::launch_unchecked::<CudaRuntime>(
-                    &self.client,
-                    CubeCount::Static(rows as u32, 1, 1),
-                    CubeDim::new_1d(256),
-                    ArrayArg::from_raw_parts(b.qkv.handle.clone(), rows * (q_dim + 2 * kv_dim)),
-                    ArrayArg::from_raw_parts(b.q.handle.clone(), rows * q_dim),
-                    step(),
-                    ArrayArg::from_raw_parts(self.inv_freq.handle.clone(), self.hd / 2),
-                    ArrayArg::from_raw_parts(self.k_cache[l].handle.clone(), self.cache_len()),
-                    ArrayArg::from_raw_parts(self.v_cache[l].handle.clone(), self.cache_len()),
-                    ArrayArg::from_raw_parts(self.valid.handle.clone(), rows * self.cap),
-                    rows,
-                    self.nh,
-                    self.nkv,
-                    self.hd,
-                    self.cap,
-                )
-            };
-            unsafe {
-                decode_attention::launch_unchecked::<CudaRuntime>(
-                    &self.client,
-                    CubeCount::Static((rows * self.nh) as u32, 1, 1),
-                    CubeDim::new_1d(128),
-                    ArrayArg::from_raw_parts(b.q.handle.clone(), rows * q_dim),
-                    ArrayArg::from_raw_parts(self.k_cache[l].handle.clone(), self.cache_len()),
-                    ArrayArg::from_raw_parts(self.v_cache[l].handle.clone(), self.cache_len()),
-                    ArrayArg::from_raw_parts(self.valid.handle.clone(), rows * self.cap),
-                    step(),
-                    ArrayArg::from_raw_parts(b.attn.handle.clone(), rows * q_dim),
-                    ArrayArg::from_raw_parts(b.xb.handle.clone(), rows * q_dim / 2),
-                    rows,
-                    self.nh,
-                    self.nkv,
-                    self.hd,
-                    self.cap,
-                    self.window,
-                    1.0 / (self.hd as f32).sqrt(),
-                    4,
-                )
-            };
+            if self.runs(skip::ROPE) {
+                unsafe {
+                    rope_append::launch_unchecked::<CudaRuntime>(
+                        &self.client,
+                        CubeCount::Static(rows as u32, 1, 1),
+                        CubeDim::new_1d(256),
+                        ArrayArg::from_raw_parts(b.qkv.handle.clone(), rows * (q_dim + 2 * kv_dim)),
+                        ArrayArg::from_raw_parts(b.q.handle.clone(), rows * q_dim),
+                        step(),
+                        ArrayArg::from_raw_parts(self.inv_freq.handle.clone(), self.hd / 2),
+                        ArrayArg::from_raw_parts(self.k_cache[l].handle.clone(), self.cache_len()),
+                        ArrayArg::from_raw_parts(self.v_cache[l].handle.clone(), self.cache_len()),
+                        ArrayArg::from_raw_parts(self.valid.handle.clone(), rows * self.cap),
+                        rows,
+                        self.nh,
+                        self.nkv,
+                        self.hd,
+                        self.cap,
+                    )
+                };
+            }
+            if self.runs(skip::ATTN) {
+                unsafe {
+                    decode_attention::launch_unchecked::<CudaRuntime>(
+                        &self.client,
+                        CubeCount::Static((rows * self.nh) as u32, 1, 1),
+                        CubeDim::new_1d(128),
+                        ArrayArg::from_raw_parts(b.q.handle.clone(), rows * q_dim),
+                        ArrayArg::from_raw_parts(self.k_cache[l].handle.clone(), self.cache_len()),
+                        ArrayArg::from_raw_parts(self.v_cache[l].handle.clone(), self.cache_len()),
+                        ArrayArg::from_raw_parts(self.valid.handle.clone(), rows * self.cap),
+                        step(),
+                        ArrayArg::from_raw_parts(b.attn.handle.clone(), rows * q_dim),
+                        ArrayArg::from_raw_parts(b.xb.handle.clone(), rows * q_dim / 2),
+                        rows,
+                        self.nh,
+                        self.nkv,
+                        self.hd,
+                        self.cap,
+                        self.window,
+                        1.0 / (self.hd as f32).sqrt(),
+                        4,
+                    )
+                };
+            }
             let z = self.lora_z(l, 1, &b.attn, q_dim);
             self.project_group(l, 1, z, Some(&b.h), &b.h2)?;
             self.rms(&b.h2, &self.layers[l].post_norm, &b.x);
@@ -760,47 +814,53 @@ impl FusedDecode {
             self.project_group(l, 2, z, None, &b.gu)?;
             let n = rows * self.inter;
             // SAFETY: gu holds rows x 2 inter values (gate then up per row), act rows x inter.
-            unsafe {
-                silu_mul::launch_unchecked::<CudaRuntime>(
-                    &self.client,
-                    CubeCount::Static((n as u32 / 2).div_ceil(256), 1, 1),
-                    CubeDim::new_1d(256),
-                    ArrayArg::from_raw_parts(b.gu.handle.clone(), 2 * n),
-                    ArrayArg::from_raw_parts(b.gu.handle.clone(), 2 * n),
-                    ArrayArg::from_raw_parts(b.act.handle.clone(), n),
-                    ArrayArg::from_raw_parts(b.xb.handle.clone(), n / 2),
-                    n / 2,
-                    self.inter,
-                    2 * self.inter,
-                    self.inter,
-                    true,
-                )
-            };
+            if self.runs(skip::SILU) {
+                unsafe {
+                    silu_mul::launch_unchecked::<CudaRuntime>(
+                        &self.client,
+                        CubeCount::Static((n as u32 / 2).div_ceil(256), 1, 1),
+                        CubeDim::new_1d(256),
+                        ArrayArg::from_raw_parts(b.gu.handle.clone(), 2 * n),
+                        ArrayArg::from_raw_parts(b.gu.handle.clone(), 2 * n),
+                        ArrayArg::from_raw_parts(b.act.handle.clone(), n),
+                        ArrayArg::from_raw_parts(b.xb.handle.clone(), n / 2),
+                        n / 2,
+                        self.inter,
+                        2 * self.inter,
+                        self.inter,
+                        true,
+                    )
+                };
+            }
             let z = self.lora_z(l, 3, &b.act, self.inter);
             // The block output overwrites `h`, which nothing reads any more this layer.
             self.project_group(l, 3, z, Some(&b.h2), &b.h)?;
         }
         self.rms(&b.h, &self.final_norm, &b.x);
-        self.project(&b.x)?;
+        if self.runs(skip::HEAD) {
+            self.project(&b.x)?;
+        }
         if let Some(smp) = &self.sampler {
             // SAFETY: logits hold rows x vocab f32, picks rows u32, banned n_banned + 1 u32.
-            unsafe {
-                sample_rows::launch_unchecked::<CudaRuntime>(
-                    &self.client,
-                    CubeCount::Static(rows as u32, 1, 1),
-                    CubeDim::new_1d(256),
-                    ArrayArg::from_raw_parts(b.logits.handle.clone(), rows * self.vocab),
-                    step(),
-                    ArrayArg::from_raw_parts(smp.banned.clone(), smp.n_banned + 1),
-                    ArrayArg::from_raw_parts(smp.picks.clone(), rows),
-                    rows,
-                    self.vocab,
-                    smp.n_banned,
-                    smp.inv_temp,
-                    smp.greedy,
-                    8,
-                )
-            };
+            if self.runs(skip::HEAD) {
+                unsafe {
+                    sample_rows::launch_unchecked::<CudaRuntime>(
+                        &self.client,
+                        CubeCount::Static(rows as u32, 1, 1),
+                        CubeDim::new_1d(256),
+                        ArrayArg::from_raw_parts(b.logits.handle.clone(), rows * self.vocab),
+                        step(),
+                        ArrayArg::from_raw_parts(smp.banned.clone(), smp.n_banned + 1),
+                        ArrayArg::from_raw_parts(smp.picks.clone(), rows),
+                        rows,
+                        self.vocab,
+                        smp.n_banned,
+                        smp.inv_temp,
+                        smp.greedy,
+                        8,
+                    )
+                };
+            }
         }
         Ok(())
     }

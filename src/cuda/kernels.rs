@@ -169,7 +169,7 @@ pub const DECODE_MAX_KEYS: usize = 4096;
 /// The plane-reduced sum over a whole cube of `planes` planes (through shared memory); every
 /// unit gets the total.
 #[cube]
-fn cube_sum(v: f32, #[comptime] planes: usize) -> f32 {
+pub(super) fn cube_sum(v: f32, #[comptime] planes: usize) -> f32 {
     let mut part = SharedMemory::<f32>::new(planes);
     let s = plane_sum(v);
     if (UNIT_POS_X & 31) == 0 {

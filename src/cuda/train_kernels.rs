@@ -3,6 +3,7 @@
 //! Row kernels give each row to one plane of 32 lanes, `CUBE_DIM_Y` rows per cube; a whole plane
 //! leaves together, so the plane reductions never see a missing lane.
 
+use super::kernels::cube_sum;
 use cubecl::prelude::*;
 
 /// Rows below this bias are masked (the bias is 0 or -1e30).
@@ -237,5 +238,67 @@ pub fn softmax_bwd(
         }
         dp[srow + k] = v;
         k += 32;
+    }
+}
+
+/// `out[slot] = sum(x[i]^2)` over `n` values, by one cube of `planes` planes (deterministic: no
+/// atomics). One launch per gradient tensor fills a small buffer the host reads once, instead of
+/// one reduction and one blocking read per tensor.
+#[cube(launch_unchecked)]
+pub fn sum_squares(
+    x: &Array<f32>,
+    n: usize,
+    out: &mut Array<f32>,
+    slot: usize,
+    #[comptime] planes: usize,
+) {
+    let units = comptime!(planes * 32);
+    let mut s = 0.0f32;
+    let mut i = UNIT_POS_X as usize;
+    while i < n {
+        let v = x[i];
+        s += v * v;
+        i += units;
+    }
+    let total = cube_sum(s, planes);
+    if UNIT_POS_X == 0 {
+        out[slot] = total;
+    }
+}
+
+/// One AdamW step of one parameter tensor in a single pass, with PyTorch's order of operations
+/// (`torch.optim.AdamW`, `foreach=False`): `g *= clip`, `p *= 1 - lr * wd`, `m = b1 m + (1 - b1)
+/// g`, `v = b2 v + (1 - b2) g^2`, `p -= step_size * m / (sqrt(v) / bc2_sqrt + eps)`. `m` and `v`
+/// go to `m_out` and `v_out`, the new parameter to `p_out`.
+#[cube(launch_unchecked)]
+#[allow(clippy::too_many_arguments)]
+pub fn adamw_step(
+    p: &Array<f32>,
+    g: &Array<f32>,
+    m: &Array<f32>,
+    v: &Array<f32>,
+    p_out: &mut Array<f32>,
+    m_out: &mut Array<f32>,
+    v_out: &mut Array<f32>,
+    n: usize,
+    clip: f32,
+    decay: f32,
+    b1: f32,
+    omb1: f32,
+    b2: f32,
+    omb2: f32,
+    eps: f32,
+    bc2_sqrt: f32,
+    step_size: f32,
+) {
+    let i = ABSOLUTE_POS;
+    if i < n {
+        let gi = g[i] * clip;
+        let mi = m[i] * b1 + gi * omb1;
+        let vi = v[i] * b2 + gi * gi * omb2;
+        m_out[i] = mi;
+        v_out[i] = vi;
+        let denom = vi.sqrt() / bc2_sqrt + eps;
+        p_out[i] = p[i] * decay - mi / denom * step_size;
     }
 }

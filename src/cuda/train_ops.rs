@@ -13,7 +13,8 @@
 use super::blas::{self, GemmIn, GemmShape};
 use super::qlinear::Inner;
 use super::train_kernels::{
-    masked_softmax, rms_norm_bwd, rms_norm_fwd, rope_transpose, softmax_bwd, swiglu_bwd,
+    adamw_step, masked_softmax, rms_norm_bwd, rms_norm_fwd, rope_transpose, softmax_bwd,
+    sum_squares, swiglu_bwd,
 };
 use anyhow::{ensure, Result};
 use burn::tensor::{backend::Backend, Bool, DType, Shape, Tensor, TensorPrimitive};
@@ -615,4 +616,98 @@ pub fn try_matmul_acc<B: Backend>(
     );
     row_gemm(1, dims, &xp, &yp, tx, ty, (alpha as f32, 1.0), &ap);
     Ok(wrap(ap))
+}
+
+/// The sum of squares of each tensor of `ts`: one single-cube launch per tensor into one small
+/// buffer, read back once (the tensor-op path is two launches and one blocking read per tensor,
+/// hundreds per step for an adapter on every projection). `None` on other backends.
+pub fn try_sum_squares<B: Backend>(ts: &[Tensor<B, 2>]) -> Option<Result<Vec<f32>>> {
+    let prims: Vec<T> = ts.iter().map(prim).collect::<Option<_>>()?;
+    let first = prims.first()?;
+    let out = empty(first, &[prims.len()]);
+    for (slot, t) in prims.iter().enumerate() {
+        let n: usize = t.meta.shape().iter().product();
+        // SAFETY: `t` holds n values, `out` one per tensor; one cube of 8 planes.
+        unsafe {
+            sum_squares::launch_unchecked::<CudaRuntime>(
+                &t.client,
+                CubeCount::Static(1, 1, 1),
+                CubeDim::new_1d(256),
+                arr(t),
+                n,
+                arr(&out),
+                slot,
+                8,
+            )
+        };
+    }
+    let bytes = match first.client.read_one(out.handle.clone()) {
+        Ok(b) => b,
+        Err(e) => return Some(Err(anyhow::anyhow!("reading gradient norms: {e:?}"))),
+    };
+    Some(Ok(bytes
+        .chunks_exact(4)
+        .map(|w| f32::from_le_bytes([w[0], w[1], w[2], w[3]]))
+        .collect()))
+}
+
+/// The scalars of one AdamW step, rounded to f32 from the f64 values the tensor-op path uses.
+#[derive(Debug, Clone, Copy)]
+pub struct AdamwScalars {
+    /// The gradient-clipping factor (1 when not clipping).
+    pub clip: f32,
+    /// `1 - lr * weight_decay`.
+    pub decay: f32,
+    pub b1: f32,
+    pub one_minus_b1: f32,
+    pub b2: f32,
+    pub one_minus_b2: f32,
+    pub eps: f32,
+    /// `sqrt(1 - b2^t)`.
+    pub bc2_sqrt: f32,
+    /// `lr / (1 - b1^t)`.
+    pub step_size: f32,
+}
+
+/// One AdamW step of one tensor in one launch (`train_kernels::adamw_step`): the new
+/// `(p, m, v)`, or `None` on other backends (where the tensor ops run instead).
+#[allow(clippy::type_complexity)]
+pub fn try_adamw<B: Backend>(
+    p: &Tensor<B, 2>,
+    g: &Tensor<B, 2>,
+    m: &Tensor<B, 2>,
+    v: &Tensor<B, 2>,
+    s: &AdamwScalars,
+) -> Option<(Tensor<B, 2>, Tensor<B, 2>, Tensor<B, 2>)> {
+    let (pp, gp, mp, vp) = (prim(p)?, prim(g)?, prim(m)?, prim(v)?);
+    let dims = p.dims();
+    let n = dims[0] * dims[1];
+    let (p_out, m_out, v_out) = (empty(&pp, &dims), empty(&pp, &dims), empty(&pp, &dims));
+    let (count, dim) = flat_cubes(n);
+    // SAFETY: seven contiguous buffers of n values; the kernel bounds-checks n.
+    unsafe {
+        adamw_step::launch_unchecked::<CudaRuntime>(
+            &pp.client,
+            count,
+            dim,
+            arr(&pp),
+            arr(&gp),
+            arr(&mp),
+            arr(&vp),
+            arr(&p_out),
+            arr(&m_out),
+            arr(&v_out),
+            n,
+            s.clip,
+            s.decay,
+            s.b1,
+            s.one_minus_b1,
+            s.b2,
+            s.one_minus_b2,
+            s.eps,
+            s.bc2_sqrt,
+            s.step_size,
+        )
+    };
+    Some((wrap(p_out), wrap(m_out), wrap(v_out)))
 }
