@@ -1,33 +1,35 @@
-//! Fused decode on CUDA: one sampling step of the whole model in ~19 kernel launches per block.
+//! Fused decode on CUDA: one sampling step of the whole model in 15 kernel launches per block.
 //!
 //! Through burn's tensor ops a decode step of a 24-layer model is ~2,400 small launches (RMSNorm
 //! alone is six, each LoRA delta four, RoPE ten, the growing KV cache a concatenation per layer
 //! and step), and at a few rows the host cost of each launch, not the GPU, sets the step time.
 //! Here the prompt is prefilled by the ordinary forward, its keys and values are copied once into
-//! a preallocated cache, and every later token runs: RMSNorm (also writing the bf16 copy the
-//! next GEMM reads), one `x A^T` for the LoRA factors of a group of modules that share an input
-//! (q/k/v, o, gate/up, down), the group's NF4 weights dequantized side by side into a bf16
-//! workspace and one cuBLASLt GEMM (the residual add as its C term) plus the group's LoRA
-//! up-projection as a second GEMM (block-diagonal B) accumulating into the output, RoPE + cache
-//! append, attention over the cache, SwiGLU, the vocabulary projection, and (for plain
-//! temperature or greedy sampling) the draw of the next tokens. Even a launch that does almost
-//! nothing costs a few microseconds inside a graph, so the count of launches per block is what
-//! this layout keeps small. (The fused NF4 GEMV, `kernels::nf4_gemv_fused`, reads 4 bits per
-//! weight instead of writing and reading 16, but runs at CUDA-core speed: 1.7x slower per step
-//! than dequantize + cuBLAS in BENCHMARKS.md's call 9.)
+//! a preallocated cache, and every later token runs, per group of modules that share an input
+//! (q/k/v, o, gate/up, down): one `x A^T` for the group's LoRA factors, the group's NF4 weights
+//! dequantized side by side into a bf16 workspace by one launch, and one cuBLASLt GEMM (the
+//! residual add as its C term). The group's LoRA up-projection has no launch of its own: the
+//! kernel that reads the group's output next (RoPE + cache append, the post-attention RMSNorm,
+//! SwiGLU, the next block's RMSNorm) adds it (`kernels::lora_up`). Then attention over the cache,
+//! the vocabulary projection, and (for plain temperature or greedy sampling) the draw of the
+//! next tokens. Even a launch that does almost nothing costs a few microseconds inside a graph,
+//! so the count of launches per block is what this layout keeps small (`decode_check` with
+//! `ABLATE=1` times the step without each kind of launch). (The fused NF4 GEMV,
+//! `kernels::nf4_gemv_fused`, reads 4 bits per weight instead of writing and reading 16, but
+//! runs at CUDA-core speed: 1.7x slower per step than dequantize + cuBLAS in BENCHMARKS.md's
+//! call 9.)
 //!
 //! Every buffer a step touches is allocated once, and nothing that changes from step to step is
 //! a launch argument (tokens, positions, the cache slot and the sampling seed are read from a
 //! small device buffer written before the step). So after one ordinary step the whole step is
 //! captured once into a CUDA graph on cubecl's stream and replayed: one launch per token instead
-//! of ~450, whose host cost (~20 us each through cubecl) was the step time. `RLHF_NO_DECODE_GRAPH=1` keeps the
-//! per-kernel launches. `examples/decode_check.rs` compares the logits with the ordinary
+//! of ~450, whose host cost (~20 us each through cubecl) was the step time.
+//! `RLHF_NO_DECODE_GRAPH=1` keeps the per-kernel launches. `examples/decode_check.rs` compares the logits with the ordinary
 //! forward's step by step.
 
 use super::blas::{GemmIn, GemmShape};
 use super::kernels::{
-    decode_attention, embed_rows, f32_gemv, rms_norm_rows, rope_append, sample_rows, silu_mul,
-    step_words, DECODE_MAX_KEYS,
+    decode_attention, embed_rows, lora_down, rms_norm_rows, rope_append, sample_rows, silu_mul,
+    step_words, DECODE_MAX_HEAD_DIM, DECODE_MAX_KEYS,
 };
 use super::qlinear::{GpuLinear, Inner, GEMV_MAX_ROWS};
 use super::train_ops::gemm_at;
@@ -49,6 +51,16 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 type T = CubeTensor<CudaRuntime>;
+
+/// A kernel's LoRA arguments: `z`, B^T, width, outputs, scale, on ([`FusedDecode::lora_args`]).
+type LoraArgs = (
+    ArrayArg<CudaRuntime>,
+    ArrayArg<CudaRuntime>,
+    usize,
+    usize,
+    f32,
+    bool,
+);
 
 /// Switch for A/B measurements (`RLHF_NO_FUSED_DECODE=1` or [`set_enabled`]).
 static ENABLED: AtomicBool = AtomicBool::new(true);
@@ -93,17 +105,22 @@ pub mod skip {
 /// The seven projections in the order the groups below index them (q, k, v, o, gate, up, down).
 const MODULES: [&str; 7] = crate::config::ALL_TARGETS;
 /// Modules that read the same input: their weights are dequantized side by side and multiplied
-/// by one GEMM (outputs concatenated: `[q | k | v]`, `[gate | up]`), their LoRA terms by one
-/// GEMV and one GEMM.
+/// by one GEMM (outputs concatenated: `[q | k | v]`, `[gate | up]`), their LoRA down-projections
+/// by one kernel.
 const GROUPS: [&[usize]; 4] = [&[0, 1, 2], &[3], &[4, 5], &[6]];
 
-/// One group's LoRA: the members' A stacked `[width, in]` (`x A^T` of all of them is one GEMV
+/// One group's LoRA: the members' A stacked `[width, in]` (`x A^T` of all of them is one kernel
 /// into `z [rows, width]`) and their B block-diagonal `[group out, width]` (member m's B at its
-/// output rows and its columns of `z`; zeros elsewhere), so the up-projection is one GEMM.
+/// output rows and its columns of `z`; zeros elsewhere), kept transposed, so the kernel that
+/// reads the group's output adds the up-projection of any of its values with one dot product
+/// over `z`'s row.
 struct GroupLora {
     a: T,
     width: usize,
-    b: T,
+    /// The group's output features.
+    outs: usize,
+    /// B transposed, `[width, outs]` (contiguous): consecutive outputs read consecutive values.
+    bt: T,
 }
 
 struct Layer {
@@ -215,18 +232,17 @@ fn prim<const D: usize>(t: Tensor<Inner, D>) -> T {
     into_contiguous(t.into_primitive().tensor())
 }
 
-/// Most rows (sequences) one fused decode samples: the projections are GEMMs and the other
-/// kernels take the row count at run time; only the LoRA `x A^T` kernel unrolls over rows (one
-/// accumulator each). Beyond it the ordinary KV-cache path runs (session 6 measured a 32-row
-/// GRPO there at 10-12 s/step).
+/// Most rows (sequences) one fused decode samples: the projections are GEMMs and the kernels
+/// take the row count at run time, but more rows than this were never measured. Beyond it the
+/// ordinary KV-cache path runs (session 6 measured a 32-row GRPO there at 10-12 s/step).
 pub const DECODE_MAX_ROWS: usize = 64;
 
 impl FusedDecode {
     /// Takes over after the prompt was prefilled into `cache` by the ordinary forward. `None`
     /// when `B` is not the plain CUDA backend, or the model is outside what the kernels cover
     /// (more than [`DECODE_MAX_ROWS`] rows, or more than 16 with an NF4 LM head; dense or biased
-    /// projections, caches beyond 4,096 slots, odd head dims); the caller keeps the ordinary
-    /// path then.
+    /// projections, caches beyond 4,096 slots, odd head dims or head dims above 256); the caller
+    /// keeps the ordinary path then.
     ///
     /// With `sampling` given and free of top-k / top-p filters, every step also draws the next
     /// tokens on the GPU ([`Self::step_sample`]).
@@ -268,6 +284,7 @@ impl FusedDecode {
             || cap > DECODE_MAX_KEYS
             || cache.len() >= cap
             || hd % 2 != 0
+            || hd > DECODE_MAX_HEAD_DIM
             || nkv == 0
             || nh % nkv != 0
         {
@@ -322,7 +339,8 @@ impl FusedDecode {
                 lora.push(Some(GroupLora {
                     a: prim(a),
                     width,
-                    b: prim(b),
+                    outs: out_off,
+                    bt: prim(b.transpose()),
                 }));
             }
             layers.push(Layer {
@@ -490,11 +508,41 @@ impl FusedDecode {
         self.skip & class == 0
     }
 
-    /// RMSNorm of `x` into `y`, and as bf16 into `bufs.xb` (the next GEMM's input).
-    fn rms(&self, x: &T, w: &T, y: &T) {
+    /// The LoRA arguments of a kernel that completes a projection group's output with its
+    /// up-projection (`kernels::lora_up`): `z`, the group's B transposed, its width and outputs,
+    /// the scale, and whether to (placeholders and `false` without a group).
+    fn lora_args(&self, group: Option<&GroupLora>) -> LoraArgs {
+        // SAFETY: z holds rows x width (written by `lora_z` for this group), B outs x width; the
+        // placeholders are never read when the flag is off.
+        unsafe {
+            match group {
+                Some(g) => (
+                    ArrayArg::from_raw_parts(self.bufs.z.handle.clone(), self.rows * g.width),
+                    ArrayArg::from_raw_parts(g.bt.handle.clone(), g.width * g.outs),
+                    g.width,
+                    g.outs,
+                    self.scale,
+                    true,
+                ),
+                None => (
+                    ArrayArg::from_raw_parts(self.bufs.z.handle.clone(), 1),
+                    ArrayArg::from_raw_parts(self.bufs.z.handle.clone(), 1),
+                    0,
+                    0,
+                    0.0,
+                    false,
+                ),
+            }
+        }
+    }
+
+    /// RMSNorm of `x` into `y`, and as bf16 into `bufs.xb` (the next GEMM's input); with `lora`
+    /// (the group that wrote `x`), `x` is completed with its LoRA up-projection first.
+    fn rms(&self, x: &T, w: &T, y: &T, lora: Option<&GroupLora>) {
         if !self.runs(skip::NORM) {
             return;
         }
+        let (z, lb, width, outs, scale, on) = self.lora_args(lora);
         // SAFETY: x and y hold rows x hidden values, w hidden, xb at least rows x hidden / 2 u32.
         unsafe {
             rms_norm_rows::launch_unchecked::<CudaRuntime>(
@@ -507,58 +555,58 @@ impl FusedDecode {
                 self.hidden,
                 ArrayArg::from_raw_parts(y.handle.clone(), self.rows * self.hidden),
                 ArrayArg::from_raw_parts(self.bufs.xb.handle.clone(), self.rows * self.hidden / 2),
+                z,
+                lb,
+                width,
+                outs,
+                scale,
                 8,
+                on,
             )
         };
     }
 
-    /// `x A^T` for every adapted module of group `g` of layer `l`, into `bufs.z`.
-    fn lora_z(&self, l: usize, g: usize, x: &T, width_in: usize) -> Option<&T> {
+    /// `x A^T` for every adapted module of group `g` of layer `l`, into `bufs.z`; returns the
+    /// group, whose up-projection the kernel reading the group's output then adds.
+    fn lora_z(&self, l: usize, g: usize, x: &T, width_in: usize) -> Option<&GroupLora> {
         let group = self.layers[l].lora[g].as_ref()?;
-        let z = &self.bufs.z;
         if !self.runs(skip::LORA) {
             return None;
         }
         // SAFETY: x is rows x in, A width x in, z at least rows x width.
         unsafe {
-            f32_gemv::launch_unchecked::<CudaRuntime>(
+            lora_down::launch_unchecked::<CudaRuntime>(
                 &self.client,
-                CubeCount::Static(group.width as u32, 1, 1),
-                CubeDim::new_2d(32, 8),
+                CubeCount::Static(group.width as u32, self.rows as u32, 1),
+                CubeDim::new_1d(128),
                 ArrayArg::from_raw_parts(x.handle.clone(), self.rows * width_in),
                 ArrayArg::from_raw_parts(group.a.handle.clone(), group.width * width_in),
                 width_in,
                 group.width,
-                ArrayArg::from_raw_parts(z.handle.clone(), self.rows * group.width),
-                self.rows,
-                8,
+                ArrayArg::from_raw_parts(self.bufs.z.handle.clone(), self.rows * group.width),
+                4,
             )
         };
-        Some(z)
+        Some(group)
     }
 
     /// Group `g` of layer `l` (its input's bf16 copy in `bufs.xb`, written by the kernel that
     /// produced it) into `out` (`[rows, group out]`), plus the residual `res`: the members' NF4
     /// weights dequantized side by side into the workspace and one bf16 cuBLASLt GEMM (the
-    /// residual as its C term), then the group's LoRA up-projection of `z` as one TF32 GEMM
-    /// accumulating into the output.
-    fn project_group(
-        &self,
-        l: usize,
-        g: usize,
-        z: Option<&T>,
-        res: Option<&T>,
-        out: &T,
-    ) -> Result<()> {
+    /// residual as its C term). The group's LoRA up-projection is added by the kernel that reads
+    /// `out` next (`kernels::lora_up`).
+    fn project_group(&self, l: usize, g: usize, res: Option<&T>, out: &T) -> Result<()> {
         let layer = &self.layers[l];
         let members = GROUPS[g];
         let in_f = layer.lin[members[0]].in_features();
-        let mut o = 0;
-        for &m in members {
-            if self.runs(skip::DEQUANT) {
-                layer.lin[m].dequant_into(&self.bufs.ws, o * in_f);
-            }
-            o += layer.lin[m].out_features();
+        let lins: Vec<&GpuLinear> = members.iter().map(|&m| &*layer.lin[m]).collect();
+        let o: usize = lins.iter().map(|l| l.out_features()).sum();
+        // One launch for the group (every decode weight is NF4: `new` checks).
+        if self.runs(skip::DEQUANT) {
+            ensure!(
+                GpuLinear::dequant_group_into(&lins, &self.bufs.ws, 0),
+                "fused decode: a group's weights are not NF4"
+            );
         }
         if !self.runs(skip::GEMM) {
             return Ok(());
@@ -577,14 +625,7 @@ impl FusedDecode {
             (&self.bufs.xb, 0),
             c,
             out,
-        )?;
-        if let (Some(z), Some(lora)) = (z, &layer.lora[g]) {
-            // out [rows, o] += s · z [rows, width] · B^T (B row-major [o, width]).
-            let shape =
-                GemmShape::row_major(GemmIn::F32Tf32, 1, (self.rows, lora.width, o), false, true);
-            gemm_at(shape, self.scale, 1.0, (&lora.b, 0), (z, 0), out, out)?;
-        }
-        Ok(())
+        )
     }
 
     /// Whether steps draw the next tokens on the GPU ([`Self::step_sample`]).
@@ -758,16 +799,20 @@ impl FusedDecode {
                 self.embed.dtype == DType::BF16,
             )
         };
+        // The LoRA up-projection the next kernel owes the residual stream `h` (the previous
+        // block's down projection's).
+        let mut owed: Option<&GroupLora> = None;
         for l in 0..self.layers.len() {
-            self.rms(&b.h, &self.layers[l].input_norm, &b.x);
-            let z = self.lora_z(l, 0, &b.x, h_dim);
-            self.project_group(l, 0, z, None, &b.qkv)?;
+            self.rms(&b.h, &self.layers[l].input_norm, &b.x, owed);
+            let lora = self.lora_z(l, 0, &b.x, h_dim);
+            self.project_group(l, 0, None, &b.qkv)?;
             if self.runs(skip::ROPE) {
+                let (z, lb, width, outs, scale, on) = self.lora_args(lora);
                 unsafe {
                     rope_append::launch_unchecked::<CudaRuntime>(
                         &self.client,
-                        CubeCount::Static(rows as u32, 1, 1),
-                        CubeDim::new_1d(256),
+                        CubeCount::Static((rows * (self.nh + self.nkv)) as u32, 1, 1),
+                        CubeDim::new_1d(32),
                         ArrayArg::from_raw_parts(b.qkv.handle.clone(), rows * (q_dim + 2 * kv_dim)),
                         ArrayArg::from_raw_parts(b.q.handle.clone(), rows * q_dim),
                         step(),
@@ -780,6 +825,12 @@ impl FusedDecode {
                         self.nkv,
                         self.hd,
                         self.cap,
+                        z,
+                        lb,
+                        width,
+                        outs,
+                        scale,
+                        on,
                     )
                 };
             }
@@ -788,7 +839,7 @@ impl FusedDecode {
                     decode_attention::launch_unchecked::<CudaRuntime>(
                         &self.client,
                         CubeCount::Static((rows * self.nh) as u32, 1, 1),
-                        CubeDim::new_1d(128),
+                        CubeDim::new_1d(256),
                         ArrayArg::from_raw_parts(b.q.handle.clone(), rows * q_dim),
                         ArrayArg::from_raw_parts(self.k_cache[l].handle.clone(), self.cache_len()),
                         ArrayArg::from_raw_parts(self.v_cache[l].handle.clone(), self.cache_len()),
@@ -803,18 +854,19 @@ impl FusedDecode {
                         self.cap,
                         self.window,
                         1.0 / (self.hd as f32).sqrt(),
-                        4,
+                        8,
                     )
                 };
             }
-            let z = self.lora_z(l, 1, &b.attn, q_dim);
-            self.project_group(l, 1, z, Some(&b.h), &b.h2)?;
-            self.rms(&b.h2, &self.layers[l].post_norm, &b.x);
-            let z = self.lora_z(l, 2, &b.x, h_dim);
-            self.project_group(l, 2, z, None, &b.gu)?;
+            let lora = self.lora_z(l, 1, &b.attn, q_dim);
+            self.project_group(l, 1, Some(&b.h), &b.h2)?;
+            self.rms(&b.h2, &self.layers[l].post_norm, &b.x, lora);
+            let lora = self.lora_z(l, 2, &b.x, h_dim);
+            self.project_group(l, 2, None, &b.gu)?;
             let n = rows * self.inter;
             // SAFETY: gu holds rows x 2 inter values (gate then up per row), act rows x inter.
             if self.runs(skip::SILU) {
+                let (z, lb, width, outs, scale, on) = self.lora_args(lora);
                 unsafe {
                     silu_mul::launch_unchecked::<CudaRuntime>(
                         &self.client,
@@ -828,15 +880,21 @@ impl FusedDecode {
                         self.inter,
                         2 * self.inter,
                         self.inter,
+                        z,
+                        lb,
+                        width,
+                        outs,
+                        scale,
                         true,
+                        on,
                     )
                 };
             }
-            let z = self.lora_z(l, 3, &b.act, self.inter);
+            owed = self.lora_z(l, 3, &b.act, self.inter);
             // The block output overwrites `h`, which nothing reads any more this layer.
-            self.project_group(l, 3, z, Some(&b.h2), &b.h)?;
+            self.project_group(l, 3, Some(&b.h2), &b.h)?;
         }
-        self.rms(&b.h, &self.final_norm, &b.x);
+        self.rms(&b.h, &self.final_norm, &b.x, owed);
         if self.runs(skip::HEAD) {
             self.project(&b.x)?;
         }

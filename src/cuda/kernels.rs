@@ -73,6 +73,20 @@ pub fn nf4_dequant_bf16(
     if idx >= words * 4 {
         terminate!();
     }
+    out[at + idx] = dequant_pair(idx, packed, codes, nested, code2, offset, &table);
+}
+
+/// One output u32 (two bf16 values) of [`nf4_dequant_bf16`]: u32 `idx` of one tensor.
+#[cube]
+fn dequant_pair(
+    idx: usize,
+    packed: &Array<u32>,
+    codes: &Array<u32>,
+    nested: &Array<f32>,
+    code2: &Array<f32>,
+    offset: f32,
+    table: &SharedMemory<f32>,
+) -> u32 {
     let w = idx / 4;
     // Byte j of the word holds values 2j (high nibble) and 2j + 1 (low nibble).
     let j = (idx % 4) as u32;
@@ -82,7 +96,50 @@ pub fn nf4_dequant_bf16(
     let second = (word >> (j * 8)) & 0xF;
     let lo = bf16_bits(table[first as usize] * scale);
     let hi = bf16_bits(table[second as usize] * scale);
-    out[at + idx] = lo | (hi << 16);
+    lo | (hi << 16)
+}
+
+/// [`nf4_dequant_bf16`] of up to three tensors in one launch, side by side from u32 `at` on
+/// (tensor 1 after tensor 0's `4 * words0` u32, tensor 2 after tensor 1's): the decode's q/k/v
+/// and gate/up groups. A tensor with 0 words is not read (pass any other tensor's arrays).
+#[cube(launch_unchecked)]
+#[allow(clippy::too_many_arguments)]
+pub fn nf4_dequant_bf16_3(
+    packed0: &Array<u32>,
+    codes0: &Array<u32>,
+    nested0: &Array<f32>,
+    code20: &Array<f32>,
+    offset0: f32,
+    words0: usize,
+    packed1: &Array<u32>,
+    codes1: &Array<u32>,
+    nested1: &Array<f32>,
+    code21: &Array<f32>,
+    offset1: f32,
+    words1: usize,
+    packed2: &Array<u32>,
+    codes2: &Array<u32>,
+    nested2: &Array<f32>,
+    code22: &Array<f32>,
+    offset2: f32,
+    words2: usize,
+    nf4: &Array<f32>,
+    out: &mut Array<u32>,
+    at: usize,
+) {
+    let table = nf4_table(nf4);
+    let idx = ABSOLUTE_POS;
+    let (e0, e1) = (words0 * 4, (words0 + words1) * 4);
+    if idx >= e1 + words2 * 4 {
+        terminate!();
+    }
+    if idx < e0 {
+        out[at + idx] = dequant_pair(idx, packed0, codes0, nested0, code20, offset0, &table);
+    } else if idx < e1 {
+        out[at + idx] = dequant_pair(idx - e0, packed1, codes1, nested1, code21, offset1, &table);
+    } else {
+        out[at + idx] = dequant_pair(idx - e1, packed2, codes2, nested2, code22, offset2, &table);
+    }
 }
 
 /// Sums each `acc[i]` (`i < n`) over the lanes of every plane, then over the cube's `planes`
@@ -165,6 +222,8 @@ pub fn f32_gemv(
 
 /// Largest cache length the decode attention kernel holds scores for (shared memory).
 pub const DECODE_MAX_KEYS: usize = 4096;
+/// Largest head dim the decode attention kernel holds partial sums for (shared memory).
+pub const DECODE_MAX_HEAD_DIM: usize = 256;
 
 /// The plane-reduced sum over a whole cube of `planes` planes (through shared memory); every
 /// unit gets the total.
@@ -187,7 +246,7 @@ pub(super) fn cube_sum(v: f32, #[comptime] planes: usize) -> f32 {
 
 /// The maximum over a whole cube (as [`cube_sum`]).
 #[cube]
-fn cube_max(v: f32, #[comptime] planes: usize) -> f32 {
+pub(super) fn cube_max(v: f32, #[comptime] planes: usize) -> f32 {
     let mut part = SharedMemory::<f32>::new(planes);
     let s = plane_max(v);
     if (UNIT_POS_X & 31) == 0 {
@@ -206,25 +265,95 @@ fn cube_max(v: f32, #[comptime] planes: usize) -> f32 {
     total
 }
 
+/// A LoRA up-projection's value at row `r`, output `o`: `scale * sum_j z[r, j] bt[j, o]`, from
+/// the group's `z = x A^T` (`[rows, width]`) and its block-diagonal B transposed (`bt [width,
+/// outs]`: lanes on consecutive outputs read consecutive values). The decode kernels that read
+/// a projection's output add it there, so the up-projection needs no launch of its own (f32
+/// throughout, where a separate GEMM ran in TF32).
+#[cube]
+fn lora_up(
+    z: &Array<f32>,
+    bt: &Array<f32>,
+    r: usize,
+    o: usize,
+    width: usize,
+    outs: usize,
+    scale: f32,
+) -> f32 {
+    let mut acc = 0.0f32;
+    for j in 0..width {
+        acc += z[r * width + j] * bt[j * outs + o];
+    }
+    acc * scale
+}
+
+/// `z[r, j] = sum_k x[r, k] a[j, k]`: the LoRA down-projection of a decode step, one cube of
+/// `planes` planes per (j, r) (`CubeCount (width, rows)`), each reading one row of `x` and one
+/// of `a`, coalesced. (One cube per `j` looping over the rows left most of the GPU idle.)
+#[cube(launch_unchecked)]
+pub fn lora_down(
+    x: &Array<f32>,
+    a: &Array<f32>,
+    in_features: usize,
+    width: usize,
+    z: &mut Array<f32>,
+    #[comptime] planes: usize,
+) {
+    let j = CUBE_POS_X as usize;
+    let r = CUBE_POS_Y as usize;
+    let units = comptime!(planes * 32);
+    let mut acc = 0.0f32;
+    let mut k = UNIT_POS_X as usize;
+    while k < in_features {
+        acc += x[r * in_features + k] * a[j * in_features + k];
+        k += units;
+    }
+    let total = cube_sum(acc, planes);
+    if UNIT_POS_X == 0 {
+        z[r * width + j] = total;
+    }
+}
+
 /// HF's RMSNorm of each row: `y = w * x / sqrt(mean(x^2) + eps)`, also as bf16 pairs in `yb`
 /// (value `2j` in the low half of word `j`: the next GEMM's input, without a cast launch). One
-/// cube of `32 * planes` units per row; `width` even.
+/// cube of `32 * planes` units per row; `width` even. With `lora`, `x` is first completed with
+/// the LoRA up-projection of the projection that wrote it ([`lora_up`]) and written back (it is
+/// the residual stream later kernels read).
 #[cube(launch_unchecked)]
+#[allow(clippy::too_many_arguments)]
 pub fn rms_norm_rows(
-    x: &Array<f32>,
+    x: &mut Array<f32>,
     w: &Array<f32>,
     eps: f32,
     width: usize,
     y: &mut Array<f32>,
     yb: &mut Array<u32>,
+    z: &Array<f32>,
+    b: &Array<f32>,
+    lora_width: usize,
+    lora_outs: usize,
+    lora_scale: f32,
     #[comptime] planes: usize,
+    #[comptime] lora: bool,
 ) {
     let row = CUBE_POS_X as usize * width;
     let units = comptime!(planes * 32);
     let mut ss = 0.0f32;
     let mut k = UNIT_POS_X as usize;
     while k < width {
-        let v = x[row + k];
+        let mut v = x[row + k];
+        if comptime!(lora) {
+            v += lora_up(
+                z,
+                b,
+                CUBE_POS_X as usize,
+                k,
+                lora_width,
+                lora_outs,
+                lora_scale,
+            );
+            x[row + k] = v;
+        }
         ss += v * v;
         k += units;
     }
@@ -373,7 +502,10 @@ fn step_slot(step: &Array<u32>, rows: usize) -> usize {
 /// `qkv` (`[rows, (nh + 2 nkv) * d]`: q, then k, then v), writes the rotated queries to `q`
 /// (`[rows, nh * d]`), and the rotated keys and the values at the step's slot of the caches
 /// (`[rows, nkv, cap, d]`), marking the slot valid or not. The angle is `pos[r] * inv_freq[i]`
-/// in f32, as transformers computes it. One cube per row.
+/// in f32, as transformers computes it. One cube per (row, query or key head), lanes over the
+/// head's rotation pairs (one cube per row left most of the GPU idle once the LoRA terms were
+/// added here). With `lora`, each projection value is first completed with its LoRA
+/// up-projection ([`lora_up`]).
 #[cube(launch_unchecked)]
 #[allow(clippy::too_many_arguments)]
 pub fn rope_append(
@@ -389,24 +521,33 @@ pub fn rope_append(
     nkv: usize,
     d: usize,
     cap: usize,
+    z: &Array<f32>,
+    b: &Array<f32>,
+    lora_width: usize,
+    lora_outs: usize,
+    lora_scale: f32,
+    #[comptime] lora: bool,
 ) {
-    let r = CUBE_POS_X as usize;
+    let r = CUBE_POS_X as usize / (nh + nkv);
+    let head = CUBE_POS_X as usize % (nh + nkv);
     let slot = step_slot(step, rows);
     let pos = step[2 * rows + r] as f32;
     let half = d / 2;
     let row = r * (nh + 2 * nkv) * d;
     let units = CUBE_DIM_X as usize;
-    let mut idx = UNIT_POS_X as usize;
-    while idx < (nh + nkv) * half {
-        let head = idx / half;
-        let i = idx % half;
+    let mut i = UNIT_POS_X as usize;
+    while i < half {
         let angle = pos * inv_freq[i];
         let c = angle.cos();
         let s = angle.sin();
         // Query heads, then key heads, in qkv's order.
-        let src = row + head * d;
-        let x1 = qkv[src + i];
-        let x2 = qkv[src + i + half];
+        let col = head * d + i;
+        let mut x1 = qkv[row + col];
+        let mut x2 = qkv[row + col + half];
+        if comptime!(lora) {
+            x1 += lora_up(z, b, r, col, lora_width, lora_outs, lora_scale);
+            x2 += lora_up(z, b, r, col + half, lora_width, lora_outs, lora_scale);
+        }
         if head < nh {
             let dst = r * nh * d + head * d;
             q[dst + i] = x1 * c - x2 * s;
@@ -416,13 +557,19 @@ pub fn rope_append(
             let dst = ((r * nkv + kh) * cap + slot) * d;
             k_cache[dst + i] = x1 * c - x2 * s;
             k_cache[dst + i + half] = x2 * c + x1 * s;
-            let vsrc = row + (nh + nkv) * d + kh * d;
-            v_cache[dst + i] = qkv[vsrc + i];
-            v_cache[dst + i + half] = qkv[vsrc + i + half];
+            let vcol = (nh + nkv) * d + kh * d + i;
+            let mut v1 = qkv[row + vcol];
+            let mut v2 = qkv[row + vcol + half];
+            if comptime!(lora) {
+                v1 += lora_up(z, b, r, vcol, lora_width, lora_outs, lora_scale);
+                v2 += lora_up(z, b, r, vcol + half, lora_width, lora_outs, lora_scale);
+            }
+            v_cache[dst + i] = v1;
+            v_cache[dst + i + half] = v2;
         }
-        idx += units;
+        i += units;
     }
-    if UNIT_POS_X == 0 {
+    if head == 0 && UNIT_POS_X == 0 {
         valid[r * cap + slot] = step[rows + r];
     }
 }
@@ -501,11 +648,28 @@ pub fn decode_attention(
         j += units;
     }
     let sum = cube_sum(sum, planes);
+    // The weighted sum of values: plane p takes keys p, p + planes, ... and its lanes the head
+    // dims (coalesced reads of each value row); the planes' partial sums meet in shared memory.
+    // (One unit per dim looping over every key was a chain of `len` dependent loads.)
+    let mut part = SharedMemory::<f32>::new(comptime!(planes * DECODE_MAX_HEAD_DIM));
+    let mut e = lane;
+    while e < d {
+        let mut acc = 0.0f32;
+        let mut j = plane;
+        while j < len {
+            acc += scores[j] * v_cache[kv_base + j * d + e];
+            j += planes;
+        }
+        part[plane * DECODE_MAX_HEAD_DIM + e] = acc;
+        e += 32;
+    }
+    sync_cube();
     let mut e = UNIT_POS_X as usize;
     while e < d {
         let mut acc = 0.0f32;
-        for j in 0..len {
-            acc += scores[j] * v_cache[kv_base + j * d + e];
+        #[unroll]
+        for p in 0..planes {
+            acc += part[p * DECODE_MAX_HEAD_DIM + e];
         }
         out[q_base + e] = acc / sum;
         e += units;
@@ -614,7 +778,8 @@ pub fn sample_rows(
 /// `y = silu(g) * u` (the SwiGLU activation) for `y [rows, width]` (`2 * pairs` values, width
 /// even), `g` and `u` read as rows of `stride` values, `u` from `u_off` on in its row (so one
 /// `[rows, 2 * width]` buffer can hold both); with `bf16` also as bf16 pairs in `yb` (as
-/// [`rms_norm_rows`]).
+/// [`rms_norm_rows`]). With `lora` (`g` and `u` one group's `[gate | up]` output, `u_off` =
+/// `width`), each value is first completed with its LoRA up-projection ([`lora_up`]).
 #[cube(launch_unchecked)]
 #[allow(clippy::too_many_arguments)]
 pub fn silu_mul(
@@ -626,16 +791,32 @@ pub fn silu_mul(
     width: usize,
     stride: usize,
     u_off: usize,
+    z: &Array<f32>,
+    lb: &Array<f32>,
+    lora_width: usize,
+    lora_outs: usize,
+    lora_scale: f32,
     #[comptime] bf16: bool,
+    #[comptime] lora: bool,
 ) {
     let p = ABSOLUTE_POS;
     if p < pairs {
         let i = 2 * p;
-        let src = (i / width) * stride + i % width;
-        let a = g[src];
-        let b = g[src + 1];
-        let v0 = a / (1.0f32 + (-a).exp()) * u[src + u_off];
-        let v1 = b / (1.0f32 + (-b).exp()) * u[src + u_off + 1];
+        let (r, c) = (i / width, i % width);
+        let src = r * stride + c;
+        let mut a = g[src];
+        let mut b = g[src + 1];
+        let mut ua = u[src + u_off];
+        let mut ub = u[src + u_off + 1];
+        if comptime!(lora) {
+            // The gate's columns, then the up projection's (`u_off` further) of the group.
+            a += lora_up(z, lb, r, c, lora_width, lora_outs, lora_scale);
+            b += lora_up(z, lb, r, c + 1, lora_width, lora_outs, lora_scale);
+            ua += lora_up(z, lb, r, c + u_off, lora_width, lora_outs, lora_scale);
+            ub += lora_up(z, lb, r, c + u_off + 1, lora_width, lora_outs, lora_scale);
+        }
+        let v0 = a / (1.0f32 + (-a).exp()) * ua;
+        let v1 = b / (1.0f32 + (-b).exp()) * ub;
         y[i] = v0;
         y[i + 1] = v1;
         if comptime!(bf16) {

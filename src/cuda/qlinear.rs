@@ -7,7 +7,9 @@
 //! kernel reads each 4-bit weight once and never writes a dense copy.
 
 use super::blas::GemmShape;
-use super::kernels::{f32_gemv, f32_to_bf16, nf4_dequant_bf16, nf4_gemv_fused, WORD};
+use super::kernels::{
+    f32_gemv, f32_to_bf16, nf4_dequant_bf16, nf4_dequant_bf16_3, nf4_gemv_fused, WORD,
+};
 use crate::quant::nf4::{dynamic_map_signed, Nf4Tensor, BLOCK_SIZE, NF4_CODE};
 use anyhow::{ensure, Context, Result};
 use burn::tensor::{DType, Shape, Tensor, TensorPrimitive};
@@ -202,6 +204,91 @@ impl GpuLinear {
                 at / 2,
             )
         };
+    }
+
+    /// [`Self::dequant_into`] of up to three NF4 weights with the same `in_features` side by
+    /// side (`[sum of out, in]` from bf16 value `at` on), in one launch
+    /// (`kernels::nf4_dequant_bf16_3`): the decode's q/k/v and gate/up groups. Returns `false`
+    /// (and launches nothing) for more than three weights or any dense one.
+    pub fn dequant_group_into(
+        lins: &[&GpuLinear],
+        ws: &CubeTensor<CudaRuntime>,
+        at: usize,
+    ) -> bool {
+        type Args = (Handle, Handle, Handle, Handle, f32, usize, usize, usize);
+        let mut args: Vec<Args> = Vec::with_capacity(3);
+        for l in lins {
+            let Stored::Nf4 {
+                packed,
+                codes,
+                nested,
+                code2,
+                offset,
+                words,
+                nested_len,
+                code_words,
+                ..
+            } = &l.stored
+            else {
+                return false;
+            };
+            args.push((
+                packed.clone(),
+                codes.clone(),
+                nested.clone(),
+                code2.clone(),
+                *offset,
+                *words,
+                *nested_len,
+                *code_words,
+            ));
+        }
+        let (Some(first), true) = (lins.first(), args.len() <= 3) else {
+            return false;
+        };
+        let Stored::Nf4 { nf4, .. } = &first.stored else {
+            return false;
+        };
+        let total: usize = args.iter().map(|a| a.5).sum();
+        // Absent members: the first one's arrays with no words (never read).
+        while args.len() < 3 {
+            let mut a = args[0].clone();
+            a.5 = 0;
+            args.push(a);
+        }
+        // SAFETY: each member's arrays have the lengths recorded at upload; `ws` holds at / 2 +
+        // total * 4 u32 (the caller's promise); the kernel bounds-checks against total * 4.
+        let arg = |h: &Handle, len: usize| unsafe { ArrayArg::from_raw_parts(h.clone(), len) };
+        let m = |i: usize| &args[i];
+        unsafe {
+            nf4_dequant_bf16_3::launch_unchecked::<CudaRuntime>(
+                &first.client(),
+                CubeCount::Static((total * 4).div_ceil(256) as u32, 1, 1),
+                CubeDim::new_1d(256),
+                arg(&m(0).0, m(0).5.max(1)),
+                arg(&m(0).1, m(0).7),
+                arg(&m(0).2, m(0).6),
+                arg(&m(0).3, 256),
+                m(0).4,
+                m(0).5,
+                arg(&m(1).0, m(1).5.max(1)),
+                arg(&m(1).1, m(1).7),
+                arg(&m(1).2, m(1).6),
+                arg(&m(1).3, 256),
+                m(1).4,
+                m(1).5,
+                arg(&m(2).0, m(2).5.max(1)),
+                arg(&m(2).1, m(2).7),
+                arg(&m(2).2, m(2).6),
+                arg(&m(2).3, 256),
+                m(2).4,
+                m(2).5,
+                arg(nf4, 16),
+                arg(&ws.handle, at / 2 + total * 4),
+                at / 2,
+            )
+        };
+        true
     }
 
     /// `x [rows, in] (f32) -> [rows, out] (f32)`.

@@ -3,7 +3,7 @@
 //! Row kernels give each row to one plane of 32 lanes, `CUBE_DIM_Y` rows per cube; a whole plane
 //! leaves together, so the plane reductions never see a missing lane.
 
-use super::kernels::cube_sum;
+use super::kernels::{cube_max, cube_sum};
 use cubecl::prelude::*;
 
 /// Rows below this bias are masked (the bias is 0 or -1e30).
@@ -300,5 +300,99 @@ pub fn adamw_step(
         v_out[i] = vi;
         let denom = vi.sqrt() / bc2_sqrt + eps;
         p_out[i] = p[i] * decay - mi / denom * step_size;
+    }
+}
+
+/// The max of `z[base..base + vocab] * inv_t` over one cube of `planes` planes (every unit gets
+/// it).
+#[cube]
+fn row_max(
+    z: &Array<f32>,
+    base: usize,
+    vocab: usize,
+    inv_t: f32,
+    #[comptime] planes: usize,
+) -> f32 {
+    let units = comptime!(planes * 32);
+    let mut m = z[base] * inv_t;
+    let mut k = UNIT_POS_X as usize;
+    while k < vocab {
+        let v = z[base + k] * inv_t;
+        if v > m {
+            m = v;
+        }
+        k += units;
+    }
+    cube_max(m, planes)
+}
+
+/// `sum(exp(z[base..base + vocab] * inv_t - m))` over one cube (every unit gets it).
+#[cube]
+fn row_sum_exp(
+    z: &Array<f32>,
+    base: usize,
+    vocab: usize,
+    inv_t: f32,
+    m: f32,
+    #[comptime] planes: usize,
+) -> f32 {
+    let units = comptime!(planes * 32);
+    let mut s = 0.0f32;
+    let mut k = UNIT_POS_X as usize;
+    while k < vocab {
+        s += (z[base + k] * inv_t - m).exp();
+        k += units;
+    }
+    cube_sum(s, planes)
+}
+
+/// `lp[r] = log_softmax(z[r, :] * inv_t)[labels[r]]`: the token log-probs of a chunk of logits
+/// in one pass per row (one cube of `planes` planes per row), where burn's ops took a scale, two
+/// reductions, a subtraction, an exp, a log and a gather over the whole `[rows, vocab]` tensor.
+#[cube(launch_unchecked)]
+pub fn token_logp_fwd(
+    z: &Array<f32>,
+    labels: &Array<u32>,
+    vocab: usize,
+    inv_t: f32,
+    lp: &mut Array<f32>,
+    #[comptime] planes: usize,
+) {
+    let r = CUBE_POS_X as usize;
+    let base = r * vocab;
+    let m = row_max(z, base, vocab, inv_t, planes);
+    let s = row_sum_exp(z, base, vocab, inv_t, m, planes);
+    if UNIT_POS_X == 0 {
+        lp[r] = z[base + labels[r] as usize] * inv_t - m - s.ln();
+    }
+}
+
+/// The gradient of [`token_logp_fwd`] with respect to the logits, written over `z`:
+/// `dz[r, k] = dl[r] * inv_t * ([k == labels[r]] - softmax(z[r, :] * inv_t)[k])`.
+#[cube(launch_unchecked)]
+pub fn token_logp_bwd(
+    z: &mut Array<f32>,
+    labels: &Array<u32>,
+    dl: &Array<f32>,
+    vocab: usize,
+    inv_t: f32,
+    #[comptime] planes: usize,
+) {
+    let r = CUBE_POS_X as usize;
+    let base = r * vocab;
+    let m = row_max(z, base, vocab, inv_t, planes);
+    let s = row_sum_exp(z, base, vocab, inv_t, m, planes);
+    let g = dl[r] * inv_t;
+    let label = labels[r] as usize;
+    let units = comptime!(planes * 32);
+    let mut k = UNIT_POS_X as usize;
+    while k < vocab {
+        let p = (z[base + k] * inv_t - m).exp() / s;
+        let mut d = -p;
+        if k == label {
+            d += 1.0;
+        }
+        z[base + k] = d * g;
+        k += units;
     }
 }

@@ -14,7 +14,7 @@ use super::blas::{self, GemmIn, GemmShape};
 use super::qlinear::Inner;
 use super::train_kernels::{
     adamw_step, masked_softmax, rms_norm_bwd, rms_norm_fwd, rope_transpose, softmax_bwd,
-    sum_squares, swiglu_bwd,
+    sum_squares, swiglu_bwd, token_logp_bwd, token_logp_fwd,
 };
 use anyhow::{ensure, Result};
 use burn::tensor::{backend::Backend, Bool, DType, Shape, Tensor, TensorPrimitive};
@@ -255,7 +255,8 @@ pub fn try_swiglu<B: Backend>(gate: &Tensor<B, 3>, up: &Tensor<B, 3>) -> Option<
         return None;
     }
     let y = empty(&g, &dims);
-    // The kernel's bf16 output, unused here (its flag is off): a one-value placeholder.
+    // The kernel's bf16 output and LoRA inputs, unused here (their flags are off): a one-value
+    // placeholder.
     let unused = empty(&g, &[1]);
     let (count, dim) = flat_cubes(n / 2);
     // SAFETY: three contiguous buffers of n values (the kernel takes pairs and bounds-checks
@@ -273,6 +274,12 @@ pub fn try_swiglu<B: Backend>(gate: &Tensor<B, 3>, up: &Tensor<B, 3>) -> Option<
             dims[2],
             dims[2],
             0,
+            arr(&unused),
+            arr(&unused),
+            0,
+            0,
+            0.0,
+            false,
             false,
         )
     };
@@ -710,4 +717,77 @@ pub fn try_adamw<B: Backend>(
         )
     };
     Some((wrap(p_out), wrap(m_out), wrap(v_out)))
+}
+
+/// Token labels as a device buffer of u32 (for [`try_token_logps`] and its gradient).
+fn upload_labels(like: &T, labels: &[u32]) -> ArrayArg<CudaRuntime> {
+    let handle = like.client.create_from_slice(u32::as_bytes(labels));
+    // SAFETY: the buffer holds `labels.len()` u32.
+    unsafe { ArrayArg::from_raw_parts(handle, labels.len()) }
+}
+
+/// `log_softmax(z * inv_t)[label]` per row of the logits `z [rows, vocab]`, one launch
+/// (`train_kernels::token_logp_fwd`); `None` on other backends.
+pub fn try_token_logps<B: Backend>(
+    z: &Tensor<B, 2>,
+    labels: &[u32],
+    inv_t: f32,
+) -> Option<Tensor<B, 1>> {
+    let zp = prim(z)?;
+    let [rows, vocab] = z.dims();
+    assert_eq!(labels.len(), rows, "one label per row");
+    let lp = empty(&zp, &[rows]);
+    // SAFETY: z holds rows x vocab values, the labels and lp one per row; one cube per row.
+    unsafe {
+        token_logp_fwd::launch_unchecked::<CudaRuntime>(
+            &zp.client,
+            CubeCount::Static(rows as u32, 1, 1),
+            CubeDim::new_1d(256),
+            arr(&zp),
+            upload_labels(&zp, labels),
+            vocab,
+            inv_t,
+            arr(&lp),
+            8,
+        )
+    };
+    Some(wrap(lp))
+}
+
+/// The gradient of [`try_token_logps`] with respect to the logits for the log-probs' gradient
+/// `dl [rows]`, written over `z`'s buffer (`train_kernels::token_logp_bwd`). `Err(z)` when `B`
+/// is not the CUDA backend or `z`'s buffer is shared.
+pub fn try_token_logps_grad<B: Backend>(
+    z: Tensor<B, 2>,
+    labels: &[u32],
+    dl: &Tensor<B, 1>,
+    inv_t: f32,
+) -> Result<Tensor<B, 2>, Tensor<B, 2>> {
+    let Some(dlp) = prim(dl) else {
+        return Err(z);
+    };
+    let [rows, vocab] = z.dims();
+    let zi = (Box::new(z) as Box<dyn Any>)
+        .downcast::<Tensor<Inner, 2>>()
+        .expect("the CUDA backend, as dl showed");
+    let zp = zi.into_primitive().tensor();
+    if !zp.can_mut() || !zp.is_contiguous() {
+        return Err(wrap(zp));
+    }
+    assert_eq!(labels.len(), rows, "one label per row");
+    // SAFETY: as in `try_token_logps`; the kernel writes z in place, row by row.
+    unsafe {
+        token_logp_bwd::launch_unchecked::<CudaRuntime>(
+            &zp.client,
+            CubeCount::Static(rows as u32, 1, 1),
+            CubeDim::new_1d(256),
+            arr(&zp),
+            upload_labels(&zp, labels),
+            arr(&dlp),
+            vocab,
+            inv_t,
+            8,
+        )
+    };
+    Ok(wrap(zp))
 }

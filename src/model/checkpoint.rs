@@ -547,6 +547,8 @@ struct LogpsState<IB: Backend> {
     head: OutputHead<IB>,
     hidden: Tensor<IB, 2>,
     labels: Tensor<IB, 2, Int>,
+    /// The same labels on the host (the fused CUDA kernels upload each chunk's).
+    host_labels: Vec<u32>,
     temperature: f64,
     chunk: usize,
 }
@@ -566,9 +568,25 @@ impl<IB: Backend> Backward<IB, 1> for LogpsBackward<IB> {
         let mut parts = Vec::new();
         for s in (0..n).step_by(st.chunk) {
             let e = (s + st.chunk).min(n);
+            let z = st.head.forward(st.hidden.clone().slice(s..e));
+            #[cfg(feature = "cuda")]
+            let z = match crate::cuda::train_ops::try_token_logps_grad(
+                z,
+                &st.host_labels[s..e],
+                &dlp.clone().slice(s..e),
+                (1.0 / st.temperature) as f32,
+            ) {
+                Ok(dz) => {
+                    // dz already carries the 1 / temperature.
+                    parts.push(st.head.backward_input(dz));
+                    crate::devmem::note::<IB>(&st.hidden.device(), "logits backward");
+                    continue;
+                }
+                Err(z) => z,
+            };
             let labels = st.labels.clone().slice([s..e, 0..1]);
             let dl = dlp.clone().slice(s..e).unsqueeze_dim::<2>(1);
-            let z = st.head.forward(st.hidden.clone().slice(s..e)) / st.temperature;
+            let z = z / st.temperature;
             // d log_softmax(z)[label] / dz = onehot(label) - softmax(z).
             let dz = (activation::softmax(z, 1) * dl.clone()).neg().scatter(
                 1,
@@ -595,6 +613,7 @@ pub fn token_logps<B: AutodiffBackend>(
     let [n, _] = hidden.dims();
     let chunk = if chunk == 0 { n.max(1) } else { chunk };
     let device = hidden.device();
+    let host_labels: Vec<u32> = labels.iter().map(|&l| l as u32).collect();
     let labels =
         Tensor::<B::InnerBackend, 2, Int>::from_data(TensorData::new(labels, [n, 1]), &device);
     let Some(node) = ad::<B, 2>(&hidden) else {
@@ -608,8 +627,18 @@ pub fn token_logps<B: AutodiffBackend>(
     let mut parts = Vec::new();
     for s in (0..n).step_by(chunk) {
         let e = (s + chunk).min(n);
-        let z = head.forward(ih.clone().slice(s..e)) / temperature;
-        let lp = activation::log_softmax(z, 1);
+        let z = head.forward(ih.clone().slice(s..e));
+        #[cfg(feature = "cuda")]
+        if let Some(lp) = crate::cuda::train_ops::try_token_logps(
+            &z,
+            &host_labels[s..e],
+            (1.0 / temperature) as f32,
+        ) {
+            crate::devmem::note::<B::InnerBackend>(&device, "logits forward");
+            parts.push(lp);
+            continue;
+        }
+        let lp = activation::log_softmax(z / temperature, 1);
         crate::devmem::note::<B::InnerBackend>(&device, "logits forward");
         let lp = lp.gather(1, labels.clone().slice([s..e, 0..1]));
         parts.push(lp.reshape([e - s]));
@@ -619,6 +648,7 @@ pub fn token_logps<B: AutodiffBackend>(
         head,
         hidden: ih,
         labels,
+        host_labels,
         temperature,
         chunk,
     };
