@@ -92,7 +92,7 @@ fn bench_ok(args: &[&str], algo: &str, tokens_per_step: u64) -> serde_json::Valu
 
 #[test]
 fn dpo_bench_prints_one_json_line() {
-    bench_ok(
+    let v = bench_ok(
         &[
             "--batch",
             "2",
@@ -102,15 +102,27 @@ fn dpo_bench_prints_one_json_line() {
             "2",
             "--warmup",
             "1",
+            "--phase-times",
         ],
         "dpo",
         2 * 2 * 32,
     );
+    // The phases are timed inside each step: each took some time, and together no more than
+    // the step (two timed steps: the medians are means, so they add up).
+    let phases = &v["phase_secs"];
+    let mut total = 0.0;
+    for k in ["forward", "backward", "optimizer"] {
+        let t = phases[k].as_f64().unwrap_or(-1.0);
+        assert!(t > 0.0, "{k}: {v}");
+        total += t;
+    }
+    let sec = v["sec_per_step"].as_f64().unwrap();
+    assert!(total <= sec + 1e-4, "phases {total} s > step {sec} s: {v}");
 }
 
 #[test]
 fn grpo_bench_prints_one_json_line() {
-    bench_ok(
+    let v = bench_ok(
         &[
             "--prompts",
             "1",
@@ -125,6 +137,10 @@ fn grpo_bench_prints_one_json_line() {
         ],
         "grpo",
         2 * 8,
+    );
+    assert!(
+        v["phase_secs"].is_null(),
+        "phases only with --phase-times: {v}"
     );
 }
 
