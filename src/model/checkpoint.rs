@@ -548,6 +548,7 @@ struct LogpsState<IB: Backend> {
     hidden: Tensor<IB, 2>,
     labels: Tensor<IB, 2, Int>,
     /// The same labels on the host (the fused CUDA kernels upload each chunk's).
+    #[cfg(feature = "cuda")]
     host_labels: Vec<u32>,
     temperature: f64,
     chunk: usize,
@@ -613,6 +614,7 @@ pub fn token_logps<B: AutodiffBackend>(
     let [n, _] = hidden.dims();
     let chunk = if chunk == 0 { n.max(1) } else { chunk };
     let device = hidden.device();
+    #[cfg(feature = "cuda")]
     let host_labels: Vec<u32> = labels.iter().map(|&l| l as u32).collect();
     let labels =
         Tensor::<B::InnerBackend, 2, Int>::from_data(TensorData::new(labels, [n, 1]), &device);
@@ -648,6 +650,7 @@ pub fn token_logps<B: AutodiffBackend>(
         head,
         hidden: ih,
         labels,
+        #[cfg(feature = "cuda")]
         host_labels,
         temperature,
         chunk,
