@@ -214,8 +214,6 @@ impl<B: Backend> AdamW<B> {
     }
 }
 
-/// Learning rate at optimizer step `step` (0-based) of `total`, as transformers' schedulers
-/// (warmup linear from 0, then constant, linear decay to 0, or half-cosine to 0).
 /// The global L2 norm of `grads` (as `torch.nn.utils.clip_grad_norm_` computes it: the square
 /// root of the summed squares of every tensor), with one device read on CUDA instead of one
 /// per tensor. Non-finite when any gradient is.
@@ -231,6 +229,8 @@ pub fn grad_norm<B: Backend>(grads: &[Tensor<B, 2>]) -> Result<f64> {
         .sqrt())
 }
 
+/// Learning rate at optimizer step `step` (0-based) of `total`, as transformers' schedulers
+/// (warmup linear from 0, then constant, linear decay to 0, or half-cosine to 0).
 pub fn learning_rate(
     kind: LrScheduler,
     base: f64,
@@ -276,6 +276,27 @@ mod tests {
         let p = opt.update(vec![t(vec![1.0])], vec![t(vec![0.5])], 0.1, 1.0);
         let v = host(p[0].clone())[0];
         assert!((v - 0.899).abs() < 1e-6, "{v}");
+    }
+
+    #[test]
+    fn clipping_scales_the_gradient_and_the_norm_is_global() {
+        // update(g, clip) is update(clip * g): torch's clip_grad_norm_ scales the gradients in
+        // place before the optimizer step.
+        let cfg = OptimizerConfig {
+            weight_decay: 0.01,
+            ..Default::default()
+        };
+        let (mut a, mut b) = (
+            AdamW::<B>::new(&cfg, &[[1, 3]], &Default::default()),
+            AdamW::<B>::new(&cfg, &[[1, 3]], &Default::default()),
+        );
+        let p = t(vec![1.0, -2.0, 0.5]);
+        let x = a.update(vec![p.clone()], vec![t(vec![0.6, -0.2, 1.4])], 0.1, 0.5);
+        let y = b.update(vec![p], vec![t(vec![0.3, -0.1, 0.7])], 0.1, 1.0);
+        assert_eq!(host(x[0].clone()), host(y[0].clone()));
+        // sqrt(3^2 + 4^2 + 12^2) over two tensors.
+        let n = grad_norm(&[t(vec![3.0, 4.0]), t(vec![12.0])]).unwrap();
+        assert!((n - 13.0).abs() < 1e-9, "{n}");
     }
 
     #[test]

@@ -733,9 +733,13 @@ pub fn try_token_logps<B: Backend>(
     labels: &[u32],
     inv_t: f32,
 ) -> Option<Tensor<B, 1>> {
-    let zp = prim(z)?;
     let [rows, vocab] = z.dims();
     assert_eq!(labels.len(), rows, "one label per row");
+    // The kernel reads z[label] unchecked: out-of-range labels take the reference path.
+    if labels.iter().any(|&l| l as usize >= vocab) {
+        return None;
+    }
+    let zp = prim(z)?;
     let lp = empty(&zp, &[rows]);
     // SAFETY: z holds rows x vocab values, the labels and lp one per row; one cube per row.
     unsafe {
@@ -763,10 +767,10 @@ pub fn try_token_logps_grad<B: Backend>(
     dl: &Tensor<B, 1>,
     inv_t: f32,
 ) -> Result<Tensor<B, 2>, Tensor<B, 2>> {
-    let Some(dlp) = prim(dl) else {
+    let [rows, vocab] = z.dims();
+    let Some(dlp) = prim(dl).filter(|_| labels.iter().all(|&l| (l as usize) < vocab)) else {
         return Err(z);
     };
-    let [rows, vocab] = z.dims();
     let zi = (Box::new(z) as Box<dyn Any>)
         .downcast::<Tensor<Inner, 2>>()
         .expect("the CUDA backend, as dl showed");
