@@ -176,10 +176,11 @@ fn cube_reduce(
 }
 
 /// `y[r, o] = sum_k x[r, k] * w[o, k]` with a dense f32 `w`, for `rows` (compile-time: one
-/// accumulator per row; at most `decode::DECODE_MAX_ROWS`) rows: the LoRA factors at decode,
-/// where a general matmul kernel spends more time being launched and tiled than computing. One cube per output feature; its `planes` planes split
-/// `k` (few outputs, long rows: the LoRA `x A^T`). Launch with `CubeDim (32, planes)`, `out`
-/// cubes.
+/// accumulator per row; at most `qlinear::GEMV_MAX_ROWS`) rows: the LoRA factors of the ordinary
+/// few-row forward (`qlinear::small_matmul_t`), where a general matmul kernel spends more time
+/// being launched and tiled than computing. One cube per output feature; its `planes` planes
+/// split `k` (few outputs, long rows: the LoRA `x A^T`). Launch with `CubeDim (32, planes)`,
+/// `out` cubes.
 #[cube(launch_unchecked)]
 pub fn f32_gemv(
     x: &Array<f32>,

@@ -215,9 +215,13 @@ impl GpuLinear {
         ws: &CubeTensor<CudaRuntime>,
         at: usize,
     ) -> bool {
-        type Args = (Handle, Handle, Handle, Handle, f32, usize, usize, usize);
-        let mut args: Vec<Args> = Vec::with_capacity(3);
-        for l in lins {
+        let nf4 = |l: &&GpuLinear| matches!(l.stored, Stored::Nf4 { .. });
+        if lins.is_empty() || lins.len() > 3 || !lins.iter().all(nf4) {
+            return false;
+        }
+        // Member i's argument group, in the kernel's order (packed, codes, nested, code2, offset,
+        // words); absent members repeat the first one's arrays with no words (never read).
+        let member = |i: usize| {
             let Stored::Nf4 {
                 packed,
                 codes,
@@ -228,63 +232,57 @@ impl GpuLinear {
                 nested_len,
                 code_words,
                 ..
-            } = &l.stored
+            } = &lins[if i < lins.len() { i } else { 0 }].stored
             else {
-                return false;
+                unreachable!("checked above: every member is NF4")
             };
-            args.push((
-                packed.clone(),
-                codes.clone(),
-                nested.clone(),
-                code2.clone(),
+            let words = if i < lins.len() { *words } else { 0 };
+            // SAFETY: the lengths recorded at upload (packed at least one word when absent).
+            let arg = |h: &Handle, len: usize| unsafe { ArrayArg::from_raw_parts(h.clone(), len) };
+            (
+                arg(packed, words.max(1)),
+                arg(codes, *code_words),
+                arg(nested, *nested_len),
+                arg(code2, 256),
                 *offset,
-                *words,
-                *nested_len,
-                *code_words,
-            ));
-        }
-        let (Some(first), true) = (lins.first(), args.len() <= 3) else {
-            return false;
+                words,
+            )
         };
+        let (p0, c0, n0, q0, o0, w0) = member(0);
+        let (p1, c1, n1, q1, o1, w1) = member(1);
+        let (p2, c2, n2, q2, o2, w2) = member(2);
+        let total = w0 + w1 + w2;
+        let first = lins[0];
         let Stored::Nf4 { nf4, .. } = &first.stored else {
-            return false;
+            unreachable!("checked above: every member is NF4")
         };
-        let total: usize = args.iter().map(|a| a.5).sum();
-        // Absent members: the first one's arrays with no words (never read).
-        while args.len() < 3 {
-            let mut a = args[0].clone();
-            a.5 = 0;
-            args.push(a);
-        }
         // SAFETY: each member's arrays have the lengths recorded at upload; `ws` holds at / 2 +
         // total * 4 u32 (the caller's promise); the kernel bounds-checks against total * 4.
-        let arg = |h: &Handle, len: usize| unsafe { ArrayArg::from_raw_parts(h.clone(), len) };
-        let m = |i: usize| &args[i];
         unsafe {
             nf4_dequant_bf16_3::launch_unchecked::<CudaRuntime>(
                 &first.client(),
                 CubeCount::Static((total * 4).div_ceil(256) as u32, 1, 1),
                 CubeDim::new_1d(256),
-                arg(&m(0).0, m(0).5.max(1)),
-                arg(&m(0).1, m(0).7),
-                arg(&m(0).2, m(0).6),
-                arg(&m(0).3, 256),
-                m(0).4,
-                m(0).5,
-                arg(&m(1).0, m(1).5.max(1)),
-                arg(&m(1).1, m(1).7),
-                arg(&m(1).2, m(1).6),
-                arg(&m(1).3, 256),
-                m(1).4,
-                m(1).5,
-                arg(&m(2).0, m(2).5.max(1)),
-                arg(&m(2).1, m(2).7),
-                arg(&m(2).2, m(2).6),
-                arg(&m(2).3, 256),
-                m(2).4,
-                m(2).5,
-                arg(nf4, 16),
-                arg(&ws.handle, at / 2 + total * 4),
+                p0,
+                c0,
+                n0,
+                q0,
+                o0,
+                w0,
+                p1,
+                c1,
+                n1,
+                q1,
+                o1,
+                w1,
+                p2,
+                c2,
+                n2,
+                q2,
+                o2,
+                w2,
+                ArrayArg::from_raw_parts(nf4.clone(), 16),
+                ArrayArg::from_raw_parts(ws.handle.clone(), at / 2 + total * 4),
                 at / 2,
             )
         };
