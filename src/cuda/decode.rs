@@ -1,22 +1,22 @@
-//! Fused decode on CUDA: one sampling step of the whole model in 15 kernel launches per block.
+//! Fused decode on CUDA: one sampling step of the whole model in 9 kernel launches per block.
 //!
 //! Through burn's tensor ops a decode step of a 24-layer model is ~2,400 small launches (RMSNorm
 //! alone is six, each LoRA delta four, RoPE ten, the growing KV cache a concatenation per layer
 //! and step), and at a few rows the host cost of each launch, not the GPU, sets the step time.
 //! Here the prompt is prefilled by the ordinary forward, its keys and values are copied once into
 //! a preallocated cache, and every later token runs, per group of modules that share an input
-//! (q/k/v, o, gate/up, down): one `x A^T` for the group's LoRA factors, the group's NF4 weights
-//! dequantized side by side into a bf16 workspace by one launch, and one cuBLASLt GEMM (the
-//! residual add as its C term). The group's LoRA up-projection has no launch of its own: the
-//! kernel that reads the group's output next (RoPE + cache append, the post-attention RMSNorm,
-//! SwiGLU, the next block's RMSNorm) adds it (`kernels::lora_up`). Then attention over the cache,
-//! the vocabulary projection, and (for plain temperature or greedy sampling) the draw of the
-//! next tokens. Even a launch that does almost nothing costs a few microseconds inside a graph,
-//! so the count of launches per block is what this layout keeps small (`decode_check` with
-//! `ABLATE=1` times the step without each kind of launch). (The fused NF4 GEMV,
-//! `kernels::nf4_gemv_fused`, reads 4 bits per weight instead of writing and reading 16, but
-//! runs at CUDA-core speed: 1.7x slower per step than dequantize + cuBLAS in BENCHMARKS.md's
-//! call 9.)
+//! (q/k/v, o, gate/up, down), one launch of `nf4_mma::nf4_mma_group`: the group's NF4 weights
+//! read once and multiplied with tensor cores (the residual added there), and on extra cubes the
+//! group's LoRA down-projection `x A^T`. The group's LoRA up-projection has no launch of its own:
+//! the kernel that reads the group's output next (RoPE + cache append, the post-attention
+//! RMSNorm, SwiGLU, the next block's RMSNorm) adds it (`kernels::lora_up`). Then attention over
+//! the cache, the vocabulary projection, and (for plain temperature or greedy sampling) the draw
+//! of the next tokens. Even a launch that does almost nothing costs a few microseconds inside a
+//! graph, so the count of launches per block is what this layout keeps small (`decode_check`
+//! with `ABLATE=1` times the step without each kind of launch). `RLHF_DECODE_DEQUANT=1` (or a
+//! shape `nf4_mma::covers` does not take) keeps the earlier form: the group dequantized to a
+//! bf16 workspace by one launch, one cuBLASLt GEMM, and the LoRA down-projection as a launch of
+//! its own (`kernels::lora_down`).
 //!
 //! Every buffer a step touches is allocated once, and nothing that changes from step to step is
 //! a launch argument (tokens, positions, the cache slot and the sampling seed are read from a
@@ -31,6 +31,7 @@ use super::kernels::{
     decode_attention, embed_rows, lora_down, rms_norm_rows, rope_append, sample_rows, silu_mul,
     step_words, DECODE_MAX_HEAD_DIM, DECODE_MAX_KEYS,
 };
+use super::nf4_mma::{self, MMA_ROWS};
 use super::qlinear::{GpuLinear, Inner, GEMV_MAX_ROWS};
 use super::train_ops::gemm_at;
 use crate::lora::Adapter;
@@ -153,6 +154,10 @@ pub struct FusedDecode {
     skip: u32,
     /// Ordinary steps run so far (the first compiles the kernels; capture comes after).
     plain_steps: usize,
+    /// Whether the projections read NF4 directly with tensor cores (`nf4_mma`: one launch per
+    /// group, LoRA down-projection included); otherwise dequantize + cuBLASLt
+    /// (`RLHF_DECODE_DEQUANT=1`, or a shape `nf4_mma::covers` does not).
+    mma: bool,
     scale: f32,
     rows: usize,
     cap: usize,
@@ -440,10 +445,21 @@ impl FusedDecode {
             gu: buf(rows * 2 * inter),
             act: buf(rows * inter),
             z: buf(rows * z_width),
-            xb: buf(rows * max_in / 2 + 1),
+            // Whole 16-row tiles for the MMA kernel's input (rows past `rows` stay zero).
+            xb: prim(Tensor::<Inner, 1>::zeros(
+                [rows.div_ceil(MMA_ROWS) * MMA_ROWS * max_in / 2 + 1],
+                &device,
+            )),
             ws: buf(max_group / 2 + 1),
             logits: buf(rows * vocab),
         };
+        let mma = std::env::var_os("RLHF_DECODE_DEQUANT").is_none()
+            && layers.iter().all(|l| {
+                GROUPS.iter().all(|members| {
+                    let lins: Vec<&GpuLinear> = members.iter().map(|&m| &*l.lin[m]).collect();
+                    nf4_mma::covers(&lins, rows)
+                })
+            });
         let vocab_filter = |p: &SamplingParams| p.top_k > 0 && p.top_k < vocab;
         let sampler = sampling
             .filter(|p| !vocab_filter(p) && (p.top_p >= 1.0 || p.temperature <= 0.0))
@@ -475,6 +491,7 @@ impl FusedDecode {
             graph: None,
             skip: 0,
             plain_steps: 0,
+            mma,
             scale: adapter.map(|a| a.scaling() as f32).unwrap_or(0.0),
             client,
             device,
@@ -564,6 +581,47 @@ impl FusedDecode {
                 on,
             )
         };
+    }
+
+    /// Group `g` of layer `l` applied to its input `x` (f32 `[rows, in]`; its bf16 copy in
+    /// `bufs.xb`, written by the kernel that produced it) into `out` (`[rows, group out]`), plus
+    /// the residual `res`; returns the group's LoRA, whose up-projection the kernel reading `out`
+    /// next adds (`kernels::lora_up`) from the `z = x A^T` written here.
+    fn group(
+        &self,
+        l: usize,
+        g: usize,
+        x: &T,
+        res: Option<&T>,
+        out: &T,
+    ) -> Result<Option<&GroupLora>> {
+        let in_f = self.layers[l].lin[GROUPS[g][0]].in_features();
+        if !self.mma {
+            let lora = self.lora_z(l, g, x, in_f);
+            self.project_group(l, g, res, out)?;
+            return Ok(lora);
+        }
+        let lora = self.layers[l].lora[g]
+            .as_ref()
+            .filter(|_| self.runs(skip::LORA));
+        if self.runs(skip::GEMM) {
+            let lins: Vec<&GpuLinear> =
+                GROUPS[g].iter().map(|&m| &*self.layers[l].lin[m]).collect();
+            nf4_mma::group_into(
+                &lins,
+                self.rows,
+                &self.bufs.xb.handle,
+                &x.handle,
+                res.map(|r| &r.handle),
+                &out.handle,
+                lora.map(|lg| nf4_mma::LoraDown {
+                    a: &lg.a.handle,
+                    z: &self.bufs.z.handle,
+                    width: lg.width,
+                }),
+            );
+        }
+        Ok(lora)
     }
 
     /// `x A^T` for every adapted module of group `g` of layer `l`, into `bufs.z`; returns the
@@ -804,8 +862,7 @@ impl FusedDecode {
         let mut owed: Option<&GroupLora> = None;
         for l in 0..self.layers.len() {
             self.rms(&b.h, &self.layers[l].input_norm, &b.x, owed);
-            let lora = self.lora_z(l, 0, &b.x, h_dim);
-            self.project_group(l, 0, None, &b.qkv)?;
+            let lora = self.group(l, 0, &b.x, None, &b.qkv)?;
             if self.runs(skip::ROPE) {
                 let (z, lb, width, outs, scale, on) = self.lora_args(lora);
                 unsafe {
@@ -858,11 +915,9 @@ impl FusedDecode {
                     )
                 };
             }
-            let lora = self.lora_z(l, 1, &b.attn, q_dim);
-            self.project_group(l, 1, Some(&b.h), &b.h2)?;
+            let lora = self.group(l, 1, &b.attn, Some(&b.h), &b.h2)?;
             self.rms(&b.h2, &self.layers[l].post_norm, &b.x, lora);
-            let lora = self.lora_z(l, 2, &b.x, h_dim);
-            self.project_group(l, 2, None, &b.gu)?;
+            let lora = self.group(l, 2, &b.x, None, &b.gu)?;
             let n = rows * self.inter;
             // SAFETY: gu holds rows x 2 inter values (gate then up per row), act rows x inter.
             if self.runs(skip::SILU) {
@@ -890,9 +945,8 @@ impl FusedDecode {
                     )
                 };
             }
-            owed = self.lora_z(l, 3, &b.act, self.inter);
             // The block output overwrites `h`, which nothing reads any more this layer.
-            self.project_group(l, 3, Some(&b.h2), &b.h)?;
+            owed = self.group(l, 3, &b.act, Some(&b.h2), &b.h)?;
         }
         self.rms(&b.h, &self.final_norm, &b.x, owed);
         if self.runs(skip::HEAD) {

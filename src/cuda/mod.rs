@@ -29,6 +29,7 @@ pub fn memory_usage<B: Backend>(device: &B::Device) -> Option<DeviceMemory> {
 pub mod blas;
 pub mod decode;
 pub mod kernels;
+pub mod nf4_mma;
 pub mod qlinear;
 pub mod train_kernels;
 pub mod train_ops;

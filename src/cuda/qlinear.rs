@@ -63,19 +63,26 @@ fn gemv_shape(out: usize) -> (u32, usize) {
 #[derive(Debug)]
 enum Stored {
     /// bitsandbytes NF4 + double quant, see `kernels` for the layout.
-    Nf4 {
-        packed: Handle,
-        codes: Handle,
-        nested: Handle,
-        code2: Handle,
-        nf4: Handle,
-        offset: f32,
-        words: usize,
-        nested_len: usize,
-        code_words: usize,
-    },
+    Nf4(Nf4Args),
     /// A dense bf16 copy (unquantized bases and the LM head).
     Bf16(CubeTensor<CudaRuntime>),
+}
+
+/// An NF4 weight's device arrays, as the kernels take them (`kernels` describes the layout).
+#[derive(Debug, Clone)]
+pub struct Nf4Args {
+    pub packed: Handle,
+    pub codes: Handle,
+    pub nested: Handle,
+    pub code2: Handle,
+    /// The 16 NF4 levels.
+    pub nf4: Handle,
+    pub offset: f32,
+    /// Packed u32 words (8 values each).
+    pub words: usize,
+    pub nested_len: usize,
+    /// u32 words of the 8-bit absmax codes.
+    pub code_words: usize,
 }
 
 /// One frozen linear layer on the GPU; shared by the forward and its autodiff node.
@@ -111,7 +118,7 @@ impl GpuLinear {
         let client = CudaRuntime::client(device);
         let (packed, words) = upload_u32(&client, &q.packed);
         let (codes, code_words) = upload_u32(&client, &q.absmax_codes);
-        let stored = Stored::Nf4 {
+        let stored = Stored::Nf4(Nf4Args {
             packed,
             codes,
             nested: upload_f32(&client, &q.nested_absmax),
@@ -121,7 +128,7 @@ impl GpuLinear {
             words,
             nested_len: q.nested_absmax.len(),
             code_words,
-        };
+        });
         Some(Self {
             stored,
             out_features,
@@ -146,7 +153,7 @@ impl GpuLinear {
         })
     }
 
-    fn client(&self) -> ComputeClient<CudaRuntime> {
+    pub fn client(&self) -> ComputeClient<CudaRuntime> {
         CudaRuntime::client(&self.device)
     }
 
@@ -154,7 +161,7 @@ impl GpuLinear {
     pub fn dense_bf16(&self) -> CubeTensor<CudaRuntime> {
         match &self.stored {
             Stored::Bf16(w) => w.clone(),
-            Stored::Nf4 { .. } => {
+            Stored::Nf4(_) => {
                 let out = empty_device_contiguous_dtype(
                     self.client(),
                     self.device.clone(),
@@ -171,7 +178,7 @@ impl GpuLinear {
     /// `at + out * in` bf16 values, the weight as `[out, in]` row-major); a dense weight launches
     /// nothing.
     pub fn dequant_into(&self, ws: &CubeTensor<CudaRuntime>, at: usize) {
-        let Stored::Nf4 {
+        let Stored::Nf4(Nf4Args {
             packed,
             codes,
             nested,
@@ -181,7 +188,7 @@ impl GpuLinear {
             words,
             nested_len,
             code_words,
-        } = &self.stored
+        }) = &self.stored
         else {
             return;
         };
@@ -215,14 +222,14 @@ impl GpuLinear {
         ws: &CubeTensor<CudaRuntime>,
         at: usize,
     ) -> bool {
-        let nf4 = |l: &&GpuLinear| matches!(l.stored, Stored::Nf4 { .. });
+        let nf4 = |l: &&GpuLinear| matches!(l.stored, Stored::Nf4(_));
         if lins.is_empty() || lins.len() > 3 || !lins.iter().all(nf4) {
             return false;
         }
         // Member i's argument group, in the kernel's order (packed, codes, nested, code2, offset,
         // words); absent members repeat the first one's arrays with no words (never read).
         let member = |i: usize| {
-            let Stored::Nf4 {
+            let Stored::Nf4(Nf4Args {
                 packed,
                 codes,
                 nested,
@@ -232,7 +239,7 @@ impl GpuLinear {
                 nested_len,
                 code_words,
                 ..
-            } = &lins[if i < lins.len() { i } else { 0 }].stored
+            }) = &lins[if i < lins.len() { i } else { 0 }].stored
             else {
                 unreachable!("checked above: every member is NF4")
             };
@@ -253,7 +260,7 @@ impl GpuLinear {
         let (p2, c2, n2, q2, o2, w2) = member(2);
         let total = w0 + w1 + w2;
         let first = lins[0];
-        let Stored::Nf4 { nf4, .. } = &first.stored else {
+        let Stored::Nf4(Nf4Args { nf4, .. }) = &first.stored else {
             unreachable!("checked above: every member is NF4")
         };
         // SAFETY: each member's arrays have the lengths recorded at upload; `ws` holds at / 2 +
@@ -301,7 +308,7 @@ impl GpuLinear {
             self.in_features
         );
         if rows <= GEMV_MAX_ROWS {
-            if let Stored::Nf4 { .. } = self.stored {
+            if let Stored::Nf4(_) = self.stored {
                 return Ok(self.gemv(x, rows));
             }
         }
@@ -379,7 +386,7 @@ impl GpuLinear {
         rows: usize,
         y: &CubeTensor<CudaRuntime>,
     ) -> bool {
-        let Stored::Nf4 {
+        let Stored::Nf4(Nf4Args {
             packed,
             codes,
             nested,
@@ -389,7 +396,7 @@ impl GpuLinear {
             words,
             nested_len,
             code_words,
-        } = &self.stored
+        }) = &self.stored
         else {
             return false;
         };
@@ -424,13 +431,21 @@ impl GpuLinear {
     pub fn bf16_weight(&self) -> Option<&CubeTensor<CudaRuntime>> {
         match &self.stored {
             Stored::Bf16(w) => Some(w),
-            Stored::Nf4 { .. } => None,
+            Stored::Nf4(_) => None,
         }
     }
 
     /// Whether the weight is stored as NF4 (the GEMV kernels' format).
+    /// The NF4 weight's device arrays; `None` for a dense weight.
+    pub fn nf4_args(&self) -> Option<&Nf4Args> {
+        match &self.stored {
+            Stored::Nf4(a) => Some(a),
+            Stored::Bf16(_) => None,
+        }
+    }
+
     pub fn is_nf4(&self) -> bool {
-        matches!(self.stored, Stored::Nf4 { .. })
+        matches!(self.stored, Stored::Nf4(_))
     }
 
     pub fn out_features(&self) -> usize {
