@@ -28,8 +28,8 @@
 
 use super::blas::{GemmIn, GemmShape};
 use super::kernels::{
-    decode_attention, embed_rows, lora_down, rms_norm_rows, rope_append, sample_rows, silu_mul,
-    step_words, DECODE_MAX_HEAD_DIM, DECODE_MAX_KEYS,
+    decode_attention, embed_rows, lora_down, lora_up_add, rms_norm_rows, rope_append, sample_rows,
+    silu_mul, step_words, DECODE_MAX_HEAD_DIM, DECODE_MAX_KEYS,
 };
 use super::nf4_mma::{self, MMA_ROWS};
 use super::qlinear::{GpuLinear, Inner, GEMV_MAX_ROWS};
@@ -621,7 +621,30 @@ impl FusedDecode {
                 }),
             );
         }
-        Ok(lora)
+        // SwiGLU adds the gate/up group's up-projection itself (one unit per output pair, cheap);
+        // the others get a launch of their own (`kernels::lora_up_add`): the consumers of those
+        // groups (RoPE, RMSNorm) have too few units to read B quickly.
+        match lora {
+            Some(lg) if g != 2 => {
+                // SAFETY: out holds rows x outs, z rows x width, bt width x outs.
+                unsafe {
+                    lora_up_add::launch_unchecked::<CudaRuntime>(
+                        &self.client,
+                        CubeCount::Static((self.rows * lg.outs).div_ceil(256) as u32, 1, 1),
+                        CubeDim::new_1d(256),
+                        ArrayArg::from_raw_parts(out.handle.clone(), self.rows * lg.outs),
+                        ArrayArg::from_raw_parts(self.bufs.z.handle.clone(), self.rows * lg.width),
+                        ArrayArg::from_raw_parts(lg.bt.handle.clone(), lg.width * lg.outs),
+                        self.rows,
+                        lg.outs,
+                        self.scale,
+                        lg.width,
+                    )
+                };
+                Ok(None)
+            }
+            _ => Ok(lora),
+        }
     }
 
     /// `x A^T` for every adapted module of group `g` of layer `l`, into `bufs.z`; returns the
