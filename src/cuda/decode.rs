@@ -1,4 +1,5 @@
-//! Fused decode on CUDA: one sampling step of the whole model in 9 kernel launches per block.
+//! Fused decode on CUDA: one sampling step of the whole model in 9 kernel launches per block
+//! (12 with an adapter).
 //!
 //! Through burn's tensor ops a decode step of a 24-layer model is ~2,400 small launches (RMSNorm
 //! alone is six, each LoRA delta four, RoPE ten, the growing KV cache a concatenation per layer
@@ -7,16 +8,16 @@
 //! a preallocated cache, and every later token runs, per group of modules that share an input
 //! (q/k/v, o, gate/up, down), one launch of `nf4_mma::nf4_mma_group`: the group's NF4 weights
 //! read once and multiplied with tensor cores (the residual added there), and on extra cubes the
-//! group's LoRA down-projection `x A^T`. The group's LoRA up-projection has no launch of its own:
-//! the kernel that reads the group's output next (RoPE + cache append, the post-attention
-//! RMSNorm, SwiGLU, the next block's RMSNorm) adds it (`kernels::lora_up`). Then attention over
-//! the cache, the vocabulary projection, and (for plain temperature or greedy sampling) the draw
-//! of the next tokens. Even a launch that does almost nothing costs a few microseconds inside a
-//! graph, so the count of launches per block is what this layout keeps small (`decode_check`
-//! with `ABLATE=1` times the step without each kind of launch). `RLHF_DECODE_DEQUANT=1` (or a
-//! shape `nf4_mma::covers` does not take) keeps the earlier form: the group dequantized to a
-//! bf16 workspace by one launch, one cuBLASLt GEMM, and the LoRA down-projection as a launch of
-//! its own (`kernels::lora_down`).
+//! group's LoRA down-projection `z = x A^T`. The up-projection `z B^T` of the gate/up group is
+//! added by SwiGLU as it reads the group's output; the other groups' is one launch each
+//! (`kernels::lora_up_add`: RoPE and the RMSNorms have too few units to read B quickly). Then
+//! RoPE + cache append, attention over the cache, SwiGLU, the RMSNorms, the vocabulary
+//! projection, and (for plain temperature or greedy sampling) the draw of the next tokens.
+//! `decode_check` with `ABLATE=1` times the step without each kind of launch.
+//! `RLHF_DECODE_DEQUANT=1` (or a shape `nf4_mma::covers` does not take) keeps the earlier form:
+//! the group dequantized to a bf16 workspace by one launch, one cuBLASLt GEMM, the LoRA
+//! down-projection as a launch of its own (`kernels::lora_down`) and every up-projection added by
+//! the kernel that reads the group's output (`kernels::lora_up`).
 //!
 //! Every buffer a step touches is allocated once, and nothing that changes from step to step is
 //! a launch argument (tokens, positions, the cache slot and the sampling seed are read from a
