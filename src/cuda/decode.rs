@@ -110,6 +110,8 @@ const MODULES: [&str; 7] = crate::config::ALL_TARGETS;
 /// by one GEMM (outputs concatenated: `[q | k | v]`, `[gate | up]`), their LoRA down-projections
 /// by one kernel.
 const GROUPS: [&[usize]; 4] = [&[0, 1, 2], &[3], &[4, 5], &[6]];
+/// The gate/up group's index in [`GROUPS`] (SwiGLU adds its LoRA up-projection itself).
+const GATE_UP: usize = 2;
 
 /// One group's LoRA: the members' A stacked `[width, in]` (`x A^T` of all of them is one kernel
 /// into `z [rows, width]`) and their B block-diagonal `[group out, width]` (member m's B at its
@@ -586,8 +588,10 @@ impl FusedDecode {
 
     /// Group `g` of layer `l` applied to its input `x` (f32 `[rows, in]`; its bf16 copy in
     /// `bufs.xb`, written by the kernel that produced it) into `out` (`[rows, group out]`), plus
-    /// the residual `res`; returns the group's LoRA, whose up-projection the kernel reading `out`
-    /// next adds (`kernels::lora_up`) from the `z = x A^T` written here.
+    /// the residual `res`, LoRA included. Returns the group's LoRA when its up-projection is
+    /// still owed: the kernel reading `out` next adds it (`kernels::lora_up`) from the `z = x
+    /// A^T` written here (every group on the dequantize path; gate/up, for SwiGLU, on the MMA
+    /// path).
     fn group(
         &self,
         l: usize,
@@ -626,7 +630,7 @@ impl FusedDecode {
         // the others get a launch of their own (`kernels::lora_up_add`): the consumers of those
         // groups (RoPE, RMSNorm) have too few units to read B quickly.
         match lora {
-            Some(lg) if g != 2 => {
+            Some(lg) if g != GATE_UP => {
                 // SAFETY: out holds rows x outs, z rows x width, bt width x outs.
                 unsafe {
                     lora_up_add::launch_unchecked::<CudaRuntime>(
