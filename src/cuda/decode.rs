@@ -16,8 +16,8 @@
 //! `decode_check` with `ABLATE=1` times the step without each kind of launch.
 //! `RLHF_DECODE_DEQUANT=1` (or a shape `nf4_mma::covers` does not take) keeps the earlier form:
 //! the group dequantized to a bf16 workspace by one launch, one cuBLASLt GEMM, the LoRA
-//! down-projection as a launch of its own (`kernels::lora_down`) and every up-projection added by
-//! the kernel that reads the group's output (`kernels::lora_up`).
+//! down-projection as a launch of its own (`kernels::lora_down`); the up-projections as on the
+//! MMA path.
 //!
 //! Every buffer a step touches is allocated once, and nothing that changes from step to step is
 //! a launch argument (tokens, positions, the cache slot and the sampling seed are read from a
@@ -84,7 +84,7 @@ pub fn set_enabled(on: bool) {
 pub mod skip {
     /// RMSNorms (each also writes the next GEMM's bf16 input).
     pub const NORM: u32 = 1;
-    /// The LoRA `x A^T` kernels and up-projection GEMMs.
+    /// The LoRA down-projections (`x A^T`) and up-projections.
     pub const LORA: u32 = 2;
     /// The NF4 dequantizations into the workspace.
     pub const DEQUANT: u32 = 4;
@@ -115,9 +115,8 @@ const GATE_UP: usize = 2;
 
 /// One group's LoRA: the members' A stacked `[width, in]` (`x A^T` of all of them is one kernel
 /// into `z [rows, width]`) and their B block-diagonal `[group out, width]` (member m's B at its
-/// output rows and its columns of `z`; zeros elsewhere), kept transposed, so the kernel that
-/// reads the group's output adds the up-projection of any of its values with one dot product
-/// over `z`'s row.
+/// output rows and its columns of `z`; zeros elsewhere), kept transposed, so the up-projection of
+/// any of the group's output values is one dot product over `z`'s row (`kernels::lora_up`).
 struct GroupLora {
     a: T,
     width: usize,
@@ -556,13 +555,11 @@ impl FusedDecode {
         }
     }
 
-    /// RMSNorm of `x` into `y`, and as bf16 into `bufs.xb` (the next GEMM's input); with `lora`
-    /// (the group that wrote `x`), `x` is completed with its LoRA up-projection first.
-    fn rms(&self, x: &T, w: &T, y: &T, lora: Option<&GroupLora>) {
+    /// RMSNorm of `x` into `y`, and as bf16 into `bufs.xb` (the next GEMM's input).
+    fn rms(&self, x: &T, w: &T, y: &T) {
         if !self.runs(skip::NORM) {
             return;
         }
-        let (z, lb, width, outs, scale, on) = self.lora_args(lora);
         // SAFETY: x and y hold rows x hidden values, w hidden, xb at least rows x hidden / 2 u32.
         unsafe {
             rms_norm_rows::launch_unchecked::<CudaRuntime>(
@@ -575,23 +572,15 @@ impl FusedDecode {
                 self.hidden,
                 ArrayArg::from_raw_parts(y.handle.clone(), self.rows * self.hidden),
                 ArrayArg::from_raw_parts(self.bufs.xb.handle.clone(), self.rows * self.hidden / 2),
-                z,
-                lb,
-                width,
-                outs,
-                scale,
                 8,
-                on,
             )
         };
     }
 
     /// Group `g` of layer `l` applied to its input `x` (f32 `[rows, in]`; its bf16 copy in
     /// `bufs.xb`, written by the kernel that produced it) into `out` (`[rows, group out]`), plus
-    /// the residual `res`, LoRA included. Returns the group's LoRA when its up-projection is
-    /// still owed: the kernel reading `out` next adds it (`kernels::lora_up`) from the `z = x
-    /// A^T` written here (every group on the dequantize path; gate/up, for SwiGLU, on the MMA
-    /// path).
+    /// the residual `res`, LoRA included, except for gate/up: then the group's LoRA is returned
+    /// and SwiGLU adds its up-projection (`kernels::lora_up`) from the `z = x A^T` written here.
     fn group(
         &self,
         l: usize,
@@ -600,16 +589,17 @@ impl FusedDecode {
         res: Option<&T>,
         out: &T,
     ) -> Result<Option<&GroupLora>> {
-        let in_f = self.layers[l].lin[GROUPS[g][0]].in_features();
-        if !self.mma {
+        let lora = if self.mma {
+            self.layers[l].lora[g]
+                .as_ref()
+                .filter(|_| self.runs(skip::LORA))
+        } else {
+            let in_f = self.layers[l].lin[GROUPS[g][0]].in_features();
             let lora = self.lora_z(l, g, x, in_f);
             self.project_group(l, g, res, out)?;
-            return Ok(lora);
-        }
-        let lora = self.layers[l].lora[g]
-            .as_ref()
-            .filter(|_| self.runs(skip::LORA));
-        if self.runs(skip::GEMM) {
+            lora
+        };
+        if self.mma && self.runs(skip::GEMM) {
             let lins: Vec<&GpuLinear> =
                 GROUPS[g].iter().map(|&m| &*self.layers[l].lin[m]).collect();
             nf4_mma::group_into(
@@ -627,8 +617,8 @@ impl FusedDecode {
             );
         }
         // SwiGLU adds the gate/up group's up-projection itself (one unit per output pair, cheap);
-        // the others get a launch of their own (`kernels::lora_up_add`): the consumers of those
-        // groups (RoPE, RMSNorm) have too few units to read B quickly.
+        // the others get a launch of their own (`kernels::lora_up_add`): the kernels reading
+        // those groups' outputs (RoPE, RMSNorm) have too few units to read B quickly.
         match lora {
             Some(lg) if g != GATE_UP => {
                 // SAFETY: out holds rows x outs, z rows x width, bt width x outs.
@@ -653,7 +643,7 @@ impl FusedDecode {
     }
 
     /// `x A^T` for every adapted module of group `g` of layer `l`, into `bufs.z`; returns the
-    /// group, whose up-projection the kernel reading the group's output then adds.
+    /// group (its up-projection still owed).
     fn lora_z(&self, l: usize, g: usize, x: &T, width_in: usize) -> Option<&GroupLora> {
         let group = self.layers[l].lora[g].as_ref()?;
         if !self.runs(skip::LORA) {
@@ -679,8 +669,7 @@ impl FusedDecode {
     /// Group `g` of layer `l` (its input's bf16 copy in `bufs.xb`, written by the kernel that
     /// produced it) into `out` (`[rows, group out]`), plus the residual `res`: the members' NF4
     /// weights dequantized side by side into the workspace and one bf16 cuBLASLt GEMM (the
-    /// residual as its C term). The group's LoRA up-projection is added by the kernel that reads
-    /// `out` next (`kernels::lora_up`).
+    /// residual as its C term); LoRA is [`Self::group`]'s part.
     fn project_group(&self, l: usize, g: usize, res: Option<&T>, out: &T) -> Result<()> {
         let layer = &self.layers[l];
         let members = GROUPS[g];
@@ -885,14 +874,10 @@ impl FusedDecode {
                 self.embed.dtype == DType::BF16,
             )
         };
-        // The LoRA up-projection the next kernel owes the residual stream `h` (the previous
-        // block's down projection's).
-        let mut owed: Option<&GroupLora> = None;
         for l in 0..self.layers.len() {
-            self.rms(&b.h, &self.layers[l].input_norm, &b.x, owed);
-            let lora = self.group(l, 0, &b.x, None, &b.qkv)?;
+            self.rms(&b.h, &self.layers[l].input_norm, &b.x);
+            self.group(l, 0, &b.x, None, &b.qkv)?;
             if self.runs(skip::ROPE) {
-                let (z, lb, width, outs, scale, on) = self.lora_args(lora);
                 unsafe {
                     rope_append::launch_unchecked::<CudaRuntime>(
                         &self.client,
@@ -910,12 +895,6 @@ impl FusedDecode {
                         self.nkv,
                         self.hd,
                         self.cap,
-                        z,
-                        lb,
-                        width,
-                        outs,
-                        scale,
-                        on,
                     )
                 };
             }
@@ -943,8 +922,8 @@ impl FusedDecode {
                     )
                 };
             }
-            let lora = self.group(l, 1, &b.attn, Some(&b.h), &b.h2)?;
-            self.rms(&b.h2, &self.layers[l].post_norm, &b.x, lora);
+            self.group(l, 1, &b.attn, Some(&b.h), &b.h2)?;
+            self.rms(&b.h2, &self.layers[l].post_norm, &b.x);
             let lora = self.group(l, 2, &b.x, None, &b.gu)?;
             let n = rows * self.inter;
             // SAFETY: gu holds rows x 2 inter values (gate then up per row), act rows x inter.
@@ -974,9 +953,9 @@ impl FusedDecode {
                 };
             }
             // The block output overwrites `h`, which nothing reads any more this layer.
-            owed = self.group(l, 3, &b.act, Some(&b.h2), &b.h)?;
+            self.group(l, 3, &b.act, Some(&b.h2), &b.h)?;
         }
-        self.rms(&b.h, &self.final_norm, &b.x, owed);
+        self.rms(&b.h, &self.final_norm, &b.x);
         if self.runs(skip::HEAD) {
             self.project(&b.x)?;
         }

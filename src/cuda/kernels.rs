@@ -268,9 +268,9 @@ pub(super) fn cube_max(v: f32, #[comptime] planes: usize) -> f32 {
 
 /// A LoRA up-projection's value at row `r`, output `o`: `scale * sum_j z[r, j] bt[j, o]`, from
 /// the group's `z = x A^T` (`[rows, width]`) and its block-diagonal B transposed (`bt [width,
-/// outs]`: lanes on consecutive outputs read consecutive values). The decode kernels that read
-/// a projection's output add it there, so the up-projection needs no launch of its own (f32
-/// throughout, where a separate GEMM ran in TF32).
+/// outs]`: lanes on consecutive outputs read consecutive values): added by SwiGLU as it reads
+/// the gate/up group's output, and by [`lora_up_add`] for the other groups (f32 throughout, where
+/// a separate GEMM ran in TF32).
 #[cube]
 fn lora_up(
     z: &Array<f32>,
@@ -294,7 +294,7 @@ fn lora_up(
 /// `out[r, o] += scale * sum_j z[r, j] bt[j, o]` ([`lora_up`]) for every row and output, one
 /// unit each: a projection group's LoRA up-projection as a launch of its own. Nsight Compute
 /// (session 9) timed RoPE + cache append at 28.8 us and the RMSNorm at 11.2 us when they added
-/// it themselves: one warp per (row, head), or 16 cubes in all, each unit walking `width` values
+/// it as they read the group's output: one warp per (row, head), or 16 cubes in all, each unit walking `width` values
 /// of `bt` for each of its outputs, is too few loads in flight; here every output has its unit.
 #[cube(launch_unchecked)]
 pub fn lora_up_add(
@@ -344,50 +344,30 @@ pub fn lora_down(
 
 /// HF's RMSNorm of each row: `y = w * x / sqrt(mean(x^2) + eps)`, also as bf16 pairs in `yb`
 /// (value `2j` in the low half of word `j`: the next GEMM's input, without a cast launch). One
-/// cube of `32 * planes` units per row; `width` even. With `lora`, `x` is first completed with
-/// the LoRA up-projection of the projection that wrote it ([`lora_up`]) and written back (it is
-/// the residual stream later kernels read).
+/// cube of `32 * planes` units per row; `width` even.
 #[cube(launch_unchecked)]
 #[allow(clippy::too_many_arguments)]
 pub fn rms_norm_rows(
-    x: &mut Array<f32>,
+    x: &Array<f32>,
     w: &Array<f32>,
     eps: f32,
     width: usize,
     y: &mut Array<f32>,
     yb: &mut Array<u32>,
-    z: &Array<f32>,
-    b: &Array<f32>,
-    #[comptime] lora_width: usize,
-    lora_outs: usize,
-    lora_scale: f32,
     #[comptime] planes: usize,
-    #[comptime] lora: bool,
 ) {
     let row = CUBE_POS_X as usize * width;
     let units = comptime!(planes * 32);
     let mut ss = 0.0f32;
-    // Four of the unit's values per pass (unrolled): their loads, the LoRA factors' above all
-    // (from DRAM), are in flight together instead of one value's after another's.
+    // Four of the unit's values per pass (unrolled): their loads are in flight together instead
+    // of one value's after another's.
     let mut k0 = UNIT_POS_X as usize;
     while k0 < width {
         #[unroll]
         for u in 0..4usize {
             let k = k0 + u * units;
             if k < width {
-                let mut v = x[row + k];
-                if comptime!(lora) {
-                    v += lora_up(
-                        z,
-                        b,
-                        CUBE_POS_X as usize,
-                        k,
-                        lora_width,
-                        lora_outs,
-                        lora_scale,
-                    );
-                    x[row + k] = v;
-                }
+                let v = x[row + k];
                 ss += v * v;
             }
         }
@@ -539,9 +519,7 @@ fn step_slot(step: &Array<u32>, rows: usize) -> usize {
 /// (`[rows, nh * d]`), and the rotated keys and the values at the step's slot of the caches
 /// (`[rows, nkv, cap, d]`), marking the slot valid or not. The angle is `pos[r] * inv_freq[i]`
 /// in f32, as transformers computes it. One cube per (row, query or key head), lanes over the
-/// head's rotation pairs (one cube per row left most of the GPU idle once the LoRA terms were
-/// added here). With `lora`, each projection value is first completed with its LoRA
-/// up-projection ([`lora_up`]).
+/// head's rotation pairs.
 #[cube(launch_unchecked)]
 #[allow(clippy::too_many_arguments)]
 pub fn rope_append(
@@ -557,12 +535,6 @@ pub fn rope_append(
     nkv: usize,
     d: usize,
     cap: usize,
-    z: &Array<f32>,
-    b: &Array<f32>,
-    #[comptime] lora_width: usize,
-    lora_outs: usize,
-    lora_scale: f32,
-    #[comptime] lora: bool,
 ) {
     let r = CUBE_POS_X as usize / (nh + nkv);
     let head = CUBE_POS_X as usize % (nh + nkv);
@@ -578,12 +550,8 @@ pub fn rope_append(
         let s = angle.sin();
         // Query heads, then key heads, in qkv's order.
         let col = head * d + i;
-        let mut x1 = qkv[row + col];
-        let mut x2 = qkv[row + col + half];
-        if comptime!(lora) {
-            x1 += lora_up(z, b, r, col, lora_width, lora_outs, lora_scale);
-            x2 += lora_up(z, b, r, col + half, lora_width, lora_outs, lora_scale);
-        }
+        let x1 = qkv[row + col];
+        let x2 = qkv[row + col + half];
         if head < nh {
             let dst = r * nh * d + head * d;
             q[dst + i] = x1 * c - x2 * s;
@@ -593,15 +561,9 @@ pub fn rope_append(
             let dst = ((r * nkv + kh) * cap + slot) * d;
             k_cache[dst + i] = x1 * c - x2 * s;
             k_cache[dst + i + half] = x2 * c + x1 * s;
-            let vcol = (nh + nkv) * d + kh * d + i;
-            let mut v1 = qkv[row + vcol];
-            let mut v2 = qkv[row + vcol + half];
-            if comptime!(lora) {
-                v1 += lora_up(z, b, r, vcol, lora_width, lora_outs, lora_scale);
-                v2 += lora_up(z, b, r, vcol + half, lora_width, lora_outs, lora_scale);
-            }
-            v_cache[dst + i] = v1;
-            v_cache[dst + i + half] = v2;
+            let vcol = row + (nh + nkv) * d + kh * d + i;
+            v_cache[dst + i] = qkv[vcol];
+            v_cache[dst + i + half] = qkv[vcol + half];
         }
         i += units;
     }

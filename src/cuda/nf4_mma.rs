@@ -461,10 +461,10 @@ pub fn group_into(
     let outs: usize = lins.iter().map(|l| l.out_features()).sum();
     let tiles = rows.div_ceil(MMA_ROWS);
     let planes = planes_for(tiles, in_f / MMA_CHUNK);
+    // Each member's arrays and outputs (0 for an absent member: never read).
     let member = |i: usize| -> (&Nf4Args, usize) {
-        let l = lins[if i < lins.len() { i } else { 0 }];
-        let args = l.nf4_args().expect("covers() checked every member is NF4");
-        (args, if i < lins.len() { l.out_features() } else { 0 })
+        let (args, present) = GpuLinear::group_member(lins, i);
+        (args, if present { lins[i].out_features() } else { 0 })
     };
     let (m0, o0) = member(0);
     let (m1, o1) = member(1);

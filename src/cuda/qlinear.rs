@@ -213,6 +213,17 @@ impl GpuLinear {
         };
     }
 
+    /// Member `i` of a group of up to three NF4 weights launched together, and whether it is
+    /// there: an absent member (`i >= lins.len()`) is the first one's arrays, passed to fill the
+    /// kernel's argument group and never read. The caller checked that every member is NF4.
+    pub fn group_member<'a>(lins: &[&'a GpuLinear], i: usize) -> (&'a Nf4Args, bool) {
+        let present = i < lins.len();
+        let args = lins[if present { i } else { 0 }]
+            .nf4_args()
+            .expect("the caller checked that every member is NF4");
+        (args, present)
+    }
+
     /// [`Self::dequant_into`] of up to three NF4 weights with the same `in_features` side by
     /// side (`[sum of out, in]` from bf16 value `at` on), in one launch
     /// (`kernels::nf4_dequant_bf16_3`): the decode's q/k/v and gate/up groups. Returns `false`
@@ -222,36 +233,22 @@ impl GpuLinear {
         ws: &CubeTensor<CudaRuntime>,
         at: usize,
     ) -> bool {
-        let nf4 = |l: &&GpuLinear| matches!(l.stored, Stored::Nf4(_));
-        if lins.is_empty() || lins.len() > 3 || !lins.iter().all(nf4) {
+        if lins.is_empty() || lins.len() > 3 || !lins.iter().all(|l| l.nf4_args().is_some()) {
             return false;
         }
         // Member i's argument group, in the kernel's order (packed, codes, nested, code2, offset,
-        // words); absent members repeat the first one's arrays with no words (never read).
+        // words); absent members have no words (their arrays are never read).
         let member = |i: usize| {
-            let Stored::Nf4(Nf4Args {
-                packed,
-                codes,
-                nested,
-                code2,
-                offset,
-                words,
-                nested_len,
-                code_words,
-                ..
-            }) = &lins[if i < lins.len() { i } else { 0 }].stored
-            else {
-                unreachable!("checked above: every member is NF4")
-            };
-            let words = if i < lins.len() { *words } else { 0 };
+            let (m, present) = Self::group_member(lins, i);
+            let words = if present { m.words } else { 0 };
             // SAFETY: the lengths recorded at upload (packed at least one word when absent).
             let arg = |h: &Handle, len: usize| unsafe { ArrayArg::from_raw_parts(h.clone(), len) };
             (
-                arg(packed, words.max(1)),
-                arg(codes, *code_words),
-                arg(nested, *nested_len),
-                arg(code2, 256),
-                *offset,
+                arg(&m.packed, words.max(1)),
+                arg(&m.codes, m.code_words),
+                arg(&m.nested, m.nested_len),
+                arg(&m.code2, 256),
+                m.offset,
                 words,
             )
         };
@@ -260,9 +257,7 @@ impl GpuLinear {
         let (p2, c2, n2, q2, o2, w2) = member(2);
         let total = w0 + w1 + w2;
         let first = lins[0];
-        let Stored::Nf4(Nf4Args { nf4, .. }) = &first.stored else {
-            unreachable!("checked above: every member is NF4")
-        };
+        let nf4 = &Self::group_member(lins, 0).0.nf4;
         // SAFETY: each member's arrays have the lengths recorded at upload; `ws` holds at / 2 +
         // total * 4 u32 (the caller's promise); the kernel bounds-checks against total * 4.
         unsafe {
