@@ -4,210 +4,229 @@
 //!
 //! Dequantizing a group into a bf16 workspace and multiplying it with cuBLAS writes and reads 16
 //! bits per weight besides reading the 4 (4.5 bytes per weight moved instead of 0.5), and the
-//! LoRA down-projection was a launch of its own. Here a cube owns 16 output columns; its planes
-//! split `in` into 64-value chunks (one absmax block of each column), dequantize a chunk into
-//! shared memory and feed it to 16x16x16 bf16 MMAs against the bf16 input rows (which stay in
-//! L2), then sum their accumulators: every 4-bit weight is read once, and no two cubes write the
-//! same value (no atomics, no second pass). At a few rows the step is latency-bound, so each
-//! plane loads its next chunk's words and scales before working on the current one, and a cube
-//! has up to 12 planes (a first version with 4 planes walking up to 19 chunks each in turn took
-//! ~35 us per launch, BENCHMARKS.md session 9). It is still latency-bound: Nsight Compute
-//! timed the gate/up group (4.6 MB) at 29 us, 159 GB/s, with ~3 cubes of 384 units resident per
-//! SM; deeper prefetch (the absmax code, then its scale, then the input tile are dependent loads
-//! after the word) and more resident cubes are the next steps. The NF4 GEMV on CUDA cores
-//! (`kernels::nf4_gemv_fused`) read the same 4 bits but spent 16 multiply-adds per weight for 16
-//! rows, which the tensor cores do in one instruction per 4,096.
+//! LoRA down-projection was a launch of its own. Here a cube owns 16 output columns; its warps
+//! split `in` into 64-value chunks (one absmax block of each column) and run `m16n8k16` bf16
+//! MMAs whose operands they build in registers: each lane dequantizes its own bytes of B and
+//! loads its own inputs of A (`warp_columns` has the layout), every 4-bit weight is read once,
+//! and the warps' sums meet in shared memory once at the end; no two cubes write the same
+//! value (no atomics, no second pass). At a few rows the step is latency-bound, so a warp
+//! issues the loads of up to four chunks before it multiplies any of them, and small matrices
+//! get one chunk per warp. Session 9's version dequantized each chunk into a shared-memory
+//! tile for `wmma` (16x16x16): its 2-byte stores were 3.9-way bank-conflicted, L1 81% busy,
+//! 28 us for the 0.5b gate/up group at 1.4 GHz (Nsight Compute, session 10). The NF4 GEMV on
+//! CUDA cores (`kernels::nf4_gemv_fused`) read the same 4 bits but spent 16 multiply-adds per
+//! weight for 16 rows, which the tensor cores do in one instruction per 2,048.
 
-use super::kernels::{block_scale, nf4_table};
+use super::kernels::nf4_table;
 use super::qlinear::{GpuLinear, Nf4Args};
 use cubecl::cuda::CudaRuntime;
 use cubecl::prelude::*;
 use cubecl::server::Handle;
 use half::bf16;
 
-/// Output columns one cube owns (one MMA tile wide).
+/// Output columns one cube owns (two 8-column MMA tiles).
 pub const MMA_COLS: usize = 16;
-/// Input values per dequantized chunk: one absmax block of each of the 16 columns.
+/// Input values per chunk: one absmax block of each column.
 pub const MMA_CHUNK: usize = 64;
 /// Rows of one MMA tile; a launch covers up to four tiles (64 rows).
 pub const MMA_ROWS: usize = 16;
 /// The most row tiles one launch covers.
 pub const MMA_MAX_ROW_TILES: usize = 4;
-/// Planes x row tiles per cube at most: the planes' chunk tiles and accumulators share the
-/// 48 KiB of static shared memory.
-const PLANE_TILES: usize = 12;
-/// Row pitch (bf16 values) of a plane's dequantized `[16 columns, 64]` chunk in shared memory;
-/// 8 values of padding put the 16 columns of an MMA load in different banks.
-const PITCH: usize = MMA_CHUNK + 8;
+/// Warps x row tiles per cube at most: each warp's partial sums (1 KiB per row tile) meet in
+/// shared memory.
+const WARP_TILES: usize = 32;
+/// The most warps per cube.
+const MAX_WARPS: usize = 16;
+/// Chunks whose words and scales a warp loads before it multiplies any of them.
+const BATCH: usize = 4;
 
-/// The planes of a cube for `row_tiles` row tiles and `chunks` chunks of `in`.
-fn planes_for(row_tiles: usize, chunks: usize) -> usize {
-    (PLANE_TILES / row_tiles).min(chunks).max(1)
+/// The warps of a cube for `row_tiles` row tiles and `chunks` chunks of `in`: one chunk each
+/// while they last (the loads of a small matrix all issue at once), at most [`MAX_WARPS`].
+fn warps_for(row_tiles: usize, chunks: usize) -> usize {
+    (WARP_TILES / row_tiles).min(MAX_WARPS).min(chunks).max(1)
 }
 
-/// Word `wk` of columns `col, col + 4, col + 8, col + 12` (member-local rows of W, `wpr` words
-/// each) and their blocks' scales, into `words` and `scales`.
+/// The scale of the absmax block holding packed word `w`, with the 256 second-level code
+/// values in shared memory (one dependent global load fewer than `kernels::block_scale`).
 #[cube]
-#[allow(clippy::too_many_arguments)]
-fn fetch_into(
-    words: &mut Array<u32>,
-    scales: &mut Array<f32>,
-    col: usize,
-    wk: usize,
-    wpr: usize,
-    packed: &Array<u32>,
+fn scale_of(
+    w: usize,
     codes: &Array<u32>,
     nested: &Array<f32>,
-    code2: &Array<f32>,
+    code2: &SharedMemory<f32>,
     offset: f32,
-) {
-    #[unroll]
-    for i in 0..4usize {
-        let w = (col + 4 * i) * wpr + wk;
-        words[i] = packed[w];
-        scales[i] = block_scale(w, codes, nested, code2, offset);
-    }
+) -> f32 {
+    let block = w / 8;
+    let code = (codes[block / 4] >> (((block % 4) * 8) as u32)) & 0xFF;
+    code2[code as usize] * nested[block / 256] + offset
 }
 
-/// The 8 values of a packed word times its scale, as bf16 into `tile[at..at + 8]`.
+/// Byte `byte` of a packed word (values `2 byte` in the high nibble, `2 byte + 1` in the low
+/// one) times `scale`, as the bf16 pair of one MMA register (lower k first).
 #[cube]
-fn unpack_into(
+fn nf4_pair<N: Size>(
     word: u32,
+    #[comptime] byte: u32,
     scale: f32,
     table: &SharedMemory<f32>,
-    tile: &mut SharedMemory<bf16>,
-    at: usize,
-) {
-    // Byte j of the word holds values 2j (high nibble) and 2j + 1 (low nibble).
-    #[unroll]
-    for j in 0..4u32 {
-        let hi = (word >> (j * 8 + 4)) & 0xF;
-        let lo = (word >> (j * 8)) & 0xF;
-        tile[at + (2 * j) as usize] = bf16::cast_from(table[hi as usize] * scale);
-        tile[at + (2 * j + 1) as usize] = bf16::cast_from(table[lo as usize] * scale);
-    }
+) -> Vector<bf16, N> {
+    let hi = (word >> (byte * 8 + 4)) & 0xF;
+    let lo = (word >> (byte * 8)) & 0xF;
+    let mut v = Vector::<bf16, N>::empty();
+    v[0] = bf16::cast_from(table[hi as usize] * scale);
+    v[1] = bf16::cast_from(table[lo as usize] * scale);
+    v
 }
 
-/// One plane's share of a cube's 16 columns `col0..col0 + 16` (member-local rows of W): the
-/// chunks `plane, plane + planes, ...` of `in`, accumulated into `accs` (one per row tile).
-/// Lane l handles word l % 8 of the chunk in columns l / 8, + 4, + 8, + 12 (the eight lanes of
-/// a column read its 32 contiguous bytes); the next chunk's words and scales are loaded before
-/// the current one is unpacked and multiplied.
+/// One warp's share of a cube's 16 columns `col0..col0 + 16` (member-local rows of W): chunks
+/// `warp, warp + warps, ...` of `in`, with `m16n8k16` MMAs whose operands are built in
+/// registers: no shared-memory tile, no bank conflicts (the `wmma` version dequantized each
+/// chunk into shared memory first; Nsight Compute found its stores 3.9-way bank-conflicted and
+/// L1 81% busy, session 10).
+///
+/// A lane (g = lane / 4, t = lane % 4) of the `m16n8k16` layout holds A's rows g and g + 8 and
+/// B's column g, at k positions 2t, 2t + 1, 2t + 8, 2t + 9. The sum over k does not care
+/// which input value sits at which k position as long as A and B agree, so k step s of a chunk
+/// gives lane t the chunk's inputs `16 t + 4 s .. 16 t + 4 s + 4`: over the four steps a lane
+/// reads 16 contiguous inputs of its rows (two 16-byte loads per row) and of its column (two
+/// packed words, 8 bytes), and each byte of a word is one bf16 pair of B.
 #[cube]
 #[allow(clippy::too_many_arguments)]
-fn plane_columns(
-    xb: &Array<bf16>,
+fn warp_columns<NX: Size>(
+    xb: &Array<Vector<u32, NX>>,
     packed: &Array<u32>,
     codes: &Array<u32>,
     nested: &Array<f32>,
-    code2: &Array<f32>,
+    code2: &SharedMemory<f32>,
     offset: f32,
     col0: usize,
     in_f: usize,
     table: &SharedMemory<f32>,
-    tile: &mut SharedMemory<bf16>,
-    accs: &Sequence<cmma::Matrix<f32>>,
+    part: &mut SharedMemory<f32>,
     #[comptime] row_tiles: usize,
-    #[comptime] planes: usize,
+    #[comptime] warps: usize,
 ) {
-    let plane = UNIT_POS_X as usize / 32;
+    let def = cmma::MmaDefinition::<bf16, bf16, f32>::new(16usize, 8usize, 16usize);
+    let size!(NA) = def.vector_size(cmma::MatrixIdent::A);
+    let size!(NB) = def.vector_size(cmma::MatrixIdent::B);
+    let size!(NC) = def.vector_size(cmma::MatrixIdent::Accumulator);
+    let warp = UNIT_POS_X as usize / 32;
     let lane = UNIT_POS_X as usize % 32;
-    let base = plane * comptime!(MMA_COLS * PITCH);
+    let g = lane / 4;
+    let t = lane % 4;
     let wpr = in_f / 8;
     let chunks = in_f / MMA_CHUNK;
-    let j = lane % 8;
-    let c4 = lane / 8;
-    let lhs = unsafe {
-        cmma::Matrix::<bf16>::uninitialized(
-            cmma::MatrixIdent::A,
-            16usize,
-            16usize,
-            16usize,
-            cmma::MatrixLayout::RowMajor,
-        )
-    };
-    let rhs = unsafe {
-        cmma::Matrix::<bf16>::uninitialized(
-            cmma::MatrixIdent::B,
-            16usize,
-            16usize,
-            16usize,
-            cmma::MatrixLayout::ColMajor,
-        )
-    };
-    // This chunk's four words and scales (one per column this lane serves) and the next one's.
-    let mut words = Array::<u32>::new(4usize);
-    let mut scales = Array::<f32>::new(4usize);
-    let mut c = plane;
-    if c < chunks {
-        fetch_into(
-            &mut words,
-            &mut scales,
-            col0 + c4,
-            c * 8 + j,
-            wpr,
-            packed,
-            codes,
-            nested,
-            code2,
-            offset,
-        );
+    // Accumulators, one pair of registers per (row tile, 8-column half).
+    let mut accs = Sequence::<Array<Vector<f32, NC>>>::new();
+    #[unroll]
+    for _ in 0..comptime!(row_tiles * 2) {
+        let mut acc = Array::<Vector<f32, NC>>::new(2usize);
+        acc[0] = Vector::new(0.0f32);
+        acc[1] = Vector::new(0.0f32);
+        accs.push(acc);
     }
+    let mut c = warp;
     while c < chunks {
-        let mut cur_w = Array::<u32>::new(4usize);
-        let mut cur_s = Array::<f32>::new(4usize);
+        // Every load of the batch first: two words and a scale per chunk and half.
+        let mut words = Array::<u32>::new(comptime!(BATCH * 4));
+        let mut scales = Array::<f32>::new(comptime!(BATCH * 2));
         #[unroll]
-        for i in 0..4usize {
-            cur_w[i] = words[i];
-            cur_s[i] = scales[i];
-        }
-        let next = c + planes;
-        if next < chunks {
-            fetch_into(
-                &mut words,
-                &mut scales,
-                col0 + c4,
-                next * 8 + j,
-                wpr,
-                packed,
-                codes,
-                nested,
-                code2,
-                offset,
-            );
-        }
-        let at = base + c4 * PITCH + j * 8;
-        #[unroll]
-        for i in 0..4usize {
-            unpack_into(cur_w[i], cur_s[i], table, tile, at + i * 4 * PITCH);
-        }
-        sync_plane();
-        let k0 = c * MMA_CHUNK;
-        #[unroll]
-        for s in 0..4usize {
-            let b_at = base + s * 16;
-            cmma::load(
-                &rhs,
-                &tile.slice(b_at, b_at + comptime!(MMA_COLS * PITCH)),
-                PITCH as u32,
-            );
+        for b in 0..BATCH {
+            let cb = c + b * warps;
             #[unroll]
-            for t in 0..row_tiles {
-                let a_at = t * 16 * in_f + k0 + s * 16;
-                cmma::load(&lhs, &xb.slice(a_at, a_at + 15 * in_f + 16), in_f as u32);
-                let acc = accs.index(t);
-                cmma::execute::<bf16, bf16, f32, f32>(&lhs, &rhs, acc, acc);
+            for n in 0..2usize {
+                words[b * 4 + n * 2] = 0u32;
+                words[b * 4 + n * 2 + 1] = 0u32;
+                scales[b * 2 + n] = 0.0f32;
+                if cb < chunks {
+                    let w = (col0 + n * 8 + g) * wpr + cb * 8 + 2 * t;
+                    words[b * 4 + n * 2] = packed[w];
+                    words[b * 4 + n * 2 + 1] = packed[w + 1];
+                    scales[b * 2 + n] = scale_of(w, codes, nested, code2, offset);
+                }
             }
         }
-        // The next chunk overwrites this plane's tile.
-        sync_plane();
-        c = next;
+        #[unroll]
+        for b in 0..BATCH {
+            let cb = c + b * warps;
+            if cb < chunks {
+                #[unroll]
+                for tt in 0..row_tiles {
+                    // Rows g and g + 8 of the tile, inputs 16 t .. 16 t + 16 of the chunk, as
+                    // eight bf16 pairs each.
+                    let v = ((tt * 16 + g) * in_f + cb * MMA_CHUNK + 16 * t) / 8;
+                    let x0 = xb[v];
+                    let x1 = xb[v + 1];
+                    let y0 = xb[v + in_f];
+                    let y1 = xb[v + in_f + 1];
+                    let mut lo = Array::<u32>::new(8usize);
+                    let mut hi = Array::<u32>::new(8usize);
+                    #[unroll]
+                    for e in 0..4usize {
+                        lo[e] = x0[e];
+                        lo[4 + e] = x1[e];
+                        hi[e] = y0[e];
+                        hi[4 + e] = y1[e];
+                    }
+                    #[unroll]
+                    for s in 0..4usize {
+                        let mut ra = Array::<Vector<bf16, NA>>::new(4usize);
+                        ra[0] = Vector::<bf16, NA>::reinterpret(lo[2 * s]);
+                        ra[1] = Vector::<bf16, NA>::reinterpret(hi[2 * s]);
+                        ra[2] = Vector::<bf16, NA>::reinterpret(lo[2 * s + 1]);
+                        ra[3] = Vector::<bf16, NA>::reinterpret(hi[2 * s + 1]);
+                        #[unroll]
+                        for n in 0..2usize {
+                            let word = words[b * 4 + n * 2 + s / 2];
+                            let scale = scales[b * 2 + n];
+                            let mut rb = Array::<Vector<bf16, NB>>::new(2usize);
+                            rb[0] =
+                                nf4_pair::<NB>(word, comptime!((2 * (s % 2)) as u32), scale, table);
+                            rb[1] = nf4_pair::<NB>(
+                                word,
+                                comptime!((2 * (s % 2) + 1) as u32),
+                                scale,
+                                table,
+                            );
+                            def.execute_inplace(&ra, &rb, accs.index_mut(tt * 2 + n));
+                        }
+                    }
+                }
+            }
+        }
+        c += comptime!(BATCH * warps);
+    }
+    // This warp's partial sums: [warp][tile][half][lane][4] (registers: row g cols 2t, 2t + 1,
+    // then row g + 8).
+    #[unroll]
+    for tt in 0..row_tiles {
+        #[unroll]
+        for n in 0..2usize {
+            let acc = accs.index(tt * 2 + n);
+            let at = (((warp * row_tiles + tt) * 2 + n) * 32 + lane) * 4;
+            let r0 = acc[0];
+            let r1 = acc[1];
+            part[at] = r0[0];
+            part[at + 1] = r0[1];
+            part[at + 2] = r1[0];
+            part[at + 3] = r1[1];
+        }
+    }
+}
+
+/// The 256 second-level absmax code values of a member into shared memory.
+#[cube]
+fn load_code2(code2: &Array<f32>, shared: &mut SharedMemory<f32>) {
+    let mut i = UNIT_POS_X as usize;
+    while i < 256 {
+        shared[i] = code2[i];
+        i += CUBE_DIM_X as usize;
     }
 }
 
 /// LoRA column `j`: `z[r, j] = sum_k xf[r, k] a[j, k]` for every row. Each unit walks its share
 /// of `in` once, reading `a[j, k]` once and the rows' `x[r, k]` together (one accumulator per row
-/// of the launch's row tiles: the loads issue together); lanes, then planes, add their sums. (A
+/// of the launch's row tiles: the loads issue together); lanes, then warps, add their sums. (A
 /// plane per row walking `in` alone waited for each load in turn: ~75 us for the down
 /// projection's 4,864 inputs, which set the launch's time, session 9.)
 #[cube]
@@ -221,7 +240,7 @@ fn lora_column(
     rows: usize,
     in_f: usize,
     #[comptime] row_tiles: usize,
-    #[comptime] planes: usize,
+    #[comptime] warps: usize,
 ) {
     let plane = UNIT_POS_X as usize / 32;
     let lane = UNIT_POS_X as usize % 32;
@@ -233,7 +252,7 @@ fn lora_column(
     }
     // Four of the unit's inputs per pass, so that four loads of `a` (from DRAM: the factors are
     // not in L2 between steps) are in flight at once rather than one per pass.
-    let stride = comptime!(planes * 32);
+    let stride = comptime!(warps * 32);
     let mut k = UNIT_POS_X as usize;
     while k < in_f {
         let mut av = Array::<f32>::new(4usize);
@@ -255,9 +274,9 @@ fn lora_column(
                 }
             }
         }
-        k += comptime!(4 * planes * 32);
+        k += comptime!(4 * warps * 32);
     }
-    let mut part = SharedMemory::<f32>::new(comptime!(planes * row_tiles * MMA_ROWS));
+    let mut part = SharedMemory::<f32>::new(comptime!(warps * row_tiles * MMA_ROWS));
     #[unroll]
     for r in 0..max_rows {
         let s = plane_sum(acc[r]);
@@ -270,25 +289,25 @@ fn lora_column(
     while r < rows {
         let mut total = 0.0f32;
         #[unroll]
-        for p in 0..planes {
+        for p in 0..warps {
             total += part[p * max_rows + r];
         }
         z[r * width + j] = total;
-        r += comptime!(planes * 32);
+        r += comptime!(warps * 32);
     }
 }
 
 /// `y[r, o] = sum_k x[r, k] W[o, k] (+ res[r, o])` for `rows` rows and a group of up to three
 /// NF4 weights side by side in `o` (member `m` has `outs_m` outputs, a multiple of 16; a member
 /// with none is never read), all with `in_f` inputs (a multiple of 64). `xb` is the input in
-/// bf16, `[row_tiles * 16, in_f]` (rows past `rows` are read and their results dropped). Cubes
-/// past the `sum outs / 16` tile cubes each take one LoRA column `j < width`: `z[r, j] = sum_k
-/// xf[r, k] a[j, k]` in f32 from the f32 input `xf`. Launch with `CubeDim 32 * planes`,
-/// `sum outs / 16 + width` cubes.
+/// bf16, `[row_tiles * 16, in_f]`, read as vectors of 8 values (rows past `rows` are read and
+/// their results dropped). Cubes past the `sum outs / 16` tile cubes each take one LoRA column
+/// `j < width`: `z[r, j] = sum_k xf[r, k] a[j, k]` in f32 from the f32 input `xf`. Launch with
+/// `CubeDim 32 * warps`, `sum outs / 16 + width` cubes.
 #[cube(launch_unchecked)]
 #[allow(clippy::too_many_arguments)]
-pub fn nf4_mma_group(
-    xb: &Array<bf16>,
+pub fn nf4_mma_group<NX: Size>(
+    xb: &Array<Vector<u32, NX>>,
     xf: &Array<f32>,
     packed0: &Array<u32>,
     codes0: &Array<u32>,
@@ -317,104 +336,88 @@ pub fn nf4_mma_group(
     rows: usize,
     in_f: usize,
     #[comptime] row_tiles: usize,
-    #[comptime] planes: usize,
+    #[comptime] warps: usize,
     #[comptime] residual: bool,
 ) {
     let outs = outs0 + outs1 + outs2;
     let tiles = outs / MMA_COLS;
     let cube = CUBE_POS_X as usize;
     if cube >= tiles {
-        lora_column(xf, a, z, cube - tiles, width, rows, in_f, row_tiles, planes);
+        lora_column(xf, a, z, cube - tiles, width, rows, in_f, row_tiles, warps);
         terminate!();
     }
-    let table = nf4_table(nf4);
     let n0 = cube * MMA_COLS;
-    let mut tile = SharedMemory::<bf16>::new(comptime!(planes * MMA_COLS * PITCH));
-    let mut accs = Sequence::<cmma::Matrix<f32>>::new();
-    #[unroll]
-    for _ in 0..row_tiles {
-        accs.push(cmma::Matrix::<f32>::from_value(
-            cmma::MatrixIdent::Accumulator,
-            16usize,
-            16usize,
-            16usize,
-            cmma::MatrixLayout::Undefined,
-            0.0,
-        ));
-    }
+    let mut code2 = SharedMemory::<f32>::new(256usize);
+    let mut part = SharedMemory::<f32>::new(comptime!(warps * row_tiles * 256));
     // A cube's 16 columns belong to one member (each has a multiple of 16 outputs).
     if n0 < outs0 {
-        plane_columns(
-            xb, packed0, codes0, nested0, code20, offset0, n0, in_f, &table, &mut tile, &accs,
-            row_tiles, planes,
+        load_code2(code20, &mut code2);
+    } else if n0 < outs0 + outs1 {
+        load_code2(code21, &mut code2);
+    } else {
+        load_code2(code22, &mut code2);
+    }
+    let table = nf4_table(nf4);
+    if n0 < outs0 {
+        warp_columns::<NX>(
+            xb, packed0, codes0, nested0, &code2, offset0, n0, in_f, &table, &mut part, row_tiles,
+            warps,
         );
     } else if n0 < outs0 + outs1 {
-        plane_columns(
+        warp_columns::<NX>(
             xb,
             packed1,
             codes1,
             nested1,
-            code21,
+            &code2,
             offset1,
             n0 - outs0,
             in_f,
             &table,
-            &mut tile,
-            &accs,
+            &mut part,
             row_tiles,
-            planes,
+            warps,
         );
     } else {
-        plane_columns(
+        warp_columns::<NX>(
             xb,
             packed2,
             codes2,
             nested2,
-            code22,
+            &code2,
             offset2,
             n0 - outs0 - outs1,
             in_f,
             &table,
-            &mut tile,
-            &accs,
+            &mut part,
             row_tiles,
-            planes,
-        );
-    }
-
-    // Each plane's partial sums to shared memory, then the cube adds the planes' parts.
-    let unit = UNIT_POS_X as usize;
-    let plane = unit / 32;
-    let mut part = SharedMemory::<f32>::new(comptime!(planes * row_tiles * 256));
-    #[unroll]
-    for t in 0..row_tiles {
-        let at = (plane * row_tiles + t) * 256;
-        cmma::store(
-            &mut part.slice_mut(at, at + 256),
-            accs.index(t),
-            16,
-            cmma::MatrixLayout::RowMajor,
+            warps,
         );
     }
     sync_cube();
-    let mut i = unit;
+    // The cube adds the warps' parts: output (r, n0 + cc) of row tile tt sits with lane
+    // 4 (r % 8) + (cc % 8) / 2 of half cc / 8, register 2 ((r % 16) / 8) + cc % 2.
+    let mut i = UNIT_POS_X as usize;
     while i < comptime!(row_tiles * 256) {
-        let t = i / 256;
+        let tt = i / 256;
         let e = i % 256;
-        let r = t * 16 + e / 16;
+        let r = tt * 16 + e / 16;
+        let cc = e % 16;
         if r < rows {
+            let lane = (e / 16 % 8) * 4 + (cc % 8) / 2;
+            let reg = (e / 16 / 8) * 2 + cc % 2;
             let mut v = 0.0f32;
             #[unroll]
-            for p in 0..planes {
-                v += part[(p * row_tiles + t) * 256 + e];
+            for w in 0..warps {
+                v += part[(((w * row_tiles + tt) * 2 + cc / 8) * 32 + lane) * 4 + reg];
             }
-            let o = r * outs + n0 + e % 16;
+            let o = r * outs + n0 + cc;
             if residual {
                 v += res[o];
             }
             out[o] = v;
         }
-        i += comptime!(planes * 32);
+        i += comptime!(warps * 32);
     }
 }
 
@@ -460,7 +463,7 @@ pub fn group_into(
     let in_f = lins[0].in_features();
     let outs: usize = lins.iter().map(|l| l.out_features()).sum();
     let tiles = rows.div_ceil(MMA_ROWS);
-    let planes = planes_for(tiles, in_f / MMA_CHUNK);
+    let warps = warps_for(tiles, in_f / MMA_CHUNK);
     // Each member's arrays and outputs (0 for an absent member: never read).
     let member = |i: usize| -> (&Nf4Args, usize) {
         let (args, present) = GpuLinear::group_member(lins, i);
@@ -483,8 +486,9 @@ pub fn group_into(
         nf4_mma_group::launch_unchecked::<CudaRuntime>(
             &lins[0].client(),
             CubeCount::Static((outs / MMA_COLS + width) as u32, 1, 1),
-            CubeDim::new_1d((planes * 32) as u32),
-            arg(xb, tiles * MMA_ROWS * in_f),
+            CubeDim::new_1d((warps * 32) as u32),
+            4,
+            arg(xb, tiles * MMA_ROWS * in_f / 8),
             arg(xf, rows * in_f),
             arg(&m0.packed, m0.words.max(1)),
             arg(&m0.codes, m0.code_words),
@@ -513,7 +517,7 @@ pub fn group_into(
             rows,
             in_f,
             tiles,
-            planes,
+            warps,
             res.is_some(),
         )
     };
