@@ -159,6 +159,7 @@ fn warp_columns<NX: Size>(
                     let x1 = xb[v + 1];
                     let y0 = xb[v + in_f];
                     let y1 = xb[v + in_f + 1];
+                    // `lo`: row g, `hi`: row g + 8; u32 `i` holds inputs 2i, 2i + 1.
                     let mut lo = Array::<u32>::new(8usize);
                     let mut hi = Array::<u32>::new(8usize);
                     #[unroll]
@@ -170,6 +171,9 @@ fn warp_columns<NX: Size>(
                     }
                     #[unroll]
                     for s in 0..4usize {
+                        // A's registers in PTX order: (g, k 2t..), (g + 8, k 2t..), (g, k 2t + 8..),
+                        // (g + 8, k 2t + 8..), i.e. inputs 4s, 4s + 1 then 4s + 2, 4s + 3 of the
+                        // lane's 16; B's two registers the same inputs of column g.
                         let mut ra = Array::<Vector<bf16, NA>>::new(4usize);
                         ra[0] = Vector::<bf16, NA>::reinterpret(lo[2 * s]);
                         ra[1] = Vector::<bf16, NA>::reinterpret(hi[2 * s]);
