@@ -16,6 +16,9 @@
 //! few-row batch the step's bytes take ~60 us at 4.8 TB/s, so the hops' latency decides whether
 //! any design can reach a given share of the bandwidth roofline. Prints one JSON line.
 
+mod common;
+
+use common::median;
 use cubecl::cuda::{CudaDevice, CudaRuntime};
 use cubecl::prelude::*;
 use std::time::Instant;
@@ -120,10 +123,6 @@ fn main() -> anyhow::Result<()> {
         "barrier chain ended at {last}, expected {}",
         hops * cubes
     );
-    let median = |mut v: Vec<f64>| {
-        v.sort_by(f64::total_cmp);
-        v[v.len() / 2]
-    };
     println!(
         "{{\"check\":\"sync_floor\",\"cubes\":{cubes},\"hops\":{hops},\"us_per_launch_hop\":{:.3},\"us_per_grid_barrier\":{:.3}}}",
         median(launch_times) * 1e6,

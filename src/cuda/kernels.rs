@@ -17,6 +17,24 @@ const WORDS_PER_BLOCK: usize = 8;
 /// Blocks per nested (second-level) absmax.
 const BLOCKS_PER_NESTED: usize = 256;
 
+/// The absmax block that packed word `w` belongs to.
+#[cube]
+pub(super) fn block_of(w: usize) -> usize {
+    w / WORDS_PER_BLOCK
+}
+
+/// The 8-bit code of `block`'s absmax (four codes per u32, lowest byte first).
+#[cube]
+pub(super) fn absmax_code(block: usize, codes: &Array<u32>) -> usize {
+    ((codes[block / 4] >> (((block % 4) * 8) as u32)) & 0xFF) as usize
+}
+
+/// Where `block`'s second-level (nested) absmax is in `nested`.
+#[cube]
+pub(super) fn nested_of(block: usize) -> usize {
+    block / BLOCKS_PER_NESTED
+}
+
 /// The scale of the 64-value block that packed word `w` belongs to.
 #[cube]
 pub(super) fn block_scale(
@@ -26,9 +44,8 @@ pub(super) fn block_scale(
     code2: &Array<f32>,
     offset: f32,
 ) -> f32 {
-    let block = w / WORDS_PER_BLOCK;
-    let code = (codes[block / 4] >> (((block % 4) * 8) as u32)) & 0xFF;
-    code2[code as usize] * nested[block / BLOCKS_PER_NESTED] + offset
+    let block = block_of(w);
+    code2[absmax_code(block, codes)] * nested[nested_of(block)] + offset
 }
 
 /// The 16 NF4 levels in shared memory: a table lookup per value must not touch global memory.

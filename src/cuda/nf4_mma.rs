@@ -17,7 +17,7 @@
 //! CUDA cores (`kernels::nf4_gemv_fused`) read the same 4 bits but spent 16 multiply-adds per
 //! weight for 16 rows, which the tensor cores do in one instruction per 2,048.
 
-use super::kernels::nf4_table;
+use super::kernels::{absmax_code, block_of, nested_of, nf4_table};
 use super::qlinear::{GpuLinear, Nf4Args};
 use cubecl::cuda::CudaRuntime;
 use cubecl::prelude::*;
@@ -46,8 +46,8 @@ fn warps_for(row_tiles: usize, chunks: usize) -> usize {
     (WARP_TILES / row_tiles).min(MAX_WARPS).min(chunks).max(1)
 }
 
-/// The scale of the absmax block holding packed word `w`, with the 256 second-level code
-/// values in shared memory (one dependent global load fewer than `kernels::block_scale`).
+/// `kernels::block_scale` with the 256 second-level code values in shared memory (one
+/// dependent global load fewer; CubeCL cannot take either kind of array in one function).
 #[cube]
 fn scale_of(
     w: usize,
@@ -56,9 +56,8 @@ fn scale_of(
     code2: &SharedMemory<f32>,
     offset: f32,
 ) -> f32 {
-    let block = w / 8;
-    let code = (codes[block / 4] >> (((block % 4) * 8) as u32)) & 0xFF;
-    code2[code as usize] * nested[block / 256] + offset
+    let block = block_of(w);
+    code2[absmax_code(block, codes)] * nested[nested_of(block)] + offset
 }
 
 /// Byte `byte` of a packed word (values `2 byte` in the high nibble, `2 byte + 1` in the low
