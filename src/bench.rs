@@ -111,6 +111,12 @@ pub struct BenchResult {
     /// Max of `nvidia-smi`'s memory.used for the device during training (the whole device,
     /// other processes included); null on CPU or without nvidia-smi.
     pub peak_nvidia_smi_gib: Option<f64>,
+    /// Max of `nvidia-smi`'s used memory for this process alone (CUDA context included): what
+    /// the run takes of the card. Null where nvidia-smi cannot see the process (containers).
+    pub peak_process_gib: Option<f64>,
+    /// Times the allocator gave its cached pages back (the plan's reservation limit, or a
+    /// refused allocation); 0 on CPU.
+    pub allocator_releases: u64,
     pub device: &'static str,
     /// The planner's peak for this run (src/plan.rs).
     pub planned_peak_gib: f64,
@@ -475,7 +481,11 @@ fn run_on<B: AutodiffBackend>(args: &BenchArgs, algo: Algo, device: &B::Device) 
         peak_alloc_gib: probe.peak.map(|m| gib(m.in_use)),
         peak_reserved_gib: probe.peak.map(|m| gib(m.reserved)),
         steps_timed: steady.len(),
-        peak_nvidia_smi_gib: smi_peak.map(|mib| round(mib / 1024.0, 6)),
+        peak_nvidia_smi_gib: smi_peak.map(|(mib, _)| round(mib / 1024.0, 6)),
+        peak_process_gib: smi_peak
+            .and_then(|(_, own)| own)
+            .map(|mib| round(mib / 1024.0, 6)),
+        allocator_releases: crate::devmem::release_count(),
         device: match args.device {
             DeviceArg::Cpu => "cpu",
             DeviceArg::Cuda => "cuda",
@@ -515,7 +525,7 @@ fn run_on<B: AutodiffBackend>(args: &BenchArgs, algo: Algo, device: &B::Device) 
 }
 
 /// The run loop with the probe attached and, when `poll_smi`, `nvidia-smi` polled meanwhile;
-/// returns nvidia-smi's peak in MiB.
+/// returns nvidia-smi's peaks in MiB (the device, this process where listed).
 fn timed<B: AutodiffBackend, T: Trainer<B>>(
     cfg: &RunConfig,
     model: &mut RlhfModel<B>,
@@ -524,7 +534,7 @@ fn timed<B: AutodiffBackend, T: Trainer<B>>(
     opts: &RunOptions,
     probe: &mut Probe<B>,
     poll_smi: bool,
-) -> Result<Option<f64>> {
+) -> Result<Option<(f64, Option<f64>)>> {
     let smi = poll_smi.then(SmiPoller::start);
     let trained = train_observed(cfg, model, trainer, examples, opts, probe);
     let peak = smi.and_then(SmiPoller::finish);
@@ -617,10 +627,11 @@ impl<B: Backend> StepObserver for Probe<B> {
     }
 }
 
-/// Polls `nvidia-smi` every ~50 ms on a thread and keeps the largest memory.used (MiB).
+/// Polls `nvidia-smi` every ~50 ms on a thread and keeps the largest memory.used of the device
+/// and of this process (MiB).
 struct SmiPoller {
     stop: Arc<AtomicBool>,
-    handle: std::thread::JoinHandle<Option<f64>>,
+    handle: std::thread::JoinHandle<Option<(f64, Option<f64>)>>,
 }
 
 impl SmiPoller {
@@ -629,8 +640,12 @@ impl SmiPoller {
         let flag = stop.clone();
         let handle = std::thread::spawn(move || {
             let mut peak: Option<f64> = None;
+            let mut own: Option<f64> = None;
             loop {
                 let done = flag.load(Ordering::Relaxed);
+                if let Some(v) = nvidia_smi_process_mib() {
+                    own = Some(own.map_or(v, |p| p.max(v)));
+                }
                 match nvidia_smi_mib("memory.used") {
                     Some(v) => peak = Some(peak.map_or(v, |p| p.max(v))),
                     // Absent or failing: report null rather than a partial number.
@@ -638,7 +653,7 @@ impl SmiPoller {
                     None => {}
                 }
                 if done {
-                    return peak;
+                    return peak.map(|p| (p, own));
                 }
                 std::thread::sleep(Duration::from_millis(50));
             }
@@ -646,8 +661,8 @@ impl SmiPoller {
         Self { stop, handle }
     }
 
-    /// Stops polling (after one last sample) and returns the peak in MiB.
-    fn finish(self) -> Option<f64> {
+    /// Stops polling (after one last sample) and returns the peaks in MiB (device, process).
+    fn finish(self) -> Option<(f64, Option<f64>)> {
         self.stop.store(true, Ordering::Relaxed);
         self.handle.join().ok().flatten()
     }
@@ -679,6 +694,23 @@ fn nvidia_smi_mib(field: &str) -> Option<f64> {
         .trim()
         .parse()
         .ok()
+}
+
+/// This process's used GPU memory in MiB as `nvidia-smi --query-compute-apps` lists it; `None`
+/// where it is not listed (no nvidia-smi, or a PID namespace that hides the process).
+fn nvidia_smi_process_mib() -> Option<f64> {
+    let out = std::process::Command::new("nvidia-smi")
+        .args([
+            "--query-compute-apps=pid,used_memory",
+            "--format=csv,noheader,nounits",
+        ])
+        .output()
+        .ok()?;
+    let me = std::process::id().to_string();
+    String::from_utf8_lossy(&out.stdout).lines().find_map(|l| {
+        let (pid, mib) = l.split_once(',')?;
+        (pid.trim() == me).then(|| mib.trim().parse().ok())?
+    })
 }
 
 /// The median, as Python's `statistics.median` (mean of the middle two for an even count).

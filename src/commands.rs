@@ -122,6 +122,8 @@ pub fn check_plan(cfg: &RunConfig, algo: Algo, force: bool) -> Result<Option<i32
     }
     let p = plan::plan(&run, &mcfg, algo)?;
     eprintln!("{}", plan::summary_line(&p));
+    crate::devmem::bound_allocator(&p);
+    crate::oom::enter("load");
     if !p.fits {
         if force {
             eprintln!("warning: --force: starting although the plan exceeds the budget; expect out-of-memory");

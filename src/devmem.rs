@@ -39,9 +39,11 @@ pub fn note<B: Backend>(device: &B::Device, what: &str) {
     if let Some(m) = usage::<B>(device) {
         if std::env::var_os("RLHF_TRACE_MEM").is_some() {
             eprintln!(
-                "mem {what}: {:.1} MiB in use, {:.1} MiB reserved",
+                "mem {what}: {:.1} MiB in use, {:.1} MiB reserved, {:.1} MiB held, {} releases",
                 m.in_use as f64 / 1048576.0,
-                m.reserved as f64 / 1048576.0
+                m.reserved as f64 / 1048576.0,
+                held_bytes().unwrap_or(0) as f64 / 1048576.0,
+                release_count()
             );
         }
         NOTED_IN_USE.fetch_max(m.in_use, Ordering::Relaxed);
@@ -54,4 +56,49 @@ pub fn take_noted() -> Option<DeviceMemory> {
     let in_use = NOTED_IN_USE.swap(0, Ordering::Relaxed);
     let reserved = NOTED_RESERVED.swap(0, Ordering::Relaxed);
     (in_use > 0 || reserved > 0).then_some(DeviceMemory { in_use, reserved })
+}
+
+/// Bounds the CUDA allocator's cache by the plan: the bytes it may hold from the driver are the
+/// plan's peak without the CUDA context (the tensors and their slack), and never more than the
+/// budget without the context. Past that, cached free pages are given back before a new page
+/// is allocated, so the card holds what the plan says rather than 1.3-1.6x the tensors. A no-op
+/// on the CPU backends.
+pub fn bound_allocator(plan: &crate::plan::Plan) {
+    let context = plan.bytes_of(crate::plan::T_CONTEXT, plan.peak_phase);
+    let limit = plan
+        .peak_bytes
+        .min(plan.budget_bytes)
+        .saturating_sub(context);
+    crate::oom::set_planned(plan.tensor_peak_bytes(), plan.peak_bytes, plan.budget_bytes);
+    #[cfg(feature = "cuda")]
+    if context > 0 && std::env::var_os("RLHF_NO_ALLOC_LIMIT").is_none() {
+        cubecl::cuda::set_reserve_limit(Some(limit));
+    }
+    let _ = limit;
+}
+
+/// How many times the CUDA allocator gave its cached pages back (for the reservation limit or
+/// after a refused allocation); 0 on the CPU backends.
+pub fn release_count() -> u64 {
+    #[cfg(feature = "cuda")]
+    {
+        cubecl::cuda::release_count()
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        0
+    }
+}
+
+/// Bytes the CUDA allocator holds from the driver now, freed blocks awaiting their flush
+/// included; `None` on the CPU backends.
+pub fn held_bytes() -> Option<u64> {
+    #[cfg(feature = "cuda")]
+    {
+        Some(cubecl::cuda::held_bytes())
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        None
+    }
 }

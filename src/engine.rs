@@ -130,6 +130,16 @@ impl<B: Backend> RlhfModel<B> {
     }
 }
 
+/// The run phase a pass of `role` belongs to, for the out-of-memory message: the reference only
+/// scores; passes of the other roles are counted as the train step (PPO's reward and value
+/// passes during the rollout included).
+fn phase_of(role: Role) -> &'static str {
+    match role {
+        Role::Reference => "scoring",
+        _ => "train step",
+    }
+}
+
 impl<B: AutodiffBackend> PolicyModel<B> for RlhfModel<B> {
     fn token_logps(
         &self,
@@ -142,6 +152,7 @@ impl<B: AutodiffBackend> PolicyModel<B> for RlhfModel<B> {
             batch.ids[0].len() >= 2,
             "sequences need at least two tokens"
         );
+        crate::oom::enter(phase_of(role));
         let adapter = self.adapter(role)?;
         let device = self.base.device.clone();
         let (b, t, h) = (batch.len(), batch.ids[0].len(), self.base.cfg.hidden_size);
@@ -185,6 +196,7 @@ impl<B: AutodiffBackend> PolicyModel<B> for RlhfModel<B> {
             .heads
             .get(&role)
             .with_context(|| format!("no {} head is loaded", role.name()))?;
+        crate::oom::enter(phase_of(role));
         let adapter = self.adapter(role)?;
         let device = self.base.device.clone();
         let input = Batch::new(&batch.ids, batch.valid.clone(), &device);
@@ -205,6 +217,7 @@ impl<B: AutodiffBackend> PolicyModel<B> for RlhfModel<B> {
         params: &SamplingParams,
         seed: u64,
     ) -> Result<Vec<Completion>> {
+        crate::oom::enter("rollout");
         // Sampling needs no gradients: run on the backend without autodiff, so no graph is
         // recorded (tensors are shared, not copied).
         let adapter = self.adapter(role)?.map(|a| a.inner());

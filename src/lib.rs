@@ -15,6 +15,7 @@ pub mod gguf;
 pub mod grpo_cmd;
 pub mod lora;
 pub mod model;
+pub mod oom;
 pub mod optim;
 pub mod plan;
 pub mod ppo_cmd;

@@ -1,8 +1,10 @@
-//! `rlhf` binary: parse arguments, run, and turn any error into one line on stderr + exit code 2.
+//! `rlhf` binary: parse arguments, run, and turn any error into one line on stderr + exit code 2
+//! (out of device memory: one line + exit code 4, from `oom`'s panic hook).
 
 use clap::Parser;
 
 fn main() {
+    rlhf::oom::install_hook();
     let cli = rlhf::cli::Cli::parse();
     match rlhf::cli::run(cli) {
         Ok(code) => std::process::exit(code),

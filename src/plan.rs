@@ -253,7 +253,13 @@ pub struct Plan {
     /// Sum of all terms per phase.
     pub totals: Vec<u64>,
     pub peak_phase: Phase,
+    /// What the card holds for the run at its peak: the CUDA context plus what the allocator
+    /// holds from the driver (tensors and slack; the allocator is bounded by this number,
+    /// `devmem::bound_allocator`). The verdict compares it with the budget.
     pub peak_bytes: u64,
+    /// The largest phase's live tensors alone ([`Plan::tensor_peak_bytes`]): what the
+    /// allocator's in-use counter should read at the run's high point.
+    pub tensor_peak_bytes: u64,
     pub budget_bytes: u64,
     pub fits: bool,
     pub verdict: String,
@@ -292,18 +298,7 @@ impl Plan {
     /// allocator's in-use counter should read at the run's high point (the number the
     /// calibration compares, `tests/planner_calibration.rs`).
     pub fn tensor_peak_bytes(&self) -> u64 {
-        (0..self.phases.len())
-            .map(|i| {
-                let fixed: u64 = self
-                    .terms
-                    .iter()
-                    .filter(|t| t.name == T_CONTEXT || t.name == T_SLACK)
-                    .map(|t| t.bytes[i])
-                    .sum();
-                self.totals[i] - fixed
-            })
-            .max()
-            .unwrap_or(0)
+        self.tensor_peak_bytes
     }
 }
 
@@ -1612,6 +1607,17 @@ fn assemble(
             bytes,
         });
     }
+    let tensor_peak_bytes = (0..phases.len())
+        .map(|i| {
+            let fixed: u64 = terms
+                .iter()
+                .filter(|t| t.name == T_CONTEXT || t.name == T_SLACK)
+                .map(|t| t.bytes[i])
+                .sum();
+            totals[i] - fixed
+        })
+        .max()
+        .unwrap_or(0);
     let budget_bytes = (run.plan.budget_gib * GIB) as u64;
     let fits = peak_bytes <= budget_bytes;
     let verdict = if fits {
@@ -1677,6 +1683,7 @@ fn assemble(
         totals,
         peak_phase,
         peak_bytes,
+        tensor_peak_bytes,
         budget_bytes,
         fits,
         verdict,

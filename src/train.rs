@@ -298,6 +298,7 @@ where
             let loss = out.loss / accum as f64;
             let value = loss.clone().into_scalar().elem_f64();
             finite &= value.is_finite();
+            crate::oom::enter("train step");
             let g = loss.backward();
             for (acc, p) in grads.iter_mut().zip(&params) {
                 if let Some(gp) = p.grad(&g) {
@@ -384,6 +385,7 @@ where
         last = m;
         if state.global_step.is_multiple_of(t.save_steps.max(1)) || state.global_step == total {
             let extra = serde_json::to_string(&trainer.state()?)?;
+            crate::oom::enter("checkpoint");
             save_checkpoint(model, &roles, &opt, &state, &extra, out_dir, opts)?;
         }
     }
@@ -438,6 +440,7 @@ where
     T: Trainer<B>,
 {
     model.set_training(false);
+    crate::oom::enter("eval");
     let mut all = Vec::new();
     for chunk in examples.chunks(trainer.examples_per_batch(cfg.train.batch_size).max(1)) {
         let out = trainer.loss(&*model, chunk, false)?;

@@ -9,6 +9,11 @@ mod runtime;
 pub use device::*;
 pub use runtime::*;
 
+/// rlhf patch: the allocator's reservation limit and its release count (cubecl-runtime's memory
+/// management), and the bytes held from the driver, for callers that see only this crate.
+pub use compute::storage::gpu::held_bytes;
+pub use cubecl_runtime::memory_management::{release_count, set_reserve_limit};
+
 #[cfg(feature = "ptx-wmma")]
 pub(crate) type WmmaCompiler = cubecl_cpp::cuda::mma::PtxWmmaCompiler;
 

@@ -23,6 +23,29 @@ use cubecl_ir::MemoryDeviceProperties;
 
 pub use super::memory_pool::{ManagedMemoryBinding, handle::*};
 
+/// rlhf patch: the process-wide reservation limit in bytes (`u64::MAX`: none).
+static RESERVE_LIMIT: core::sync::atomic::AtomicU64 = core::sync::atomic::AtomicU64::new(u64::MAX);
+/// rlhf patch: how many times a limit or a failed allocation made the allocator give back its
+/// cached pages (a cost to watch: each one frees pages that may be needed again soon).
+static RELEASES: core::sync::atomic::AtomicU64 = core::sync::atomic::AtomicU64::new(0);
+
+/// rlhf patch: caps the bytes a storage holds from the device (`None`: no cap). Before a new
+/// page would take the storage's [`ComputeStorage::allocated_bytes`] past the cap, every cached
+/// free page is given back first; the cap is soft (a page is still allocated above it when
+/// the live tensors need it), so it bounds the cache, never the tensors.
+pub fn set_reserve_limit(bytes: Option<u64>) {
+    RESERVE_LIMIT.store(
+        bytes.unwrap_or(u64::MAX),
+        core::sync::atomic::Ordering::Relaxed,
+    );
+}
+
+/// rlhf patch: the number of times cached pages were given back to the device so far, for the
+/// reservation limit or after a failed allocation.
+pub fn release_count() -> u64 {
+    RELEASES.load(core::sync::atomic::Ordering::Relaxed)
+}
+
 // These are 288 bytes vs 64 bytes. Adding boxing isn't really worth
 // saving the 200 bytes.
 #[allow(clippy::large_enum_variant)]
@@ -123,6 +146,8 @@ pub struct MemoryManagement<Storage> {
     mode: MemoryAllocationMode,
     config: PersistentMemory,
     logger: Arc<ServerLogger>,
+    /// rlhf patch: a limit for this instance alone, over the process-wide one (tests).
+    reserve_limit: Option<u64>,
 }
 
 fn generate_bucket_sizes(
@@ -353,7 +378,20 @@ impl<Storage: ComputeStorage> MemoryManagement<Storage> {
             mode,
             config,
             logger,
+            reserve_limit: None,
         }
+    }
+
+    /// rlhf patch: a reservation limit for this instance only (see [`set_reserve_limit`]).
+    pub fn set_reserve_limit(&mut self, bytes: Option<u64>) {
+        self.reserve_limit = bytes;
+    }
+
+    /// rlhf patch: gives every cached free page back to the device.
+    fn release_cached(&mut self) {
+        RELEASES.fetch_add(1, core::sync::atomic::Ordering::Relaxed);
+        self.cleanup(true);
+        self.storage.release();
     }
 
     /// Change the mode of allocation.
@@ -521,23 +559,39 @@ impl<Storage: ComputeStorage> MemoryManagement<Storage> {
         allocated
     }
 
-    /// rlhf patch: allocates a new page in a dynamic pool (`Some(index)`) or the persistent one;
-    /// when the device refuses, first gives every cached free page back (an explicit cleanup
-    /// and a storage flush, which upstream leaves to its periodic cleanup) and retries once, so
-    /// memory the allocator merely caches never makes a run fail.
+    /// rlhf patch: allocates a new page in a dynamic pool (`Some(index)`) or the persistent one.
+    /// A page that would take the storage past the reservation limit first makes the allocator
+    /// give back its cached free pages; a page the device refuses does the same, then is retried
+    /// once. So memory the allocator merely caches never makes a run fail, and the cache stays
+    /// inside the limit the caller derived from its plan.
     fn alloc_or_release(
         &mut self,
         pool: Option<usize>,
         size: u64,
     ) -> Result<ManagedMemoryHandle, IoError> {
+        let limit = self
+            .reserve_limit
+            .unwrap_or_else(|| RESERVE_LIMIT.load(core::sync::atomic::Ordering::Relaxed));
+        // Past the limit, the cache is given back when that brings the new page under the limit
+        // or when the cache could hold the page: where the live tensors themselves exceed the
+        // limit, releasing a small cache on every new page would stall the stream for nothing.
+        if limit != u64::MAX
+            && let Some(held) = self.storage.allocated_bytes()
+            && held.saturating_add(size) > limit
+        {
+            let usage = self.memory_usage();
+            let cached = usage.bytes_reserved.saturating_sub(usage.bytes_in_use);
+            if cached > 0 && (cached >= size || held - cached.min(held) + size <= limit) {
+                self.release_cached();
+            }
+        }
         let alloc = |mm: &mut Self| match pool {
             Some(index) => mm.pools[index].alloc(&mut mm.storage, size),
             None => mm.persistent.alloc(&mut mm.storage, size),
         };
         match alloc(self) {
             Err(IoError::BufferTooBig { .. }) => {
-                self.cleanup(true);
-                self.storage.flush();
+                self.release_cached();
                 alloc(self)
             }
             other => other,
@@ -749,6 +803,9 @@ mod tests {
             }
             self.bytes.flush();
         }
+        fn allocated_bytes(&self) -> Option<u64> {
+            Some(self.used)
+        }
     }
 
     // rlhf patch: a cached free page too small for the next request is given back when the
@@ -787,6 +844,50 @@ mod tests {
         );
         let reserved = memory_management.memory_usage().bytes_reserved;
         assert!((700..=1000).contains(&reserved), "reserved {reserved}");
+    }
+
+    impl Capped {
+        fn new(cap: u64) -> Self {
+            Self {
+                bytes: BytesStorage::default(),
+                cap,
+                used: 0,
+                sizes: Default::default(),
+                pending: Vec::new(),
+            }
+        }
+    }
+
+    // rlhf patch: with a reservation limit, cached pages are given back before the storage
+    // would hold more than the limit, even where the device has room.
+    #[test_log::test]
+    fn reservation_limit_bounds_the_cache() {
+        let mut memory_management = MemoryManagement::from_configuration(
+            Capped::new(1 << 20),
+            &DUMMY_MEM_PROPS,
+            MemoryConfiguration::Custom {
+                pool_options: vec![MemoryPoolOptions {
+                    pool_type: PoolType::ExclusivePages {
+                        max_alloc_size: 4096,
+                    },
+                    dealloc_period: None,
+                }],
+            },
+            Arc::new(ServerLogger::default()),
+            options(),
+        );
+        memory_management.set_reserve_limit(Some(2000));
+        let kept = memory_management.reserve(800).unwrap();
+        for size in [600, 900, 1000, 700] {
+            let handle = memory_management.reserve(size).unwrap();
+            let held = memory_management.storage().used;
+            assert!(held <= 2000, "{held} bytes held above the 2000-byte limit");
+            drop(handle);
+        }
+        // Live tensors above the limit still get memory: the limit bounds the cache only.
+        let big = memory_management.reserve(1500);
+        assert!(big.is_ok(), "{:?}", big.err());
+        drop(kept);
     }
 
     #[test_log::test]

@@ -92,6 +92,21 @@ pub trait ComputeStorage: Send {
 
     /// Flush deallocations when required.
     fn flush(&mut self);
+
+    /// rlhf patch: flushes deallocations and makes the freed memory available to the next
+    /// allocation of any kind, waiting for work that may still use it if the device needs that
+    /// (CUDA's stream-ordered pool keeps freed blocks until a synchronization and a trim).
+    /// Called only when an allocation failed or a reservation limit was reached.
+    fn release(&mut self) {
+        self.flush();
+    }
+
+    /// rlhf patch: bytes this storage holds from the device (allocated and not yet given back),
+    /// if it counts them. The reservation limit ([`crate::memory_management::set_reserve_limit`])
+    /// is compared with this number.
+    fn allocated_bytes(&self) -> Option<u64> {
+        None
+    }
 }
 
 /// Access to the underlying resource.

@@ -4,6 +4,18 @@ use cubecl_core::server::IoError;
 use cubecl_runtime::storage::{ComputeStorage, StorageHandle, StorageId, StorageUtilization};
 use cudarc::driver::DriverError;
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// rlhf patch: bytes all `GpuStorage`s of the process hold from the driver (allocated, not yet
+/// freed), the number the reservation limit of cubecl-runtime's memory management compares with.
+static ALLOCATED: AtomicU64 = AtomicU64::new(0);
+
+/// rlhf patch: bytes every `GpuStorage` of the process holds from the driver now (freed blocks
+/// count until their deallocation is flushed). An atomic, so it can be read from anywhere,
+/// a panic hook included.
+pub fn held_bytes() -> u64 {
+    ALLOCATED.load(Ordering::Relaxed)
+}
 
 #[derive(Debug, Clone, Copy)]
 enum AllocationKind {
@@ -16,7 +28,7 @@ enum AllocationKind {
 /// This struct manages memory resources for CUDA kernels, allowing them to be used as bindings
 /// for launching kernels.
 pub struct GpuStorage {
-    memory: HashMap<StorageId, (cudarc::driver::sys::CUdeviceptr, AllocationKind)>,
+    memory: HashMap<StorageId, (cudarc::driver::sys::CUdeviceptr, AllocationKind, u64)>,
     deallocations: Vec<StorageId>,
     ptr_bindings: PtrBindings,
     stream: cudarc::driver::sys::CUstream,
@@ -79,7 +91,8 @@ impl GpuStorage {
             .filter_map(|id| self.memory.remove(&id))
             // SAFETY: Each `ptr` was obtained from a prior `malloc_async` or `malloc_sync`
             // call and has not been freed yet. The deallocation method matches the allocation kind.
-            .for_each(|(ptr, kind)| unsafe {
+            .for_each(|(ptr, kind, size)| unsafe {
+                ALLOCATED.fetch_sub(size, Ordering::Relaxed);
                 match kind {
                     AllocationKind::Async => {
                         let _ = cudarc::driver::result::free_async(ptr, self.stream);
@@ -159,7 +172,7 @@ impl ComputeStorage for GpuStorage {
     }
 
     fn get(&mut self, handle: &StorageHandle) -> Self::Resource {
-        let (ptr, _) = self
+        let (ptr, _, _) = self
             .memory
             .get(&handle.id)
             .expect("Storage handle not found");
@@ -207,7 +220,8 @@ impl ComputeStorage for GpuStorage {
             },
         };
 
-        self.memory.insert(id, (ptr, kind));
+        self.memory.insert(id, (ptr, kind, size));
+        ALLOCATED.fetch_add(size, Ordering::Relaxed);
         Ok(StorageHandle::new(
             id,
             StorageUtilization { offset: 0, size },
@@ -222,5 +236,31 @@ impl ComputeStorage for GpuStorage {
     #[cfg_attr(feature = "tracing", tracing::instrument(level = "trace", skip(self)))]
     fn flush(&mut self) {
         self.perform_deallocations();
+    }
+
+    /// rlhf patch: `cuMemFreeAsync` hands a block back to the device's stream-ordered pool, which
+    /// keeps it until a synchronization; neither a `cuMemAlloc` nor an allocation of another
+    /// shape can use it before then. So: free, wait for the stream, and trim the pool to what
+    /// is in use, after which every freed byte is available to any allocation.
+    fn release(&mut self) {
+        self.perform_deallocations();
+        // SAFETY: plain driver calls on the stream this storage allocates on and on the current
+        // context's device pool; errors leave the memory where it was (the retry then fails and
+        // reports the allocation error).
+        unsafe {
+            use cudarc::driver::sys;
+            let _ = cudarc::driver::result::stream::synchronize(self.stream);
+            let mut device: sys::CUdevice = 0;
+            if sys::cuCtxGetDevice(&mut device) == sys::CUresult::CUDA_SUCCESS {
+                let mut pool: sys::CUmemoryPool = std::ptr::null_mut();
+                if sys::cuDeviceGetMemPool(&mut pool, device) == sys::CUresult::CUDA_SUCCESS {
+                    let _ = sys::cuMemPoolTrimTo(pool, 0);
+                }
+            }
+        }
+    }
+
+    fn allocated_bytes(&self) -> Option<u64> {
+        Some(held_bytes())
     }
 }

@@ -21,7 +21,6 @@ pub struct ExclusiveMemoryPool {
     dealloc_period: u64,
     last_dealloc_check: u64,
     max_alloc_size: u64,
-    cur_avg_size: f64,
     location_base: MemoryLocation,
 }
 
@@ -47,7 +46,6 @@ impl core::fmt::Display for ExclusiveMemoryPool {
     }
 }
 
-const SIZE_AVG_DECAY: f64 = 0.01;
 
 // How many times to find the allocation 'free' before deallocating it.
 const ALLOC_AFTER_FREE: u32 = 5;
@@ -75,19 +73,20 @@ impl ExclusiveMemoryPool {
             dealloc_period,
             last_dealloc_check: 0,
             max_alloc_size,
-            cur_avg_size: max_alloc_size as f64 / 2.0,
             location_base: MemoryLocation::new(pool_pos, 0, 0),
         }
     }
 
     /// Finds a free page that can contain the given size
     /// Returns a slice on that page if successful.
+    /// rlhf patch: the smallest free page that holds `size` (best fit; upstream took the free
+    /// page used least recently among all that fit, so a small tensor could pin a page 1.8x its
+    /// size while the next large request allocated a new one).
     fn get_free_page(&mut self, size: u64) -> Option<&mut MemoryPage> {
-        // Return the smallest free page that fits.
         self.pages
             .iter_mut()
             .filter(|page| page.alloc_size >= size && page.slice.is_free())
-            .min_by_key(|page| page.free_count)
+            .min_by_key(|page| (page.alloc_size, page.free_count))
     }
 
     fn alloc_page<Storage: ComputeStorage>(
@@ -95,9 +94,9 @@ impl ExclusiveMemoryPool {
         storage: &mut Storage,
         size: u64,
     ) -> Result<(usize, &mut MemoryPage), IoError> {
-        let alloc_size = (self.cur_avg_size as u64)
-            .max(size)
-            .next_multiple_of(self.alignment);
+        // rlhf patch: a page is the size asked for (upstream rounded it up to the pool's running
+        // average request, up to 1.8x the tensor, which the reservation then carried).
+        let alloc_size = size.next_multiple_of(self.alignment);
 
         let storage = storage.alloc(alloc_size)?;
 
@@ -132,8 +131,6 @@ impl MemoryPool for ExclusiveMemoryPool {
     ///
     /// Also clean ups, merging free slices together if permitted by the merging strategy
     fn try_reserve(&mut self, size: u64) -> Option<ManagedMemoryHandle> {
-        self.cur_avg_size =
-            self.cur_avg_size * (1.0 - SIZE_AVG_DECAY) + size as f64 * SIZE_AVG_DECAY;
 
         let padding = calculate_padding(size, self.alignment);
 
