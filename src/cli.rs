@@ -1,8 +1,13 @@
 //! Command-line interface. `main.rs` only maps errors to exit codes; everything else is here.
 
-use crate::commands::PreferenceJob;
+pub mod bench;
+pub mod grpo;
+pub mod ppo;
+pub mod preference;
+
+use crate::cli::preference::PreferenceJob;
 use crate::generate::{generate, SamplingParams};
-use crate::lora::Adapter;
+use crate::model::lora::Adapter;
 use crate::model::{Llama, LoadOptions};
 use crate::plan::Algo;
 use anyhow::{bail, Context, Result};
@@ -50,7 +55,7 @@ pub enum Command {
     /// Sample from the base model, optionally with a LoRA adapter.
     Generate(GenerateArgs),
     /// Time DPO or GRPO steps on a make_model.py folder (the peer benchmark against TRL).
-    Bench(crate::bench::BenchArgs),
+    Bench(crate::cli::bench::BenchArgs),
 }
 
 #[derive(clap::Args, Debug)]
@@ -135,23 +140,23 @@ pub fn run(cli: Cli) -> Result<i32> {
             Ok(0)
         }
         Command::Dpo(a) => {
-            crate::commands::run_on_device(&PreferenceJob(Algo::Dpo), &a.config, &flags(&a))
+            crate::cli::preference::run_on_device(&PreferenceJob(Algo::Dpo), &a.config, &flags(&a))
         }
         Command::Rm(a) => {
-            crate::commands::run_on_device(&PreferenceJob(Algo::Rm), &a.config, &flags(&a))
+            crate::cli::preference::run_on_device(&PreferenceJob(Algo::Rm), &a.config, &flags(&a))
         }
-        Command::Grpo(a) => crate::grpo_cmd::run_on_device(&a.config, &flags(&a)),
-        Command::Ppo(a) => crate::ppo_cmd::run_on_device(&a.config, &flags(&a)),
-        Command::Bench(a) => crate::bench::run(&a),
+        Command::Grpo(a) => crate::cli::grpo::run_on_device(&a.config, &flags(&a)),
+        Command::Ppo(a) => crate::cli::ppo::run_on_device(&a.config, &flags(&a)),
+        Command::Bench(a) => crate::cli::bench::run(&a),
         Command::Plan(a) => {
             let algo = a.algo.as_deref().map(Algo::from_str).transpose()?;
-            crate::commands::run_plan(&a.config, algo, a.json)
+            crate::cli::preference::run_plan(&a.config, algo, a.json)
         }
     }
 }
 
-fn flags(a: &RunArgs) -> crate::commands::TrainFlags {
-    crate::commands::TrainFlags {
+fn flags(a: &RunArgs) -> crate::cli::preference::TrainFlags {
+    crate::cli::preference::TrainFlags {
         resume: a.resume.clone(),
         force: a.force,
     }

@@ -3,7 +3,7 @@
 
 use burn::backend::NdArray;
 use burn::tensor::{Tensor, TensorData};
-use rlhf::lora::Adapter;
+use rlhf::model::lora::Adapter;
 use rlhf::model::{Batch, Llama, LoadOptions};
 use std::path::{Path, PathBuf};
 

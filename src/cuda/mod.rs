@@ -27,7 +27,6 @@ pub fn memory_usage<B: Backend>(device: &B::Device) -> Option<DeviceMemory> {
 }
 
 pub mod blas;
-pub mod decode;
 pub mod kernels;
 pub mod nf4_mma;
 pub mod qlinear;
@@ -81,7 +80,10 @@ fn cast_any<T: 'static, U: 'static>(t: T) -> Option<U> {
         .map(|b| *b)
 }
 
-fn build<B: Backend>(lin: &BaseLinear<B>, device: &CudaDevice) -> Option<Arc<GpuLinear>> {
+pub(crate) fn build<B: Backend>(
+    lin: &BaseLinear<B>,
+    device: &CudaDevice,
+) -> Option<Arc<GpuLinear>> {
     let gpu = match &lin.weight {
         BaseWeight::Nf4(q) => GpuLinear::from_nf4(q, device),
         BaseWeight::Dense(w) => {

@@ -17,7 +17,7 @@ use super::llama::{
     attention_probs, expand_kv, from_heads, to_heads, AttnInputs, Block, BlockTrace, Llama,
     LoraTrace, OutputHead,
 };
-use crate::lora::{matmul, matmul_acc, Adapter, LoraPair};
+use crate::model::lora::{matmul, matmul_acc, Adapter, LoraPair};
 use burn::tensor::{
     activation,
     backend::{AutodiffBackend, Backend},

@@ -4,7 +4,7 @@
 //! adapter chosen per call, so one base serves every role.
 
 use super::config::{LlamaConfig, RopeScaling};
-use crate::lora::Adapter;
+use crate::model::lora::Adapter;
 use crate::quant::BaseLinear;
 use burn::tensor::{
     activation,

@@ -5,6 +5,7 @@ pub mod config;
 pub mod gguf_source;
 pub mod llama;
 pub mod load;
+pub mod lora;
 
 pub use config::LlamaConfig;
 pub use llama::{Batch, KvCache, Llama};

@@ -9,12 +9,12 @@
 //! final policy and the reference (the model before training) sample one response per eval
 //! prompt and the mean reward-model scores go to `eval_metrics.json`.
 
+use crate::cli::preference::{check_plan, Codec, TrainFlags};
 use crate::cli::Loaded;
-use crate::commands::{check_plan, Codec, TrainFlags};
 use crate::config::{Quantize, RunConfig, Truncation};
 use crate::data::TokenizeOptions;
 use crate::engine::{RlhfModel, HEAD_KEY};
-use crate::lora::Adapter;
+use crate::model::lora::Adapter;
 use crate::plan::Algo;
 use crate::train::train;
 use anyhow::{bail, ensure, Context, Result};
@@ -27,12 +27,12 @@ use std::str::FromStr;
 
 /// Runs `rlhf ppo` on the configured device.
 pub fn run_on_device(config: &Path, flags: &TrainFlags) -> Result<i32> {
-    crate::commands::run_on_device(&PpoJob, config, flags)
+    crate::cli::preference::run_on_device(&PpoJob, config, flags)
 }
 
 struct PpoJob;
 
-impl crate::commands::TrainJob for PpoJob {
+impl crate::cli::preference::TrainJob for PpoJob {
     fn run<B: AutodiffBackend>(
         &self,
         config: &Path,

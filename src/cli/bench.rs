@@ -13,8 +13,8 @@
 //! Checkpoints and logs go to a temporary folder that is removed afterwards; the timed interval
 //! ends before the run loop writes them.
 
+use crate::cli::preference::{check_plan, Codec};
 use crate::cli::{DeviceArg, Loaded};
-use crate::commands::{check_plan, Codec};
 use crate::config::{Device, Dtype, Quantize, RunConfig, ALL_TARGETS};
 use crate::devmem::DeviceMemory;
 use crate::engine::RlhfModel;
@@ -345,21 +345,21 @@ fn prepare(cfg: &mut RunConfig, a: &BenchArgs, algo: Algo) -> Result<Examples> {
     let (examples, rows) = match algo {
         Algo::Grpo => {
             cfg.data.max_prompt_length = usize::MAX;
-            let ex = crate::grpo_cmd::load_examples(&cfg.data.train, &codec, cfg)?;
+            let ex = crate::cli::grpo::load_examples(&cfg.data.train, &codec, cfg)?;
             for e in &ex {
                 answer_of(&e.columns).with_context(|| e.source.clone())?;
             }
             let longest = ex.iter().map(|e| e.prompt_ids.len()).max().unwrap_or(1);
             cfg.data.max_prompt_length = longest;
             cfg.data.max_length = longest + a.completion_len;
-            crate::grpo_cmd::check_config(cfg)?;
+            crate::cli::grpo::check_config(cfg)?;
             let n = ex.len();
             (Examples::Grpo(ex), n)
         }
         _ => {
             cfg.data.max_length = a.max_length;
             cfg.data.max_prompt_length = a.max_length;
-            let ex = crate::commands::load_pairs(&cfg.data.train, &codec, cfg)
+            let ex = crate::cli::preference::load_pairs(&cfg.data.train, &codec, cfg)
                 .with_context(|| format!("--max-length {}", a.max_length))?;
             // Plan for the longest pair as tokenized (TRL pads each batch to its longest row, as
             // the trainer does): the planner's peak is compared with the measured one.
@@ -398,7 +398,7 @@ fn run_on<B: AutodiffBackend>(args: &BenchArgs, algo: Algo, device: &B::Device) 
     if let Some(code) = check_plan(&cfg, algo, args.force)? {
         return Ok(code);
     }
-    let mcfg = crate::commands::model_config(&cfg.model.path)?;
+    let mcfg = crate::cli::preference::model_config(&cfg.model.path)?;
     let planned = crate::plan::plan(&cfg, &mcfg, algo)?;
 
     let loaded: Loaded<B> =
@@ -420,7 +420,7 @@ fn run_on<B: AutodiffBackend>(args: &BenchArgs, algo: Algo, device: &B::Device) 
     let smi_peak = match examples {
         Examples::Dpo(set) => {
             let mut trainer = DpoTrainer {
-                cfg: crate::commands::dpo_config(&cfg)?,
+                cfg: crate::cli::preference::dpo_config(&cfg)?,
                 pad_id,
             };
             timed(
@@ -434,8 +434,8 @@ fn run_on<B: AutodiffBackend>(args: &BenchArgs, algo: Algo, device: &B::Device) 
             )?
         }
         Examples::Grpo(set) => {
-            let loss = crate::grpo_cmd::loss_config(&cfg)?;
-            let mut settings = crate::grpo_cmd::settings(&cfg, loss, stop_ids, pad_id)?;
+            let loss = crate::cli::grpo::loss_config(&cfg)?;
+            let mut settings = crate::cli::grpo::settings(&cfg, loss, stop_ids, pad_id)?;
             // TRL writes no completions file with these settings; keep file I/O out of the steps.
             settings.completions_log = None;
             let rewards = RewardSet::new(vec![(Box::new(CountAnswer) as Box<dyn RewardFn>, 1.0)])?;

@@ -8,8 +8,8 @@
 //! function, the completion and the last checkpoint, which the run loop wrote atomically and
 //! which is left untouched: fix the reward and continue with `--resume`.
 
+use crate::cli::preference::{check_plan, Codec, TrainFlags};
 use crate::cli::Loaded;
-use crate::commands::{check_plan, Codec, TrainFlags};
 use crate::config::{Quantize, RunConfig, Truncation};
 use crate::data::{Content, PromptExample, TextCodec, TokenizeOptions};
 use crate::engine::RlhfModel;
@@ -29,12 +29,12 @@ pub const COMPLETIONS_LOG: &str = "completions.jsonl";
 
 /// Runs `rlhf grpo` on the configured device.
 pub fn run_on_device(config: &Path, flags: &TrainFlags) -> Result<i32> {
-    crate::commands::run_on_device(&GrpoJob, config, flags)
+    crate::cli::preference::run_on_device(&GrpoJob, config, flags)
 }
 
 struct GrpoJob;
 
-impl crate::commands::TrainJob for GrpoJob {
+impl crate::cli::preference::TrainJob for GrpoJob {
     fn run<B: AutodiffBackend>(
         &self,
         config: &Path,

@@ -27,16 +27,16 @@
 //! `RLHF_NO_DECODE_GRAPH=1` keeps the per-kernel launches. `examples/decode_check.rs` compares the logits with the ordinary
 //! forward's step by step.
 
-use super::blas::{GemmIn, GemmShape};
-use super::kernels::{
+use crate::cuda::blas::{GemmIn, GemmShape};
+use crate::cuda::kernels::{
     decode_attention, embed_rows, lora_down, lora_up_add, rms_norm_rows, rope_append, sample_rows,
     silu_mul, step_words, DECODE_MAX_HEAD_DIM, DECODE_MAX_KEYS,
 };
-use super::nf4_mma::{self, MMA_ROWS};
-use super::qlinear::{GpuLinear, Inner, GEMV_MAX_ROWS};
-use super::train_ops::gemm_at;
-use crate::lora::Adapter;
+use crate::cuda::nf4_mma::{self, MMA_ROWS};
+use crate::cuda::qlinear::{GpuLinear, Inner, GEMV_MAX_ROWS};
+use crate::cuda::train_ops::gemm_at;
 use crate::model::llama::OutputHead;
+use crate::model::lora::Adapter;
 use crate::model::{KvCache, Llama};
 use anyhow::{anyhow, ensure, Result};
 use burn::tensor::{backend::Backend, DType, Shape, Tensor, TensorData};
@@ -312,7 +312,7 @@ impl FusedDecode {
                 }
                 let gpu = base
                     .gpu
-                    .get_or_init(|| super::build(base, &device))
+                    .get_or_init(|| crate::cuda::build(base, &device))
                     .clone()?;
                 if !gpu.is_nf4() {
                     return None;
@@ -396,7 +396,7 @@ impl FusedDecode {
                 }
                 let gpu = base
                     .gpu
-                    .get_or_init(|| super::build(&base, &device))
+                    .get_or_init(|| crate::cuda::build(&base, &device))
                     .clone()?;
                 if gpu.is_nf4() {
                     if rows > GEMV_MAX_ROWS {
@@ -782,7 +782,7 @@ impl FusedDecode {
             .get_resource(self.bufs.step.clone())
             .map_err(|e| anyhow!("fused decode buffer: {e:?}"))?;
         let (ptr, stream) = (res.resource().ptr, res.resource().stream);
-        super::blas::ensure_context(self.device.index)?;
+        crate::cuda::blas::ensure_context(self.device.index)?;
         // SAFETY: `ptr` is the step buffer (`step_words(rows)` u32); the copy is ordered on cubecl's
         // stream before this step's kernels, and `host_step` lives until the next step, by which
         // time the logits read below has synchronized the stream.
@@ -999,12 +999,12 @@ impl FusedDecode {
                 let (v, hh, n) = (self.vocab as u64, h as u64, rows as u64);
                 // Column-major: logits^T [vocab, rows] = W^T-of-its-layout · x^T.
                 let shape = GemmShape::bf16(true, false, v, n, hh, hh as i64, hh as i64, v as i64);
-                super::train_ops::gemm(shape, 1.0, 0.0, w, &self.bufs.xb, logits)
+                crate::cuda::train_ops::gemm(shape, 1.0, 0.0, w, &self.bufs.xb, logits)
             }
             Head::Tied(embed) => {
                 let shape =
                     GemmShape::row_major(GemmIn::F32Tf32, 1, (rows, h, self.vocab), false, true);
-                super::train_ops::gemm(shape, 1.0, 0.0, embed, x, logits)
+                crate::cuda::train_ops::gemm(shape, 1.0, 0.0, embed, x, logits)
             }
         }
     }
