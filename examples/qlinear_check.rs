@@ -13,7 +13,7 @@ mod common;
 use burn::tensor::{backend::Backend, Distribution, Tensor};
 use common::median;
 use rlhf::cuda::qlinear::{Ad, GpuLinear, Inner};
-use rlhf::quant::BaseLinear;
+use rlhf::model::linear::BaseLinear;
 use std::time::Instant;
 
 fn rel_err(a: Tensor<Inner, 2>, b: Tensor<Inner, 2>) -> f64 {

@@ -17,6 +17,7 @@ pub fn usage<B: Backend>(device: &B::Device) -> Option<DeviceMemory> {
     #[cfg(feature = "cuda")]
     {
         crate::cuda::memory_usage::<B>(device)
+            .map(|(in_use, reserved)| DeviceMemory { in_use, reserved })
     }
     #[cfg(not(feature = "cuda"))]
     {

@@ -210,7 +210,7 @@ pub fn generate<B: Backend, R: Rng>(
     ];
     let mut batch = Batch::<B>::new(&rows, valid, &device);
     let vocab = model.cfg.vocab_size;
-    // After the prompt, steps run fused on CUDA when the model allows it (`cuda::decode`).
+    // After the prompt, steps run fused on CUDA when the model allows it (`generate::fused_decode`).
     #[cfg(feature = "cuda")]
     let mut fused: Option<crate::generate::fused_decode::FusedDecode> = None;
     let mut next: Vec<u32> = Vec::with_capacity(b);

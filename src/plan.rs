@@ -1091,7 +1091,7 @@ fn phase_items(s: &Setup, w: &Workload, phase: Phase, passes: &[Pass]) -> Vec<It
     items.push(item(T_LINEARS, Life::Persistent, lin_bytes, lin_detail));
     let dense = dense_params(m);
     let norms = (2 * l + 1) * m.hidden_size as u64;
-    // The engine keeps frozen embedding tables in bf16 on CUDA (`quant::dense_at_rest`).
+    // The engine keeps frozen embedding tables in bf16 on CUDA (`model::ops::dense_at_rest`).
     let dense_bytes = if s.engine {
         (dense - norms) * 2 + norms * 4
     } else {

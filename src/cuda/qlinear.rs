@@ -362,7 +362,7 @@ impl GpuLinear {
         b: &CubeTensor<CudaRuntime>,
         d: &CubeTensor<CudaRuntime>,
     ) -> Result<()> {
-        super::train_ops::gemm(shape, 1.0, 0.0, a, b, d).context("qlinear GEMM")
+        super::gemm::gemm(shape, 1.0, 0.0, a, b, d).context("qlinear GEMM")
     }
 
     fn gemv(&self, x: CubeTensor<CudaRuntime>, rows: usize) -> CubeTensor<CudaRuntime> {

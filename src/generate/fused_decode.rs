@@ -28,13 +28,13 @@
 //! forward's step by step.
 
 use crate::cuda::blas::{GemmIn, GemmShape};
+use crate::cuda::gemm::gemm_at;
 use crate::cuda::kernels::{
     decode_attention, embed_rows, lora_down, lora_up_add, rms_norm_rows, rope_append, sample_rows,
     silu_mul, step_words, DECODE_MAX_HEAD_DIM, DECODE_MAX_KEYS,
 };
 use crate::cuda::nf4_mma::{self, MMA_ROWS};
 use crate::cuda::qlinear::{GpuLinear, Inner, GEMV_MAX_ROWS};
-use crate::cuda::train_ops::gemm_at;
 use crate::model::llama::OutputHead;
 use crate::model::lora::Adapter;
 use crate::model::{KvCache, Llama};
@@ -312,7 +312,7 @@ impl FusedDecode {
                 }
                 let gpu = base
                     .gpu
-                    .get_or_init(|| crate::cuda::build(base, &device))
+                    .get_or_init(|| crate::cuda::build(&base.weight, &device))
                     .clone()?;
                 if !gpu.is_nf4() {
                     return None;
@@ -396,7 +396,7 @@ impl FusedDecode {
                 }
                 let gpu = base
                     .gpu
-                    .get_or_init(|| crate::cuda::build(&base, &device))
+                    .get_or_init(|| crate::cuda::build(&base.weight, &device))
                     .clone()?;
                 if gpu.is_nf4() {
                     if rows > GEMV_MAX_ROWS {
@@ -999,12 +999,12 @@ impl FusedDecode {
                 let (v, hh, n) = (self.vocab as u64, h as u64, rows as u64);
                 // Column-major: logits^T [vocab, rows] = W^T-of-its-layout · x^T.
                 let shape = GemmShape::bf16(true, false, v, n, hh, hh as i64, hh as i64, v as i64);
-                crate::cuda::train_ops::gemm(shape, 1.0, 0.0, w, &self.bufs.xb, logits)
+                crate::cuda::gemm::gemm(shape, 1.0, 0.0, w, &self.bufs.xb, logits)
             }
             Head::Tied(embed) => {
                 let shape =
                     GemmShape::row_major(GemmIn::F32Tf32, 1, (rows, h, self.vocab), false, true);
-                crate::cuda::train_ops::gemm(shape, 1.0, 0.0, embed, x, logits)
+                crate::cuda::gemm::gemm(shape, 1.0, 0.0, embed, x, logits)
             }
         }
     }
