@@ -38,7 +38,7 @@ static NOTED_RESERVED: AtomicU64 = AtomicU64::new(0);
 /// call prints `what` and the bytes in use (where a peak comes from).
 pub fn note<B: Backend>(device: &B::Device, what: &str) {
     if let Some(m) = usage::<B>(device) {
-        if std::env::var_os("RLHF_TRACE_MEM").is_some() {
+        if crate::switches::switches().trace_mem {
             eprintln!(
                 "mem {what}: {:.1} MiB in use, {:.1} MiB reserved",
                 m.in_use as f64 / 1048576.0,

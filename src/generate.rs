@@ -217,7 +217,7 @@ pub fn generate<B: Backend, R: Rng>(
     let mut next_valid: Vec<bool> = Vec::with_capacity(b);
     // `RLHF_TRACE=1` prints where the time went: the model's steps (each ends by reading the
     // logits, which synchronises) and the host-side sampling.
-    let trace = std::env::var_os("RLHF_TRACE").is_some();
+    let trace = crate::switches::switches().trace;
     let mut model_ms: Vec<f64> = Vec::new();
     let mut sample_ms = 0.0;
     for step in 0..params.max_new_tokens {

@@ -14,6 +14,7 @@ pub mod model;
 pub mod optim;
 pub mod plan;
 pub mod quant;
+pub mod switches;
 pub mod tokenizer;
 pub mod train;
 pub mod util;

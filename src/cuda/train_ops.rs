@@ -26,7 +26,6 @@ use cubecl::cuda::CudaRuntime;
 use cubecl::prelude::*;
 use std::any::Any;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::OnceLock;
 
 type T = CubeTensor<CudaRuntime>;
 
@@ -42,9 +41,7 @@ pub fn set_enabled(on: bool) {
 }
 
 fn enabled() -> bool {
-    static ENV_OFF: OnceLock<bool> = OnceLock::new();
-    ENABLED.load(Ordering::Relaxed)
-        && !*ENV_OFF.get_or_init(|| std::env::var_os("RLHF_NO_FUSED_TRAIN").is_some())
+    ENABLED.load(Ordering::Relaxed) && !crate::switches::switches().no_fused_train
 }
 
 /// Row-major `out = alpha op(x) op(y) + beta out` (TF32), `batch` contiguous matrices of each:

@@ -72,7 +72,7 @@ static ENABLED: AtomicBool = AtomicBool::new(true);
 static GRAPHS: AtomicBool = AtomicBool::new(true);
 
 fn graphs_enabled() -> bool {
-    GRAPHS.load(Ordering::Relaxed) && std::env::var_os("RLHF_NO_DECODE_GRAPH").is_none()
+    GRAPHS.load(Ordering::Relaxed) && !crate::switches::switches().no_decode_graph
 }
 
 /// Turns the fused decode on or off for later `generate` calls.
@@ -260,7 +260,7 @@ impl FusedDecode {
         cap: usize,
         sampling: Option<&SamplingParams>,
     ) -> Option<Self> {
-        if !ENABLED.load(Ordering::Relaxed) || std::env::var_os("RLHF_NO_FUSED_DECODE").is_some() {
+        if !ENABLED.load(Ordering::Relaxed) || crate::switches::switches().no_fused_decode {
             return None;
         }
         let model = (model as &dyn Any).downcast_ref::<Llama<Inner>>()?;
@@ -455,7 +455,7 @@ impl FusedDecode {
             ws: buf(max_group / 2 + 1),
             logits: buf(rows * vocab),
         };
-        let mma = std::env::var_os("RLHF_DECODE_DEQUANT").is_none()
+        let mma = !crate::switches::switches().decode_dequant
             && layers.iter().all(|l| {
                 GROUPS.iter().all(|members| {
                     let lins: Vec<&GpuLinear> = members.iter().map(|&m| &*l.lin[m]).collect();

@@ -98,7 +98,7 @@ static DROPOUT_SEEDS: AtomicU64 = AtomicU64::new(0x5EED_D80F);
 /// and with `RLHF_F32_CHECKPOINTS=1`.
 fn stash<IB: Backend>(h: Tensor<IB, 3>) -> Tensor<IB, 3> {
     #[cfg(feature = "cuda")]
-    if crate::cuda::is_cuda::<IB>() && std::env::var_os("RLHF_F32_CHECKPOINTS").is_none() {
+    if crate::cuda::is_cuda::<IB>() && !crate::switches::switches().f32_checkpoints {
         return crate::cuda::contiguous_bf16(h).unwrap_or_else(|h| h.cast(FloatDType::BF16));
     }
     h
