@@ -1,4 +1,7 @@
+use super::chat::{python_float_repr, strftime_utc, strip_generation_tags};
+use super::gguf_json::{TOKEN_CONTROL, TOKEN_NORMAL, TOKEN_UNKNOWN};
 use super::*;
+use serde_json::json;
 
 const SMOLLM: &str = concat!(
     env!("CARGO_MANIFEST_DIR"),
