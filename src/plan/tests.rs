@@ -1,5 +1,6 @@
+use super::evaluate::evaluate;
 use super::*;
-use crate::config::Dtype;
+use crate::config::{Device, Dtype, LoraConfig, Quantize};
 use std::time::Instant;
 
 const GIB_U: u64 = 1 << 30;
