@@ -1,4 +1,4 @@
-//! Checks the fused CUDA decode (`rlhf::cuda::decode`) against the ordinary forward with a KV
+//! Checks the fused CUDA decode (`rlhf::generate::fused_decode`) against the ordinary forward with a KV
 //! cache, step by step, and times both (GPU only):
 //!
 //!     cargo build --release --features cuda --example decode_check
@@ -16,10 +16,10 @@ mod common;
 
 use burn::tensor::backend::Backend;
 use common::{copy_adapter, load_nf4, median, random_adapter};
-use rlhf::cuda::decode::FusedDecode;
 use rlhf::cuda::qlinear::Inner;
+use rlhf::generate::fused_decode::FusedDecode;
 use rlhf::generate::SamplingParams;
-use rlhf::lora::Adapter;
+use rlhf::model::lora::Adapter;
 use rlhf::model::{Batch, KvCache, Llama};
 use std::time::Instant;
 
@@ -155,7 +155,7 @@ fn ablation(
     rows: usize,
     steps: usize,
 ) -> anyhow::Result<()> {
-    use rlhf::cuda::decode::skip;
+    use rlhf::generate::fused_decode::skip;
     let params = SamplingParams {
         max_new_tokens: steps,
         min_new_tokens: 0,

@@ -9,7 +9,8 @@ use rlhf::model::Batch;
 fn main() -> anyhow::Result<()> {
     let path = std::path::Path::new("models/SmolLM2-135M-Instruct.Q4_1.gguf");
     let device = Default::default();
-    let loaded = rlhf::cli::load_model::<rlhf::cli::CpuBackend>(path, false, &device)?;
+    let loaded =
+        rlhf::cli::setup::load_model::<rlhf::cli::setup::CpuBackend>(path, false, &device)?;
     let rows: Vec<Vec<u32>> = (0..4)
         .map(|r| {
             (0..64)
@@ -30,7 +31,7 @@ fn main() -> anyhow::Result<()> {
     times.sort_by(|a, b| a.total_cmp(b));
     println!(
         "backend {} forward 4x64: median {:.3} s over {} runs",
-        std::any::type_name::<rlhf::cli::CpuBackend>(),
+        std::any::type_name::<rlhf::cli::setup::CpuBackend>(),
         times[times.len() / 2],
         times.len()
     );

@@ -1,28 +1,26 @@
-//! Command-line interface. `main.rs` only maps errors to exit codes; everything else is here.
+//! Command-line interface: the arguments, and which subcommand runs. Each subcommand is a file of
+//! its own; they share one run set-up (`setup`) and build their trainers in one place
+//! (`trainers`). `main.rs` turns the [`Outcome`] or the error into the exit code.
 
-use crate::commands::PreferenceJob;
-use crate::generate::{generate, SamplingParams};
-use crate::lora::Adapter;
-use crate::model::{Llama, LoadOptions};
+pub mod bench;
+pub mod generate;
+pub mod grpo;
+pub mod plan;
+pub mod ppo;
+pub mod preference;
+pub mod setup;
+pub mod trainers;
+
+pub use setup::{DeviceArg, Outcome};
+
 use crate::plan::Algo;
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
+use burn::backend::Autodiff;
 use burn::tensor::backend::Backend;
-use clap::{Parser, Subcommand, ValueEnum};
-use rand::SeedableRng;
-use std::path::{Path, PathBuf};
+use clap::{Parser, Subcommand};
+use setup::{OnBackend, TrainFlags, TrainRun};
+use std::path::PathBuf;
 use std::str::FromStr;
-
-/// The CPU backend used when `--device cpu` (see README: ndarray measured faster than candle).
-#[cfg(feature = "ndarray")]
-pub type CpuBackend = burn::backend::NdArray<f32>;
-#[cfg(all(feature = "candle", not(feature = "ndarray")))]
-#[allow(deprecated)] // burn-candle is deprecated upstream; kept as the optional CPU backend the design names
-pub type CpuBackend = burn::backend::Candle<f32, i64>;
-#[cfg(feature = "cuda")]
-pub type CudaBackend = burn::backend::Cuda<f32, i32>;
-
-/// Exit code for "the run does not fit the VRAM budget".
-pub const EXIT_DOES_NOT_FIT: i32 = 3;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -46,11 +44,11 @@ pub enum Command {
     /// Reward-model training (reward adapter + score head).
     Rm(RunArgs),
     /// Predict peak GPU memory for a run without loading weights.
-    Plan(PlanArgs),
+    Plan(plan::PlanArgs),
     /// Sample from the base model, optionally with a LoRA adapter.
-    Generate(GenerateArgs),
+    Generate(generate::GenerateArgs),
     /// Time DPO or GRPO steps on a make_model.py folder (the peer benchmark against TRL).
-    Bench(crate::bench::BenchArgs),
+    Bench(bench::BenchArgs),
 }
 
 #[derive(clap::Args, Debug)]
@@ -66,198 +64,47 @@ pub struct RunArgs {
     pub force: bool,
 }
 
-#[derive(clap::Args, Debug)]
-pub struct PlanArgs {
-    /// The run's TOML file.
-    #[arg(long)]
-    pub config: PathBuf,
-    /// dpo, rm, grpo, ppo or generate (default: guessed from the file name).
-    #[arg(long)]
-    pub algo: Option<String>,
-    /// Print the plan as JSON.
-    #[arg(long)]
-    pub json: bool,
-}
-
-#[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
-pub enum DeviceArg {
-    Cpu,
-    Cuda,
-}
-
-#[derive(clap::Args, Debug)]
-pub struct GenerateArgs {
-    /// A Hugging Face model folder or a .gguf file.
-    #[arg(long)]
-    pub model: PathBuf,
-    /// A PEFT-layout LoRA adapter folder.
-    #[arg(long)]
-    pub adapter: Option<PathBuf>,
-    #[arg(long)]
-    pub prompt: String,
-    /// Wrap the prompt as a user message in the model's chat template.
-    #[arg(long)]
-    pub chat: bool,
-    #[arg(long, default_value_t = 128)]
-    pub max_new_tokens: usize,
-    /// Stop tokens are not sampled before this many new tokens.
-    #[arg(long, default_value_t = 0)]
-    pub min_new_tokens: usize,
-    /// 0 = greedy.
-    #[arg(long, default_value_t = 0.7)]
-    pub temperature: f32,
-    #[arg(long, default_value_t = 1.0)]
-    pub top_p: f32,
-    #[arg(long, default_value_t = 0)]
-    pub top_k: usize,
-    #[arg(long, default_value_t = 0)]
-    pub seed: u64,
-    #[arg(long, value_enum, default_value_t = DeviceArg::Cpu)]
-    pub device: DeviceArg,
-    /// Keep the base unquantized (f32) instead of NF4.
-    #[arg(long)]
-    pub no_quantize: bool,
-}
-
-/// Parses arguments and runs the command; returns the process exit code.
-pub fn run(cli: Cli) -> Result<i32> {
+/// Runs the parsed command.
+pub fn run(cli: Cli) -> Result<Outcome> {
     match cli.command {
-        Command::Generate(args) => {
-            match args.device {
-                DeviceArg::Cpu => run_generate::<CpuBackend>(&args, &Default::default())?,
-                DeviceArg::Cuda => {
-                    #[cfg(feature = "cuda")]
-                    run_generate::<CudaBackend>(&args, &Default::default())?;
-                    #[cfg(not(feature = "cuda"))]
-                    bail!("this binary was built without CUDA: rebuild with `--features cuda`");
-                }
-            }
-            Ok(0)
-        }
-        Command::Dpo(a) => {
-            crate::commands::run_on_device(&PreferenceJob(Algo::Dpo), &a.config, &flags(&a))
-        }
-        Command::Rm(a) => {
-            crate::commands::run_on_device(&PreferenceJob(Algo::Rm), &a.config, &flags(&a))
-        }
-        Command::Grpo(a) => crate::grpo_cmd::run_on_device(&a.config, &flags(&a)),
-        Command::Ppo(a) => crate::ppo_cmd::run_on_device(&a.config, &flags(&a)),
-        Command::Bench(a) => crate::bench::run(&a),
+        Command::Generate(a) => generate::run(&a),
+        Command::Dpo(a) => train(Algo::Dpo, &a),
+        Command::Rm(a) => train(Algo::Rm, &a),
+        Command::Grpo(a) => train(Algo::Grpo, &a),
+        Command::Ppo(a) => train(Algo::Ppo, &a),
+        Command::Bench(a) => bench::run(&a),
         Command::Plan(a) => {
             let algo = a.algo.as_deref().map(Algo::from_str).transpose()?;
-            crate::commands::run_plan(&a.config, algo, a.json)
+            plan::run(&a.config, algo, a.json)
         }
     }
 }
 
-fn flags(a: &RunArgs) -> crate::commands::TrainFlags {
-    crate::commands::TrainFlags {
-        resume: a.resume.clone(),
-        force: a.force,
-    }
+/// Runs a training command on the backend its config's `model.device` names.
+fn train(algo: Algo, args: &RunArgs) -> Result<Outcome> {
+    let flags = TrainFlags {
+        resume: args.resume.clone(),
+        force: args.force,
+    };
+    let run = TrainRun::read(&args.config, flags)?;
+    run.on_backend(&Training { algo, run: &run })
 }
 
-/// A loaded base model and its tokenizer.
-pub struct Loaded<B: Backend> {
-    pub model: Llama<B>,
-    pub tok: crate::tokenizer::Tok,
-    pub chat: Option<crate::tokenizer::ChatTemplate>,
-    pub name: String,
+/// A training command ready to run, generic over the backend.
+struct Training<'a> {
+    algo: Algo,
+    run: &'a TrainRun,
 }
 
-impl<B: Backend> Loaded<B> {
-    /// Padding id: the tokenizer's pad token, else eos, else 0 (padding is masked anyway).
-    pub fn pad_id(&self) -> u32 {
-        self.tok.pad_id().or(self.tok.eos_id()).unwrap_or(0)
-    }
-
-    /// Tokens that end a sequence: the model config's eos ids, the tokenizer's, then `extra`,
-    /// each once.
-    pub fn stop_ids(&self, extra: &[u32]) -> Vec<u32> {
-        let mut stop = Vec::new();
-        let all = self.model.cfg.eos_token_ids.iter().copied();
-        for id in all.chain(self.tok.eos_ids()).chain(extra.iter().copied()) {
-            if !stop.contains(&id) {
-                stop.push(id);
-            }
+impl OnBackend for Training<'_> {
+    type Output = Outcome;
+    fn run<B: Backend>(&self, device: &B::Device) -> Result<Outcome> {
+        let run = self.run;
+        match self.algo {
+            Algo::Dpo | Algo::Rm => preference::run::<Autodiff<B>>(self.algo, run, device),
+            Algo::Grpo => grpo::run::<Autodiff<B>>(run, device),
+            Algo::Ppo => ppo::run::<Autodiff<B>>(run, device),
+            Algo::Generate => bail!("`generate` is not a training command"),
         }
-        stop
     }
-}
-
-/// Loads a base model from a HF folder or a GGUF file, with its tokenizer and chat template.
-pub fn load_model<B: Backend>(
-    path: &Path,
-    quantize: bool,
-    device: &B::Device,
-) -> Result<Loaded<B>> {
-    let opts = LoadOptions { quantize };
-    if !path.exists() {
-        bail!(
-            "{}: model not found (expected a Hugging Face folder or a .gguf file)",
-            path.display()
-        );
-    }
-    let name = path.display().to_string();
-    if path.is_dir() {
-        let model = Llama::from_hf_dir(path, opts, device)?;
-        let tok_path = path.join("tokenizer.json");
-        let tok = crate::tokenizer::Tok::from_file(&tok_path)?;
-        let chat = crate::tokenizer::ChatTemplate::from_dir(path)?;
-        Ok(Loaded {
-            model,
-            tok,
-            chat,
-            name,
-        })
-    } else {
-        crate::model::gguf_source::load_gguf(path, opts, device).map(|(model, tok, chat)| Loaded {
-            model,
-            tok,
-            chat,
-            name,
-        })
-    }
-}
-
-fn run_generate<B: Backend>(args: &GenerateArgs, device: &B::Device) -> Result<()> {
-    let loaded = load_model::<B>(&args.model, !args.no_quantize, device)?;
-    let adapter = match &args.adapter {
-        Some(dir) => Some(
-            Adapter::<B>::load_peft(dir, "policy", &loaded.model.cfg, device)
-                .with_context(|| format!("{}: cannot load adapter", dir.display()))?
-                .0,
-        ),
-        None => None,
-    };
-    let text = if args.chat {
-        let chat = loaded
-            .chat
-            .as_ref()
-            .context("--chat: the model has no chat template")?;
-        chat.render_user(&args.prompt, true)?
-    } else {
-        args.prompt.clone()
-    };
-    let ids = loaded.tok.encode(&text, !args.chat)?;
-    let stop = loaded.stop_ids(&[]);
-    let params = SamplingParams {
-        max_new_tokens: args.max_new_tokens,
-        min_new_tokens: args.min_new_tokens,
-        temperature: args.temperature,
-        top_k: args.top_k,
-        top_p: args.top_p,
-        stop_ids: stop.clone(),
-        pad_id: loaded.pad_id(),
-    };
-    let mut rng = rand::rngs::StdRng::seed_from_u64(args.seed);
-    let out = generate(&loaded.model, adapter.as_ref(), &[ids], &params, &mut rng)?;
-    let toks: Vec<u32> = out[0]
-        .tokens
-        .iter()
-        .copied()
-        .filter(|t| !stop.contains(t))
-        .collect();
-    println!("{}", loaded.tok.decode(&toks, true)?);
-    Ok(())
 }

@@ -17,6 +17,7 @@ pub fn usage<B: Backend>(device: &B::Device) -> Option<DeviceMemory> {
     #[cfg(feature = "cuda")]
     {
         crate::cuda::memory_usage::<B>(device)
+            .map(|(in_use, reserved)| DeviceMemory { in_use, reserved })
     }
     #[cfg(not(feature = "cuda"))]
     {
@@ -37,7 +38,7 @@ static NOTED_RESERVED: AtomicU64 = AtomicU64::new(0);
 /// call prints `what` and the bytes in use (where a peak comes from).
 pub fn note<B: Backend>(device: &B::Device, what: &str) {
     if let Some(m) = usage::<B>(device) {
-        if std::env::var_os("RLHF_TRACE_MEM").is_some() {
+        if crate::switches::switches().trace_mem {
             eprintln!(
                 "mem {what}: {:.1} MiB in use, {:.1} MiB reserved, {:.1} MiB held, {} releases",
                 m.in_use as f64 / 1048576.0,
@@ -58,20 +59,13 @@ pub fn take_noted() -> Option<DeviceMemory> {
     (in_use > 0 || reserved > 0).then_some(DeviceMemory { in_use, reserved })
 }
 
-/// Bounds the CUDA allocator's cache by the plan: the bytes it may hold from the driver are the
-/// plan's peak without the CUDA context (the tensors and their slack), and never more than the
-/// budget without the context. Past that, cached free pages are given back before a new page
-/// is allocated, so the card holds what the plan says rather than 1.3-1.6x the tensors. A no-op
-/// on the CPU backends.
-pub fn bound_allocator(plan: &crate::plan::Plan) {
-    let context = plan.bytes_of(crate::plan::T_CONTEXT, plan.peak_phase);
-    let limit = plan
-        .peak_bytes
-        .min(plan.budget_bytes)
-        .saturating_sub(context);
-    crate::oom::set_planned(plan.tensor_peak_bytes(), plan.peak_bytes, plan.budget_bytes);
+/// Bounds the bytes the CUDA allocator may hold from the driver: past `limit`, its cached free
+/// pages are given back before a new page is allocated (live tensors still get memory above
+/// it). The run set-up derives the limit from the plan. A no-op on the CPU backends and with
+/// `RLHF_NO_ALLOC_LIMIT`.
+pub fn bound_allocator(limit: u64) {
     #[cfg(feature = "cuda")]
-    if context > 0 && std::env::var_os("RLHF_NO_ALLOC_LIMIT").is_none() {
+    if !crate::switches::switches().no_alloc_limit {
         cubecl::cuda::set_reserve_limit(Some(limit));
     }
     let _ = limit;

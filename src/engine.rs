@@ -1,7 +1,7 @@
 //! The one shared base with its role adapters and heads: the engine side of
 //! `rlhf_algorithms::trainer::PolicyModel`.
 
-use crate::lora::Adapter;
+use crate::model::lora::Adapter;
 use crate::model::{Batch, Llama};
 use anyhow::{Context, Result};
 use burn::tensor::backend::{AutodiffBackend, Backend};

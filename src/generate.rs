@@ -2,7 +2,10 @@
 //! sampling, min/max new tokens, and a per-sequence stop on eos or stop ids. The RNG is seeded by
 //! the caller, so a run is reproducible.
 
-use crate::lora::Adapter;
+#[cfg(feature = "cuda")]
+pub mod fused_decode;
+
+use crate::model::lora::Adapter;
 use crate::model::{Batch, KvCache, Llama};
 use burn::tensor::backend::Backend;
 use rand::{Rng, SeedableRng};
@@ -207,14 +210,14 @@ pub fn generate<B: Backend, R: Rng>(
     ];
     let mut batch = Batch::<B>::new(&rows, valid, &device);
     let vocab = model.cfg.vocab_size;
-    // After the prompt, steps run fused on CUDA when the model allows it (`cuda::decode`).
+    // After the prompt, steps run fused on CUDA when the model allows it (`generate::fused_decode`).
     #[cfg(feature = "cuda")]
-    let mut fused: Option<crate::cuda::decode::FusedDecode> = None;
+    let mut fused: Option<crate::generate::fused_decode::FusedDecode> = None;
     let mut next: Vec<u32> = Vec::with_capacity(b);
     let mut next_valid: Vec<bool> = Vec::with_capacity(b);
     // `RLHF_TRACE=1` prints where the time went: the model's steps (each ends by reading the
     // logits, which synchronises) and the host-side sampling.
-    let trace = std::env::var_os("RLHF_TRACE").is_some();
+    let trace = crate::switches::switches().trace;
     let mut model_ms: Vec<f64> = Vec::new();
     let mut sample_ms = 0.0;
     for step in 0..params.max_new_tokens {
@@ -253,7 +256,7 @@ pub fn generate<B: Backend, R: Rng>(
         };
         #[cfg(feature = "cuda")]
         if step == 0 {
-            fused = crate::cuda::decode::FusedDecode::try_new(
+            fused = crate::generate::fused_decode::FusedDecode::try_new(
                 model,
                 adapter,
                 &cache,

@@ -1,9 +1,7 @@
 //! `rlhf`: RLHF post-training (PPO, DPO, GRPO, reward modelling) of LoRA adapters on one frozen,
 //! 4-bit quantized base model. See README.md for the tour and ARCHITECTURE.md for the design.
 
-pub mod bench;
 pub mod cli;
-pub mod commands;
 pub mod config;
 #[cfg(feature = "cuda")]
 pub mod cuda;
@@ -12,14 +10,12 @@ pub mod devmem;
 pub mod engine;
 pub mod generate;
 pub mod gguf;
-pub mod grpo_cmd;
-pub mod lora;
 pub mod model;
 pub mod oom;
 pub mod optim;
 pub mod plan;
-pub mod ppo_cmd;
 pub mod quant;
+pub mod switches;
 pub mod tokenizer;
 pub mod train;
 pub mod util;

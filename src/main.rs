@@ -1,13 +1,25 @@
-//! `rlhf` binary: parse arguments, run, and turn any error into one line on stderr + exit code 2
-//! (out of device memory: one line + exit code 4, from `oom`'s panic hook).
+//! `rlhf` binary: parse arguments, run, and turn the outcome into the exit code. This is the one
+//! place that knows the exit codes: 0 done, 2 an error (one line on stderr), 3 the run does not
+//! fit the VRAM budget, 4 the GPU ran out of memory (one line, from `oom`'s panic hook).
 
 use clap::Parser;
+use rlhf::cli::Outcome;
+
+/// The command did what it was asked.
+const EXIT_OK: i32 = 0;
+/// An error: configuration, data, files (the message names which).
+const EXIT_ERROR: i32 = 2;
+/// The run does not fit `plan.budget_gib`.
+const EXIT_DOES_NOT_FIT: i32 = 3;
+/// A device allocation failed (the last checkpoint is intact).
+const EXIT_OUT_OF_MEMORY: i32 = 4;
 
 fn main() {
-    rlhf::oom::install_hook();
+    rlhf::oom::install_hook(EXIT_OUT_OF_MEMORY);
     let cli = rlhf::cli::Cli::parse();
     match rlhf::cli::run(cli) {
-        Ok(code) => std::process::exit(code),
+        Ok(Outcome::Done) => std::process::exit(EXIT_OK),
+        Ok(Outcome::DoesNotFit) => std::process::exit(EXIT_DOES_NOT_FIT),
         Err(e) => {
             // `{:#}` prints the whole context chain; some parsers' messages span lines, and the
             // contract is one line per error.
@@ -18,7 +30,7 @@ fn main() {
                 .filter(|l| !l.is_empty())
                 .collect();
             eprintln!("error: {}", one_line.join(" "));
-            std::process::exit(2);
+            std::process::exit(EXIT_ERROR);
         }
     }
 }

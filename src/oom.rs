@@ -4,7 +4,7 @@
 //! panic deep inside cubecl, possibly with the device's lock held. Unwinding from there would
 //! drop tensors through that same state, so we do not unwind: a panic hook recognises the
 //! allocation failure, prints one line naming the phase the run was in, what the allocator
-//! held and what the plan said, and exits with [`EXIT_OUT_OF_MEMORY`]. Checkpoints are written
+//! held and what the plan said, and exits with the code `main` gives it. Checkpoints are written
 //! into a temporary folder and renamed when complete, so the last one stays intact and
 //! `--resume` continues from it.
 //!
@@ -13,9 +13,6 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
-
-/// Exit code for "the device ran out of memory" (2: any other error, 3: the plan does not fit).
-pub const EXIT_OUT_OF_MEMORY: i32 = 4;
 
 /// What the run was doing, for the message.
 static PHASE: Mutex<&str> = Mutex::new("start-up");
@@ -101,9 +98,9 @@ pub fn message(panic_msg: &str) -> String {
     m
 }
 
-/// Installs the hook: allocation failures print one line and exit with
-/// [`EXIT_OUT_OF_MEMORY`]; every other panic goes to the default hook.
-pub fn install_hook() {
+/// Installs the hook: allocation failures print one line and exit with `exit_code`; every other
+/// panic goes to the default hook.
+pub fn install_hook(exit_code: i32) {
     let default = std::panic::take_hook();
     std::panic::set_hook(Box::new(move |info| {
         let payload = info.payload();
@@ -114,7 +111,7 @@ pub fn install_hook() {
         match msg {
             Some(msg) if is_out_of_memory(&msg) => {
                 eprintln!("error: {}", message(&msg));
-                std::process::exit(EXIT_OUT_OF_MEMORY);
+                std::process::exit(exit_code);
             }
             _ => default(info),
         }

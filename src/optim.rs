@@ -187,7 +187,7 @@ impl<B: Backend> AdamW<B> {
                     path.display()
                 );
                 Ok((
-                    crate::model::load::view_to_f32(&view)?,
+                    crate::model::weights::view_to_f32(&view)?,
                     [view.shape()[0], view.shape()[1]],
                 ))
             };

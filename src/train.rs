@@ -93,7 +93,7 @@ pub fn save_roles<B: Backend>(
 pub fn load_roles<B: Backend>(model: &mut RlhfModel<B>, roles: &[Role], dir: &Path) -> Result<()> {
     let device = model.base.device.clone();
     for r in roles {
-        let (a, mut extra) = crate::lora::Adapter::<B>::load_peft(
+        let (a, mut extra) = crate::model::lora::Adapter::<B>::load_peft(
             &dir.join(r.name()),
             r.name(),
             &model.base.cfg,

@@ -3,7 +3,7 @@
 
 use burn::backend::NdArray;
 use burn::tensor::{Tensor, TensorData};
-use rlhf::lora::Adapter;
+use rlhf::model::lora::Adapter;
 use rlhf::model::{Batch, Llama, LoadOptions};
 use std::path::{Path, PathBuf};
 
@@ -47,7 +47,7 @@ fn reference(dir: &Path, logits_from: &Path) -> Reference {
     let lst = safetensors::SafeTensors::deserialize(&lbytes).unwrap();
     let lv = lst.tensor("logits").unwrap();
     let vocab = lv.shape()[2];
-    let logits = rlhf::model::load::view_to_f32(&lv).unwrap();
+    let logits = rlhf::model::weights::view_to_f32(&lv).unwrap();
     Reference {
         ids: (0..b)
             .map(|i| ids[i * t..(i + 1) * t].iter().map(|&x| x as u32).collect())

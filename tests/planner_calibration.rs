@@ -5,7 +5,7 @@
 //! measured. The training terms are counted tensors, not fitted; PPO's `engine_ppo_kept` is
 //! fitted on its one run, the 8b GRPO's rollout on `engine_prefill` (BENCHMARKS.md, session 7).
 
-use rlhf::bench::{run_config, BenchArgs};
+use rlhf::cli::bench::{run_config, BenchArgs};
 use rlhf::cli::DeviceArg;
 use rlhf::config::RunConfig;
 use rlhf::plan::{plan, read_model_config, Algo};

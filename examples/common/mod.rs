@@ -6,7 +6,7 @@
 
 use burn::tensor::{backend::Backend, Distribution, Tensor};
 use rlhf::config::{LoraConfig, ALL_TARGETS};
-use rlhf::lora::Adapter;
+use rlhf::model::lora::Adapter;
 use rlhf::model::{Llama, LoadOptions};
 
 pub fn median(mut v: Vec<f64>) -> f64 {

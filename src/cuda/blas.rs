@@ -279,7 +279,7 @@ impl Blas {
 ///
 /// # Safety
 /// `stream` is a live stream of that context, and `a`, `b`, `c`, `d` are device addresses of
-/// buffers holding what `s` reads and writes (`train_ops::gemm_at` checks the sizes).
+/// buffers holding what `s` reads and writes (`gemm::gemm_at` checks the sizes).
 #[allow(clippy::too_many_arguments)]
 pub unsafe fn gemm(
     ordinal: usize,

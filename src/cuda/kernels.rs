@@ -234,7 +234,7 @@ pub fn f32_gemv(
 }
 
 // ---------------------------------------------------------------------------------------------
-// Decode kernels (`cuda::decode`): one launch per step of a decoder block's few-row forward,
+// Decode kernels (`generate::fused_decode`): one launch per step of a decoder block's few-row forward,
 // instead of the dozens of small tensor ops burn would launch. Rows are sequences (at most
 // `decode::DECODE_MAX_ROWS`).
 

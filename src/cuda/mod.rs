@@ -3,38 +3,35 @@
 //! burn has no specialisation, and the engine stays generic over `Backend`; so the few ops that
 //! need CUDA-specific code (the NF4 linear layers) check the concrete backend type at run time and
 //! take this path when it is `Cuda` or `Autodiff<Cuda>`. Every other backend keeps the plain-tensor
-//! reference path in `quant::BaseLinear::forward`, against which this one is tested.
+//! reference path in `model::linear::BaseLinear::forward`, against which this one is tested.
 //!
 //! - `kernels`: CubeCL kernels: NF4 → bf16 dequantization, the fused NF4 GEMV for decode.
 //! - `blas`: cuBLASLt bf16 GEMMs on raw device pointers (cubecl uses the primary context).
 //! - `qlinear`: the `x @ dequant(W)^T` op with its backward `dy @ dequant(W)`, as a burn autodiff
 //!   node that keeps no dense weight alive between forward and backward.
 
-use crate::devmem::DeviceMemory;
 use burn::tensor::backend::Backend;
 use cubecl::cuda::{CudaDevice, CudaRuntime};
 use cubecl::Runtime;
 use std::any::Any;
 
-/// The allocator's numbers on a CUDA device; `None` for any other device type.
-pub fn memory_usage<B: Backend>(device: &B::Device) -> Option<DeviceMemory> {
+/// The allocator's bytes on a CUDA device, `(in live tensors, held from the driver)`; `None`
+/// for any other device type.
+pub fn memory_usage<B: Backend>(device: &B::Device) -> Option<(u64, u64)> {
     let device = (device as &dyn Any).downcast_ref::<CudaDevice>()?;
     let usage = CudaRuntime::client(device).memory_usage().ok()?;
-    Some(DeviceMemory {
-        in_use: usage.bytes_in_use,
-        reserved: usage.bytes_reserved,
-    })
+    Some((usage.bytes_in_use, usage.bytes_reserved))
 }
 
 pub mod blas;
-pub mod decode;
+pub mod gemm;
 pub mod kernels;
 pub mod nf4_mma;
 pub mod qlinear;
 pub mod train_kernels;
 pub mod train_ops;
 
-use crate::quant::{BaseLinear, BaseWeight};
+use crate::quant::BaseWeight;
 use burn::tensor::Tensor;
 use qlinear::{Ad, GpuLinear, Inner};
 use std::sync::{Arc, OnceLock};
@@ -81,8 +78,12 @@ fn cast_any<T: 'static, U: 'static>(t: T) -> Option<U> {
         .map(|b| *b)
 }
 
-fn build<B: Backend>(lin: &BaseLinear<B>, device: &CudaDevice) -> Option<Arc<GpuLinear>> {
-    let gpu = match &lin.weight {
+/// The GPU form of a stored weight (see [`GpuSlot`]).
+pub(crate) fn build<B: Backend>(
+    weight: &BaseWeight<B>,
+    device: &CudaDevice,
+) -> Option<Arc<GpuLinear>> {
+    let gpu = match weight {
         BaseWeight::Nf4(q) => GpuLinear::from_nf4(q, device),
         BaseWeight::Dense(w) => {
             let w: &dyn Any = w;
@@ -101,17 +102,21 @@ fn build<B: Backend>(lin: &BaseLinear<B>, device: &CudaDevice) -> Option<Arc<Gpu
 }
 
 /// `x @ W^T` through the fast path when `B` is the CUDA backend (plain or autodiff) and the
-/// layer has a GPU form; `None` sends the caller down the reference path.
-pub fn try_linear<B: Backend>(lin: &BaseLinear<B>, x: &Tensor<B, 2>) -> Option<Tensor<B, 2>> {
+/// weight has a GPU form (kept in `slot`); `None` sends the caller down the reference path.
+pub fn try_linear<B: Backend>(
+    slot: &GpuSlot,
+    weight: &BaseWeight<B>,
+    x: &Tensor<B, 2>,
+) -> Option<Tensor<B, 2>> {
     let any: &dyn Any = x;
     let fail = |e: anyhow::Error| -> ! { panic!("CUDA linear layer failed: {e:#}") };
     if let Some(x) = any.downcast_ref::<Tensor<Ad, 2>>() {
-        let gpu = lin.gpu.get_or_init(|| build(lin, &x.device())).as_ref()?;
+        let gpu = slot.get_or_init(|| build(weight, &x.device())).as_ref()?;
         let y = qlinear::forward_autodiff(gpu, x.clone()).unwrap_or_else(|e| fail(e));
         return cast_any(y);
     }
     if let Some(x) = any.downcast_ref::<Tensor<Inner, 2>>() {
-        let gpu = lin.gpu.get_or_init(|| build(lin, &x.device())).as_ref()?;
+        let gpu = slot.get_or_init(|| build(weight, &x.device())).as_ref()?;
         let y = qlinear::forward_inner(gpu, x.clone()).unwrap_or_else(|e| fail(e));
         return cast_any(y);
     }
@@ -121,11 +126,12 @@ pub fn try_linear<B: Backend>(lin: &BaseLinear<B>, x: &Tensor<B, 2>) -> Option<T
 /// `dy @ W` (the input gradient of [`try_linear`]) on the plain CUDA backend, for the
 /// hand-written block backward; `None` elsewhere.
 pub fn try_linear_backward<B: Backend>(
-    lin: &BaseLinear<B>,
+    slot: &GpuSlot,
+    weight: &BaseWeight<B>,
     dy: &Tensor<B, 2>,
 ) -> Option<Tensor<B, 2>> {
     let dy = (dy as &dyn Any).downcast_ref::<Tensor<Inner, 2>>()?;
-    let gpu = lin.gpu.get_or_init(|| build(lin, &dy.device())).as_ref()?;
+    let gpu = slot.get_or_init(|| build(weight, &dy.device())).as_ref()?;
     let dx = gpu
         .backward(dy.clone().into_primitive().tensor())
         .unwrap_or_else(|e| panic!("CUDA linear backward failed: {e:#}"));

@@ -37,7 +37,7 @@ pub const GEMV_MAX_ROWS: usize = 16;
 /// Planes per cube of the f32 GEMV (they split each output's row).
 const GEMV_PLANES: u32 = 8;
 
-/// The NF4 GEMV's launch shape when set for tuning (`examples/qlinear_check.rs`): planes per
+/// The NF4 GEMV's launch shape when set for tuning (`examples/qlinear_bench.rs`): planes per
 /// cube and output features per plane; `None` picks by output width ([`gemv_shape`]).
 static NF4_GEMV_SHAPE: std::sync::Mutex<Option<(u32, usize)>> = std::sync::Mutex::new(None);
 
@@ -362,7 +362,7 @@ impl GpuLinear {
         b: &CubeTensor<CudaRuntime>,
         d: &CubeTensor<CudaRuntime>,
     ) -> Result<()> {
-        super::train_ops::gemm(shape, 1.0, 0.0, a, b, d).context("qlinear GEMM")
+        super::gemm::gemm(shape, 1.0, 0.0, a, b, d).context("qlinear GEMM")
     }
 
     fn gemv(&self, x: CubeTensor<CudaRuntime>, rows: usize) -> CubeTensor<CudaRuntime> {

@@ -10,13 +10,14 @@
 //! the weighted values and all four backward products are batched GEMMs over `b * nkv` groups
 //! (the key and value gradients come out already summed over the group).
 
-use super::blas::{self, GemmIn, GemmShape};
+use super::blas::{GemmIn, GemmShape};
+use super::gemm::gemm;
 use super::qlinear::Inner;
 use super::train_kernels::{
     adamw_step, masked_softmax, rms_norm_bwd, rms_norm_fwd, rope_transpose, softmax_bwd,
     sum_squares, swiglu_bwd, token_logp_bwd, token_logp_fwd,
 };
-use anyhow::{ensure, Result};
+use anyhow::Result;
 use burn::tensor::{backend::Backend, Bool, DType, Shape, Tensor, TensorPrimitive};
 use burn_cubecl::kernel::into_contiguous;
 use burn_cubecl::ops::numeric::empty_device_contiguous_dtype;
@@ -25,7 +26,6 @@ use cubecl::cuda::CudaRuntime;
 use cubecl::prelude::*;
 use std::any::Any;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::OnceLock;
 
 type T = CubeTensor<CudaRuntime>;
 
@@ -41,75 +41,7 @@ pub fn set_enabled(on: bool) {
 }
 
 fn enabled() -> bool {
-    static ENV_OFF: OnceLock<bool> = OnceLock::new();
-    ENABLED.load(Ordering::Relaxed)
-        && !*ENV_OFF.get_or_init(|| std::env::var_os("RLHF_NO_FUSED_TRAIN").is_some())
-}
-
-/// `alpha op(A) op(B) + beta D` over these tensors' buffers, on cubecl's stream (see `blas`).
-/// Each buffer is checked to hold what the shape reads or writes.
-pub fn gemm(shape: GemmShape, alpha: f32, beta: f32, a: &T, b: &T, d: &T) -> Result<()> {
-    gemm_at(shape, alpha, beta, (a, 0), (b, 0), d, d)
-}
-
-/// [`gemm`] with `A` and `B` starting `offset` elements into their buffers, and `C` (the
-/// `beta` term, `D`'s layout) read from `c`.
-pub fn gemm_at(
-    shape: GemmShape,
-    alpha: f32,
-    beta: f32,
-    (a, a_off): (&T, usize),
-    (b, b_off): (&T, usize),
-    c: &T,
-    d: &T,
-) -> Result<()> {
-    let client = d.client.clone();
-    let in_bytes = match shape.input {
-        GemmIn::Bf16 => 2,
-        GemmIn::F32Tf32 => 4,
-    };
-    let (sa, sb, sd) = shape.spans();
-    let mut stream = None;
-    let mut ptrs = [0u64; 4];
-    let operands = [
-        (a, sa + a_off as u64, in_bytes, a_off as u64),
-        (b, sb + b_off as u64, in_bytes, b_off as u64),
-        (c, sd, 4, 0),
-        (d, sd, 4, 0),
-    ];
-    // One blocking round trip to cubecl's device thread for all four (patched cubecl-runtime).
-    let resources = client
-        .get_resources(operands.iter().map(|o| o.0.handle.clone()).collect())
-        .map_err(|e| anyhow::anyhow!("CUDA buffer: {e:?}"))?;
-    for (i, ((_, span, bytes, off), res)) in operands.into_iter().zip(&resources).enumerate() {
-        let r = res.resource();
-        ensure!(
-            span * bytes <= r.size,
-            "GEMM operand {i} needs {} bytes, its buffer has {} ({shape:?})",
-            span * bytes,
-            r.size
-        );
-        ptrs[i] = r.ptr + off * bytes;
-        stream.get_or_insert(r.stream);
-    }
-    let stream = stream.expect("four operands");
-    // SAFETY: the stream is cubecl's (live while its client is), the four buffers were checked
-    // above to span what the shape touches, and the tensors outlive the enqueue (later reuse of
-    // their memory is ordered by the stream). A cudarc driver stream is the same handle as a
-    // runtime API stream.
-    unsafe {
-        blas::gemm(
-            d.device.index,
-            stream as _,
-            shape,
-            alpha,
-            beta,
-            ptrs[0],
-            ptrs[1],
-            ptrs[2],
-            ptrs[3],
-        )
-    }
+    ENABLED.load(Ordering::Relaxed) && !crate::switches::switches().no_fused_train
 }
 
 /// Row-major `out = alpha op(x) op(y) + beta out` (TF32), `batch` contiguous matrices of each:

@@ -14,10 +14,11 @@
 
 use super::config::LlamaConfig;
 use super::llama::{
-    attention_probs, expand_kv, from_heads, to_heads, AttnInputs, Block, BlockTrace, Llama,
-    LoraTrace, OutputHead,
+    attention_probs, expand_kv, from_heads, to_heads, AttnInputs, Batch, Block, BlockTrace, Llama,
+    OutputHead, Prepared,
 };
-use crate::lora::{matmul, matmul_acc, Adapter, LoraPair};
+use super::lora::{Adapter, LoraPair, LoraTrace};
+use super::ops::{matmul, matmul_acc};
 use burn::tensor::{
     activation,
     backend::{AutodiffBackend, Backend},
@@ -97,7 +98,7 @@ static DROPOUT_SEEDS: AtomicU64 = AtomicU64::new(0x5EED_D80F);
 /// and with `RLHF_F32_CHECKPOINTS=1`.
 fn stash<IB: Backend>(h: Tensor<IB, 3>) -> Tensor<IB, 3> {
     #[cfg(feature = "cuda")]
-    if crate::cuda::is_cuda::<IB>() && std::env::var_os("RLHF_F32_CHECKPOINTS").is_none() {
+    if crate::cuda::is_cuda::<IB>() && !crate::switches::switches().f32_checkpoints {
         return crate::cuda::contiguous_bf16(h).unwrap_or_else(|h| h.cast(FloatDType::BF16));
     }
     h
@@ -657,6 +658,41 @@ pub fn token_logps<B: AutodiffBackend>(
     };
     let out = record::<_, _, 1>(LogpsBackward(PhantomData), &[node], state, out);
     from_ad::<B, 1>(out).expect("same backend as the input")
+}
+
+impl<B: AutodiffBackend> Llama<B> {
+    /// The training forward: with `checkpoint` (and an adapter to train), each block is one
+    /// autodiff node that keeps only its input and is recomputed in backward
+    /// (`model::checkpoint`); otherwise burn's autodiff keeps every op's inputs.
+    pub fn forward_hidden_train(
+        &self,
+        batch: &Batch<B>,
+        adapter: Option<&Adapter<B>>,
+        checkpoint: bool,
+    ) -> Tensor<B, 3> {
+        let Some(adapter) = adapter.filter(|_| checkpoint) else {
+            if adapter.is_none() {
+                // The frozen base alone (the reference role) has nothing to differentiate: run
+                // it on the plain backend, where the fused CUDA ops apply and no graph is kept.
+                let inner = Batch {
+                    tokens: batch.tokens.clone().inner(),
+                    valid: batch.valid.clone(),
+                };
+                return Tensor::from_inner(self.inner().forward_hidden(&inner, None, None));
+            }
+            return self.forward_hidden(batch, adapter, None);
+        };
+        let Prepared { mut h, inputs, .. } = self.prepare(batch, None);
+        let inner = AttnInputs::new(
+            inputs.cos.clone().inner(),
+            inputs.sin.clone().inner(),
+            inputs.mask.clone().inner(),
+        );
+        for (l, block) in self.layers.iter().enumerate() {
+            h = checkpointed_block(&self.cfg, block, l, h, &inputs, &inner, adapter);
+        }
+        self.final_norm(h)
+    }
 }
 
 #[cfg(test)]

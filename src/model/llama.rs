@@ -4,8 +4,8 @@
 //! adapter chosen per call, so one base serves every role.
 
 use super::config::{LlamaConfig, RopeScaling};
-use crate::lora::Adapter;
-use crate::quant::BaseLinear;
+use super::linear::BaseLinear;
+use crate::model::lora::{Adapter, LoraTrace};
 use burn::tensor::{
     activation,
     backend::{AutodiffBackend, Backend},
@@ -75,41 +75,6 @@ impl<B: AutodiffBackend> Block<B> {
 }
 
 impl<B: AutodiffBackend> Llama<B> {
-    /// The training forward: with `checkpoint` (and an adapter to train), each block is one
-    /// autodiff node that keeps only its input and is recomputed in backward
-    /// (`model::checkpoint`); otherwise burn's autodiff keeps every op's inputs.
-    pub fn forward_hidden_train(
-        &self,
-        batch: &Batch<B>,
-        adapter: Option<&Adapter<B>>,
-        checkpoint: bool,
-    ) -> Tensor<B, 3> {
-        let Some(adapter) = adapter.filter(|_| checkpoint) else {
-            if adapter.is_none() {
-                // The frozen base alone (the reference role) has nothing to differentiate: run
-                // it on the plain backend, where the fused CUDA ops apply and no graph is kept.
-                let inner = Batch {
-                    tokens: batch.tokens.clone().inner(),
-                    valid: batch.valid.clone(),
-                };
-                return Tensor::from_inner(self.inner().forward_hidden(&inner, None, None));
-            }
-            return self.forward_hidden(batch, adapter, None);
-        };
-        let Prepared { mut h, inputs, .. } = self.prepare(batch, None);
-        let inner = AttnInputs::new(
-            inputs.cos.clone().inner(),
-            inputs.sin.clone().inner(),
-            inputs.mask.clone().inner(),
-        );
-        for (l, block) in self.layers.iter().enumerate() {
-            h = super::checkpoint::checkpointed_block(
-                &self.cfg, block, l, h, &inputs, &inner, adapter,
-            );
-        }
-        self.final_norm(h)
-    }
-
     /// The same model on the backend without autodiff (tensors shared, nothing copied), for
     /// sampling: a KV cache built on the autodiff backend would chain every decode step into
     /// one ever-growing graph.
@@ -311,17 +276,6 @@ pub struct Prepared<B: Backend> {
     pub inputs: AttnInputs<B>,
     pub positions: Vec<Vec<i64>>,
     pub key_valid: Vec<Vec<bool>>,
-}
-
-/// One LoRA delta's forward values, kept for a hand-written backward (see `checkpoint`).
-#[derive(Debug, Clone)]
-pub struct LoraTrace<B: Backend> {
-    /// The adapter's input after dropout, `[rows, in]`.
-    pub x: Tensor<B, 2>,
-    /// `x A^T`, `[rows, r]`.
-    pub z: Tensor<B, 2>,
-    /// The dropout keep mask scaled by `1 / (1 - p)`, when dropout was applied.
-    pub keep: Option<Tensor<B, 2>>,
 }
 
 /// The intermediates of a block's forward up to its MLP input that a hand-written backward

@@ -3,43 +3,13 @@
 //! full-precision weights of the whole model never coexist in memory.
 
 use super::config::LlamaConfig;
+use super::linear::BaseLinear;
 use super::llama::{rope_inv_freq, Block, Llama};
-use crate::quant::BaseLinear;
+use super::weights::view_to_f32;
 use anyhow::{bail, ensure, Context, Result};
 use burn::tensor::{backend::Backend, Tensor, TensorData};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-
-/// Converts a safetensors view (f32, f16 or bf16) to f32 values.
-pub fn view_to_f32(view: &safetensors::tensor::TensorView) -> Result<Vec<f32>> {
-    let data = view.data();
-    let n: usize = view.shape().iter().product();
-    let width = match view.dtype() {
-        safetensors::Dtype::F32 => 4,
-        safetensors::Dtype::F16 | safetensors::Dtype::BF16 => 2,
-        other => bail!("dtype {other:?} is not supported: expected F32, F16 or BF16"),
-    };
-    ensure!(
-        data.len() == n * width,
-        "data has {} bytes, expected {}",
-        data.len(),
-        n * width
-    );
-    Ok(match view.dtype() {
-        safetensors::Dtype::F32 => data
-            .chunks_exact(4)
-            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-            .collect(),
-        safetensors::Dtype::F16 => data
-            .chunks_exact(2)
-            .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
-            .collect(),
-        _ => data
-            .chunks_exact(2)
-            .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32())
-            .collect(),
-    })
-}
 
 /// Where tensors come from, by their Hugging Face names.
 pub trait TensorSource {
@@ -157,11 +127,11 @@ impl<B: Backend> Llama<B> {
         let embed = read_shaped(src, "model.embed_tokens.weight", &[v, h])?;
         let embed = Tensor::from_data(TensorData::new(embed, [v, h]), device);
         // An untied table is only looked up (its rows cast to f32): bf16 on CUDA, as the dense
-        // weights (`quant::dense_at_rest`). A tied one is also the LM head's f32 matmul operand.
+        // weights (`model::ops::dense_at_rest`). A tied one is also the LM head's f32 matmul operand.
         let embed = if cfg.tie_word_embeddings {
             embed
         } else {
-            crate::quant::dense_at_rest(embed)
+            super::ops::dense_at_rest(embed)
         };
         let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
         for l in 0..cfg.num_hidden_layers {

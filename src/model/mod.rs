@@ -3,8 +3,12 @@
 pub mod checkpoint;
 pub mod config;
 pub mod gguf_source;
+pub mod linear;
 pub mod llama;
 pub mod load;
+pub mod lora;
+pub mod ops;
+pub mod weights;
 
 pub use config::LlamaConfig;
 pub use llama::{Batch, KvCache, Llama};

@@ -13,14 +13,17 @@
 //! Checkpoints and logs go to a temporary folder that is removed afterwards; the timed interval
 //! ends before the run loop writes them.
 
-use crate::cli::{DeviceArg, Loaded};
-use crate::commands::{check_plan, Codec};
-use crate::config::{Device, Dtype, Quantize, RunConfig, ALL_TARGETS};
+use super::setup::{self, on_backend, Codec, DeviceArg, OnBackend, Outcome, NO_CUDA};
+use super::trainers::{
+    check_grpo_config, dpo_config, grpo_loss_config, grpo_settings, load_grpo_examples, load_pairs,
+};
+use crate::config::{Dtype, Quantize, RunConfig, ALL_TARGETS};
 use crate::devmem::DeviceMemory;
 use crate::engine::RlhfModel;
 use crate::plan::Algo;
 use crate::train::{train_observed, RunOptions, StepObserver, StepPhase};
 use anyhow::{bail, ensure, Context, Result};
+use burn::backend::Autodiff;
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use rlhf_algorithms::dpo::{DpoTrainer, PairExample};
 use rlhf_algorithms::grpo::{GrpoExample, GrpoTrainer};
@@ -198,30 +201,26 @@ enum Examples {
     Grpo(Vec<GrpoExample>),
 }
 
-/// `rlhf bench`: returns the exit code (3 when the plan does not fit and `--force` is off).
-pub fn run(args: &BenchArgs) -> Result<i32> {
+/// `rlhf bench`: [`Outcome::DoesNotFit`] when the plan does not fit and `--force` is off.
+pub fn run(args: &BenchArgs) -> Result<Outcome> {
     let algo = match args.algo.as_str() {
         "dpo" => Algo::Dpo,
         "grpo" => Algo::Grpo,
         other => bail!("--algo: unknown algorithm `{other}`, expected dpo or grpo"),
     };
     check_args(args, algo)?;
-    match args.device {
-        DeviceArg::Cpu => run_on::<burn::backend::Autodiff<crate::cli::CpuBackend>>(
-            args,
-            algo,
-            &Default::default(),
-        ),
-        DeviceArg::Cuda => {
-            #[cfg(feature = "cuda")]
-            return run_on::<burn::backend::Autodiff<crate::cli::CudaBackend>>(
-                args,
-                algo,
-                &Default::default(),
-            );
-            #[cfg(not(feature = "cuda"))]
-            bail!("this binary was built without CUDA: rebuild with `--features cuda`")
-        }
+    on_backend(args.device.device(), &BenchJob { args, algo }, NO_CUDA)
+}
+
+struct BenchJob<'a> {
+    args: &'a BenchArgs,
+    algo: Algo,
+}
+
+impl OnBackend for BenchJob<'_> {
+    type Output = Outcome;
+    fn run<B: Backend>(&self, device: &B::Device) -> Result<Outcome> {
+        run_on::<Autodiff<B>>(self.args, self.algo, device)
     }
 }
 
@@ -294,10 +293,7 @@ pub fn run_config(a: &BenchArgs, algo: Algo, output_dir: &Path) -> RunConfig {
     };
     // Our backends compute in f32 (TRL: bf16); the planner must count what actually runs.
     cfg.model.dtype = Dtype::F32;
-    cfg.model.device = match a.device {
-        DeviceArg::Cpu => Device::Cpu,
-        DeviceArg::Cuda => Device::Cuda,
-    };
+    cfg.model.device = a.device.device();
     cfg.lora.r = 16;
     cfg.lora.alpha = 32.0;
     cfg.lora.dropout = 0.0;
@@ -351,21 +347,21 @@ fn prepare(cfg: &mut RunConfig, a: &BenchArgs, algo: Algo) -> Result<Examples> {
     let (examples, rows) = match algo {
         Algo::Grpo => {
             cfg.data.max_prompt_length = usize::MAX;
-            let ex = crate::grpo_cmd::load_examples(&cfg.data.train, &codec, cfg)?;
+            let ex = load_grpo_examples(&cfg.data.train, &codec, cfg)?;
             for e in &ex {
                 answer_of(&e.columns).with_context(|| e.source.clone())?;
             }
             let longest = ex.iter().map(|e| e.prompt_ids.len()).max().unwrap_or(1);
             cfg.data.max_prompt_length = longest;
             cfg.data.max_length = longest + a.completion_len;
-            crate::grpo_cmd::check_config(cfg)?;
+            check_grpo_config(cfg)?;
             let n = ex.len();
             (Examples::Grpo(ex), n)
         }
         _ => {
             cfg.data.max_length = a.max_length;
             cfg.data.max_prompt_length = a.max_length;
-            let ex = crate::commands::load_pairs(&cfg.data.train, &codec, cfg)
+            let ex = load_pairs(&cfg.data.train, &codec, cfg)
                 .with_context(|| format!("--max-length {}", a.max_length))?;
             // Plan for the longest pair as tokenized (TRL pads each batch to its longest row, as
             // the trainer does): the planner's peak is compared with the measured one.
@@ -391,7 +387,7 @@ fn prepare(cfg: &mut RunConfig, a: &BenchArgs, algo: Algo) -> Result<Examples> {
 }
 
 /// Runs the benchmark on backend `B` and prints the JSON line.
-fn run_on<B: AutodiffBackend>(args: &BenchArgs, algo: Algo, device: &B::Device) -> Result<i32> {
+fn run_on<B: AutodiffBackend>(args: &BenchArgs, algo: Algo, device: &B::Device) -> Result<Outcome> {
     let scratch = ScratchDir::new()?;
     let mut cfg = run_config(args, algo, &scratch.0);
     if args.device == DeviceArg::Cuda {
@@ -401,14 +397,11 @@ fn run_on<B: AutodiffBackend>(args: &BenchArgs, algo: Algo, device: &B::Device) 
         }
     }
     let examples = prepare(&mut cfg, args, algo)?;
-    if let Some(code) = check_plan(&cfg, algo, args.force)? {
-        return Ok(code);
-    }
-    let mcfg = crate::commands::model_config(&cfg.model.path)?;
+    let Some(loaded) = setup::plan_and_load::<B>(&cfg, algo, args.force, device)? else {
+        return Ok(Outcome::DoesNotFit);
+    };
+    let mcfg = setup::model_config(&cfg.model.path)?;
     let planned = crate::plan::plan(&cfg, &mcfg, algo)?;
-
-    let loaded: Loaded<B> =
-        crate::cli::load_model(&cfg.model.path, cfg.model.quantize == Quantize::Nf4, device)?;
     let pad_id = loaded.pad_id();
     let stop_ids = loaded.stop_ids(&cfg.generation.stop_token_ids);
     let opts = RunOptions {
@@ -416,45 +409,35 @@ fn run_on<B: AutodiffBackend>(args: &BenchArgs, algo: Algo, device: &B::Device) 
         base_name: loaded.name.clone(),
         config_text: toml::to_string(&cfg).context("writing the run config")?,
     };
-    let mut model = RlhfModel::for_run(loaded.model, &loaded.tok, &cfg);
-    model.add_new_adapter(Role::Policy, &cfg.lora, cfg.train.seed)?;
+    let mut model = setup::model_for_run(loaded.model, &loaded.tok, &cfg, Role::Policy)?;
 
     crate::devmem::note::<B>(device, "model and adapter loaded");
     let _ = crate::devmem::take_noted();
     let mut probe = Probe::<B>::new(device.clone(), args.phase_times);
     let poll_smi = args.device == DeviceArg::Cuda;
+    let mut timed = Timed {
+        cfg: &cfg,
+        model: &mut model,
+        opts: &opts,
+        probe: &mut probe,
+        poll_smi,
+    };
     let smi_peak = match examples {
         Examples::Dpo(set) => {
             let mut trainer = DpoTrainer {
-                cfg: crate::commands::dpo_config(&cfg)?,
+                cfg: dpo_config(&cfg)?,
                 pad_id,
             };
-            timed(
-                &cfg,
-                &mut model,
-                &mut trainer,
-                &set,
-                &opts,
-                &mut probe,
-                poll_smi,
-            )?
+            timed.run(&mut trainer, &set)?
         }
         Examples::Grpo(set) => {
-            let loss = crate::grpo_cmd::loss_config(&cfg)?;
-            let mut settings = crate::grpo_cmd::settings(&cfg, loss, stop_ids, pad_id)?;
+            let loss = grpo_loss_config(&cfg)?;
+            let mut settings = grpo_settings(&cfg, loss, stop_ids, pad_id)?;
             // TRL writes no completions file with these settings; keep file I/O out of the steps.
             settings.completions_log = None;
             let rewards = RewardSet::new(vec![(Box::new(CountAnswer) as Box<dyn RewardFn>, 1.0)])?;
             let mut trainer = GrpoTrainer::new(settings, rewards)?;
-            timed(
-                &cfg,
-                &mut model,
-                &mut trainer,
-                &set,
-                &opts,
-                &mut probe,
-                poll_smi,
-            )?
+            timed.run(&mut trainer, &set)?
         }
     };
     if let Some(e) = probe.error.take() {
@@ -521,24 +504,33 @@ fn run_on<B: AutodiffBackend>(args: &BenchArgs, algo: Algo, device: &B::Device) 
         std::fs::write(&path, &line)
             .with_context(|| format!("{}: cannot write", path.display()))?;
     }
-    Ok(0)
+    Ok(Outcome::Done)
 }
 
-/// The run loop with the probe attached and, when `poll_smi`, `nvidia-smi` polled meanwhile;
-/// returns nvidia-smi's peaks in MiB (the device, this process where listed).
-fn timed<B: AutodiffBackend, T: Trainer<B>>(
-    cfg: &RunConfig,
-    model: &mut RlhfModel<B>,
-    trainer: &mut T,
-    examples: &[T::Example],
-    opts: &RunOptions,
-    probe: &mut Probe<B>,
+/// The run loop with the probe attached and, when `poll_smi`, `nvidia-smi` polled meanwhile.
+struct Timed<'a, B: AutodiffBackend> {
+    cfg: &'a RunConfig,
+    model: &'a mut RlhfModel<B>,
+    opts: &'a RunOptions,
+    probe: &'a mut Probe<B>,
     poll_smi: bool,
-) -> Result<Option<(f64, Option<f64>)>> {
-    let smi = poll_smi.then(SmiPoller::start);
-    let trained = train_observed(cfg, model, trainer, examples, opts, probe);
-    let peak = smi.and_then(SmiPoller::finish);
-    trained.map(|_| peak)
+}
+
+impl<B: AutodiffBackend> Timed<'_, B> {
+    /// Trains `trainer` on `examples`; returns nvidia-smi's peaks in MiB (the device, this
+    /// process where listed).
+    fn run<T: Trainer<B>>(
+        &mut self,
+        trainer: &mut T,
+        examples: &[T::Example],
+    ) -> Result<Option<(f64, Option<f64>)>> {
+        let smi = self.poll_smi.then(SmiPoller::start);
+        let trained = train_observed(
+            self.cfg, self.model, trainer, examples, self.opts, self.probe,
+        );
+        let peak = smi.and_then(SmiPoller::finish);
+        trained.map(|_| peak)
+    }
 }
 
 /// Times optimizer steps and keeps the allocator's peak numbers.

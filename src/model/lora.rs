@@ -2,9 +2,9 @@
 //! them. Adapters are saved and loaded in PEFT's layout (`adapter_config.json` +
 //! `adapter_model.safetensors`, PEFT key names) so `PeftModel.from_pretrained` reads them.
 
+use super::ops::{matmul, matmul_acc};
 use crate::config::{LoraConfig, ALL_TARGETS};
 use crate::model::config::LlamaConfig;
-use crate::model::llama::LoraTrace;
 use anyhow::{bail, ensure, Context, Result};
 use burn::tensor::{backend::Backend, Distribution, Tensor, TensorData};
 use rand::{Rng, SeedableRng};
@@ -31,74 +31,20 @@ pub struct Adapter<B: Backend> {
     pub training: bool,
 }
 
+/// One LoRA delta's forward values, kept for a hand-written backward (see `checkpoint`).
+#[derive(Debug, Clone)]
+pub struct LoraTrace<B: Backend> {
+    /// The adapter's input after dropout, `[rows, in]`.
+    pub x: Tensor<B, 2>,
+    /// `x A^T`, `[rows, r]`.
+    pub z: Tensor<B, 2>,
+    /// The dropout keep mask scaled by `1 / (1 - p)`, when dropout was applied.
+    pub keep: Option<Tensor<B, 2>>,
+}
+
 /// `x @ w^T`, through the CUDA few-row kernel when sampling on the GPU.
 fn matmul_t<B: Backend>(x: Tensor<B, 2>, w: &Tensor<B, 2>) -> Tensor<B, 2> {
     matmul(&x, w, false, true, 1.0)
-}
-
-/// `alpha x y^T` through the few-row GEMV kernel (sampling), when `B` is the plain CUDA backend,
-/// the product is `x y^T` and `x` has few rows; `None` sends the caller to the GEMM.
-fn small_product<B: Backend>(
-    x: &Tensor<B, 2>,
-    y: &Tensor<B, 2>,
-    tx: bool,
-    ty: bool,
-    alpha: f64,
-) -> Option<Tensor<B, 2>> {
-    #[cfg(feature = "cuda")]
-    if !tx && ty {
-        let z = crate::cuda::try_small_matmul_t(x, y)?;
-        return Some(if alpha == 1.0 { z } else { z * alpha });
-    }
-    let _ = (x, y, tx, ty, alpha);
-    None
-}
-
-/// `acc + alpha op(x) op(y)`: on the plain CUDA backend one GEMM accumulating into `acc` (few
-/// rows: the GEMV kernel, then an add).
-pub(crate) fn matmul_acc<B: Backend>(
-    acc: Tensor<B, 2>,
-    x: &Tensor<B, 2>,
-    y: &Tensor<B, 2>,
-    tx: bool,
-    ty: bool,
-    alpha: f64,
-) -> Tensor<B, 2> {
-    if let Some(z) = small_product(x, y, tx, ty, alpha) {
-        return acc + z;
-    }
-    #[cfg(feature = "cuda")]
-    let acc = match crate::cuda::train_ops::try_matmul_acc(acc, x, y, tx, ty, alpha) {
-        Ok(z) => return z,
-        Err(acc) => acc,
-    };
-    acc + matmul(x, y, tx, ty, alpha)
-}
-
-/// `alpha op(x) op(y)` (`op` transposes when asked): cuBLASLt on the plain CUDA backend (few
-/// rows of `x y^T`: the GEMV kernel), burn's matmul elsewhere.
-pub(crate) fn matmul<B: Backend>(
-    x: &Tensor<B, 2>,
-    y: &Tensor<B, 2>,
-    tx: bool,
-    ty: bool,
-    alpha: f64,
-) -> Tensor<B, 2> {
-    if let Some(z) = small_product(x, y, tx, ty, alpha) {
-        return z;
-    }
-    #[cfg(feature = "cuda")]
-    if let Some(z) = crate::cuda::train_ops::try_matmul(x, y, tx, ty, alpha) {
-        return z;
-    }
-    let x = if tx { x.clone().transpose() } else { x.clone() };
-    let y = if ty { y.clone().transpose() } else { y.clone() };
-    let z = x.matmul(y);
-    if alpha == 1.0 {
-        z
-    } else {
-        z * alpha
-    }
 }
 
 /// The module path PEFT uses for a target inside a Llama block.
@@ -378,7 +324,7 @@ impl<B: Backend> Adapter<B> {
             let view = st
                 .tensor(key)
                 .with_context(|| format!("{}: tensor `{key}` missing", st_path.display()))?;
-            let values = crate::model::load::view_to_f32(&view)
+            let values = crate::model::weights::view_to_f32(&view)
                 .with_context(|| format!("{}: tensor `{key}`", st_path.display()))?;
             ensure!(
                 view.shape() == shape,
@@ -412,7 +358,7 @@ impl<B: Backend> Adapter<B> {
                 "{}: tensor `{key}` is not 2-D",
                 st_path.display()
             );
-            let values = crate::model::load::view_to_f32(&view)?;
+            let values = crate::model::weights::view_to_f32(&view)?;
             extra.insert(
                 key.clone(),
                 Tensor::from_data(TensorData::new(values, [shape[0], shape[1]]), device),

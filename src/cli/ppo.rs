@@ -9,39 +9,20 @@
 //! final policy and the reference (the model before training) sample one response per eval
 //! prompt and the mean reward-model scores go to `eval_metrics.json`.
 
-use crate::cli::Loaded;
-use crate::commands::{check_plan, Codec, TrainFlags};
-use crate::config::{Quantize, RunConfig, Truncation};
-use crate::data::TokenizeOptions;
+use super::setup::{self, Codec, Outcome, TrainRun};
+use super::trainers::{load_prompt_ids, sampling_params};
+use crate::config::RunConfig;
 use crate::engine::{RlhfModel, HEAD_KEY};
-use crate::lora::Adapter;
+use crate::model::lora::Adapter;
 use crate::plan::Algo;
 use crate::train::train;
 use anyhow::{bail, ensure, Context, Result};
 use burn::tensor::backend::AutodiffBackend;
 use rlhf_algorithms::losses::{KlController, KlEstimator, PpoConfig};
 use rlhf_algorithms::ppo::{check_sampling, mean_sampled_score, PpoCall, PpoSchedule, PpoTrainer};
-use rlhf_algorithms::trainer::{Role, SamplingParams};
+use rlhf_algorithms::trainer::Role;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
-
-/// Runs `rlhf ppo` on the configured device.
-pub fn run_on_device(config: &Path, flags: &TrainFlags) -> Result<i32> {
-    crate::commands::run_on_device(&PpoJob, config, flags)
-}
-
-struct PpoJob;
-
-impl crate::commands::TrainJob for PpoJob {
-    fn run<B: AutodiffBackend>(
-        &self,
-        config: &Path,
-        flags: &TrainFlags,
-        device: &B::Device,
-    ) -> Result<i32> {
-        run::<B>(config, flags, device)
-    }
-}
 
 /// The loss settings of `[ppo]` (TRL's `PPOConfig` names).
 pub fn ppo_config(cfg: &RunConfig) -> Result<PpoConfig> {
@@ -125,60 +106,26 @@ fn load_reward_as<B: AutodiffBackend>(
     Ok(())
 }
 
-/// Tokenized prompts of a prompt file (`max_prompt_length` applies; the response length is
-/// `ppo.response_length`).
-fn load_prompt_ids(path: &Path, codec: &Codec, cfg: &RunConfig) -> Result<Vec<Vec<u32>>> {
-    let rows = crate::data::load_prompts(path)?;
-    ensure!(!rows.is_empty(), "{}: no prompts", path.display());
-    let opts = TokenizeOptions {
-        max_length: None,
-        max_prompt_length: Some(cfg.data.max_prompt_length),
-        keep_end: cfg.data.truncation_mode == Truncation::KeepEnd,
-    };
-    rows.iter()
-        .map(|r| {
-            let ids = crate::data::tokenize_prompt(codec, r, &opts)?;
-            ensure!(!ids.is_empty(), "{}: the prompt has no tokens", r.origin);
-            Ok(ids)
-        })
-        .collect()
-}
-
 /// `rlhf ppo` on backend `B`.
-pub fn run<B: AutodiffBackend>(
-    config: &Path,
-    flags: &TrainFlags,
-    device: &B::Device,
-) -> Result<i32> {
-    let config_text = std::fs::read_to_string(config)
-        .with_context(|| format!("{}: cannot read config file", config.display()))?;
-    let cfg = RunConfig::parse(&config_text, config)?;
-    let ppo = ppo_config(&cfg).with_context(|| format!("{}", config.display()))?;
-    let kl = kl_controller(&cfg).with_context(|| format!("{}", config.display()))?;
-    let reward = reward_dir(&cfg).with_context(|| format!("{}", config.display()))?;
+pub fn run<B: AutodiffBackend>(run: &TrainRun, device: &B::Device) -> Result<Outcome> {
+    let cfg = &run.cfg;
+    let ppo = run.in_file(ppo_config(cfg))?;
+    let kl = run.in_file(kl_controller(cfg))?;
+    let reward = run.in_file(reward_dir(cfg))?;
     ensure!(
         cfg.lora.dropout == 0.0,
         "{}: key `lora.dropout`: PPO runs without dropout (as TRL's PPOTrainer, so that old and new \
          log-probs of the same policy agree); set it to 0",
-        config.display()
+        run.path.display()
     );
     ensure!(
         reward.join("adapter_config.json").is_file(),
         "{}: key `ppo.reward_adapter`: {} has no adapter_config.json; expected the `reward` folder written by `rlhf rm`",
-        config.display(),
+        run.path.display(),
         reward.display()
     );
-    let g = &cfg.generation;
-    let mut sampling = SamplingParams {
-        max_new_tokens: cfg.ppo.response_length,
-        min_new_tokens: g.min_new_tokens,
-        temperature: g.temperature,
-        top_k: g.top_k,
-        top_p: g.top_p,
-        stop_ids: Vec::new(),
-        pad_id: 0,
-    };
-    check_sampling(&sampling).with_context(|| format!("{}", config.display()))?;
+    let mut sampling = sampling_params(cfg, cfg.ppo.response_length, Vec::new(), 0);
+    run.in_file(check_sampling(&sampling))?;
     let seed = cfg.train.seed;
     let schedule = PpoSchedule {
         rollout_size: cfg.train.batch_size,
@@ -187,36 +134,26 @@ pub fn run<B: AutodiffBackend>(
         gradient_accumulation_steps: cfg.train.gradient_accumulation_steps,
         seed,
     };
-    schedule
-        .validate()
-        .with_context(|| format!("{}", config.display()))?;
-    if let Some(code) = check_plan(&cfg, Algo::Ppo, flags.force)? {
-        return Ok(code);
-    }
-    let loaded: Loaded<B> =
-        crate::cli::load_model(&cfg.model.path, cfg.model.quantize == Quantize::Nf4, device)?;
-    let codec = Codec::of(&loaded, &cfg);
-    let pad_id = loaded.pad_id();
-    let prompts = load_prompt_ids(&cfg.data.train, &codec, &cfg)?;
-    let eval_prompts = match &cfg.data.eval {
-        Some(p) => Some(load_prompt_ids(p, &codec, &cfg)?),
-        None => None,
+    run.in_file(schedule.validate())?;
+    let Some(loaded) = run.plan_and_load::<B>(Algo::Ppo, device)? else {
+        return Ok(Outcome::DoesNotFit);
     };
+    let codec = Codec::of(&loaded, cfg);
+    let pad_id = loaded.pad_id();
+    let (prompts, eval_prompts) = setup::data_sets(cfg, |p| load_prompt_ids(p, &codec, cfg))?;
     sampling.stop_ids = loaded.stop_ids(&cfg.generation.stop_token_ids);
     sampling.pad_id = pad_id;
 
-    let mut model = RlhfModel::for_run(loaded.model, &loaded.tok, &cfg);
-    model.add_new_adapter(Role::Policy, &cfg.lora, seed)?;
+    let mut model = setup::model_for_run(loaded.model, &loaded.tok, cfg, Role::Policy)?;
     load_reward_as(&mut model, &reward, Role::Reward)?;
     load_reward_as(&mut model, &reward, Role::Value)?;
 
-    let mut trainer = PpoTrainer::new(ppo.clone(), kl, schedule, sampling.clone(), prompts, pad_id)
-        .with_context(|| format!("{}", config.display()))?;
+    let trainer = PpoTrainer::new(ppo.clone(), kl, schedule, sampling.clone(), prompts, pad_id);
+    let mut trainer = run.in_file(trainer)?;
     let slots = vec![PpoCall; trainer.calls_per_epoch()];
-    let opts = flags.run_options(&cfg, &loaded.name, config_text)?;
-    let last = train(&cfg, &mut model, &mut trainer, &slots, &opts)?;
-    let parts: Vec<String> = last.iter().map(|(k, v)| format!("{k}={v:.4}")).collect();
-    println!("train: {}", parts.join(" "));
+    let opts = run.run_options(&loaded.name)?;
+    let last = train(cfg, &mut model, &mut trainer, &slots, &opts)?;
+    setup::print_metrics("train", &last);
 
     if let Some(eval) = eval_prompts {
         model.set_training(false);
@@ -249,5 +186,5 @@ pub fn run<B: AutodiffBackend>(
         cfg.train.output_dir.join(Role::Policy.name()).display(),
         cfg.train.output_dir.join(Role::Value.name()).display()
     );
-    Ok(0)
+    Ok(Outcome::Done)
 }

@@ -1,0 +1,106 @@
+//! `rlhf grpo --config run.toml`: group-relative policy optimisation of the policy adapter on the
+//! shared 4-bit base, with reward functions built in or loaded as plugins.
+//!
+//! Order of work: read the config, build the reward functions (a plugin that cannot be loaded
+//! fails here, before any weight is read), check the VRAM plan, load the base, tokenize the
+//! prompts, then hand [`GrpoTrainer`] to the shared run loop. A reward function that fails during
+//! training (a plugin error or panic) stops the run with exit code 2 and a message naming the
+//! function, the completion and the last checkpoint, which the run loop wrote atomically and
+//! which is left untouched: fix the reward and continue with `--resume`.
+
+use super::setup::{self, Codec, Outcome, TrainRun};
+use super::trainers::{
+    check_grpo_config, grpo_loss_config, grpo_settings, load_grpo_examples, COMPLETIONS_LOG,
+};
+use crate::config::RunConfig;
+use crate::plan::Algo;
+use crate::train::{latest_checkpoint, train};
+use anyhow::{bail, Context, Result};
+use burn::tensor::backend::AutodiffBackend;
+use rlhf_algorithms::grpo::{GrpoTrainer, RewardFailure};
+use rlhf_algorithms::trainer::Role;
+use rlhf_rewards::{RewardConfig, RewardSet};
+use std::path::Path;
+
+/// The reward functions of `grpo.rewards`, built (plugins loaded) with their weights. Relative
+/// plugin paths are taken relative to the config file's directory.
+pub fn build_rewards(cfg: &RunConfig, config: &Path) -> Result<RewardSet> {
+    if cfg.grpo.rewards.is_empty() {
+        bail!(
+            "{}: key `grpo.rewards`: GRPO needs at least one reward function, e.g.\n[[grpo.rewards]]\ntype = \"exact_answer\"",
+            config.display()
+        );
+    }
+    let entries = cfg
+        .grpo
+        .rewards
+        .iter()
+        .enumerate()
+        .map(|(i, table)| {
+            toml::Value::Table(table.clone())
+                .try_into::<RewardConfig>()
+                .map_err(|e| {
+                    anyhow::anyhow!(
+                        "{}: key `grpo.rewards[{i}]`: {}",
+                        config.display(),
+                        e.message().trim()
+                    )
+                })
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let base = config.parent().unwrap_or(Path::new(""));
+    RewardSet::from_configs(&entries, base).with_context(|| format!("{}", config.display()))
+}
+
+/// `rlhf grpo` on backend `B`.
+pub fn run<B: AutodiffBackend>(run: &TrainRun, device: &B::Device) -> Result<Outcome> {
+    let cfg = &run.cfg;
+    run.in_file(check_grpo_config(cfg))?;
+    let loss = run.in_file(grpo_loss_config(cfg))?;
+    // Plugins load (and a bad one fails) before any weight is read.
+    let rewards = build_rewards(cfg, &run.path)?;
+    let Some(loaded) = run.plan_and_load::<B>(Algo::Grpo, device)? else {
+        return Ok(Outcome::DoesNotFit);
+    };
+    let codec = Codec::of(&loaded, cfg);
+    let pad_id = loaded.pad_id();
+    let stop_ids = loaded.stop_ids(&cfg.generation.stop_token_ids);
+    let (train_set, eval_set) = setup::data_sets(cfg, |p| load_grpo_examples(p, &codec, cfg))?;
+
+    let mut model = setup::model_for_run(loaded.model, &loaded.tok, cfg, Role::Policy)?;
+    let opts = run.run_options(&loaded.name)?;
+    let settings = grpo_settings(cfg, loss, stop_ids, pad_id)?;
+    let mut trainer = GrpoTrainer::new(settings, rewards)?;
+    let last = match train(cfg, &mut model, &mut trainer, &train_set, &opts) {
+        Ok(m) => m,
+        Err(e) if e.downcast_ref::<RewardFailure>().is_some() => {
+            bail!("{e:#}; {}", stopped_note(&cfg.train.output_dir));
+        }
+        Err(e) => return Err(e),
+    };
+    setup::print_metrics("train", &last);
+    if let Some(set) = eval_set {
+        let m = setup::evaluate_and_write(cfg, &mut model, &mut trainer, &set)?;
+        setup::print_metrics("eval", &m);
+    }
+    eprintln!(
+        "adapter written to {}; sample completions in {}",
+        cfg.train.output_dir.join(Role::Policy.name()).display(),
+        cfg.train.output_dir.join(COMPLETIONS_LOG).display()
+    );
+    Ok(Outcome::Done)
+}
+
+/// What a run stopped by a reward error leaves behind.
+fn stopped_note(out_dir: &Path) -> String {
+    match latest_checkpoint(out_dir) {
+        Ok(dir) => format!(
+            "the run stopped; its last checkpoint {} is intact: fix the reward, then continue with --resume",
+            dir.display()
+        ),
+        Err(_) => format!(
+            "the run stopped before any checkpoint was written in {} (see train.save_steps)",
+            out_dir.display()
+        ),
+    }
+}

@@ -1,0 +1,103 @@
+//! `rlhf dpo` and `rlhf rm`: preference pairs, one trained adapter (policy for DPO; reward
+//! adapter and score head for RM), through the shared run set-up and run loop.
+
+use super::setup::{self, Codec, Outcome, TrainRun};
+use super::trainers::{dpo_config, load_pairs};
+use crate::engine::{new_head, RlhfModel};
+use crate::plan::Algo;
+use crate::train::{train, RunOptions};
+use anyhow::{bail, Result};
+use burn::tensor::backend::AutodiffBackend;
+use rlhf_algorithms::dpo::{DpoTrainer, PairExample};
+use rlhf_algorithms::losses::RewardLossConfig;
+use rlhf_algorithms::rm::RewardTrainer;
+use rlhf_algorithms::trainer::{Metrics, Role, Trainer};
+
+/// `rlhf dpo` (`algo` = DPO) / `rlhf rm` (RM) on backend `B`.
+pub fn run<B: AutodiffBackend>(algo: Algo, run: &TrainRun, device: &B::Device) -> Result<Outcome> {
+    let cfg = &run.cfg;
+    let Some(loaded) = run.plan_and_load::<B>(algo, device)? else {
+        return Ok(Outcome::DoesNotFit);
+    };
+    let codec = Codec::of(&loaded, cfg);
+    let pad_id = loaded.pad_id();
+    let (train_set, eval_set) = setup::data_sets(cfg, |p| load_pairs(p, &codec, cfg))?;
+    let role = if algo == Algo::Rm {
+        Role::Reward
+    } else {
+        Role::Policy
+    };
+    let mut model = setup::model_for_run(loaded.model, &loaded.tok, cfg, role)?;
+    if role == Role::Reward {
+        let head = new_head(model.base.cfg.hidden_size, cfg.train.seed ^ 0x5EED, device);
+        model.heads.insert(role, head);
+    }
+    let opts = run.run_options(&loaded.name)?;
+    let (last, eval) = match algo {
+        Algo::Dpo => {
+            let mut trainer = DpoTrainer {
+                cfg: dpo_config(cfg)?,
+                pad_id,
+            };
+            let mut train_set = train_set;
+            if cfg.dpo.precompute_ref_log_probs {
+                precompute_reference(&trainer, &model, &mut train_set, cfg.train.batch_size)?;
+            }
+            train_and_eval(run, &mut model, &mut trainer, &train_set, eval_set, &opts)?
+        }
+        Algo::Rm => {
+            let c = cfg.rm.center_rewards_coefficient;
+            let mut trainer = RewardTrainer {
+                cfg: RewardLossConfig {
+                    center_rewards_coefficient: (c != 0.0).then_some(c),
+                },
+                pad_id,
+            };
+            train_and_eval(run, &mut model, &mut trainer, &train_set, eval_set, &opts)?
+        }
+        other => bail!("`{other}` is not a preference algorithm"),
+    };
+    setup::print_metrics("train", &last);
+    if let Some(m) = eval {
+        setup::print_metrics("eval", &m);
+    }
+    eprintln!(
+        "adapter written to {}",
+        cfg.train.output_dir.join(role.name()).display()
+    );
+    Ok(Outcome::Done)
+}
+
+/// The run loop, then the evaluation on `data.eval` when there is one.
+fn train_and_eval<B: AutodiffBackend, T: Trainer<B>>(
+    run: &TrainRun,
+    model: &mut RlhfModel<B>,
+    trainer: &mut T,
+    train_set: &[T::Example],
+    eval_set: Option<Vec<T::Example>>,
+    opts: &RunOptions,
+) -> Result<(Metrics, Option<Metrics>)> {
+    let last = train(&run.cfg, model, trainer, train_set, opts)?;
+    let eval = match eval_set {
+        Some(set) => Some(setup::evaluate_and_write(&run.cfg, model, trainer, &set)?),
+        None => None,
+    };
+    Ok((last, eval))
+}
+
+/// Computes every example's reference log-probs once (adapters off), as TRL's
+/// `precompute_ref_log_probs` does.
+fn precompute_reference<B: AutodiffBackend>(
+    trainer: &DpoTrainer,
+    model: &RlhfModel<B>,
+    set: &mut [PairExample],
+    batch: usize,
+) -> Result<()> {
+    for chunk in set.chunks_mut(batch) {
+        let r = trainer.reference_logps(model, chunk)?;
+        for (e, v) in chunk.iter_mut().zip(r) {
+            e.ref_logps = Some(v);
+        }
+    }
+    Ok(())
+}

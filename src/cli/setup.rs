@@ -1,0 +1,383 @@
+//! The one run set-up the training commands (`dpo`, `rm`, `grpo`, `ppo`) and `bench` share, in
+//! its order: read the config, pick the backend, check the VRAM plan before any weight is loaded,
+//! load the base with its tokenizer, tokenize the data, attach the trained role's adapter; after
+//! the run loop, evaluate and report the metrics.
+
+use crate::config::{Device, Dtype, Quantize, RunConfig};
+use crate::data::{Message, TextCodec};
+use crate::engine::RlhfModel;
+use crate::model::{Llama, LlamaConfig, LoadOptions};
+use crate::plan::{self, Algo};
+use crate::train::{evaluate, latest_checkpoint, RunOptions};
+use anyhow::{bail, Context, Result};
+use burn::tensor::backend::{AutodiffBackend, Backend};
+use clap::ValueEnum;
+use rlhf_algorithms::trainer::{Metrics, Role, Trainer};
+use std::path::{Path, PathBuf};
+
+/// The CPU backend used when `--device cpu` (see README: ndarray measured faster than candle).
+#[cfg(feature = "ndarray")]
+pub type CpuBackend = burn::backend::NdArray<f32>;
+#[cfg(all(feature = "candle", not(feature = "ndarray")))]
+#[allow(deprecated)] // burn-candle is deprecated upstream; kept as the optional CPU backend the design names
+pub type CpuBackend = burn::backend::Candle<f32, i64>;
+#[cfg(feature = "cuda")]
+pub type CudaBackend = burn::backend::Cuda<f32, i32>;
+
+/// How a command ended when it did not fail; `main` maps it to the exit code.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// The command did what it was asked.
+    Done,
+    /// The run does not fit `plan.budget_gib` (the plan was printed; nothing was loaded).
+    DoesNotFit,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
+pub enum DeviceArg {
+    Cpu,
+    Cuda,
+}
+
+impl DeviceArg {
+    pub fn device(self) -> Device {
+        match self {
+            DeviceArg::Cpu => Device::Cpu,
+            DeviceArg::Cuda => Device::Cuda,
+        }
+    }
+}
+
+/// What `--device cuda` answers in a binary built without the `cuda` feature.
+pub const NO_CUDA: &str = "this binary was built without CUDA: rebuild with `--features cuda`";
+
+/// A command generic over the burn backend it runs on.
+pub trait OnBackend {
+    type Output;
+    fn run<B: Backend>(&self, device: &B::Device) -> Result<Self::Output>;
+}
+
+/// Runs `job` on the backend of `device`; `no_cuda` is the error when CUDA is asked of a binary
+/// built without it.
+pub fn on_backend<J: OnBackend>(device: Device, job: &J, no_cuda: &str) -> Result<J::Output> {
+    #[cfg(feature = "cuda")]
+    let _ = no_cuda;
+    match device {
+        Device::Cpu => job.run::<CpuBackend>(&Default::default()),
+        Device::Cuda => {
+            #[cfg(feature = "cuda")]
+            return job.run::<CudaBackend>(&Default::default());
+            #[cfg(not(feature = "cuda"))]
+            bail!("{no_cuda}")
+        }
+    }
+}
+
+/// Flags shared by the training commands.
+#[derive(Debug, Clone, Default)]
+pub struct TrainFlags {
+    /// `Some(None)`: resume from the latest checkpoint in `train.output_dir`.
+    pub resume: Option<Option<PathBuf>>,
+    /// Start even when the plan says the run does not fit the budget.
+    pub force: bool,
+}
+
+impl TrainFlags {
+    /// What the run loop needs from the flags: the checkpoint to resume from (`--resume` alone
+    /// means the latest `checkpoint-N` in `train.output_dir`), the base's name, the config text.
+    pub fn run_options(
+        &self,
+        cfg: &RunConfig,
+        base_name: &str,
+        config_text: String,
+    ) -> Result<RunOptions> {
+        let resume = match &self.resume {
+            None => None,
+            Some(Some(dir)) => Some(dir.clone()),
+            Some(None) => Some(latest_checkpoint(&cfg.train.output_dir)?),
+        };
+        Ok(RunOptions {
+            resume,
+            base_name: base_name.to_string(),
+            config_text,
+        })
+    }
+}
+
+/// A training command's run: its config file, read once (the text goes into every checkpoint),
+/// and its flags.
+pub struct TrainRun {
+    pub path: PathBuf,
+    pub text: String,
+    pub cfg: RunConfig,
+    pub flags: TrainFlags,
+}
+
+impl TrainRun {
+    pub fn read(path: &Path, flags: TrainFlags) -> Result<Self> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("{}: cannot read config file", path.display()))?;
+        let cfg = RunConfig::parse(&text, path)?;
+        Ok(Self {
+            path: path.to_path_buf(),
+            text,
+            cfg,
+            flags,
+        })
+    }
+
+    /// Runs `job` on the backend that `model.device` names.
+    pub fn on_backend<J: OnBackend>(&self, job: &J) -> Result<J::Output> {
+        let no_cuda = format!(
+            "{}: model.device = \"cuda\" but this binary was built without CUDA (rebuild with --features cuda)",
+            self.path.display()
+        );
+        on_backend(self.cfg.model.device, job, &no_cuda)
+    }
+
+    /// `r`, its error prefixed with the config file's path.
+    pub fn in_file<T>(&self, r: Result<T>) -> Result<T> {
+        r.with_context(|| self.path.display().to_string())
+    }
+
+    /// [`plan_and_load`] with `--force` as given.
+    pub fn plan_and_load<B: Backend>(
+        &self,
+        algo: Algo,
+        device: &B::Device,
+    ) -> Result<Option<Loaded<B>>> {
+        plan_and_load(&self.cfg, algo, self.flags.force, device)
+    }
+
+    /// What the run loop needs: the checkpoint to resume from, the base's name, the config text.
+    pub fn run_options(&self, base_name: &str) -> Result<RunOptions> {
+        self.flags
+            .run_options(&self.cfg, base_name, self.text.clone())
+    }
+}
+
+/// A loaded base model and its tokenizer.
+pub struct Loaded<B: Backend> {
+    pub model: Llama<B>,
+    pub tok: crate::tokenizer::Tok,
+    pub chat: Option<crate::tokenizer::ChatTemplate>,
+    pub name: String,
+}
+
+impl<B: Backend> Loaded<B> {
+    /// Padding id: the tokenizer's pad token, else eos, else 0 (padding is masked anyway).
+    pub fn pad_id(&self) -> u32 {
+        self.tok.pad_id().or(self.tok.eos_id()).unwrap_or(0)
+    }
+
+    /// Tokens that end a sequence: the model config's eos ids, the tokenizer's, then `extra`,
+    /// each once.
+    pub fn stop_ids(&self, extra: &[u32]) -> Vec<u32> {
+        let mut stop = Vec::new();
+        let all = self.model.cfg.eos_token_ids.iter().copied();
+        for id in all.chain(self.tok.eos_ids()).chain(extra.iter().copied()) {
+            if !stop.contains(&id) {
+                stop.push(id);
+            }
+        }
+        stop
+    }
+}
+
+/// Loads a base model from a HF folder or a GGUF file, with its tokenizer and chat template.
+pub fn load_model<B: Backend>(
+    path: &Path,
+    quantize: bool,
+    device: &B::Device,
+) -> Result<Loaded<B>> {
+    let opts = LoadOptions { quantize };
+    if !path.exists() {
+        bail!(
+            "{}: model not found (expected a Hugging Face folder or a .gguf file)",
+            path.display()
+        );
+    }
+    let name = path.display().to_string();
+    if path.is_dir() {
+        let model = Llama::from_hf_dir(path, opts, device)?;
+        let tok_path = path.join("tokenizer.json");
+        let tok = crate::tokenizer::Tok::from_file(&tok_path)?;
+        let chat = crate::tokenizer::ChatTemplate::from_dir(path)?;
+        Ok(Loaded {
+            model,
+            tok,
+            chat,
+            name,
+        })
+    } else {
+        crate::model::gguf_source::load_gguf(path, opts, device).map(|(model, tok, chat)| Loaded {
+            model,
+            tok,
+            chat,
+            name,
+        })
+    }
+}
+
+/// The tokenizer + chat template of a loaded model, as data preparation sees them.
+pub struct Codec<'a> {
+    pub tok: &'a crate::tokenizer::Tok,
+    pub chat: Option<&'a crate::tokenizer::ChatTemplate>,
+}
+
+impl<'a> Codec<'a> {
+    /// The loaded model's tokenizer, with its chat template unless `data.chat_template` is off.
+    pub fn of<B: Backend>(loaded: &'a Loaded<B>, cfg: &RunConfig) -> Self {
+        Codec {
+            tok: &loaded.tok,
+            chat: if cfg.data.chat_template {
+                loaded.chat.as_ref()
+            } else {
+                None
+            },
+        }
+    }
+}
+
+impl TextCodec for Codec<'_> {
+    fn encode(&self, text: &str, add_special_tokens: bool) -> Result<Vec<u32>> {
+        self.tok.encode(text, add_special_tokens)
+    }
+
+    fn eos_id(&self) -> Option<u32> {
+        self.tok.eos_id()
+    }
+
+    fn bos_id(&self) -> Option<u32> {
+        self.tok.bos_id()
+    }
+
+    fn render_chat(
+        &self,
+        messages: &[Message],
+        add_generation_prompt: bool,
+    ) -> Option<Result<String>> {
+        let chat = self.chat?;
+        let msgs: Vec<crate::tokenizer::ChatMessage> = messages
+            .iter()
+            .map(|m| crate::tokenizer::ChatMessage::new(m.role.clone(), m.content.clone()))
+            .collect();
+        Some(chat.render(&msgs, add_generation_prompt))
+    }
+}
+
+/// The model's architecture without loading weights: a HF folder, a config `.json`, or a GGUF.
+pub fn model_config(path: &Path) -> Result<LlamaConfig> {
+    if path.extension().is_some_and(|e| e == "gguf") {
+        let g = crate::gguf::Gguf::open(path)?;
+        LlamaConfig::from_json(&g.model_config()?)
+            .with_context(|| format!("{}: unsupported model", path.display()))
+    } else {
+        plan::read_model_config(path)
+    }
+}
+
+/// Runs the planner for `algo` and prints the summary line; `false` (with the table printed)
+/// when the run does not fit and `force` is off.
+pub fn check_plan(cfg: &RunConfig, algo: Algo, force: bool) -> Result<bool> {
+    let mcfg = model_config(&cfg.model.path)?;
+    // The engine computes in f32 whatever `model.dtype` says: check the plan of what will run.
+    let mut run = cfg.clone();
+    if run.model.dtype != Dtype::F32 {
+        eprintln!(
+            "note: model.dtype = {:?} is not implemented yet; the run computes in f32, so its f32 plan is checked",
+            run.model.dtype
+        );
+        run.model.dtype = Dtype::F32;
+    }
+    let p = plan::plan(&run, &mcfg, algo)?;
+    eprintln!("{}", plan::summary_line(&p));
+    bound_by_plan(&p);
+    crate::oom::enter("load");
+    if !p.fits {
+        if force {
+            eprintln!("warning: --force: starting although the plan exceeds the budget; expect out-of-memory");
+        } else {
+            eprintln!("{}", plan::render_table(&p));
+            eprintln!("error: the run does not fit plan.budget_gib; apply a suggestion above or pass --force");
+            return Ok(false);
+        }
+    }
+    Ok(true)
+}
+
+/// The card the plan promises, held to: the CUDA allocator may hold the plan's peak without the
+/// CUDA context (the tensors and their slack), never more than the budget without it, so the
+/// card holds what the plan says rather than 1.3-1.6x the tensors; and the out-of-memory
+/// message knows what was promised.
+fn bound_by_plan(p: &plan::Plan) {
+    let context = p.bytes_of(plan::T_CONTEXT, p.peak_phase);
+    if context > 0 {
+        let limit = p.peak_bytes.min(p.budget_bytes).saturating_sub(context);
+        crate::devmem::bound_allocator(limit);
+    }
+    crate::oom::set_planned(p.tensor_peak_bytes(), p.peak_bytes, p.budget_bytes);
+}
+
+/// The plan check, then the base: `None` when the run does not fit (nothing was loaded).
+pub fn plan_and_load<B: Backend>(
+    cfg: &RunConfig,
+    algo: Algo,
+    force: bool,
+    device: &B::Device,
+) -> Result<Option<Loaded<B>>> {
+    if !check_plan(cfg, algo, force)? {
+        return Ok(None);
+    }
+    let quantize = cfg.model.quantize == Quantize::Nf4;
+    load_model(&cfg.model.path, quantize, device).map(Some)
+}
+
+/// `data.train` and, when set, `data.eval`, each read by `load`.
+pub fn data_sets<T>(
+    cfg: &RunConfig,
+    load: impl Fn(&Path) -> Result<Vec<T>>,
+) -> Result<(Vec<T>, Option<Vec<T>>)> {
+    let train = load(&cfg.data.train)?;
+    let eval = cfg.data.eval.as_deref().map(&load).transpose()?;
+    Ok((train, eval))
+}
+
+/// The run's model: the loaded base (its tokenizer kept for decoding rollouts) with a new
+/// adapter for the trained `role`, seeded by `train.seed`.
+pub fn model_for_run<B: Backend>(
+    base: Llama<B>,
+    tok: &crate::tokenizer::Tok,
+    cfg: &RunConfig,
+    role: Role,
+) -> Result<RlhfModel<B>> {
+    let mut model = RlhfModel::for_run(base, tok, cfg);
+    model.add_new_adapter(role, &cfg.lora, cfg.train.seed)?;
+    Ok(model)
+}
+
+/// Evaluates on `set` and writes the metrics, prefixed `eval_`, to `eval_metrics.json` in
+/// `train.output_dir`.
+pub fn evaluate_and_write<B: AutodiffBackend, T: Trainer<B>>(
+    cfg: &RunConfig,
+    model: &mut RlhfModel<B>,
+    trainer: &mut T,
+    set: &[T::Example],
+) -> Result<Metrics> {
+    let m = evaluate(cfg, model, trainer, set).map_err(|e| e.context("evaluation on data.eval"))?;
+    let line: serde_json::Map<String, serde_json::Value> = m
+        .iter()
+        .map(|(k, v)| (format!("eval_{k}"), serde_json::json!(v)))
+        .collect();
+    crate::util::write_atomic(
+        &cfg.train.output_dir.join("eval_metrics.json"),
+        serde_json::to_string_pretty(&line)?.as_bytes(),
+    )?;
+    Ok(m)
+}
+
+/// Prints `what: key=value ...` on stdout.
+pub fn print_metrics(what: &str, m: &Metrics) {
+    let parts: Vec<String> = m.iter().map(|(k, v)| format!("{k}={v:.4}")).collect();
+    println!("{what}: {}", parts.join(" "));
+}

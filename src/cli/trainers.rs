@@ -1,0 +1,221 @@
+//! Each algorithm's examples and trainer settings, built from the run config in one place so that
+//! `rlhf bench` trains exactly as `rlhf dpo` and `rlhf grpo` do.
+
+use super::setup::Codec;
+use crate::config::{RunConfig, Truncation};
+use crate::data::{Content, PromptExample, TextCodec, TokenizeOptions};
+use anyhow::{bail, ensure, Context, Result};
+use rlhf_algorithms::dpo::PairExample;
+use rlhf_algorithms::grpo::{GrpoExample, GrpoSettings};
+use rlhf_algorithms::losses::{DpoConfig, DpoLossType, GrpoLossConfig, GrpoLossType, ScaleRewards};
+use rlhf_algorithms::trainer::SamplingParams;
+use std::path::Path;
+use std::str::FromStr;
+
+/// Name of the sample-completions log in `train.output_dir`.
+pub const COMPLETIONS_LOG: &str = "completions.jsonl";
+
+fn tokenize_opts(cfg: &RunConfig) -> TokenizeOptions {
+    TokenizeOptions {
+        max_length: Some(cfg.data.max_length),
+        max_prompt_length: Some(cfg.data.max_prompt_length),
+        keep_end: cfg.data.truncation_mode == Truncation::KeepEnd,
+    }
+}
+
+/// Tokenizing a prompt of GRPO or PPO: `data.max_prompt_length` applies, the completion's length
+/// is the algorithm's own.
+fn prompt_opts(cfg: &RunConfig) -> TokenizeOptions {
+    TokenizeOptions {
+        max_length: None,
+        max_prompt_length: Some(cfg.data.max_prompt_length),
+        keep_end: cfg.data.truncation_mode == Truncation::KeepEnd,
+    }
+}
+
+/// Reads and tokenizes a preference file into training pairs.
+pub fn load_pairs(path: &Path, codec: &Codec, cfg: &RunConfig) -> Result<Vec<PairExample>> {
+    let rows = crate::data::load_preferences(path)?;
+    anyhow::ensure!(!rows.is_empty(), "{}: no examples", path.display());
+    let toks = crate::data::tokenize_preferences(codec, &rows, &tokenize_opts(cfg))?;
+    Ok(toks
+        .into_iter()
+        .map(|t| PairExample {
+            prompt: t.prompt,
+            chosen: t.chosen,
+            rejected: t.rejected,
+            ref_logps: None,
+        })
+        .collect())
+}
+
+/// The DPO loss of `[dpo]`.
+pub fn dpo_config(cfg: &RunConfig) -> Result<DpoConfig> {
+    let loss_types = cfg
+        .dpo
+        .loss_type
+        .iter()
+        .map(|s| DpoLossType::from_str(s))
+        .collect::<Result<Vec<_>>>()?;
+    let c = DpoConfig {
+        beta: cfg.dpo.beta,
+        label_smoothing: cfg.dpo.label_smoothing,
+        loss_types,
+        loss_weights: cfg.dpo.loss_weights.clone(),
+        ..Default::default()
+    };
+    c.validate()?;
+    Ok(c)
+}
+
+/// Checks the GRPO-specific values of the run config; errors name the key.
+pub fn check_grpo_config(cfg: &RunConfig) -> Result<()> {
+    let g = cfg.grpo.num_generations;
+    if !cfg.train.batch_size.is_multiple_of(g) {
+        bail!(
+            "key `train.batch_size`: counts completions and must be a multiple of `grpo.num_generations` ({g}), got {}",
+            cfg.train.batch_size
+        );
+    }
+    if cfg.generation.temperature <= 0.0 {
+        bail!("key `generation.temperature`: GRPO samples several completions per prompt, expected a temperature > 0");
+    }
+    if cfg.grpo.max_completion_length == 0 {
+        bail!("key `grpo.max_completion_length`: expected a positive integer, got 0");
+    }
+    if cfg.generation.min_new_tokens > cfg.grpo.max_completion_length {
+        bail!(
+            "key `generation.min_new_tokens`: exceeds `grpo.max_completion_length` ({})",
+            cfg.grpo.max_completion_length
+        );
+    }
+    if !(cfg.grpo.epsilon.is_finite() && cfg.grpo.epsilon >= 0.0) {
+        bail!("key `grpo.epsilon`: expected a number >= 0");
+    }
+    if let Some(e) = cfg.grpo.epsilon_high {
+        if !(e.is_finite() && e >= 0.0) {
+            bail!("key `grpo.epsilon_high`: expected a number >= 0");
+        }
+    }
+    if !(cfg.grpo.beta.is_finite() && cfg.grpo.beta >= 0.0) {
+        bail!("key `grpo.beta`: expected a number >= 0");
+    }
+    Ok(())
+}
+
+/// The loss configuration of `[grpo]` (TRL's GRPOConfig names).
+pub fn grpo_loss_config(cfg: &RunConfig) -> Result<GrpoLossConfig> {
+    let g = &cfg.grpo;
+    Ok(GrpoLossConfig {
+        loss_type: GrpoLossType::from_str(&g.loss_type).context("key `grpo.loss_type`")?,
+        beta: g.beta,
+        epsilon_low: g.epsilon,
+        epsilon_high: g.epsilon_high.unwrap_or(g.epsilon),
+        max_completion_length: g.max_completion_length,
+        // The run loop divides every micro-batch loss by the accumulation steps.
+        gradient_accumulation_steps: 1,
+        steps_per_generation: 1,
+        ..GrpoLossConfig::default()
+    })
+}
+
+/// The prompt as the reward functions see it: the text, or the messages rendered with the chat
+/// template (with the generation prompt), exactly what was tokenized.
+fn prompt_text(codec: &dyn TextCodec, ex: &PromptExample) -> Result<String> {
+    match &ex.prompt {
+        Content::Text(t) => Ok(t.clone()),
+        Content::Messages(m) => match codec.render_chat(m, true) {
+            Some(r) => r.with_context(|| format!("{}: chat template failed", ex.origin)),
+            None => bail!(
+                "{}: the row holds chat messages but the model has no chat template",
+                ex.origin
+            ),
+        },
+    }
+}
+
+/// Reads a prompt file and tokenizes each prompt; none may come out empty.
+fn tokenized_prompts(
+    path: &Path,
+    codec: &dyn TextCodec,
+    cfg: &RunConfig,
+) -> Result<Vec<(PromptExample, Vec<u32>)>> {
+    let rows = crate::data::load_prompts(path)?;
+    ensure!(!rows.is_empty(), "{}: no prompts", path.display());
+    let opts = prompt_opts(cfg);
+    rows.into_iter()
+        .map(|ex| {
+            let ids = crate::data::tokenize_prompt(codec, &ex, &opts)?;
+            ensure!(!ids.is_empty(), "{}: the prompt has no tokens", ex.origin);
+            Ok((ex, ids))
+        })
+        .collect()
+}
+
+/// Reads and tokenizes a prompt file for GRPO (completions are bounded by
+/// `grpo.max_completion_length`, not by `data.max_length`).
+pub fn load_grpo_examples(
+    path: &Path,
+    codec: &dyn TextCodec,
+    cfg: &RunConfig,
+) -> Result<Vec<GrpoExample>> {
+    tokenized_prompts(path, codec, cfg)?
+        .into_iter()
+        .map(|(ex, prompt_ids)| {
+            Ok(GrpoExample {
+                prompt_ids,
+                prompt_text: prompt_text(codec, &ex)?,
+                columns: ex.extra.clone(),
+                source: ex.origin.to_string(),
+            })
+        })
+        .collect()
+}
+
+/// The trainer settings of a run of GRPO (`rlhf grpo` and `rlhf bench` build them here, so both
+/// train alike). Sample completions go to `train.output_dir`/[`COMPLETIONS_LOG`].
+pub fn grpo_settings(
+    cfg: &RunConfig,
+    loss: GrpoLossConfig,
+    stop_ids: Vec<u32>,
+    pad_id: u32,
+) -> Result<GrpoSettings> {
+    Ok(GrpoSettings {
+        num_generations: cfg.grpo.num_generations,
+        num_iterations: cfg.grpo.num_iterations,
+        gradient_accumulation_steps: cfg.train.gradient_accumulation_steps,
+        scale_rewards: ScaleRewards::from_str(&cfg.grpo.scale_rewards)?,
+        mask_truncated_completions: cfg.grpo.mask_truncated_completions,
+        loss,
+        sampling: sampling_params(cfg, cfg.grpo.max_completion_length, stop_ids, pad_id),
+        seed: cfg.train.seed,
+        pad_id,
+        logging_steps: cfg.train.logging_steps,
+        completions_log: Some(cfg.train.output_dir.join(COMPLETIONS_LOG)),
+    })
+}
+
+/// Sampling as `[generation]` sets it, for completions of up to `max_new_tokens` tokens.
+pub fn sampling_params(
+    cfg: &RunConfig,
+    max_new_tokens: usize,
+    stop_ids: Vec<u32>,
+    pad_id: u32,
+) -> SamplingParams {
+    let g = &cfg.generation;
+    SamplingParams {
+        max_new_tokens,
+        min_new_tokens: g.min_new_tokens,
+        temperature: g.temperature,
+        top_k: g.top_k,
+        top_p: g.top_p,
+        stop_ids,
+        pad_id,
+    }
+}
+
+/// Tokenized prompts of a prompt file, for PPO (`ppo.response_length` bounds the responses).
+pub fn load_prompt_ids(path: &Path, codec: &Codec, cfg: &RunConfig) -> Result<Vec<Vec<u32>>> {
+    let prompts = tokenized_prompts(path, codec, cfg)?;
+    Ok(prompts.into_iter().map(|(_, ids)| ids).collect())
+}

@@ -1,0 +1,136 @@
+//! A frozen linear layer of the base model over its stored weight ([`BaseWeight`]: NF4 or
+//! dense), with the reference forward and input gradient; [`super::ops`] picks the CUDA fast
+//! path when there is one.
+
+use super::ops;
+use crate::quant::nf4::Nf4Tensor;
+use crate::quant::BaseWeight;
+use burn::tensor::{
+    backend::{AutodiffBackend, Backend},
+    FloatDType, Tensor, TensorData,
+};
+use std::sync::Arc;
+
+/// A frozen linear layer of the base model: `y = x W^T (+ b)`.
+#[derive(Debug, Clone)]
+pub struct BaseLinear<B: Backend> {
+    pub weight: BaseWeight<B>,
+    pub bias: Option<Tensor<B, 1>>,
+    pub out_features: usize,
+    pub in_features: usize,
+    /// The layer's form on the CUDA fast path, built on first use there.
+    pub gpu: ops::FastSlot,
+}
+
+impl<B: Backend> BaseLinear<B> {
+    /// Builds a layer from row-major `[out, in]` f32 values, quantizing when asked.
+    pub fn new(
+        values: Vec<f32>,
+        out_features: usize,
+        in_features: usize,
+        bias: Option<Vec<f32>>,
+        quantize: bool,
+        device: &B::Device,
+    ) -> anyhow::Result<Self> {
+        anyhow::ensure!(
+            values.len() == out_features * in_features,
+            "weight has {} values, expected {out_features} x {in_features}",
+            values.len()
+        );
+        let weight = if quantize {
+            BaseWeight::Nf4(Arc::new(Nf4Tensor::quantize(
+                &values,
+                &[out_features, in_features],
+            )?))
+        } else {
+            let w = Tensor::from_data(TensorData::new(values, [out_features, in_features]), device);
+            BaseWeight::Dense(ops::dense_at_rest(w))
+        };
+        let bias = bias.map(|b| {
+            let n = b.len();
+            Tensor::from_data(TensorData::new(b, [n]), device)
+        });
+        Ok(Self {
+            weight,
+            bias,
+            out_features,
+            in_features,
+            gpu: Default::default(),
+        })
+    }
+
+    /// The weight as a dense `[out, in]` tensor on `device` (a workspace for NF4).
+    pub fn dense_weight(&self, device: &B::Device) -> Tensor<B, 2> {
+        match &self.weight {
+            BaseWeight::Dense(w) => w.clone().cast(FloatDType::F32),
+            BaseWeight::Nf4(q) => Tensor::from_data(
+                TensorData::new(q.dequantize(), [self.out_features, self.in_features]),
+                device,
+            ),
+        }
+    }
+
+    /// `x [.., in] -> [.., out]`. The weight carries no gradient: the base is frozen.
+    pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
+        let device = x.device();
+        let dims = x.dims();
+        let rows: usize = dims[..D - 1].iter().product();
+        let x2: Tensor<B, 2> = x.reshape([rows, self.in_features]);
+        let mut y = match ops::linear_fast(&self.gpu, &self.weight, &x2) {
+            Some(y) => y,
+            None => x2.matmul(self.dense_weight(&device).transpose()),
+        };
+        if let Some(b) = &self.bias {
+            y = y + b.clone().unsqueeze_dim(0);
+        }
+        let mut out = dims;
+        out[D - 1] = self.out_features;
+        y.reshape(out)
+    }
+
+    /// `dy [.., out] -> dy @ W [.., in]`: the input gradient of [`Self::forward`] (the weight is
+    /// frozen), for the hand-written block backward of `model::checkpoint`.
+    pub fn backward_input<const D: usize>(&self, dy: Tensor<B, D>) -> Tensor<B, D> {
+        let device = dy.device();
+        let dims = dy.dims();
+        let rows: usize = dims[..D - 1].iter().product();
+        let dy2: Tensor<B, 2> = dy.reshape([rows, self.out_features]);
+        let dx = match ops::linear_backward_fast(&self.gpu, &self.weight, &dy2) {
+            Some(dx) => dx,
+            None => dy2.matmul(self.dense_weight(&device)),
+        };
+        let mut out = dims;
+        out[D - 1] = self.in_features;
+        dx.reshape(out)
+    }
+
+    /// Bytes this weight occupies at rest (NF4: packed codes + quantization constants).
+    pub fn storage_bytes(&self) -> usize {
+        let bias = self
+            .bias
+            .as_ref()
+            .map(|_| self.out_features * 4)
+            .unwrap_or(0);
+        bias + match &self.weight {
+            BaseWeight::Dense(w) => self.out_features * self.in_features * w.dtype().size(),
+            BaseWeight::Nf4(q) => q.storage_bytes(),
+        }
+    }
+}
+
+impl<B: AutodiffBackend> BaseLinear<B> {
+    /// The same layer on the backend without autodiff (no copy: tensors are shared). Sampling
+    /// runs there, so it records no graph.
+    pub fn inner(&self) -> BaseLinear<B::InnerBackend> {
+        BaseLinear {
+            weight: match &self.weight {
+                BaseWeight::Dense(w) => BaseWeight::Dense(w.clone().inner()),
+                BaseWeight::Nf4(q) => BaseWeight::Nf4(q.clone()),
+            },
+            bias: self.bias.clone().map(|b| b.inner()),
+            out_features: self.out_features,
+            in_features: self.in_features,
+            gpu: self.gpu.clone(),
+        }
+    }
+}

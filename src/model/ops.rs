@@ -1,0 +1,121 @@
+//! The one place where the model chooses between the CUDA fast path (feature `cuda`, when `B`
+//! is the CUDA backend and the shapes allow it) and burn's reference ops, for the frozen linear
+//! layers, the LoRA products and the weights kept at rest. `crate::cuda` knows the kernels and
+//! the storage formats; this file knows the model's types.
+
+use crate::quant::BaseWeight;
+use burn::tensor::{backend::Backend, Tensor};
+
+/// A frozen dense weight as kept: bf16 on CUDA, where every product with it is a bf16 cuBLASLt
+/// GEMM anyway (an f32 copy beside the GEMM's bf16 one doubled a dense LM head's bytes: 172 MB
+/// instead of 57 for the 0.5b model's), f32 on the CPU backends.
+pub(crate) fn dense_at_rest<B: Backend>(w: Tensor<B, 2>) -> Tensor<B, 2> {
+    #[cfg(feature = "cuda")]
+    return crate::cuda::contiguous_bf16(w).unwrap_or_else(|w| w);
+    #[cfg(not(feature = "cuda"))]
+    w
+}
+
+/// A frozen layer's form on the CUDA fast path, built on first use there (nothing without the
+/// `cuda` feature).
+#[cfg(feature = "cuda")]
+pub type FastSlot = crate::cuda::GpuSlot;
+#[cfg(not(feature = "cuda"))]
+#[derive(Debug, Clone, Default)]
+pub struct FastSlot;
+
+/// The CUDA fast path's `x @ W^T`, when `B` is the CUDA backend and the weight has a GPU form;
+/// `None` sends the caller down the reference path.
+pub(crate) fn linear_fast<B: Backend>(
+    slot: &FastSlot,
+    weight: &BaseWeight<B>,
+    x: &Tensor<B, 2>,
+) -> Option<Tensor<B, 2>> {
+    #[cfg(feature = "cuda")]
+    return crate::cuda::try_linear(slot, weight, x);
+    #[cfg(not(feature = "cuda"))]
+    {
+        let _ = (slot, weight, x);
+        None
+    }
+}
+
+/// The CUDA fast path's `dy @ W` (the input gradient of [`linear_fast`]); `None` elsewhere.
+pub(crate) fn linear_backward_fast<B: Backend>(
+    slot: &FastSlot,
+    weight: &BaseWeight<B>,
+    dy: &Tensor<B, 2>,
+) -> Option<Tensor<B, 2>> {
+    #[cfg(feature = "cuda")]
+    return crate::cuda::try_linear_backward(slot, weight, dy);
+    #[cfg(not(feature = "cuda"))]
+    {
+        let _ = (slot, weight, dy);
+        None
+    }
+}
+
+/// `alpha x y^T` through the few-row GEMV kernel (sampling), when `B` is the plain CUDA backend,
+/// the product is `x y^T` and `x` has few rows; `None` sends the caller to the GEMM.
+fn small_product<B: Backend>(
+    x: &Tensor<B, 2>,
+    y: &Tensor<B, 2>,
+    tx: bool,
+    ty: bool,
+    alpha: f64,
+) -> Option<Tensor<B, 2>> {
+    #[cfg(feature = "cuda")]
+    if !tx && ty {
+        let z = crate::cuda::try_small_matmul_t(x, y)?;
+        return Some(if alpha == 1.0 { z } else { z * alpha });
+    }
+    let _ = (x, y, tx, ty, alpha);
+    None
+}
+
+/// `acc + alpha op(x) op(y)`: on the plain CUDA backend one GEMM accumulating into `acc` (few
+/// rows: the GEMV kernel, then an add).
+pub(crate) fn matmul_acc<B: Backend>(
+    acc: Tensor<B, 2>,
+    x: &Tensor<B, 2>,
+    y: &Tensor<B, 2>,
+    tx: bool,
+    ty: bool,
+    alpha: f64,
+) -> Tensor<B, 2> {
+    if let Some(z) = small_product(x, y, tx, ty, alpha) {
+        return acc + z;
+    }
+    #[cfg(feature = "cuda")]
+    let acc = match crate::cuda::train_ops::try_matmul_acc(acc, x, y, tx, ty, alpha) {
+        Ok(z) => return z,
+        Err(acc) => acc,
+    };
+    acc + matmul(x, y, tx, ty, alpha)
+}
+
+/// `alpha op(x) op(y)` (`op` transposes when asked): cuBLASLt on the plain CUDA backend (few
+/// rows of `x y^T`: the GEMV kernel), burn's matmul elsewhere.
+pub(crate) fn matmul<B: Backend>(
+    x: &Tensor<B, 2>,
+    y: &Tensor<B, 2>,
+    tx: bool,
+    ty: bool,
+    alpha: f64,
+) -> Tensor<B, 2> {
+    if let Some(z) = small_product(x, y, tx, ty, alpha) {
+        return z;
+    }
+    #[cfg(feature = "cuda")]
+    if let Some(z) = crate::cuda::train_ops::try_matmul(x, y, tx, ty, alpha) {
+        return z;
+    }
+    let x = if tx { x.clone().transpose() } else { x.clone() };
+    let y = if ty { y.clone().transpose() } else { y.clone() };
+    let z = x.matmul(y);
+    if alpha == 1.0 {
+        z
+    } else {
+        z * alpha
+    }
+}
