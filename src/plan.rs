@@ -100,7 +100,7 @@ pub struct Calibration {
 
 /// The planner's constants. See [`Calibration`].
 pub const CALIBRATION: Calibration = Calibration {
-    source: "engine training terms counted from the allocator's live tensors, checked against 11 runs on an H200 (BENCHMARKS.md, sessions 6-7; engine_prefill and engine_ppo_kept fitted); the rest estimates",
+    source: "engine training terms counted from the allocator's live tensors, checked against 11 runs on an H200 (BENCHMARKS.md, 2026-12-02; engine_prefill and engine_ppo_kept fitted); the rest estimates",
     // nvidia-smi minus the allocator's reservation, 0.555-0.578 GiB in the same 11 runs.
     cuda_context_bytes: 0.57 * GIB,
     slack_persistent: 0.02,
@@ -1469,7 +1469,7 @@ fn engine_pass_items(s: &Setup, m: &LlamaConfig, p: &Pass, graphs: f64) -> Optio
     let n = r * t;
     let tag = |s: String| format!("{s} [{}]", p.label);
     // The high points of a pass, counted from the allocator's live tensors at each labelled
-    // point (BENCHMARKS.md, session 7); all f32 (4 B) unless said. `[N, h]` and `[N, kv]` are
+    // point (`RLHF_TRACE_ALLOCS=1`, H200, 2026-12-02); all f32 (4 B) unless said. `[N, h]` and `[N, kv]` are
     // activations over all N = rows x tokens, `[r, T, T]` the mask bias made once per forward.
     let nh = n * h * 4;
     let nkv = n * kv * 4;
