@@ -230,8 +230,8 @@ if want grpo-20b speed; then
   ours grpo-20b --model "$m" $GRPO20
 fi
 
-# --- decode (rlhf only): the fused sampling step, 16 rows, each launch class left out in turn ---
-# ("full" in ms_per_step_without is the whole step.)
+# --- decode (rlhf only): the fused sampling step at 16 rows, checked against the ordinary
+# forward, then timed with each launch class left out in turn ("full" is the whole step) -------
 decode() {
   local row=$1 log="$RESULTS/logs/$1.rlhf.log"
   shift
@@ -239,6 +239,9 @@ decode() {
     echo "$row: set DECODE_CHECK to run it" >&2
     return 0
   fi
+  echo "== $row: decode_check $*" | tee "$log.check"
+  "$DECODE_CHECK" "$@" >>"$log.check" 2>&1 || echo "decode_check exit $?" >>"$log.check"
+  record "$row" rlhf "$log.check"
   echo "== $row: ABLATE=1 decode_check $*" | tee "$log"
   ABLATE=1 "$DECODE_CHECK" "$@" >>"$log" 2>&1 || echo "decode_check exit $?" >>"$log"
   record "$row" rlhf "$log"
