@@ -273,14 +273,14 @@ if want mem-rm-20b memory || want mem-ppo-20b memory; then
   run="train.max_steps=3 train.gradient_accumulation_steps=1 train.save_steps=3 train.logging_steps=1"
   if [ -f "$REPO/configs/20b-rm-24gb.toml" ]; then
     capped config mem-rm-20b rm "$REPO/configs/20b-rm-24gb.toml" \
-      model.path="\"$m\"" model.dtype="\"$DTYPE\"" data.train="\"$m/dpo.jsonl\"" \
+      model.path="\"$m\"" model.dtype="\"$DTYPE\"" data.train="\"$m/dpo.jsonl\"" data.chat_template=false \
       train.output_dir="\"$RESULTS/runs/rm-20b\"" $run
   else
     echo "mem-rm-20b: configs/20b-rm-24gb.toml not in this checkout" >&2
   fi
   if want mem-ppo-20b memory; then
     capped config mem-ppo-20b ppo "$REPO/configs/20b-ppo-24gb.toml" \
-      model.path="\"$m\"" model.dtype="\"$DTYPE\"" data.train="\"$m/grpo.jsonl\"" \
+      model.path="\"$m\"" model.dtype="\"$DTYPE\"" data.train="\"$m/grpo.jsonl\"" data.chat_template=false \
       train.output_dir="\"$RESULTS/runs/ppo-20b\"" \
       ppo.reward_adapter="\"$RESULTS/runs/rm-20b/reward\"" $run
   fi
