@@ -111,7 +111,7 @@ pub struct Calibration {
 
 /// The planner's constants. See [`Calibration`].
 pub const CALIBRATION: Calibration = Calibration {
-    source: "engine training terms counted from the allocator's live tensors, checked against 11 runs on an H200 (BENCHMARKS.md, sessions 6-7; engine_prefill and engine_ppo_kept fitted); the rest estimates",
+    source: "engine training terms counted from the allocator's live tensors, checked against 11 runs on an H200 (BENCHMARKS.md, 2026-12-02; engine_prefill and engine_ppo_kept fitted); the rest estimates",
     // nvidia-smi minus the allocator's reservation, 0.555-0.578 GiB in the same 11 runs.
     cuda_context_bytes: 0.57 * GIB,
     slack_persistent: 0.02,

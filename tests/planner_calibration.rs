@@ -1,9 +1,9 @@
 //! The planner against measured peaks: every run of `tests/data/calibration/measured.json`
-//! (allocator in-use high points of `rlhf bench` / `rlhf ppo` on an H200, BENCHMARKS.md,
-//! sessions 6 and 7) is re-planned from its shapes with today's planner, and the tensor peak (the
+//! (allocator in-use high points of `rlhf bench` / `rlhf ppo` on an H200, 2026-12-02, commands in
+//! bench/run_all.sh) is re-planned from its shapes with today's planner, and the tensor peak (the
 //! plan without CUDA context and allocator slack) must stay within the issue's ±5% of what was
 //! measured. The training terms are counted tensors, not fitted; PPO's `engine_ppo_kept` is
-//! fitted on its one run, the 8b GRPO's rollout on `engine_prefill` (BENCHMARKS.md, session 7).
+//! fitted on its one run, the 8b GRPO's rollout on `engine_prefill` (BENCHMARKS.md).
 
 use rlhf::cli::bench::{run_config, BenchArgs};
 use rlhf::cli::DeviceArg;

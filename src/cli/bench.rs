@@ -1,4 +1,4 @@
-//! `rlhf bench`: our side of the peer benchmark against TRL (`shared/bench/trl_baseline.py`).
+//! `rlhf bench`: our side of the peer benchmark against TRL (`bench/trl_baseline.py`).
 //!
 //! It reads the same folder (`make_model.py`'s config.json, model.safetensors, tokenizer.json,
 //! dpo.jsonl, grpo.jsonl), takes the same flags with the same defaults, and runs the same workload
@@ -251,7 +251,7 @@ fn check_args(a: &BenchArgs, algo: Algo) -> Result<()> {
     }
     if !a.model.is_dir() {
         bail!(
-            "{}: model folder not found (make it with shared/bench/make_model.py)",
+            "{}: model folder not found (make it with bench/make_model.py)",
             a.model.display()
         );
     }

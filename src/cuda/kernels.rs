@@ -300,7 +300,7 @@ fn lora_up(
 ) -> f32 {
     let mut acc = 0.0f32;
     // Unrolled (the width is a compile-time value): all `width` loads issue at once. A loop over a
-    // run-time width waited for each in turn, ~10 us per RMSNorm launch at 16 rows (session 9).
+    // run-time width waited for each in turn, ~10 us per RMSNorm launch at 16 rows (H200, 2026-12-02).
     #[unroll]
     for j in 0..width {
         acc += z[r * width + j] * bt[j * outs + o];
@@ -310,7 +310,7 @@ fn lora_up(
 
 /// `out[r, o] += scale * sum_j z[r, j] bt[j, o]` ([`lora_up`]) for every row and output, one
 /// unit each: a projection group's LoRA up-projection as a launch of its own. Nsight Compute
-/// (session 9) timed RoPE + cache append at 28.8 us and the RMSNorm at 11.2 us when they added
+/// (H200, 2026-12-02) timed RoPE + cache append at 28.8 us and the RMSNorm at 11.2 us when they added
 /// it as they read the group's output: one warp per (row, head), or 16 cubes in all, each unit walking `width` values
 /// of `bt` for each of its outputs, is too few loads in flight; here every output has its unit.
 #[cube(launch_unchecked)]
@@ -623,7 +623,7 @@ pub fn decode_attention(
     let kv_base = (r * nkv + kh) * cap * d;
     // Plane p scores keys p, p + planes, ..., four at a time: their loads issue together
     // instead of each waiting for the previous key's (at ~128 keys the step was a chain of
-    // dependent loads, session 9).
+    // dependent loads; H200, 2026-12-02).
     let mut j0 = plane;
     while j0 < len {
         let mut part = Array::<f32>::new(4usize);

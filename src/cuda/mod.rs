@@ -47,7 +47,7 @@ pub fn is_cuda<B: Backend>() -> bool {
 /// burn's own cast allocates with cubecl's row pitch (each row padded to a multiple of up to
 /// 512 bytes): a `[32000, 896]` bf16 table took 62.5 MiB instead of 54.7, a 0.5b checkpoint
 /// `[4096, 896]` 8 MiB instead of 7, and the LM head's GEMM operand became a second,
-/// unpitched copy of it (BENCHMARKS.md, session 7).
+/// unpitched copy of it (allocations at the 0.5b DPO peak; H200, 2026-12-02).
 pub fn contiguous_bf16<B: Backend, const D: usize>(
     t: Tensor<B, D>,
 ) -> Result<Tensor<B, D>, Tensor<B, D>> {

@@ -11,9 +11,9 @@
 //! and the warps' sums meet in shared memory once at the end; no two cubes write the same
 //! value (no atomics, no second pass). At a few rows the step is latency-bound, so a warp
 //! issues the loads of up to four chunks before it multiplies any of them, and small matrices
-//! get one chunk per warp. Session 9's version dequantized each chunk into a shared-memory
+//! get one chunk per warp. A version that dequantized each chunk into a shared-memory
 //! tile for `wmma` (16x16x16): its 2-byte stores were 3.9-way bank-conflicted, L1 81% busy,
-//! 28 us for the 0.5b gate/up group at 1.4 GHz (Nsight Compute, session 10). The NF4 GEMV on
+//! 28 us for the 0.5b gate/up group at 1.4 GHz (Nsight Compute, H200, 2026-12-02). The NF4 GEMV on
 //! CUDA cores (`kernels::nf4_gemv_fused`) read the same 4 bits but spent 16 multiply-adds per
 //! weight for 16 rows, which the tensor cores do in one instruction per 2,048.
 
@@ -81,7 +81,7 @@ fn nf4_pair<N: Size>(
 /// `warp, warp + warps, ...` of `in`, with `m16n8k16` MMAs whose operands are built in
 /// registers: no shared-memory tile, no bank conflicts (the `wmma` version dequantized each
 /// chunk into shared memory first; Nsight Compute found its stores 3.9-way bank-conflicted and
-/// L1 81% busy, session 10).
+/// L1 81% busy; H200, 2026-12-02).
 ///
 /// A lane (g = lane / 4, t = lane % 4) of the `m16n8k16` layout holds A's rows g and g + 8 and
 /// B's column g, at k positions 2t, 2t + 1, 2t + 8, 2t + 9. The sum over k does not care
@@ -231,7 +231,7 @@ fn load_code2(code2: &Array<f32>, shared: &mut SharedMemory<f32>) {
 /// of `in` once, reading `a[j, k]` once and the rows' `x[r, k]` together (one accumulator per row
 /// of the launch's row tiles: the loads issue together); lanes, then warps, add their sums. (A
 /// plane per row walking `in` alone waited for each load in turn: ~75 us for the down
-/// projection's 4,864 inputs, which set the launch's time, session 9.)
+/// projection's 4,864 inputs, which set the launch's time; H200, 2026-12-02.)
 #[cube]
 #[allow(clippy::too_many_arguments)]
 fn lora_column(

@@ -243,7 +243,7 @@ fn prim<const D: usize>(t: Tensor<Inner, D>) -> T {
 
 /// Most rows (sequences) one fused decode samples: the projections are GEMMs and the kernels
 /// take the row count at run time, but more rows than this were never measured. Beyond it the
-/// ordinary KV-cache path runs (session 6 measured a 32-row GRPO there at 10-12 s/step).
+/// ordinary KV-cache path runs (a 32-row GRPO step took 10-12 s there; H200, 2026-12-01).
 pub const DECODE_MAX_ROWS: usize = 64;
 
 impl FusedDecode {

@@ -473,7 +473,7 @@ fn engine_pass_items(s: &Setup, m: &LlamaConfig, p: &Pass, graphs: f64) -> Optio
     let n = r * t;
     let tag = |s: String| format!("{s} [{}]", p.label);
     // The high points of a pass, counted from the allocator's live tensors at each labelled
-    // point (BENCHMARKS.md, session 7); all f32 (4 B) unless said. `[N, h]` and `[N, kv]` are
+    // point (`RLHF_TRACE_ALLOCS=1`, H200, 2026-12-02); all f32 (4 B) unless said. `[N, h]` and `[N, kv]` are
     // activations over all N = rows x tokens, `[r, T, T]` the mask bias made once per forward.
     let nh = n * h * 4;
     let nkv = n * kv * 4;
