@@ -105,15 +105,22 @@ pub struct Calibration {
     /// is set up after the prefill (the prefill's last block and hidden states).
     pub engine_prefill: f64,
     /// PPO's training step as a multiple of one pass's checkpoints (policy and value graphs,
-    /// rollout buffers); fitted on a single PPO run, so the least certain constant here.
+    /// rollout buffers); fitted with the next one on three PPO runs (0.5b, 20b at 4 and 8 rows).
     pub engine_ppo_kept: f64,
+    /// `[rows x response, V]` f32 buffers PPO's training step keeps beside the larger pass's
+    /// working set (the policy pass's logits for its loss and entropy).
+    pub engine_ppo_logits: f64,
 }
 
 /// The planner's constants. See [`Calibration`].
 pub const CALIBRATION: Calibration = Calibration {
     source: "engine training terms counted from the allocator's live tensors, checked against 11 runs on an H200 (BENCHMARKS.md, 2026-12-02; engine_prefill and engine_ppo_kept fitted); the rest estimates",
-    // nvidia-smi minus the allocator's reservation, 0.555-0.578 GiB in the same 11 runs.
-    cuda_context_bytes: 0.57 * GIB,
+    // What a run takes of the card beyond what the allocator holds: the CUDA context, cuBLASLt
+    // and the loaded kernels, and blocks the driver's stream-ordered pool keeps between
+    // synchronizations. 0.76-1.64 GiB in the five 20B runs on an H100 (2026-12-06,
+    // tests/data/calibration/measured.json, `card_mib`); 0.56-0.58 GiB at 0.5b-8b on an H200,
+    // with the allocator's pages then far above the tensors. Fitted to the 20B card peaks.
+    cuda_context_bytes: 1.1 * GIB,
     slack_persistent: 0.02,
     slack_transient: 0.10,
     logits_buffers_train: 3.0,
@@ -121,7 +128,8 @@ pub const CALIBRATION: Calibration = Calibration {
     attention_kept_per_layer: 2.0,
     sampling_buffers: 6.0,
     engine_prefill: 27.5,
-    engine_ppo_kept: 2.84,
+    engine_ppo_kept: 3.57,
+    engine_ppo_logits: 2.09,
 };
 
 /// Rows of a block's MLP the engine recomputes at once: each `[rows, i]` f32 tensor within
@@ -331,9 +339,10 @@ pub const T_KEPT: &str = "activations kept";
 pub const T_BLOCK: &str = "block workspace";
 pub const T_ATTENTION: &str = "attention scores";
 pub const T_LOGITS: &str = "logits";
+pub const T_POLICY_LOGITS: &str = "policy logits kept";
 pub const T_SLACK: &str = "allocator slack";
 
-const TERM_ORDER: [&str; 18] = [
+const TERM_ORDER: [&str; 19] = [
     T_CONTEXT,
     T_LINEARS,
     T_DENSE,
@@ -351,6 +360,7 @@ const TERM_ORDER: [&str; 18] = [
     T_BLOCK,
     T_ATTENTION,
     T_LOGITS,
+    T_POLICY_LOGITS,
     T_SLACK,
 ];
 

@@ -103,3 +103,49 @@ fn planned_tensor_peaks_match_the_measured_ones() {
         TOLERANCE * 100.0
     );
 }
+
+/// The card: for the runs measured with the allocator bounded by the plan (`card_mib`: what the
+/// run took of the card's memory, CUDA context included), the plan's peak must stay within ±5%.
+#[test]
+fn planned_card_peaks_match_the_measured_ones() {
+    let text = std::fs::read_to_string(data("measured.json")).unwrap();
+    let table: Value = serde_json::from_str(&text).unwrap();
+    let runs: Vec<&Value> = table["runs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|r| r["card_mib"].is_number())
+        .collect();
+    assert!(
+        runs.len() >= 4,
+        "card measurements of dpo, rm, grpo and ppo"
+    );
+    let mut worst: (f64, String) = (0.0, String::new());
+    println!("| run | card MiB | planned MiB | error |");
+    println!("|---|---:|---:|---:|");
+    for run in runs {
+        let name = run["name"].as_str().unwrap();
+        let model = data(&format!("{}.json", run["model"].as_str().unwrap()));
+        let algo: Algo = run["algo"].as_str().unwrap().parse().unwrap();
+        let cfg = run_of(run, &model, algo);
+        let m = read_model_config(&model).unwrap();
+        let p = plan(&cfg, &m, algo).unwrap();
+        let planned = p.peak_bytes as f64 / (1u64 << 20) as f64;
+        let card = run["card_mib"].as_f64().unwrap();
+        let err = (planned - card) / card;
+        println!(
+            "| {name} | {card:.0} | {planned:.0} | {:+.1}% |",
+            err * 100.0
+        );
+        if err.abs() > worst.0 {
+            worst = (err.abs(), name.to_string());
+        }
+    }
+    assert!(
+        worst.0 <= TOLERANCE,
+        "{}: planned card {:.1}% off the measured one (tolerance {:.1}%)",
+        worst.1,
+        worst.0 * 100.0,
+        TOLERANCE * 100.0
+    );
+}

@@ -141,6 +141,11 @@ pub(super) fn workload(
                 "ppo.response_length",
                 "data.max_prompt_length + ppo.response_length",
             )?;
+            // The rollout is `train.batch_size` rows; each training pass takes one micro-batch of
+            // one minibatch of it (algorithms::ppo::PpoSchedule).
+            let split =
+                run.ppo.num_mini_batches.max(1) * run.train.gradient_accumulation_steps.max(1);
+            let tb = (b / split as u64).max(1);
             let mut adapters = vec![("policy", true), ("value", true)];
             let mut heads = vec![("value", true)];
             let mut reward_pass = fwd("reward", b, p + c, 0, true, false);
@@ -191,8 +196,8 @@ pub(super) fn workload(
                     (
                         Phase::TrainStep,
                         vec![
-                            fwd("policy", b, p + c, c, true, true),
-                            fwd("value", b, p + c, 0, true, true),
+                            fwd("policy", tb, p + c, c, true, true),
+                            fwd("value", tb, p + c, 0, true, true),
                         ],
                     ),
                 ],
