@@ -58,6 +58,15 @@ fn run_of(run: &Value, model: &Path, algo: Algo) -> RunConfig {
     cfg
 }
 
+/// Today's plan of a measured run.
+fn replan(run: &Value) -> rlhf::plan::Plan {
+    let model = data(&format!("{}.json", run["model"].as_str().unwrap()));
+    let algo: Algo = run["algo"].as_str().unwrap().parse().unwrap();
+    let cfg = run_of(run, &model, algo);
+    let m = read_model_config(&model).unwrap();
+    plan(&cfg, &m, algo).unwrap()
+}
+
 #[test]
 fn planned_tensor_peaks_match_the_measured_ones() {
     let text = std::fs::read_to_string(data("measured.json")).unwrap();
@@ -70,11 +79,7 @@ fn planned_tensor_peaks_match_the_measured_ones() {
     println!("|---|---:|---:|---:|");
     for run in runs {
         let name = run["name"].as_str().unwrap();
-        let model = data(&format!("{}.json", run["model"].as_str().unwrap()));
-        let algo: Algo = run["algo"].as_str().unwrap().parse().unwrap();
-        let cfg = run_of(run, &model, algo);
-        let m = read_model_config(&model).unwrap();
-        let p = plan(&cfg, &m, algo).unwrap();
+        let p = replan(run);
         let planned = p.tensor_peak_bytes() as f64 / (1u64 << 20) as f64;
         let measured = run["peak_mib"].as_f64().unwrap();
         let err = (planned - measured) / measured;
@@ -125,11 +130,7 @@ fn planned_card_peaks_match_the_measured_ones() {
     println!("|---|---:|---:|---:|");
     for run in runs {
         let name = run["name"].as_str().unwrap();
-        let model = data(&format!("{}.json", run["model"].as_str().unwrap()));
-        let algo: Algo = run["algo"].as_str().unwrap().parse().unwrap();
-        let cfg = run_of(run, &model, algo);
-        let m = read_model_config(&model).unwrap();
-        let p = plan(&cfg, &m, algo).unwrap();
+        let p = replan(run);
         let planned = p.peak_bytes as f64 / (1u64 << 20) as f64;
         let card = run["card_mib"].as_f64().unwrap();
         let err = (planned - card) / card;
