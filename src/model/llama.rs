@@ -254,7 +254,7 @@ impl<B: Backend> OutputHead<B> {
     pub fn forward(&self, x: Tensor<B, 2>) -> Tensor<B, 2> {
         match self {
             Self::Own(head) => head.forward(x),
-            Self::Tied(embed) => x.matmul(embed.clone().transpose()),
+            Self::Tied(embed) => crate::quant::matmul_wt(x, embed),
         }
     }
 

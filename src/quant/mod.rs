@@ -13,7 +13,8 @@ use std::sync::Arc;
 /// How a frozen base weight `[out, in]` is stored.
 #[derive(Debug, Clone)]
 pub enum BaseWeight<B: Backend> {
-    /// Kept at compute precision on the device (`model.quantize = "none"`).
+    /// Kept at compute precision on the device (`model.quantize = "none"`), stored column-major
+    /// (`[out, in]` seen through a transposed `[in, out]` buffer) so `x W^T` reads it in place.
     Dense(Tensor<B, 2>),
     /// 4-bit NF4 + double-quantized absmax. Dequantized into a short-lived workspace tensor per
     /// forward, so the dense weight never stays resident.
@@ -42,6 +43,37 @@ pub(crate) fn dense_at_rest<B: Backend>(w: Tensor<B, 2>) -> Tensor<B, 2> {
     w
 }
 
+/// Row-major `[out, in]` values as a tensor of that shape stored column-major: an `[in, out]`
+/// buffer seen transposed, so products with `W^T` (every forward) read it without a copy.
+fn column_major<B: Backend>(
+    values: &[f32],
+    out_features: usize,
+    in_features: usize,
+    device: &B::Device,
+) -> Tensor<B, 2> {
+    let mut t = vec![0.0f32; values.len()];
+    for (o, row) in values.chunks_exact(in_features).enumerate() {
+        for (i, &v) in row.iter().enumerate() {
+            t[i * out_features + o] = v;
+        }
+    }
+    Tensor::<B, 2>::from_data(TensorData::new(t, [in_features, out_features]), device).transpose()
+}
+
+/// `x w^T` for a large row-major `w` (`[n, k]`, e.g. tied embeddings `[vocab, hidden]`) and
+/// fewer rows in `x`: computed as `(w x^T)^T` off CUDA, so only `x` is copied into the layout
+/// the CPU matmuls want, not `w`.
+pub fn matmul_wt<B: Backend>(x: Tensor<B, 2>, w: &Tensor<B, 2>) -> Tensor<B, 2> {
+    #[cfg(feature = "cuda")]
+    if crate::cuda::is_cuda::<B>() {
+        return x.matmul(w.clone().transpose());
+    }
+    if x.dims()[0] >= w.dims()[0] {
+        return x.matmul(w.clone().transpose());
+    }
+    w.clone().matmul(x.transpose()).transpose()
+}
+
 impl<B: Backend> BaseLinear<B> {
     /// Builds a layer from row-major `[out, in]` f32 values, quantizing when asked.
     pub fn new(
@@ -63,8 +95,12 @@ impl<B: Backend> BaseLinear<B> {
                 &[out_features, in_features],
             )?))
         } else {
-            let w = Tensor::from_data(TensorData::new(values, [out_features, in_features]), device);
-            BaseWeight::Dense(dense_at_rest(w))
+            BaseWeight::Dense(dense_at_rest(column_major(
+                &values,
+                out_features,
+                in_features,
+                device,
+            )))
         };
         let bias = bias.map(|b| {
             let n = b.len();
@@ -91,6 +127,22 @@ impl<B: Backend> BaseLinear<B> {
         }
     }
 
+    /// `W^T` as a `[in, out]` tensor laid out row-major, the operand of `x W^T`: the stored
+    /// dense weight seen transposed (no copy), or NF4 dequantized straight into that layout.
+    /// CPU matmuls copy a transposed operand into row-major first; this never needs one.
+    pub fn weight_t(&self, device: &B::Device) -> Tensor<B, 2> {
+        match &self.weight {
+            BaseWeight::Dense(w) => w.clone().cast(FloatDType::F32).transpose(),
+            BaseWeight::Nf4(q) => Tensor::from_data(
+                TensorData::new(
+                    q.dequantize_transposed(),
+                    [self.in_features, self.out_features],
+                ),
+                device,
+            ),
+        }
+    }
+
     /// `x [.., in] -> [.., out]`. The weight carries no gradient: the base is frozen.
     pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
         let device = x.device();
@@ -99,7 +151,7 @@ impl<B: Backend> BaseLinear<B> {
         let x2: Tensor<B, 2> = x.reshape([rows, self.in_features]);
         let mut y = match self.fast_path(&x2) {
             Some(y) => y,
-            None => x2.matmul(self.dense_weight(&device).transpose()),
+            None => x2.matmul(self.weight_t(&device)),
         };
         if let Some(b) = &self.bias {
             y = y + b.clone().unsqueeze_dim(0);
