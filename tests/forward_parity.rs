@@ -10,6 +10,7 @@ mod ndarray {
 }
 
 #[cfg(feature = "candle")]
+#[allow(deprecated)] // burn-candle is deprecated upstream; the crate still offers it.
 mod candle {
     type B = burn::backend::Candle<f32, i64>;
     include!("forward_parity/cases.rs");
