@@ -1,9 +1,10 @@
 //! The decoder's logits against Hugging Face transformers' (fixtures made by
 //! scripts/fixtures/hf_forward.py), and LoRA adapters against PEFT's.
 //!
-//! Every case runs on each CPU backend built in: burn-ndarray always, burn-candle with the
-//! `candle` feature.
+//! Every case runs on each CPU backend built in: burn-ndarray with the `ndarray` feature (the
+//! default), burn-candle with `candle`.
 
+#[cfg(feature = "ndarray")]
 mod ndarray {
     type B = burn::backend::NdArray<f32>;
     include!("forward_parity/cases.rs");
