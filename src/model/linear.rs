@@ -11,6 +11,23 @@ use burn::tensor::{
 };
 use std::sync::Arc;
 
+/// Row-major `[out, in]` values as a tensor of that shape stored column-major: an `[in, out]`
+/// buffer seen transposed, so products with `W^T` (every forward) read it without a copy.
+fn column_major<B: Backend>(
+    values: &[f32],
+    out_features: usize,
+    in_features: usize,
+    device: &B::Device,
+) -> Tensor<B, 2> {
+    let mut t = vec![0.0f32; values.len()];
+    for (o, row) in values.chunks_exact(in_features).enumerate() {
+        for (i, &v) in row.iter().enumerate() {
+            t[i * out_features + o] = v;
+        }
+    }
+    Tensor::<B, 2>::from_data(TensorData::new(t, [in_features, out_features]), device).transpose()
+}
+
 /// A frozen linear layer of the base model: `y = x W^T (+ b)`.
 #[derive(Debug, Clone)]
 pub struct BaseLinear<B: Backend> {
@@ -43,8 +60,12 @@ impl<B: Backend> BaseLinear<B> {
                 &[out_features, in_features],
             )?))
         } else {
-            let w = Tensor::from_data(TensorData::new(values, [out_features, in_features]), device);
-            BaseWeight::Dense(ops::dense_at_rest(w))
+            BaseWeight::Dense(ops::dense_at_rest(column_major(
+                &values,
+                out_features,
+                in_features,
+                device,
+            )))
         };
         let bias = bias.map(|b| {
             let n = b.len();
@@ -70,6 +91,22 @@ impl<B: Backend> BaseLinear<B> {
         }
     }
 
+    /// `W^T` as a `[in, out]` tensor laid out row-major, the operand of `x W^T`: the stored
+    /// dense weight seen transposed (no copy), or NF4 dequantized straight into that layout.
+    /// CPU matmuls copy a transposed operand into row-major first; this never needs one.
+    pub fn weight_t(&self, device: &B::Device) -> Tensor<B, 2> {
+        match &self.weight {
+            BaseWeight::Dense(w) => w.clone().cast(FloatDType::F32).transpose(),
+            BaseWeight::Nf4(q) => Tensor::from_data(
+                TensorData::new(
+                    q.dequantize_transposed(),
+                    [self.in_features, self.out_features],
+                ),
+                device,
+            ),
+        }
+    }
+
     /// `x [.., in] -> [.., out]`. The weight carries no gradient: the base is frozen.
     pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
         let device = x.device();
@@ -78,7 +115,7 @@ impl<B: Backend> BaseLinear<B> {
         let x2: Tensor<B, 2> = x.reshape([rows, self.in_features]);
         let mut y = match ops::linear_fast(&self.gpu, &self.weight, &x2) {
             Some(y) => y,
-            None => x2.matmul(self.dense_weight(&device).transpose()),
+            None => x2.matmul(self.weight_t(&device)),
         };
         if let Some(b) = &self.bias {
             y = y + b.clone().unsqueeze_dim(0);

@@ -219,7 +219,7 @@ impl<B: Backend> OutputHead<B> {
     pub fn forward(&self, x: Tensor<B, 2>) -> Tensor<B, 2> {
         match self {
             Self::Own(head) => head.forward(x),
-            Self::Tied(embed) => x.matmul(embed.clone().transpose()),
+            Self::Tied(embed) => super::ops::matmul_wt(x, embed),
         }
     }
 
@@ -737,11 +737,18 @@ impl<B: Backend> Llama<B> {
                     let outside = window
                         .map(|w| q_abs - k_abs.min(q_abs) >= w)
                         .unwrap_or(false);
-                    m.push(future || !valid || outside);
+                    m.push(if future || !valid || outside {
+                        1.0f32
+                    } else {
+                        0.0
+                    });
                 }
             }
         }
-        Tensor::from_data(TensorData::new(m, [b, 1, t, total]), &self.device)
+        // Built from floats and compared: every CPU backend runs comparisons, while boolean
+        // tensors from host data are missing on some (burn-candle).
+        Tensor::<B, 4>::from_data(TensorData::new(m, [b, 1, t, total]), &self.device)
+            .greater_elem(0.5)
     }
 
     /// Projects hidden states to vocabulary logits `[b, t, vocab]`.

@@ -16,6 +16,20 @@ pub(crate) fn dense_at_rest<B: Backend>(w: Tensor<B, 2>) -> Tensor<B, 2> {
     w
 }
 
+/// `x w^T` for a large row-major `w` (`[n, k]`, e.g. tied embeddings `[vocab, hidden]`) and
+/// fewer rows in `x`: computed as `(w x^T)^T` off CUDA, so only `x` is copied into the layout
+/// the CPU matmuls want, not `w`.
+pub fn matmul_wt<B: Backend>(x: Tensor<B, 2>, w: &Tensor<B, 2>) -> Tensor<B, 2> {
+    #[cfg(feature = "cuda")]
+    if crate::cuda::is_cuda::<B>() {
+        return x.matmul(w.clone().transpose());
+    }
+    if x.dims()[0] >= w.dims()[0] {
+        return x.matmul(w.clone().transpose());
+    }
+    w.clone().matmul(x.transpose()).transpose()
+}
+
 /// A frozen layer's form on the CUDA fast path, built on first use there (nothing without the
 /// `cuda` feature).
 #[cfg(feature = "cuda")]

@@ -10,7 +10,8 @@ use std::sync::Arc;
 /// How a frozen base weight `[out, in]` is stored.
 #[derive(Debug, Clone)]
 pub enum BaseWeight<B: Backend> {
-    /// Kept at compute precision on the device (`model.quantize = "none"`).
+    /// Kept at compute precision on the device (`model.quantize = "none"`), stored column-major
+    /// (`[out, in]` seen through a transposed `[in, out]` buffer) so `x W^T` reads it in place.
     Dense(Tensor<B, 2>),
     /// 4-bit NF4 + double-quantized absmax. Dequantized into a short-lived workspace tensor per
     /// forward, so the dense weight never stays resident.

@@ -488,6 +488,43 @@ impl Nf4Tensor {
         out
     }
 
+    /// The weight seen as 2-D `[rows, cols]` (a linear layer's `[out, in]`), dequantized into
+    /// its transpose `[cols, rows]`, row-major: the right-hand operand of `x W^T` as CPU
+    /// matmuls want it, so no transposed copy is made per product. Same values as
+    /// [`Self::dequantize`].
+    pub fn dequantize_transposed(&self) -> Vec<f32> {
+        let cols = *self.shape.last().expect("checked at construction");
+        let rows = self.numel() / cols;
+        let mut out = vec![0.0f32; rows * cols];
+        // Each thread owns a band of output rows (input columns), walking the input rows in
+        // tiles small enough to stay in cache.
+        let band = cols.div_ceil(worker_count(self.numel()));
+        const TILE: usize = 32;
+        std::thread::scope(|s| {
+            for (i, part) in out.chunks_mut(band * rows).enumerate() {
+                let c0 = i * band;
+                let w = part.len() / rows;
+                s.spawn(move || {
+                    let mut tile = vec![0.0f32; TILE * w];
+                    for r0 in (0..rows).step_by(TILE) {
+                        let n = TILE.min(rows - r0);
+                        for r in 0..n {
+                            let dst = &mut tile[r * w..(r + 1) * w];
+                            self.dequantize_span((r0 + r) * cols + c0, dst);
+                        }
+                        for c in 0..w {
+                            let dst = &mut part[c * rows + r0..c * rows + r0 + n];
+                            for (r, d) in dst.iter_mut().enumerate() {
+                                *d = tile[r * w + c];
+                            }
+                        }
+                    }
+                });
+            }
+        });
+        out
+    }
+
     /// Rows `row_start .. row_start + rows` of the weight seen as 2-D `[rows, last dim]` (for a
     /// linear layer's `[out, in]`), written into `out` (`rows * in` values).
     pub fn dequantize_rows_into(

@@ -174,6 +174,22 @@ fn zero_blocks_follow_the_kernel() {
 }
 
 #[test]
+fn transposed_dequantize_is_the_transpose() {
+    // Odd sizes: bands and tiles that do not divide the shape, blocks straddling rows.
+    for (rows, cols) in [(37usize, 70usize), (3, 5), (130, 33)] {
+        let v = randn(rows * cols, 7);
+        let q = Nf4Tensor::quantize(&v, &[rows, cols]).unwrap();
+        let d = q.dequantize();
+        let t = q.dequantize_transposed();
+        for r in 0..rows {
+            for c in 0..cols {
+                assert_eq!(t[c * rows + r].to_bits(), d[r * cols + c].to_bits());
+            }
+        }
+    }
+}
+
+#[test]
 fn rows_into_handles_unaligned_rows() {
     let (rows, cols) = (9, 37);
     let v = randn(rows * cols, 5);
