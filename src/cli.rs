@@ -39,8 +39,16 @@ pub struct Cli {
 pub enum Command {
     /// Direct preference optimisation.
     Dpo(RunArgs),
+    /// Odds-ratio preference optimisation (reference-free, TRL's ORPOTrainer).
+    Orpo(RunArgs),
+    /// Contrastive preference optimisation; SimPO with `cpo.loss_type = "simpo"` (TRL's CPOTrainer).
+    Cpo(RunArgs),
+    /// Kahneman-Tversky optimisation on unpaired rows (prompt, completion, label).
+    Kto(RunArgs),
     /// Group-relative policy optimisation with Rust reward functions.
     Grpo(RunArgs),
+    /// REINFORCE leave-one-out with Rust reward functions (TRL's RLOOTrainer).
+    Rloo(RunArgs),
     /// PPO with policy, value and reward roles on one base.
     Ppo(RunArgs),
     /// Reward-model training (reward adapter + score head).
@@ -140,7 +148,17 @@ pub fn run(cli: Cli) -> Result<i32> {
         Command::Rm(a) => {
             crate::commands::run_on_device(&PreferenceJob(Algo::Rm), &a.config, &flags(&a))
         }
+        Command::Orpo(a) => crate::commands::run_on_device(
+            &crate::ref_free_cmd::Method::Orpo,
+            &a.config,
+            &flags(&a),
+        ),
+        Command::Cpo(a) => {
+            crate::commands::run_on_device(&crate::ref_free_cmd::Method::Cpo, &a.config, &flags(&a))
+        }
+        Command::Kto(a) => crate::kto_cmd::run_on_device(&a.config, &flags(&a)),
         Command::Grpo(a) => crate::grpo_cmd::run_on_device(&a.config, &flags(&a)),
+        Command::Rloo(a) => crate::rloo_cmd::run_on_device(&a.config, &flags(&a)),
         Command::Ppo(a) => crate::ppo_cmd::run_on_device(&a.config, &flags(&a)),
         Command::Bench(a) => crate::bench::run(&a),
         Command::Plan(a) => {

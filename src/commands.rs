@@ -12,11 +12,10 @@ use crate::train::{evaluate, latest_checkpoint, train, RunOptions};
 use anyhow::{bail, Context, Result};
 use burn::tensor::backend::AutodiffBackend;
 use rlhf_algorithms::dpo::{DpoTrainer, PairExample};
-use rlhf_algorithms::losses::{DpoConfig, DpoLossType, RewardLossConfig};
+use rlhf_algorithms::losses::{DpoConfig, RewardLossConfig};
 use rlhf_algorithms::rm::RewardTrainer;
 use rlhf_algorithms::trainer::{Metrics, Role, Trainer};
 use std::path::{Path, PathBuf};
-use std::str::FromStr;
 
 /// Flags shared by the training commands.
 #[derive(Debug, Clone, Default)]
@@ -158,7 +157,7 @@ pub fn run_plan(config: &Path, algo: Option<Algo>, json: bool) -> Result<i32> {
     })
 }
 
-fn tokenize_opts(cfg: &RunConfig) -> TokenizeOptions {
+pub fn tokenize_opts(cfg: &RunConfig) -> TokenizeOptions {
     TokenizeOptions {
         max_length: Some(cfg.data.max_length),
         max_prompt_length: Some(cfg.data.max_prompt_length),
@@ -182,23 +181,10 @@ pub fn load_pairs(path: &Path, codec: &Codec, cfg: &RunConfig) -> Result<Vec<Pai
         .collect())
 }
 
-/// The DPO loss of `[dpo]`.
+/// The DPO loss of `[dpo]`, checked.
 pub fn dpo_config(cfg: &RunConfig) -> Result<DpoConfig> {
-    let loss_types = cfg
-        .dpo
-        .loss_type
-        .iter()
-        .map(|s| DpoLossType::from_str(s))
-        .collect::<Result<Vec<_>>>()?;
-    let c = DpoConfig {
-        beta: cfg.dpo.beta,
-        label_smoothing: cfg.dpo.label_smoothing,
-        loss_types,
-        loss_weights: cfg.dpo.loss_weights.clone(),
-        ..Default::default()
-    };
-    c.validate()?;
-    Ok(c)
+    cfg.dpo.validate()?;
+    Ok(cfg.dpo.clone())
 }
 
 /// `rlhf dpo` / `rlhf rm` on backend `B`.
@@ -287,7 +273,7 @@ pub fn run_preference<B: AutodiffBackend>(
     Ok(0)
 }
 
-fn run_and_eval<B: AutodiffBackend, T: Trainer<B>>(
+pub fn run_and_eval<B: AutodiffBackend, T: Trainer<B>>(
     cfg: &RunConfig,
     model: &mut RlhfModel<B>,
     trainer: &mut T,
@@ -331,7 +317,7 @@ fn precompute_reference<B: AutodiffBackend>(
     Ok(())
 }
 
-fn print_metrics(what: &str, m: &Metrics) {
+pub fn print_metrics(what: &str, m: &Metrics) {
     let parts: Vec<String> = m.iter().map(|(k, v)| format!("{k}={v:.4}")).collect();
     println!("{what}: {}", parts.join(" "));
 }

@@ -17,12 +17,11 @@ use crate::plan::Algo;
 use crate::train::{evaluate, latest_checkpoint, train};
 use anyhow::{bail, Context, Result};
 use burn::tensor::backend::AutodiffBackend;
-use rlhf_algorithms::grpo::{GrpoExample, GrpoSettings, GrpoTrainer, RewardFailure};
-use rlhf_algorithms::losses::{GrpoLossConfig, GrpoLossType, ScaleRewards};
+use rlhf_algorithms::grpo::{GrpoExample, GrpoSettings, GrpoTrainer, Objective, RewardFailure};
+use rlhf_algorithms::losses::GrpoLossConfig;
 use rlhf_algorithms::trainer::{Metrics, Role, SamplingParams};
 use rlhf_rewards::{RewardConfig, RewardSet};
 use std::path::Path;
-use std::str::FromStr;
 
 /// Name of the sample-completions log in `train.output_dir`.
 pub const COMPLETIONS_LOG: &str = "completions.jsonl";
@@ -41,7 +40,7 @@ impl crate::commands::TrainJob for GrpoJob {
         flags: &TrainFlags,
         device: &B::Device,
     ) -> Result<i32> {
-        run::<B>(config, flags, device)
+        run::<B>(config, flags, device, Objective::Grpo)
     }
 }
 
@@ -114,7 +113,10 @@ pub fn check_config(cfg: &RunConfig) -> Result<()> {
 pub fn loss_config(cfg: &RunConfig) -> Result<GrpoLossConfig> {
     let g = &cfg.grpo;
     Ok(GrpoLossConfig {
-        loss_type: GrpoLossType::from_str(&g.loss_type).context("key `grpo.loss_type`")?,
+        loss_type: g.loss_type,
+        importance_sampling_level: g.importance_sampling_level,
+        sapo_temperature_pos: g.sapo_temperature_pos,
+        sapo_temperature_neg: g.sapo_temperature_neg,
         beta: g.beta,
         epsilon_low: g.epsilon,
         epsilon_high: g.epsilon_high.unwrap_or(g.epsilon),
@@ -173,17 +175,26 @@ pub fn load_examples(
         .collect()
 }
 
-/// `rlhf grpo` on backend `B`.
+/// `rlhf grpo` (and `rlhf rloo`, with [`Objective::Rloo`]) on backend `B`.
 pub fn run<B: AutodiffBackend>(
     config: &Path,
     flags: &TrainFlags,
     device: &B::Device,
+    objective: Objective,
 ) -> Result<i32> {
     let config_text = std::fs::read_to_string(config)
         .with_context(|| format!("{}: cannot read config file", config.display()))?;
-    let cfg = RunConfig::parse(&config_text, config)?;
+    let mut cfg = RunConfig::parse(&config_text, config)?;
+    if let Objective::Rloo { .. } = objective {
+        cfg = crate::rloo_cmd::as_grpo_run(&cfg)
+            .map_err(|e| anyhow::anyhow!("{}: {e:#}", config.display()))?;
+    }
     check_config(&cfg).map_err(|e| anyhow::anyhow!("{}: {e:#}", config.display()))?;
-    let loss = loss_config(&cfg).map_err(|e| anyhow::anyhow!("{}: {e:#}", config.display()))?;
+    let mut loss = loss_config(&cfg).map_err(|e| anyhow::anyhow!("{}: {e:#}", config.display()))?;
+    if let Objective::Rloo { .. } = objective {
+        // RLOO's KL is a reward penalty, not a loss term.
+        loss.beta = 0.0;
+    }
     // Plugins load (and a bad one fails) before any weight is read.
     let rewards = build_rewards(&cfg, config)?;
     if let Some(code) = check_plan(&cfg, Algo::Grpo, flags.force)? {
@@ -204,7 +215,8 @@ pub fn run<B: AutodiffBackend>(
     let seed = cfg.train.seed;
     model.add_new_adapter(Role::Policy, &cfg.lora, seed)?;
     let opts = flags.run_options(&cfg, &loaded.name, config_text)?;
-    let settings = settings(&cfg, loss, stop_ids, pad_id)?;
+    let mut settings = settings(&cfg, loss, stop_ids, pad_id)?;
+    settings.objective = objective;
     let mut trainer = GrpoTrainer::new(settings, rewards)?;
     let last = match train(&cfg, &mut model, &mut trainer, &train_set, &opts) {
         Ok(m) => m,
@@ -248,7 +260,7 @@ pub fn settings(
         num_generations: cfg.grpo.num_generations,
         num_iterations: cfg.grpo.num_iterations,
         gradient_accumulation_steps: cfg.train.gradient_accumulation_steps,
-        scale_rewards: ScaleRewards::from_str(&cfg.grpo.scale_rewards)?,
+        scale_rewards: cfg.grpo.scale_rewards,
         mask_truncated_completions: cfg.grpo.mask_truncated_completions,
         loss,
         sampling: SamplingParams {
@@ -264,6 +276,7 @@ pub fn settings(
         pad_id,
         logging_steps: cfg.train.logging_steps,
         completions_log: Some(cfg.train.output_dir.join(COMPLETIONS_LOG)),
+        objective: Objective::Grpo,
     })
 }
 

@@ -1,5 +1,5 @@
-//! `rlhf`: RLHF post-training (PPO, DPO, GRPO, reward modelling) of LoRA adapters on one frozen,
-//! 4-bit quantized base model. See README.md for the tour and ARCHITECTURE.md for the design.
+//! `rlhf`: RLHF post-training (PPO, DPO, ORPO, CPO/SimPO, KTO, GRPO, RLOO, reward modelling) of
+//! LoRA adapters on one frozen, 4-bit quantized base model. See README.md for the tour and ARCHITECTURE.md for the design.
 
 pub mod bench;
 pub mod cli;
@@ -13,12 +13,15 @@ pub mod engine;
 pub mod generate;
 pub mod gguf;
 pub mod grpo_cmd;
+pub mod kto_cmd;
 pub mod lora;
 pub mod model;
 pub mod optim;
 pub mod plan;
 pub mod ppo_cmd;
 pub mod quant;
+pub mod ref_free_cmd;
+pub mod rloo_cmd;
 pub mod tokenizer;
 pub mod train;
 pub mod util;

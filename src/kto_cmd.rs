@@ -1,0 +1,135 @@
+//! `rlhf kto --config run.toml`: KTO on unpaired rows, as TRL's `KTOTrainer`. A row is
+//! `prompt`, `completion` (both strings or both messages) and a boolean `label` (desirable or
+//! not); it is tokenized exactly as a preference pair's prompt and chosen completion. Preference
+//! files are unpaired first, as TRL does. Rows are shuffled by the run loop; each row's KL
+//! completion is fixed when the data is read, so the KL estimate stays one of mismatched pairs. The plan is
+//! a DPO pair forward's: each row is scored with its own and with a mismatched (KL) completion.
+
+use crate::cli::Loaded;
+use crate::commands::{
+    check_plan, print_metrics, run_and_eval, tokenize_opts, Codec, TrainFlags, TrainJob,
+};
+use crate::config::{Quantize, RunConfig};
+use crate::data::{Row, TextCodec};
+use crate::engine::RlhfModel;
+use crate::plan::Algo;
+use anyhow::{bail, Context, Result};
+use burn::tensor::backend::AutodiffBackend;
+use rlhf_algorithms::kto::{assign_kl_completions, KtoExample, KtoTrainer};
+use rlhf_algorithms::trainer::Role;
+use serde_json::Value;
+use std::path::Path;
+
+/// Runs `rlhf kto` on the configured device.
+pub fn run_on_device(config: &Path, flags: &TrainFlags) -> Result<i32> {
+    crate::commands::run_on_device(&KtoJob, config, flags)
+}
+
+struct KtoJob;
+
+impl TrainJob for KtoJob {
+    fn run<B: AutodiffBackend>(
+        &self,
+        config: &Path,
+        flags: &TrainFlags,
+        device: &B::Device,
+    ) -> Result<i32> {
+        run::<B>(config, flags, device)
+    }
+}
+
+/// Reads and tokenizes an unpaired file; KL completions are assigned as TRL does.
+pub fn load_unpaired(
+    path: &Path,
+    codec: &dyn TextCodec,
+    cfg: &RunConfig,
+) -> Result<Vec<KtoExample>> {
+    let rows = crate::data::read_rows(path)?;
+    anyhow::ensure!(!rows.is_empty(), "{}: no examples", path.display());
+    let opts = tokenize_opts(cfg);
+    let mut out = rows
+        .iter()
+        .map(|row| {
+            let origin = &row.origin;
+            let label = match row.columns.get("label") {
+                Some(Value::Bool(b)) => *b,
+                Some(other) => bail!("{origin}: column \"label\" must be true or false, found {other}"),
+                None => bail!("{origin}: missing column \"label\" (true: desirable completion)"),
+            };
+            let Some(completion) = row.columns.get("completion") else {
+                bail!("{origin}: missing column \"completion\" (KTO rows are prompt, completion, label)");
+            };
+            // A pair whose chosen and rejected are the completion: same tokenization as DPO's.
+            let mut columns = serde_json::Map::new();
+            columns.insert("prompt".into(), row.columns.get("prompt").cloned().unwrap_or(Value::Null));
+            columns.insert("chosen".into(), completion.clone());
+            columns.insert("rejected".into(), completion.clone());
+            let pair = crate::data::parse_preference(&Row {
+                origin: origin.clone(),
+                columns,
+            })?;
+            let t = crate::data::tokenize_pair(codec, &pair, &opts)?;
+            Ok(KtoExample {
+                prompt: t.prompt,
+                completion: t.chosen,
+                label,
+                kl_completion: Vec::new(),
+            })
+        })
+        .collect::<Result<Vec<_>>>()?;
+    assign_kl_completions(&mut out);
+    Ok(out)
+}
+
+/// `rlhf kto` on backend `B`.
+pub fn run<B: AutodiffBackend>(
+    config: &Path,
+    flags: &TrainFlags,
+    device: &B::Device,
+) -> Result<i32> {
+    let config_text = std::fs::read_to_string(config)
+        .with_context(|| format!("{}: cannot read config file", config.display()))?;
+    let cfg = RunConfig::parse(&config_text, config)?;
+    if cfg.kto.calculate_kl() && cfg.train.batch_size < 2 {
+        bail!(
+            "{}: key `train.batch_size`: KTO's KL estimate needs at least 2 rows per batch (as TRL)",
+            config.display()
+        );
+    }
+    if let Some(code) = check_plan(&cfg, Algo::Dpo, flags.force)? {
+        return Ok(code);
+    }
+    let loaded: Loaded<B> =
+        crate::cli::load_model(&cfg.model.path, cfg.model.quantize == Quantize::Nf4, device)?;
+    let codec = Codec::of(&loaded, &cfg);
+    let pad_id = loaded.pad_id();
+    let train_set = load_unpaired(&cfg.data.train, &codec, &cfg)?;
+    let eval_set = match &cfg.data.eval {
+        Some(p) => Some(load_unpaired(p, &codec, &cfg)?),
+        None => None,
+    };
+    let mut model = RlhfModel::for_run(loaded.model, &loaded.tok, &cfg);
+    model.add_new_adapter(Role::Policy, &cfg.lora, cfg.train.seed)?;
+    let opts = flags.run_options(&cfg, &loaded.name, config_text)?;
+    let mut trainer = KtoTrainer {
+        cfg: cfg.kto.clone(),
+        pad_id,
+    };
+    let (last, eval) = run_and_eval(
+        &cfg,
+        &mut model,
+        &mut trainer,
+        &train_set,
+        eval_set.as_deref(),
+        &opts,
+    )?;
+    print_metrics("train", &last);
+    if let Some(m) = eval {
+        print_metrics("eval", &m);
+    }
+    eprintln!(
+        "adapter written to {}",
+        cfg.train.output_dir.join(Role::Policy.name()).display()
+    );
+    Ok(0)
+}
