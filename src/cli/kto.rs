@@ -16,7 +16,9 @@ use rlhf_algorithms::kto::{assign_kl_completions, KtoExample, KtoTrainer};
 use serde_json::Value;
 use std::path::Path;
 
-/// Reads and tokenizes an unpaired file; KL completions are assigned as TRL does.
+/// Reads and tokenizes an unpaired file; KL completions are assigned as TRL does. A preference
+/// file (`chosen`/`rejected` columns) is unpaired first, as TRL's `unpair_preference_dataset`:
+/// per block of 1000 pairs, every chosen row (label true), then every rejected row.
 pub fn load_unpaired(
     path: &Path,
     codec: &dyn TextCodec,
@@ -25,6 +27,28 @@ pub fn load_unpaired(
     let rows = crate::data::read_rows(path)?;
     anyhow::ensure!(!rows.is_empty(), "{}: no examples", path.display());
     let opts = tokenize_opts(cfg);
+    let first = &rows[0].columns;
+    if first.contains_key("chosen") && first.contains_key("rejected") {
+        let pairs = crate::data::load_preferences(path)?;
+        let toks = crate::data::tokenize_preferences(codec, &pairs, &opts)?;
+        let mut out = Vec::with_capacity(2 * toks.len());
+        for block in toks.chunks(1000) {
+            for label in [true, false] {
+                out.extend(block.iter().map(|t| KtoExample {
+                    prompt: t.prompt.clone(),
+                    completion: if label {
+                        t.chosen.clone()
+                    } else {
+                        t.rejected.clone()
+                    },
+                    label,
+                    kl_completion: Vec::new(),
+                }));
+            }
+        }
+        assign_kl_completions(&mut out);
+        return Ok(out);
+    }
     let mut out = rows
         .iter()
         .map(|row| {
