@@ -5,19 +5,23 @@
 pub mod bench;
 pub mod generate;
 pub mod grpo;
+pub mod kto;
 pub mod plan;
 pub mod ppo;
 pub mod preference;
+pub mod ref_free;
+pub mod rloo;
 pub mod setup;
 pub mod trainers;
 
 pub use setup::{DeviceArg, Outcome};
 
 use crate::plan::Algo;
-use anyhow::{bail, Result};
+use anyhow::Result;
 use burn::backend::Autodiff;
 use burn::tensor::backend::Backend;
 use clap::{Parser, Subcommand};
+use rlhf_algorithms::grpo::Objective;
 use setup::{OnBackend, TrainFlags, TrainRun};
 use std::path::PathBuf;
 use std::str::FromStr;
@@ -37,8 +41,16 @@ pub struct Cli {
 pub enum Command {
     /// Direct preference optimisation.
     Dpo(RunArgs),
+    /// Odds-ratio preference optimisation (reference-free, TRL's ORPOTrainer).
+    Orpo(RunArgs),
+    /// Contrastive preference optimisation; SimPO with `cpo.loss_type = "simpo"` (TRL's CPOTrainer).
+    Cpo(RunArgs),
+    /// Kahneman-Tversky optimisation on unpaired rows (prompt, completion, label).
+    Kto(RunArgs),
     /// Group-relative policy optimisation with Rust reward functions.
     Grpo(RunArgs),
+    /// REINFORCE leave-one-out with Rust reward functions (TRL's RLOOTrainer).
+    Rloo(RunArgs),
     /// PPO with policy, value and reward roles on one base.
     Ppo(RunArgs),
     /// Reward-model training (reward adapter + score head).
@@ -68,10 +80,14 @@ pub struct RunArgs {
 pub fn run(cli: Cli) -> Result<Outcome> {
     match cli.command {
         Command::Generate(a) => generate::run(&a),
-        Command::Dpo(a) => train(Algo::Dpo, &a),
-        Command::Rm(a) => train(Algo::Rm, &a),
-        Command::Grpo(a) => train(Algo::Grpo, &a),
-        Command::Ppo(a) => train(Algo::Ppo, &a),
+        Command::Dpo(a) => train(Train::Dpo, &a),
+        Command::Orpo(a) => train(Train::Orpo, &a),
+        Command::Cpo(a) => train(Train::Cpo, &a),
+        Command::Kto(a) => train(Train::Kto, &a),
+        Command::Rm(a) => train(Train::Rm, &a),
+        Command::Grpo(a) => train(Train::Grpo, &a),
+        Command::Rloo(a) => train(Train::Rloo, &a),
+        Command::Ppo(a) => train(Train::Ppo, &a),
         Command::Bench(a) => bench::run(&a),
         Command::Plan(a) => {
             let algo = a.algo.as_deref().map(Algo::from_str).transpose()?;
@@ -80,19 +96,32 @@ pub fn run(cli: Cli) -> Result<Outcome> {
     }
 }
 
+/// The training subcommands.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Train {
+    Dpo,
+    Orpo,
+    Cpo,
+    Kto,
+    Rm,
+    Grpo,
+    Rloo,
+    Ppo,
+}
+
 /// Runs a training command on the backend its config's `model.device` names.
-fn train(algo: Algo, args: &RunArgs) -> Result<Outcome> {
+fn train(command: Train, args: &RunArgs) -> Result<Outcome> {
     let flags = TrainFlags {
         resume: args.resume.clone(),
         force: args.force,
     };
     let run = TrainRun::read(&args.config, flags)?;
-    run.on_backend(&Training { algo, run: &run })
+    run.on_backend(&Training { command, run: &run })
 }
 
 /// A training command ready to run, generic over the backend.
 struct Training<'a> {
-    algo: Algo,
+    command: Train,
     run: &'a TrainRun,
 }
 
@@ -100,11 +129,15 @@ impl OnBackend for Training<'_> {
     type Output = Outcome;
     fn run<B: Backend>(&self, device: &B::Device) -> Result<Outcome> {
         let run = self.run;
-        match self.algo {
-            Algo::Dpo | Algo::Rm => preference::run::<Autodiff<B>>(self.algo, run, device),
-            Algo::Grpo => grpo::run::<Autodiff<B>>(run, device),
-            Algo::Ppo => ppo::run::<Autodiff<B>>(run, device),
-            Algo::Generate => bail!("`generate` is not a training command"),
+        match self.command {
+            Train::Dpo => preference::run::<Autodiff<B>>(Algo::Dpo, run, device),
+            Train::Rm => preference::run::<Autodiff<B>>(Algo::Rm, run, device),
+            Train::Orpo => ref_free::run::<Autodiff<B>>(ref_free::Method::Orpo, run, device),
+            Train::Cpo => ref_free::run::<Autodiff<B>>(ref_free::Method::Cpo, run, device),
+            Train::Kto => kto::run::<Autodiff<B>>(run, device),
+            Train::Grpo => grpo::run::<Autodiff<B>>(run, device, Objective::Grpo),
+            Train::Rloo => rloo::run::<Autodiff<B>>(run, device),
+            Train::Ppo => ppo::run::<Autodiff<B>>(run, device),
         }
     }
 }

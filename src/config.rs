@@ -4,6 +4,10 @@
 //! place. Unknown keys are errors, and every error names the file, the key and what was expected.
 
 use anyhow::{bail, Context, Result};
+pub use rlhf_algorithms::losses::{
+    CpoConfig, DpoConfig, GrpoLossType, ImportanceSamplingLevel, KtoConfig, OrpoConfig, PpoConfig,
+    RlooConfig, ScaleRewards,
+};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 
@@ -18,7 +22,8 @@ pub const ALL_TARGETS: [&str; 7] = [
     "down_proj",
 ];
 
-/// A whole run: one file drives `rlhf dpo|grpo|ppo|rm|plan`.
+/// A whole run: one file drives `rlhf dpo|orpo|cpo|kto|grpo|rloo|ppo|rm|plan`. The algorithm sections' types (and
+/// their named options) live in the algorithms crate, next to the code that reads them.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct RunConfig {
@@ -32,6 +37,10 @@ pub struct RunConfig {
     pub rm: RmConfig,
     pub grpo: GrpoConfig,
     pub ppo: PpoConfig,
+    pub orpo: OrpoConfig,
+    pub cpo: CpoConfig,
+    pub kto: KtoConfig,
+    pub rloo: RlooConfig,
     pub plan: PlanConfig,
 }
 
@@ -256,30 +265,6 @@ impl Default for GenerationConfig {
     }
 }
 
-/// DPO (TRL's DPOConfig names).
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-#[serde(default, deny_unknown_fields)]
-pub struct DpoConfig {
-    pub beta: f64,
-    /// One or more of sigmoid, ipo, hinge, robust.
-    pub loss_type: Vec<String>,
-    pub loss_weights: Option<Vec<f64>>,
-    pub label_smoothing: f64,
-    pub precompute_ref_log_probs: bool,
-}
-
-impl Default for DpoConfig {
-    fn default() -> Self {
-        Self {
-            beta: 0.1,
-            loss_type: vec!["sigmoid".into()],
-            loss_weights: None,
-            label_smoothing: 0.0,
-            precompute_ref_log_probs: false,
-        }
-    }
-}
-
 /// Reward modelling (TRL's RewardConfig names).
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
@@ -298,10 +283,13 @@ pub struct GrpoConfig {
     pub epsilon: f64,
     pub epsilon_high: Option<f64>,
     pub num_iterations: usize,
-    /// group, batch or none.
-    pub scale_rewards: String,
-    /// grpo, bnpo, dr_grpo or dapo.
-    pub loss_type: String,
+    pub scale_rewards: ScaleRewards,
+    pub loss_type: GrpoLossType,
+    /// `sequence`: one importance ratio per completion (GSPO).
+    pub importance_sampling_level: ImportanceSamplingLevel,
+    /// SAPO gate temperatures (loss_type = "sapo").
+    pub sapo_temperature_pos: f64,
+    pub sapo_temperature_neg: f64,
     pub mask_truncated_completions: bool,
     /// Reward functions, each a table with `type` (built-in name or `plugin`) and `weight`.
     pub rewards: Vec<toml::Table>,
@@ -316,58 +304,13 @@ impl Default for GrpoConfig {
             epsilon: 0.2,
             epsilon_high: None,
             num_iterations: 1,
-            scale_rewards: "group".into(),
-            loss_type: "dapo".into(),
+            scale_rewards: ScaleRewards::Group,
+            loss_type: GrpoLossType::Dapo,
+            importance_sampling_level: ImportanceSamplingLevel::Token,
+            sapo_temperature_pos: 1.0,
+            sapo_temperature_neg: 1.05,
             mask_truncated_completions: false,
             rewards: Vec::new(),
-        }
-    }
-}
-
-/// PPO (TRL's PPOConfig names).
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-#[serde(default, deny_unknown_fields)]
-pub struct PpoConfig {
-    /// Reward adapter folder as written by `rlhf rm` (adapter + score head on the shared base).
-    pub reward_adapter: Option<PathBuf>,
-    /// A separate 4-bit reward model checkpoint instead of an adapter (counted by the planner).
-    pub reward_model_path: Option<PathBuf>,
-    pub response_length: usize,
-    pub num_ppo_epochs: usize,
-    pub num_mini_batches: usize,
-    pub kl_coef: f64,
-    /// k1 or k3.
-    pub kl_estimator: String,
-    pub cliprange: f64,
-    pub cliprange_value: f64,
-    pub vf_coef: f64,
-    pub gamma: f64,
-    pub lam: f64,
-    pub whiten_rewards: bool,
-    pub missing_eos_penalty: Option<f64>,
-    pub adaptive_kl_target: Option<f64>,
-    pub adaptive_kl_horizon: f64,
-}
-
-impl Default for PpoConfig {
-    fn default() -> Self {
-        Self {
-            reward_adapter: None,
-            reward_model_path: None,
-            response_length: 53,
-            num_ppo_epochs: 4,
-            num_mini_batches: 1,
-            kl_coef: 0.05,
-            kl_estimator: "k1".into(),
-            cliprange: 0.2,
-            cliprange_value: 0.2,
-            vf_coef: 0.1,
-            gamma: 1.0,
-            lam: 0.95,
-            whiten_rewards: false,
-            missing_eos_penalty: None,
-            adaptive_kl_target: None,
-            adaptive_kl_horizon: 10000.0,
         }
     }
 }
@@ -481,32 +424,12 @@ impl RunConfig {
         if self.grpo.num_iterations == 0 {
             bail!("key `grpo.num_iterations`: expected a positive integer, got 0");
         }
-        if !["group", "batch", "none"].contains(&self.grpo.scale_rewards.as_str()) {
-            bail!("key `grpo.scale_rewards`: expected one of group, batch, none");
-        }
-        if !["grpo", "bnpo", "dr_grpo", "dapo"].contains(&self.grpo.loss_type.as_str()) {
-            bail!("key `grpo.loss_type`: expected one of grpo, bnpo, dr_grpo, dapo");
-        }
-        for l in &self.dpo.loss_type {
-            // The losses crate knows TRL 1.16's loss names; its error lists them.
-            <rlhf_algorithms::losses::DpoLossType as std::str::FromStr>::from_str(l)
-                .map_err(|e| anyhow::anyhow!("key `dpo.loss_type`: {e}"))?;
-        }
-        if let Some(w) = &self.dpo.loss_weights {
-            if w.len() != self.dpo.loss_type.len() {
-                bail!(
-                    "key `dpo.loss_weights`: expected {} weights (one per loss_type), got {}",
-                    self.dpo.loss_type.len(),
-                    w.len()
-                );
-            }
-        }
-        if !["k1", "k3"].contains(&self.ppo.kl_estimator.as_str()) {
-            bail!("key `ppo.kl_estimator`: expected k1 or k3");
-        }
-        if self.ppo.num_mini_batches == 0 {
-            bail!("key `ppo.num_mini_batches`: expected a positive integer, got 0");
-        }
+        self.dpo.validate()?;
+        self.ppo.validate()?;
+        self.orpo.validate()?;
+        self.cpo.validate()?;
+        self.kto.validate()?;
+        self.rloo.validate()?;
         if !(self.plan.budget_gib.is_finite() && self.plan.budget_gib > 0.0) {
             bail!("key `plan.budget_gib`: expected a positive number of GiB");
         }
@@ -554,6 +477,57 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("qq"), "{e}");
+    }
+
+    #[test]
+    fn every_grpo_loss_type_and_gspo_parse_and_wrong_names_list_the_accepted_ones() {
+        for t in GrpoLossType::ALL {
+            let c = parse(&format!("[grpo]\nloss_type = \"{t}\"\n")).unwrap();
+            assert_eq!(c.grpo.loss_type, *t);
+        }
+        let c = parse("[grpo]\nimportance_sampling_level = \"sequence\"\n").unwrap();
+        assert_eq!(
+            c.grpo.importance_sampling_level,
+            ImportanceSamplingLevel::Sequence
+        );
+        let e = parse("[grpo]\nloss_type = \"ppo\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("grpo.loss_type") && e.contains("line 2"), "{e}");
+        for name in ["grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo"] {
+            assert!(e.contains(name), "{e}");
+        }
+        for (key, bad, listed) in [
+            (
+                "grpo.scale_rewards",
+                "[grpo]\nscale_rewards = \"x\"",
+                "group, batch, none",
+            ),
+            (
+                "grpo.importance_sampling_level",
+                "[grpo]\nimportance_sampling_level = \"x\"",
+                "token, sequence",
+            ),
+            ("ppo.kl_estimator", "[ppo]\nkl_estimator = \"k2\"", "k1, k3"),
+            (
+                "dpo.loss_type",
+                "[dpo]\nloss_type = [\"sigmoid\", \"x\"]",
+                "sigmoid_norm",
+            ),
+        ] {
+            let e = parse(bad).unwrap_err().to_string();
+            assert!(e.contains(key) && e.contains(listed), "{e}");
+        }
+    }
+
+    #[test]
+    fn dpo_loss_type_takes_one_name_or_a_list() {
+        let c = parse("[dpo]\nloss_type = \"ipo\"\n").unwrap();
+        assert_eq!(c.dpo.loss_types.len(), 1);
+        let c = parse("[dpo]\nloss_type = [\"sigmoid\", \"sft\"]\n");
+        assert!(c.is_err());
+        let e = parse("[dpo]\nbeta = 0\n").unwrap_err().to_string();
+        assert!(e.contains("dpo.beta"), "{e}");
     }
 
     #[test]

@@ -1,5 +1,6 @@
-//! `rlhf`: RLHF post-training (PPO, DPO, GRPO, reward modelling) of LoRA adapters on one frozen,
-//! 4-bit quantized base model. See README.md for the tour and ARCHITECTURE.md for the design.
+//! `rlhf`: RLHF post-training (PPO, DPO, ORPO, CPO/SimPO, KTO, GRPO, RLOO, reward modelling) of
+//! LoRA adapters on one frozen, 4-bit quantized base model. See README.md for the tour and
+//! ARCHITECTURE.md for the design.
 
 pub mod cli;
 pub mod config;

@@ -107,14 +107,20 @@ pub fn load_roles<B: Backend>(model: &mut RlhfModel<B>, roles: &[Role], dir: &Pa
     Ok(())
 }
 
+/// Each metric's mean over the micro-batches that logged it (KTO logs `rewards/chosen` only for
+/// batches with desirable rows).
 fn mean_metrics(all: &[Metrics]) -> Metrics {
-    let mut out = Metrics::new();
+    let mut sums: std::collections::BTreeMap<String, (f64, usize)> = Default::default();
     for m in all {
         for (k, v) in m {
-            *out.entry(k.clone()).or_insert(0.0) += v / all.len() as f64;
+            let e = sums.entry(k.clone()).or_insert((0.0, 0));
+            e.0 += v;
+            e.1 += 1;
         }
     }
-    out
+    sums.into_iter()
+        .map(|(k, (s, n))| (k, s / n as f64))
+        .collect()
 }
 
 /// Options of one `train` call.

@@ -1,5 +1,6 @@
 //! GRPO: group-relative policy optimisation of the policy adapter with reward functions
-//! (built-in or plugins), as TRL 1.16's `GRPOTrainer` runs it.
+//! (built-in or plugins), as TRL 1.16's `GRPOTrainer` runs it; and RLOO ([`Objective::Rloo`],
+//! TRL 1.16's `RLOOTrainer`), which shares the rollouts and differs in advantages and loss.
 //!
 //! Each micro-batch of `batch_size / num_generations` prompts is rolled out `num_generations`
 //! times with the policy (one batched `generate` call, seeded from the run seed, the step and the
@@ -25,8 +26,8 @@
 //!   rollout ignore theirs, so with μ > 1 an epoch of optimizer steps sees 1/μ of the prompts.
 
 use crate::losses::{
-    grpo_advantages, grpo_loss, mask_truncated_completions, GrpoBatch, GrpoLossConfig,
-    MultiObjectiveAggregation, ScaleRewards,
+    grpo_advantages, grpo_loss, mask_truncated_completions, masked_row_sum, rloo_advantages,
+    rloo_loss, GrpoBatch, GrpoLossConfig, MultiObjectiveAggregation, ScaleRewards,
 };
 use crate::trainer::{
     Completion, Metrics, PolicyModel, Role, SamplingParams, StepOutput, TokenBatch, Trainer,
@@ -77,6 +78,23 @@ pub struct GrpoSettings {
     pub logging_steps: usize,
     /// The JSONL file sample completions are appended to (`<output_dir>/completions.jsonl`).
     pub completions_log: Option<PathBuf>,
+    /// GRPO's group-normalised advantages and token loss, or RLOO's leave-one-out advantages
+    /// and sequence loss.
+    pub objective: Objective,
+}
+
+/// What the rollouts are optimised for.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Objective {
+    /// GRPO: [`grpo_advantages`] and [`grpo_loss`].
+    Grpo,
+    /// RLOO (TRL 1.16 `RLOOTrainer`): the sequence KL to the reference, weighted by `beta`, is
+    /// a reward penalty; advantages are leave-one-out ([`rloo_advantages`]); the loss is the
+    /// clipped sequence-ratio objective [`rloo_loss`] with the loss config's epsilons.
+    Rloo {
+        beta: f64,
+        normalize_advantages: bool,
+    },
 }
 
 impl GrpoSettings {
@@ -343,13 +361,39 @@ impl GrpoTrainer {
         let per_completion: Vec<Vec<f32>> = (0..n)
             .map(|i| scores.per_func.iter().map(|f| f[i]).collect())
             .collect();
-        let adv = grpo_advantages(
+        let truncated: Vec<bool> = completions.iter().map(|c| !c.stopped).collect();
+        let mut adv = grpo_advantages(
             &per_completion,
             self.rewards.weights(),
             g,
             s.scale_rewards,
             MultiObjectiveAggregation::SumThenNormalize,
         )?;
+        let mut rloo_kl = None;
+        if let Objective::Rloo {
+            beta,
+            normalize_advantages,
+        } = s.objective
+        {
+            let kl = if beta != 0.0 {
+                let ids: Vec<Vec<u32>> = completions.iter().map(|c| c.tokens.clone()).collect();
+                let (per_seq, mean) = self.sequence_kl(model, &prompt_ids, &ids, &truncated)?;
+                rloo_kl = Some(mean);
+                Some(per_seq)
+            } else {
+                None
+            };
+            let r = rloo_advantages(
+                &per_completion,
+                self.rewards.weights(),
+                g,
+                kl.as_deref(),
+                beta,
+                normalize_advantages,
+            )?;
+            adv.advantages = r.advantages;
+            adv.metrics.frac_reward_zero_std = r.frac_reward_zero_std;
+        }
         let mut metrics: Vec<(String, Option<f64>)> = Vec::new();
         for (j, name) in self.rewards.names().iter().enumerate() {
             metrics.push((
@@ -367,12 +411,15 @@ impl GrpoTrainer {
             "frac_reward_zero_std".into(),
             nan_to_none(adv.metrics.frac_reward_zero_std),
         ));
+        if let Some(kl) = rloo_kl {
+            metrics.push(("kl".into(), nan_to_none(kl)));
+        }
         metrics.extend(length_metrics(&completions));
         let opt = |x: f32| (!x.is_nan()).then_some(x);
         Ok(Rollout {
             step: step.unwrap_or(0),
             prompt_ids,
-            truncated: completions.iter().map(|c| !c.stopped).collect(),
+            truncated,
             completion_ids: completions.into_iter().map(|c| c.tokens).collect(),
             advantages: adv.advantages,
             old_logps: None,
@@ -389,6 +436,56 @@ impl GrpoTrainer {
         })
     }
 
+    /// RLOO's KL penalty: per completion `sum_t (logp - ref_logp)` under the sampling policy
+    /// (detached) and the reference, and its mean per token (TRL's logged `kl`).
+    fn sequence_kl<B: AutodiffBackend>(
+        &self,
+        model: &dyn PolicyModel<B>,
+        prompt_ids: &[Vec<u32>],
+        completion_ids: &[Vec<u32>],
+        truncated: &[bool],
+    ) -> Result<(Vec<f64>, f64)> {
+        let s = &self.settings;
+        let rows: Vec<(&[u32], &[u32])> = prompt_ids
+            .iter()
+            .zip(completion_ids)
+            .map(|(p, c)| (p.as_slice(), c.as_slice()))
+            .collect();
+        let tb = TokenBatch::from_pairs(&rows, s.pad_id);
+        let temperature = f64::from(s.sampling.temperature);
+        let policy = model.token_logps(Role::Policy, &tb, temperature)?.detach();
+        let reference = model.token_logps(Role::Reference, &tb, temperature)?;
+        let mask = self.completion_mask::<B>(&tb, truncated, &model.device())?;
+        let per_token = (policy - reference) * mask.clone();
+        let total = crate::trainer::to_f64(per_token.clone().sum())[0];
+        let count = crate::trainer::to_f64(mask.clone().sum())[0].max(1.0);
+        let per_seq = crate::trainer::to_f64(masked_row_sum(per_token, mask));
+        Ok((per_seq, total / count))
+    }
+
+    /// The loss mask of a scoring batch, with truncated completions dropped when
+    /// `mask_truncated_completions` is on.
+    fn completion_mask<B: AutodiffBackend>(
+        &self,
+        tb: &TokenBatch,
+        truncated: &[bool],
+        device: &B::Device,
+    ) -> Result<Tensor<B, 2>> {
+        let (n, cols) = (tb.len(), tb.ids.first().map_or(0, Vec::len));
+        let mask: Vec<f32> = tb
+            .loss_mask
+            .iter()
+            .flatten()
+            .map(|&m| if m { 1.0 } else { 0.0 })
+            .collect();
+        let mask = Tensor::<B, 2>::from_data(TensorData::new(mask, [n, cols]), device);
+        if self.settings.mask_truncated_completions {
+            mask_truncated_completions(mask, truncated)
+        } else {
+            Ok(mask)
+        }
+    }
+
     /// The GRPO loss of a rollout. `keep` stores the policy's (old) and reference log-probs in
     /// the rollout so that later iterations can reuse them.
     fn rollout_loss<B: AutodiffBackend>(
@@ -401,7 +498,6 @@ impl GrpoTrainer {
         let device = model.device();
         let tb = ro.scoring_batch(s.pad_id);
         let n = tb.len();
-        let cols = tb.ids[0].len();
         let temperature = f64::from(s.sampling.temperature);
         let logps = model.token_logps(Role::Policy, &tb, temperature)?;
         let reference = if s.loss.beta != 0.0 {
@@ -423,45 +519,52 @@ impl GrpoTrainer {
                 ro.ref_logps = Some(rows_of(r.clone().detach())?);
             }
         }
-        let mask: Vec<f32> = tb
-            .loss_mask
-            .iter()
-            .flatten()
-            .map(|&m| if m { 1.0 } else { 0.0 })
-            .collect();
-        let mut mask = Tensor::<B, 2>::from_data(TensorData::new(mask, [n, cols]), &device);
-        if s.mask_truncated_completions {
-            mask = mask_truncated_completions(mask, &ro.truncated)?;
-        }
+        let mask = self.completion_mask::<B>(&tb, &ro.truncated, &device)?;
         let advantages =
             Tensor::<B, 1>::from_data(TensorData::new(ro.advantages.clone(), [n]), &device);
-        let out = grpo_loss(
-            GrpoBatch {
-                per_token_logps: logps,
-                old_per_token_logps: old,
-                ref_per_token_logps: reference,
-                advantages,
-                completion_mask: mask,
-                num_items_in_batch: None,
-            },
-            &s.loss,
-        )?;
+        let (loss, named) = match s.objective {
+            Objective::Grpo => {
+                let out = grpo_loss(
+                    GrpoBatch {
+                        per_token_logps: logps,
+                        old_per_token_logps: old,
+                        ref_per_token_logps: reference,
+                        advantages,
+                        completion_mask: mask,
+                        num_items_in_batch: None,
+                    },
+                    &s.loss,
+                )?;
+                (out.loss, out.metrics.named())
+            }
+            Objective::Rloo { .. } => {
+                let old = old.unwrap_or_else(|| logps.clone().detach());
+                let out = rloo_loss(
+                    masked_row_sum(logps, mask.clone()),
+                    masked_row_sum(old, mask),
+                    advantages,
+                    s.loss.epsilon_low,
+                    s.loss.epsilon_high,
+                )?;
+                (out.loss.clone(), out.named())
+            }
+        };
         let mut metrics: Metrics = ro
             .metrics
             .iter()
             .map(|(k, v)| (k.clone(), v.unwrap_or(f64::NAN)))
             .collect();
-        for (k, v) in out.metrics.named() {
+        for (k, v) in named {
             metrics.insert(k.to_string(), v);
         }
-        let loss_value = crate::trainer::to_f64(out.loss.clone())
+        let loss_value = crate::trainer::to_f64(loss.clone())
             .first()
             .copied()
             .unwrap_or(f64::NAN);
         metrics.insert("loss".into(), loss_value);
         let tokens = tb.valid.iter().flatten().filter(|&&v| v).count();
         Ok(StepOutput {
-            loss: out.loss,
+            loss,
             metrics,
             tokens,
         })
@@ -518,7 +621,10 @@ impl<B: AutodiffBackend> Trainer<B> for GrpoTrainer {
     type Example = GrpoExample;
 
     fn name(&self) -> &'static str {
-        "grpo"
+        match self.settings.objective {
+            Objective::Grpo => "grpo",
+            Objective::Rloo { .. } => "rloo",
+        }
     }
 
     fn trainable_roles(&self) -> Vec<Role> {
@@ -768,6 +874,7 @@ mod tests {
             pad_id: STOP,
             logging_steps: 1,
             completions_log: None,
+            objective: Objective::Grpo,
         }
     }
 
@@ -880,6 +987,50 @@ mod tests {
         let min = g.iter().copied().fold(f64::INFINITY, f64::min);
         assert_eq!(g[MARK as usize], min, "gradient {g:?}");
         assert!(g[MARK as usize] < 0.0);
+    }
+
+    #[test]
+    fn every_loss_type_and_gspo_runs_a_step_that_raises_the_rewarded_token() {
+        use crate::losses::ImportanceSamplingLevel;
+        let mut variants: Vec<(GrpoLossType, ImportanceSamplingLevel, f64)> = GrpoLossType::ALL
+            .iter()
+            .map(|&t| (t, ImportanceSamplingLevel::Token, 0.04))
+            .collect();
+        // GSPO (TRL's recipe: sequence-level ratios, grpo aggregation, no KL)
+        variants.push((GrpoLossType::Grpo, ImportanceSamplingLevel::Sequence, 0.0));
+        variants.push((GrpoLossType::Dapo, ImportanceSamplingLevel::Sequence, 0.04));
+        let mut objectives = vec![Objective::Grpo; variants.len()];
+        // RLOO with and without its KL reward penalty
+        for beta in [0.05, 0.0] {
+            variants.push((GrpoLossType::Grpo, ImportanceSamplingLevel::Token, 0.0));
+            objectives.push(Objective::Rloo {
+                beta,
+                normalize_advantages: beta == 0.0,
+            });
+        }
+        for ((loss_type, level, beta), objective) in variants.into_iter().zip(objectives) {
+            let model = Unigram::new([0.0; VOCAB]);
+            let mut s = settings(1, beta);
+            s.loss.loss_type = loss_type;
+            s.loss.importance_sampling_level = level;
+            s.objective = objective;
+            let mut t = GrpoTrainer::new(s, marker_count()).unwrap();
+            let out = t.loss(&model, &prompts(4), true).unwrap();
+            assert!(out.metrics["loss"].is_finite(), "{loss_type} {level}");
+            let grads = out.loss.backward();
+            let g: Vec<f64> = model
+                .logits
+                .grad(&grads)
+                .unwrap()
+                .into_data()
+                .iter::<f64>()
+                .collect();
+            let min = g.iter().copied().fold(f64::INFINITY, f64::min);
+            assert!(
+                g[MARK as usize] == min && min < 0.0,
+                "{loss_type} {level} {objective:?}: gradient {g:?}"
+            );
+        }
     }
 
     #[test]

@@ -319,7 +319,7 @@ pub fn run_config(a: &BenchArgs, algo: Algo, output_dir: &Path) -> RunConfig {
         _ => a.batch,
     };
     cfg.dpo.beta = 0.1;
-    cfg.dpo.loss_type = vec!["sigmoid".into()];
+    cfg.dpo.loss_types = vec![rlhf_algorithms::losses::DpoLossType::Sigmoid];
     cfg.dpo.precompute_ref_log_probs = false;
     cfg.grpo.num_generations = a.group;
     cfg.grpo.max_completion_length = a.completion_len;

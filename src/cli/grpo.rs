@@ -17,7 +17,7 @@ use crate::plan::Algo;
 use crate::train::{latest_checkpoint, train};
 use anyhow::{bail, Context, Result};
 use burn::tensor::backend::AutodiffBackend;
-use rlhf_algorithms::grpo::{GrpoTrainer, RewardFailure};
+use rlhf_algorithms::grpo::{GrpoTrainer, Objective, RewardFailure};
 use rlhf_algorithms::trainer::Role;
 use rlhf_rewards::{RewardConfig, RewardSet};
 use std::path::Path;
@@ -52,11 +52,19 @@ pub fn build_rewards(cfg: &RunConfig, config: &Path) -> Result<RewardSet> {
     RewardSet::from_configs(&entries, base).with_context(|| format!("{}", config.display()))
 }
 
-/// `rlhf grpo` on backend `B`.
-pub fn run<B: AutodiffBackend>(run: &TrainRun, device: &B::Device) -> Result<Outcome> {
+/// `rlhf grpo` (and `rlhf rloo`, with [`Objective::Rloo`]) on backend `B`.
+pub fn run<B: AutodiffBackend>(
+    run: &TrainRun,
+    device: &B::Device,
+    objective: Objective,
+) -> Result<Outcome> {
     let cfg = &run.cfg;
     run.in_file(check_grpo_config(cfg))?;
-    let loss = run.in_file(grpo_loss_config(cfg))?;
+    let mut loss = run.in_file(grpo_loss_config(cfg))?;
+    if let Objective::Rloo { .. } = objective {
+        // RLOO's KL is a reward penalty, not a loss term.
+        loss.beta = 0.0;
+    }
     // Plugins load (and a bad one fails) before any weight is read.
     let rewards = build_rewards(cfg, &run.path)?;
     let Some(loaded) = run.plan_and_load::<B>(Algo::Grpo, device)? else {
@@ -69,7 +77,8 @@ pub fn run<B: AutodiffBackend>(run: &TrainRun, device: &B::Device) -> Result<Out
 
     let mut model = setup::model_for_run(loaded.model, &loaded.tok, cfg, Role::Policy)?;
     let opts = run.run_options(&loaded.name)?;
-    let settings = grpo_settings(cfg, loss, stop_ids, pad_id)?;
+    let mut settings = grpo_settings(cfg, loss, stop_ids, pad_id)?;
+    settings.objective = objective;
     let mut trainer = GrpoTrainer::new(settings, rewards)?;
     let last = match train(cfg, &mut model, &mut trainer, &train_set, &opts) {
         Ok(m) => m,

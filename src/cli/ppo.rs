@@ -18,28 +18,15 @@ use crate::plan::Algo;
 use crate::train::train;
 use anyhow::{bail, ensure, Context, Result};
 use burn::tensor::backend::AutodiffBackend;
-use rlhf_algorithms::losses::{KlController, KlEstimator, PpoConfig};
+use rlhf_algorithms::losses::{KlController, PpoConfig};
 use rlhf_algorithms::ppo::{check_sampling, mean_sampled_score, PpoCall, PpoSchedule, PpoTrainer};
 use rlhf_algorithms::trainer::Role;
 use std::path::{Path, PathBuf};
-use std::str::FromStr;
 
-/// The loss settings of `[ppo]` (TRL's `PPOConfig` names).
+/// The loss settings of `[ppo]` (TRL's `PPOConfig` names), checked.
 pub fn ppo_config(cfg: &RunConfig) -> Result<PpoConfig> {
-    let p = &cfg.ppo;
-    let c = PpoConfig {
-        kl_coef: p.kl_coef,
-        kl_estimator: KlEstimator::from_str(&p.kl_estimator).context("key `ppo.kl_estimator`")?,
-        whiten_rewards: p.whiten_rewards,
-        gamma: p.gamma,
-        lam: p.lam,
-        cliprange: p.cliprange,
-        cliprange_value: p.cliprange_value,
-        vf_coef: p.vf_coef,
-        missing_eos_penalty: p.missing_eos_penalty,
-    };
-    c.validate().context("section [ppo]")?;
-    Ok(c)
+    cfg.ppo.validate()?;
+    Ok(cfg.ppo.clone())
 }
 
 /// The KL controller: fixed `kl_coef`, or adaptive when `ppo.adaptive_kl_target` is set.

@@ -5,13 +5,12 @@ use super::setup::{self, Codec, Outcome, TrainRun};
 use super::trainers::{dpo_config, load_pairs};
 use crate::engine::{new_head, RlhfModel};
 use crate::plan::Algo;
-use crate::train::{train, RunOptions};
 use anyhow::{bail, Result};
 use burn::tensor::backend::AutodiffBackend;
 use rlhf_algorithms::dpo::{DpoTrainer, PairExample};
 use rlhf_algorithms::losses::RewardLossConfig;
 use rlhf_algorithms::rm::RewardTrainer;
-use rlhf_algorithms::trainer::{Metrics, Role, Trainer};
+use rlhf_algorithms::trainer::Role;
 
 /// `rlhf dpo` (`algo` = DPO) / `rlhf rm` (RM) on backend `B`.
 pub fn run<B: AutodiffBackend>(algo: Algo, run: &TrainRun, device: &B::Device) -> Result<Outcome> {
@@ -43,7 +42,7 @@ pub fn run<B: AutodiffBackend>(algo: Algo, run: &TrainRun, device: &B::Device) -
             if cfg.dpo.precompute_ref_log_probs {
                 precompute_reference(&trainer, &model, &mut train_set, cfg.train.batch_size)?;
             }
-            train_and_eval(run, &mut model, &mut trainer, &train_set, eval_set, &opts)?
+            setup::train_and_eval(run, &mut model, &mut trainer, &train_set, eval_set, &opts)?
         }
         Algo::Rm => {
             let c = cfg.rm.center_rewards_coefficient;
@@ -53,36 +52,12 @@ pub fn run<B: AutodiffBackend>(algo: Algo, run: &TrainRun, device: &B::Device) -
                 },
                 pad_id,
             };
-            train_and_eval(run, &mut model, &mut trainer, &train_set, eval_set, &opts)?
+            setup::train_and_eval(run, &mut model, &mut trainer, &train_set, eval_set, &opts)?
         }
         other => bail!("`{other}` is not a preference algorithm"),
     };
-    setup::print_metrics("train", &last);
-    if let Some(m) = eval {
-        setup::print_metrics("eval", &m);
-    }
-    eprintln!(
-        "adapter written to {}",
-        cfg.train.output_dir.join(role.name()).display()
-    );
+    setup::report(cfg, role, &last, eval.as_ref());
     Ok(Outcome::Done)
-}
-
-/// The run loop, then the evaluation on `data.eval` when there is one.
-fn train_and_eval<B: AutodiffBackend, T: Trainer<B>>(
-    run: &TrainRun,
-    model: &mut RlhfModel<B>,
-    trainer: &mut T,
-    train_set: &[T::Example],
-    eval_set: Option<Vec<T::Example>>,
-    opts: &RunOptions,
-) -> Result<(Metrics, Option<Metrics>)> {
-    let last = train(&run.cfg, model, trainer, train_set, opts)?;
-    let eval = match eval_set {
-        Some(set) => Some(setup::evaluate_and_write(&run.cfg, model, trainer, &set)?),
-        None => None,
-    };
-    Ok((last, eval))
 }
 
 /// Computes every example's reference log-probs once (adapters off), as TRL's

@@ -1,4 +1,5 @@
-//! The one run set-up the training commands (`dpo`, `rm`, `grpo`, `ppo`) and `bench` share, in
+//! The one run set-up the training commands (`dpo`, `rm`, `orpo`, `cpo`, `kto`, `grpo`, `rloo`,
+//! `ppo`) and `bench` share, in
 //! its order: read the config, pick the backend, check the VRAM plan before any weight is loaded,
 //! load the base with its tokenizer, tokenize the data, attach the trained role's adapter; after
 //! the run loop, evaluate and report the metrics.
@@ -8,7 +9,7 @@ use crate::data::{Message, TextCodec};
 use crate::engine::RlhfModel;
 use crate::model::{Llama, LlamaConfig, LoadOptions};
 use crate::plan::{self, Algo};
-use crate::train::{evaluate, latest_checkpoint, RunOptions};
+use crate::train::{evaluate, latest_checkpoint, train, RunOptions};
 use anyhow::{bail, Context, Result};
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use clap::ValueEnum;
@@ -380,4 +381,59 @@ pub fn evaluate_and_write<B: AutodiffBackend, T: Trainer<B>>(
 pub fn print_metrics(what: &str, m: &Metrics) {
     let parts: Vec<String> = m.iter().map(|(k, v)| format!("{k}={v:.4}")).collect();
     println!("{what}: {}", parts.join(" "));
+}
+
+/// The run loop, then the evaluation on `data.eval` when there is one.
+pub fn train_and_eval<B: AutodiffBackend, T: Trainer<B>>(
+    run: &TrainRun,
+    model: &mut RlhfModel<B>,
+    trainer: &mut T,
+    train_set: &[T::Example],
+    eval_set: Option<Vec<T::Example>>,
+    opts: &RunOptions,
+) -> Result<(Metrics, Option<Metrics>)> {
+    let last = train(&run.cfg, model, trainer, train_set, opts)?;
+    let eval = match eval_set {
+        Some(set) => Some(evaluate_and_write(&run.cfg, model, trainer, &set)?),
+        None => None,
+    };
+    Ok((last, eval))
+}
+
+/// Prints the last training metrics, the evaluation's when there was one, and where the trained
+/// `role`'s adapter was written.
+pub fn report(cfg: &RunConfig, role: Role, last: &Metrics, eval: Option<&Metrics>) {
+    print_metrics("train", last);
+    if let Some(m) = eval {
+        print_metrics("eval", m);
+    }
+    eprintln!(
+        "adapter written to {}",
+        cfg.train.output_dir.join(role.name()).display()
+    );
+}
+
+/// A run that trains the policy adapter alone on examples that `load` reads from a data file
+/// (`rlhf orpo`, `cpo`, `kto`): the plan of `algo`, the base, `data.train` (and `data.eval`), a
+/// new policy adapter, the trainer that `trainer` builds from the padding id, the run loop and
+/// the evaluation.
+pub fn train_policy<B: AutodiffBackend, T: Trainer<B>>(
+    run: &TrainRun,
+    algo: Algo,
+    device: &B::Device,
+    load: impl Fn(&Path, &Codec<'_>) -> Result<Vec<T::Example>>,
+    trainer: impl FnOnce(u32) -> T,
+) -> Result<Outcome> {
+    let cfg = &run.cfg;
+    let Some(loaded) = run.plan_and_load::<B>(algo, device)? else {
+        return Ok(Outcome::DoesNotFit);
+    };
+    let codec = Codec::of(&loaded, cfg);
+    let (train_set, eval_set) = data_sets(cfg, |p| load(p, &codec))?;
+    let mut trainer = trainer(loaded.pad_id());
+    let mut model = model_for_run(loaded.model, &loaded.tok, cfg, Role::Policy)?;
+    let opts = run.run_options(&loaded.name)?;
+    let (last, eval) = train_and_eval(run, &mut model, &mut trainer, &train_set, eval_set, &opts)?;
+    report(cfg, Role::Policy, &last, eval.as_ref());
+    Ok(Outcome::Done)
 }

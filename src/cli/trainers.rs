@@ -6,16 +6,16 @@ use crate::config::{RunConfig, Truncation};
 use crate::data::{Content, PromptExample, TextCodec, TokenizeOptions};
 use anyhow::{bail, ensure, Context, Result};
 use rlhf_algorithms::dpo::PairExample;
-use rlhf_algorithms::grpo::{GrpoExample, GrpoSettings};
-use rlhf_algorithms::losses::{DpoConfig, DpoLossType, GrpoLossConfig, GrpoLossType, ScaleRewards};
+use rlhf_algorithms::grpo::{GrpoExample, GrpoSettings, Objective};
+use rlhf_algorithms::losses::{DpoConfig, GrpoLossConfig};
 use rlhf_algorithms::trainer::SamplingParams;
 use std::path::Path;
-use std::str::FromStr;
 
 /// Name of the sample-completions log in `train.output_dir`.
 pub const COMPLETIONS_LOG: &str = "completions.jsonl";
 
-fn tokenize_opts(cfg: &RunConfig) -> TokenizeOptions {
+/// Tokenizing a prompt with its completions: `data.max_length` and `data.max_prompt_length` apply.
+pub fn tokenize_opts(cfg: &RunConfig) -> TokenizeOptions {
     TokenizeOptions {
         max_length: Some(cfg.data.max_length),
         max_prompt_length: Some(cfg.data.max_prompt_length),
@@ -49,23 +49,10 @@ pub fn load_pairs(path: &Path, codec: &Codec, cfg: &RunConfig) -> Result<Vec<Pai
         .collect())
 }
 
-/// The DPO loss of `[dpo]`.
+/// The DPO loss of `[dpo]`, checked.
 pub fn dpo_config(cfg: &RunConfig) -> Result<DpoConfig> {
-    let loss_types = cfg
-        .dpo
-        .loss_type
-        .iter()
-        .map(|s| DpoLossType::from_str(s))
-        .collect::<Result<Vec<_>>>()?;
-    let c = DpoConfig {
-        beta: cfg.dpo.beta,
-        label_smoothing: cfg.dpo.label_smoothing,
-        loss_types,
-        loss_weights: cfg.dpo.loss_weights.clone(),
-        ..Default::default()
-    };
-    c.validate()?;
-    Ok(c)
+    cfg.dpo.validate()?;
+    Ok(cfg.dpo.clone())
 }
 
 /// Checks the GRPO-specific values of the run config; errors name the key.
@@ -107,7 +94,10 @@ pub fn check_grpo_config(cfg: &RunConfig) -> Result<()> {
 pub fn grpo_loss_config(cfg: &RunConfig) -> Result<GrpoLossConfig> {
     let g = &cfg.grpo;
     Ok(GrpoLossConfig {
-        loss_type: GrpoLossType::from_str(&g.loss_type).context("key `grpo.loss_type`")?,
+        loss_type: g.loss_type,
+        importance_sampling_level: g.importance_sampling_level,
+        sapo_temperature_pos: g.sapo_temperature_pos,
+        sapo_temperature_neg: g.sapo_temperature_neg,
         beta: g.beta,
         epsilon_low: g.epsilon,
         epsilon_high: g.epsilon_high.unwrap_or(g.epsilon),
@@ -184,7 +174,7 @@ pub fn grpo_settings(
         num_generations: cfg.grpo.num_generations,
         num_iterations: cfg.grpo.num_iterations,
         gradient_accumulation_steps: cfg.train.gradient_accumulation_steps,
-        scale_rewards: ScaleRewards::from_str(&cfg.grpo.scale_rewards)?,
+        scale_rewards: cfg.grpo.scale_rewards,
         mask_truncated_completions: cfg.grpo.mask_truncated_completions,
         loss,
         sampling: sampling_params(cfg, cfg.grpo.max_completion_length, stop_ids, pad_id),
@@ -192,6 +182,7 @@ pub fn grpo_settings(
         pad_id,
         logging_steps: cfg.train.logging_steps,
         completions_log: Some(cfg.train.output_dir.join(COMPLETIONS_LOG)),
+        objective: Objective::Grpo,
     })
 }
 

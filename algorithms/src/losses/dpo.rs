@@ -5,11 +5,9 @@
 //! The inputs are per-sequence log-probabilities summed over the completion tokens, exactly what
 //! TRL computes before the loss (`per_token_logps.sum(dim=1)`).
 
-use std::fmt;
-use std::str::FromStr;
-
-use anyhow::{bail, ensure, Context, Result};
+use anyhow::{bail, ensure, Result};
 use burn::tensor::{activation, backend::Backend, Tensor};
+use serde::{Deserialize, Serialize};
 
 use super::common::{ensure_len, read_scalars};
 
@@ -42,80 +40,45 @@ pub enum DpoLossType {
     SigmoidNorm,
 }
 
+crate::named_option!(DpoLossType, "DPO loss_type", [
+    Sigmoid => "sigmoid",
+    Hinge => "hinge",
+    Ipo => "ipo",
+    ExoPair => "exo_pair",
+    NcaPair => "nca_pair",
+    Robust => "robust",
+    BcoPair => "bco_pair",
+    SppoHard => "sppo_hard",
+    ApoZero => "apo_zero",
+    ApoDown => "apo_down",
+    Discopop => "discopop",
+    SigmoidNorm => "sigmoid_norm",
+]);
+
 impl DpoLossType {
-    /// Every supported loss type, in TRL's naming.
-    pub const ALL: [DpoLossType; 12] = [
-        Self::Sigmoid,
-        Self::Hinge,
-        Self::Ipo,
-        Self::ExoPair,
-        Self::NcaPair,
-        Self::Robust,
-        Self::BcoPair,
-        Self::SppoHard,
-        Self::ApoZero,
-        Self::ApoDown,
-        Self::Discopop,
-        Self::SigmoidNorm,
-    ];
-
-    /// The name TRL uses in `DPOConfig.loss_type`.
-    pub fn name(self) -> &'static str {
-        match self {
-            Self::Sigmoid => "sigmoid",
-            Self::Hinge => "hinge",
-            Self::Ipo => "ipo",
-            Self::ExoPair => "exo_pair",
-            Self::NcaPair => "nca_pair",
-            Self::Robust => "robust",
-            Self::BcoPair => "bco_pair",
-            Self::SppoHard => "sppo_hard",
-            Self::ApoZero => "apo_zero",
-            Self::ApoDown => "apo_down",
-            Self::Discopop => "discopop",
-            Self::SigmoidNorm => "sigmoid_norm",
-        }
-    }
-
     /// Loss types that divide the log-ratios by the number of completion tokens.
     fn needs_lengths(self) -> bool {
         matches!(self, Self::Ipo | Self::SigmoidNorm)
     }
 }
 
-impl FromStr for DpoLossType {
-    type Err = anyhow::Error;
-
-    fn from_str(s: &str) -> Result<Self> {
-        Self::ALL
-            .into_iter()
-            .find(|t| t.name() == s)
-            .with_context(|| {
-                let names: Vec<_> = Self::ALL.iter().map(|t| t.name()).collect();
-                format!("unknown DPO loss_type {s:?}; expected one of {names:?}")
-            })
-    }
-}
-
-impl fmt::Display for DpoLossType {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.name())
-    }
-}
-
-/// The `DPOConfig` fields the loss reads.
-#[derive(Debug, Clone, PartialEq)]
+/// The `[dpo]` section of a run file: TRL's `DPOConfig` names and defaults.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct DpoConfig {
     /// Temperature of the implicit reward (IPO: the regulariser tau).
     pub beta: f64,
     /// Label noise for `robust`, `exo_pair` (TRL 1.16's `sigmoid` ignores it).
     pub label_smoothing: f64,
-    /// Losses summed together, each `mean()`-ed over the batch.
+    /// Losses summed together, each `mean()`-ed over the batch (`loss_type`: one name or a list).
+    #[serde(rename = "loss_type", deserialize_with = "crate::options::one_or_many")]
     pub loss_types: Vec<DpoLossType>,
     /// One weight per loss type; `None` means all 1.0 (as TRL).
     pub loss_weights: Option<Vec<f64>>,
     /// Temperature of the DiscoPOP mixing coefficient.
     pub discopop_tau: f64,
+    /// Compute every example's reference log-probs once before training.
+    pub precompute_ref_log_probs: bool,
 }
 
 impl Default for DpoConfig {
@@ -127,6 +90,7 @@ impl Default for DpoConfig {
             loss_types: vec![DpoLossType::Sigmoid],
             loss_weights: None,
             discopop_tau: 0.05,
+            precompute_ref_log_probs: false,
         }
     }
 }
@@ -136,14 +100,17 @@ impl DpoConfig {
     pub fn validate(&self) -> Result<()> {
         ensure!(
             self.beta.is_finite() && self.beta > 0.0,
-            "dpo: beta must be a positive number, got {}",
+            "key `dpo.beta`: expected a positive number, got {}",
             self.beta
         );
-        ensure!(!self.loss_types.is_empty(), "dpo: loss_type is empty");
+        ensure!(
+            !self.loss_types.is_empty(),
+            "key `dpo.loss_type`: expected at least one loss type"
+        );
         if let Some(w) = &self.loss_weights {
             ensure!(
                 w.len() == self.loss_types.len(),
-                "dpo: loss_weights has {} entries but loss_type has {}",
+                "key `dpo.loss_weights`: {} weights for {} loss types (expected one per loss_type)",
                 w.len(),
                 self.loss_types.len()
             );
@@ -151,18 +118,21 @@ impl DpoConfig {
         if self.loss_types.contains(&DpoLossType::ExoPair) {
             ensure!(
                 self.label_smoothing > 0.0 && self.label_smoothing < 1.0,
-                "dpo: exo_pair needs 0 < label_smoothing < 1, got {}",
+                "key `dpo.label_smoothing`: exo_pair needs 0 < label_smoothing < 1, got {}",
                 self.label_smoothing
             );
         }
         if self.loss_types.contains(&DpoLossType::Robust) {
             ensure!(
                 self.label_smoothing != 0.5,
-                "dpo: robust divides by 1 - 2 * label_smoothing, which is 0 for label_smoothing = 0.5"
+                "key `dpo.label_smoothing`: robust divides by 1 - 2 * label_smoothing, which is 0 for label_smoothing = 0.5"
             );
         }
         if self.loss_types.contains(&DpoLossType::Discopop) {
-            ensure!(self.discopop_tau != 0.0, "dpo: discopop_tau must not be 0");
+            ensure!(
+                self.discopop_tau != 0.0,
+                "key `dpo.discopop_tau`: must not be 0"
+            );
         }
         Ok(())
     }

@@ -48,6 +48,7 @@ fn dpo_matches_trl() {
                 Some(nums(&c["loss_weights"]))
             },
             discopop_tau: num(&c["discopop_tau"]),
+            ..DpoConfig::default()
         };
         let i = &case["inputs"];
         let chosen = t1::<Ad>(&f32s(&i["policy_chosen_logps"])).require_grad();
@@ -308,6 +309,7 @@ fn ppo_config(c: &Value) -> PpoConfig {
         cliprange_value: num(&c["cliprange_value"]),
         vf_coef: num(&c["vf_coef"]),
         missing_eos_penalty: opt_f64(&c["missing_eos_penalty"]),
+        ..PpoConfig::default()
     }
 }
 

@@ -5,10 +5,7 @@
 //! Only what needs neither vLLM nor entropies is covered: no off-policy sequence mask, no
 //! high-entropy token mask, no vLLM importance-sampling correction, no entropy bonus.
 
-use std::fmt;
-use std::str::FromStr;
-
-use anyhow::{bail, ensure, Context, Result};
+use anyhow::{bail, ensure, Result};
 use burn::tensor::{activation, backend::Backend, Tensor};
 
 use super::common::{ensure_dims2, ensure_len, read_parts, tensor1};
@@ -28,18 +25,11 @@ pub enum ScaleRewards {
     None,
 }
 
-impl FromStr for ScaleRewards {
-    type Err = anyhow::Error;
-
-    fn from_str(s: &str) -> Result<Self> {
-        match s {
-            "group" => Ok(Self::Group),
-            "batch" => Ok(Self::Batch),
-            "none" => Ok(Self::None),
-            _ => bail!("unknown scale_rewards {s:?}; expected \"group\", \"batch\" or \"none\""),
-        }
-    }
-}
+crate::named_option!(ScaleRewards, "scale_rewards", [
+    Group => "group",
+    Batch => "batch",
+    None => "none",
+]);
 
 /// How several reward functions are combined (`GRPOConfig.multi_objective_aggregation`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -50,19 +40,10 @@ pub enum MultiObjectiveAggregation {
     NormalizeThenSum,
 }
 
-impl FromStr for MultiObjectiveAggregation {
-    type Err = anyhow::Error;
-
-    fn from_str(s: &str) -> Result<Self> {
-        match s {
-            "sum_then_normalize" => Ok(Self::SumThenNormalize),
-            "normalize_then_sum" => Ok(Self::NormalizeThenSum),
-            _ => bail!(
-                "unknown multi_objective_aggregation {s:?}; expected \"sum_then_normalize\" or \"normalize_then_sum\""
-            ),
-        }
-    }
-}
+crate::named_option!(MultiObjectiveAggregation, "multi_objective_aggregation", [
+    SumThenNormalize => "sum_then_normalize",
+    NormalizeThenSum => "normalize_then_sum",
+]);
 
 /// Reward statistics TRL logs next to the advantages.
 #[derive(Debug, Clone, PartialEq)]
@@ -315,56 +296,23 @@ pub enum GrpoLossType {
     Luspo,
 }
 
+crate::named_option!(GrpoLossType, "GRPO loss_type", [
+    Grpo => "grpo",
+    Bnpo => "bnpo",
+    DrGrpo => "dr_grpo",
+    Dapo => "dapo",
+    Cispo => "cispo",
+    Sapo => "sapo",
+    Luspo => "luspo",
+]);
+
 impl GrpoLossType {
-    const ALL: [GrpoLossType; 7] = [
-        Self::Grpo,
-        Self::Bnpo,
-        Self::DrGrpo,
-        Self::Dapo,
-        Self::Cispo,
-        Self::Sapo,
-        Self::Luspo,
-    ];
-
-    /// The name TRL uses.
-    pub fn name(self) -> &'static str {
-        match self {
-            Self::Grpo => "grpo",
-            Self::Bnpo => "bnpo",
-            Self::DrGrpo => "dr_grpo",
-            Self::Dapo => "dapo",
-            Self::Cispo => "cispo",
-            Self::Sapo => "sapo",
-            Self::Luspo => "luspo",
-        }
-    }
-
     /// The loss types that use the two-sided clipped ratio and log the clip ratios.
     fn is_clipped(self) -> bool {
         matches!(
             self,
             Self::Grpo | Self::Bnpo | Self::DrGrpo | Self::Dapo | Self::Luspo
         )
-    }
-}
-
-impl FromStr for GrpoLossType {
-    type Err = anyhow::Error;
-
-    fn from_str(s: &str) -> Result<Self> {
-        Self::ALL
-            .into_iter()
-            .find(|t| t.name() == s)
-            .with_context(|| {
-                let names: Vec<_> = Self::ALL.iter().map(|t| t.name()).collect();
-                format!("unknown GRPO loss_type {s:?}; expected one of {names:?}")
-            })
-    }
-}
-
-impl fmt::Display for GrpoLossType {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.name())
     }
 }
 
@@ -377,19 +325,10 @@ pub enum ImportanceSamplingLevel {
     Sequence,
 }
 
-impl FromStr for ImportanceSamplingLevel {
-    type Err = anyhow::Error;
-
-    fn from_str(s: &str) -> Result<Self> {
-        match s {
-            "token" => Ok(Self::Token),
-            "sequence" => Ok(Self::Sequence),
-            _ => {
-                bail!("unknown importance_sampling_level {s:?}; expected \"token\" or \"sequence\"")
-            }
-        }
-    }
-}
+crate::named_option!(ImportanceSamplingLevel, "importance_sampling_level", [
+    Token => "token",
+    Sequence => "sequence",
+]);
 
 /// The `GRPOConfig` / trainer state the loss reads.
 #[derive(Debug, Clone, PartialEq)]

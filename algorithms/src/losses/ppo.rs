@@ -11,9 +11,10 @@
 //! `sequence_length`), `padding_mask` is `t > L` and `padding_mask_p1` is `t > L + 1` (values and
 //! rewards keep one position more than log-probs).
 
-use std::str::FromStr;
+use serde::{Deserialize, Serialize};
+use std::path::PathBuf;
 
-use anyhow::{bail, ensure, Result};
+use anyhow::{ensure, Result};
 use burn::tensor::{backend::Backend, Bool, Tensor};
 
 use super::common::{ensure_dims2, ensure_len, read_scalars, tensor1, tensor2, to_f64};
@@ -135,22 +136,15 @@ pub enum KlEstimator {
     K3,
 }
 
-impl FromStr for KlEstimator {
-    type Err = anyhow::Error;
+crate::named_option!(KlEstimator, "kl_estimator", [K1 => "k1", K3 => "k3"]);
 
-    fn from_str(s: &str) -> Result<Self> {
-        match s {
-            "k1" => Ok(Self::K1),
-            "k3" => Ok(Self::K3),
-            _ => bail!("unknown kl_estimator {s:?}; expected \"k1\" or \"k3\""),
-        }
-    }
-}
-
-/// The `PPOConfig` fields the math reads.
-#[derive(Debug, Clone, PartialEq)]
+/// The `[ppo]` section of a run file: TRL's `PPOConfig` names and defaults. The loss reads the
+/// coefficients; the trainer and the command read the rest.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct PpoConfig {
-    /// KL penalty coefficient in the per-token reward (the current [`KlController`] value).
+    /// KL penalty coefficient in the per-token reward (the trainer replaces it with the current
+    /// [`KlController`] value at every rollout).
     pub kl_coef: f64,
     /// Per-token KL estimator.
     pub kl_estimator: KlEstimator,
@@ -168,6 +162,20 @@ pub struct PpoConfig {
     pub vf_coef: f64,
     /// Subtracted from the score of responses without an EOS token.
     pub missing_eos_penalty: Option<f64>,
+    /// Reward adapter folder as written by `rlhf rm` (adapter + score head on the shared base).
+    pub reward_adapter: Option<PathBuf>,
+    /// A separate 4-bit reward model checkpoint instead of an adapter (counted by the planner).
+    pub reward_model_path: Option<PathBuf>,
+    /// New tokens sampled per response.
+    pub response_length: usize,
+    /// Optimisation epochs over each rollout.
+    pub num_ppo_epochs: usize,
+    /// Mini-batches each rollout is split into.
+    pub num_mini_batches: usize,
+    /// Target KL of the adaptive controller (`None`: fixed `kl_coef`).
+    pub adaptive_kl_target: Option<f64>,
+    /// Horizon of the adaptive controller.
+    pub adaptive_kl_horizon: f64,
 }
 
 impl Default for PpoConfig {
@@ -183,6 +191,13 @@ impl Default for PpoConfig {
             cliprange_value: 0.2,
             vf_coef: 0.1,
             missing_eos_penalty: None,
+            reward_adapter: None,
+            reward_model_path: None,
+            response_length: 53,
+            num_ppo_epochs: 4,
+            num_mini_batches: 1,
+            adaptive_kl_target: None,
+            adaptive_kl_horizon: 10000.0,
         }
     }
 }
@@ -200,13 +215,17 @@ impl PpoConfig {
         ] {
             ensure!(
                 v.is_finite() && v >= 0.0,
-                "ppo: {name} must be a finite number >= 0, got {v}"
+                "key `ppo.{name}`: expected a finite number >= 0, got {v}"
             );
         }
+        ensure!(
+            self.num_mini_batches > 0,
+            "key `ppo.num_mini_batches`: expected a positive integer, got 0"
+        );
         if let Some(p) = self.missing_eos_penalty {
             ensure!(
                 p.is_finite(),
-                "ppo: missing_eos_penalty must be finite, got {p}"
+                "key `ppo.missing_eos_penalty`: expected a finite number, got {p}"
             );
         }
         Ok(())
