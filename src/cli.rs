@@ -64,6 +64,10 @@ pub struct RunArgs {
     /// Start even when the VRAM plan exceeds plan.budget_gib.
     #[arg(long)]
     pub force: bool,
+    /// Start afresh in a train.output_dir that holds an earlier run, removing its checkpoints,
+    /// adapters and logs.
+    #[arg(long)]
+    pub overwrite: bool,
 }
 
 #[derive(clap::Args, Debug)]
@@ -154,6 +158,7 @@ fn flags(a: &RunArgs) -> crate::commands::TrainFlags {
     crate::commands::TrainFlags {
         resume: a.resume.clone(),
         force: a.force,
+        overwrite: a.overwrite,
     }
 }
 
@@ -201,9 +206,7 @@ pub fn load_model<B: Backend>(
     let name = path.display().to_string();
     if path.is_dir() {
         let model = Llama::from_hf_dir(path, opts, device)?;
-        let tok_path = path.join("tokenizer.json");
-        let tok = crate::tokenizer::Tok::from_file(&tok_path)?;
-        let chat = crate::tokenizer::ChatTemplate::from_dir(path)?;
+        let (tok, chat) = load_tokenizer(path)?;
         Ok(Loaded {
             model,
             tok,
@@ -220,7 +223,61 @@ pub fn load_model<B: Backend>(
     }
 }
 
+/// The checks `[generation]` gets in a run config, for the flags of `rlhf generate`.
+fn check_generate_args(args: &GenerateArgs) -> Result<()> {
+    let t = args.temperature;
+    if !(t.is_finite() && t >= 0.0) {
+        bail!("--temperature: expected a number >= 0 (0 = greedy), got {t}");
+    }
+    let p = args.top_p;
+    if !(p.is_finite() && p > 0.0 && p <= 1.0) {
+        bail!("--top-p: expected a number in (0, 1], got {p}");
+    }
+    if args.min_new_tokens > args.max_new_tokens {
+        bail!(
+            "--min-new-tokens: {} exceeds --max-new-tokens {}",
+            args.min_new_tokens,
+            args.max_new_tokens
+        );
+    }
+    Ok(())
+}
+
+/// The prompt plus the tokens to generate must fit the model's context.
+fn check_context(prompt_tokens: usize, args: &GenerateArgs, context: usize) -> Result<()> {
+    let total = prompt_tokens.saturating_add(args.max_new_tokens);
+    if total > context {
+        bail!(
+            "--prompt: {prompt_tokens} tokens + --max-new-tokens {} = {total} exceed the model's context length of {context} tokens",
+            args.max_new_tokens
+        );
+    }
+    Ok(())
+}
+
+/// The tokenizer and chat template of a model folder or GGUF file without its weights, so that
+/// data is read and tokenized before minutes of loading.
+pub fn load_tokenizer(
+    path: &Path,
+) -> Result<(
+    crate::tokenizer::Tok,
+    Option<crate::tokenizer::ChatTemplate>,
+)> {
+    use crate::tokenizer::{ChatTemplate, Tok};
+    if path.is_dir() {
+        let tok = Tok::from_file(path.join("tokenizer.json"))?;
+        return Ok((tok, ChatTemplate::from_dir(path)?));
+    }
+    let g = crate::gguf::Gguf::open(path)?;
+    let chat = match g.get("tokenizer.chat_template") {
+        Some(_) => Some(ChatTemplate::from_gguf(&g)?),
+        None => None,
+    };
+    Ok((Tok::from_gguf(&g)?, chat))
+}
+
 fn run_generate<B: Backend>(args: &GenerateArgs, device: &B::Device) -> Result<()> {
+    check_generate_args(args)?;
     let loaded = load_model::<B>(&args.model, !args.no_quantize, device)?;
     let adapter = match &args.adapter {
         Some(dir) => Some(
@@ -240,6 +297,7 @@ fn run_generate<B: Backend>(args: &GenerateArgs, device: &B::Device) -> Result<(
         args.prompt.clone()
     };
     let ids = loaded.tok.encode(&text, !args.chat)?;
+    check_context(ids.len(), args, loaded.model.cfg.max_position_embeddings)?;
     let stop = loaded.stop_ids(&[]);
     let params = SamplingParams {
         max_new_tokens: args.max_new_tokens,

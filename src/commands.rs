@@ -8,7 +8,8 @@ use crate::data::{Message, TextCodec, TokenizeOptions};
 use crate::engine::{new_head, RlhfModel};
 use crate::model::LlamaConfig;
 use crate::plan::{self, Algo};
-use crate::train::{evaluate, latest_checkpoint, train, RunOptions};
+use crate::rundir::RunDir;
+use crate::train::{evaluate, train, RunOptions};
 use anyhow::{bail, Context, Result};
 use burn::tensor::backend::AutodiffBackend;
 use rlhf_algorithms::dpo::{DpoTrainer, PairExample};
@@ -25,24 +26,41 @@ pub struct TrainFlags {
     pub resume: Option<Option<PathBuf>>,
     /// Start even when the plan says the run does not fit the budget.
     pub force: bool,
+    /// Replace an earlier run's checkpoints, adapters and logs in `train.output_dir`.
+    pub overwrite: bool,
 }
 
 impl TrainFlags {
-    /// What the run loop needs from the flags: the checkpoint to resume from (`--resume` alone
-    /// means the latest `checkpoint-N` in `train.output_dir`), the base's name, the config text.
+    /// What is checked before any weight is loaded (minutes for a large model): the data files
+    /// exist, and `train.output_dir` is locked for this run with the checkpoint to resume from
+    /// found (see [`RunDir::open`]).
+    pub fn open_run_dir(&self, cfg: &RunConfig) -> Result<RunDir> {
+        let data = [
+            ("data.train", Some(&cfg.data.train)),
+            ("data.eval", cfg.data.eval.as_ref()),
+        ];
+        for (key, path) in data {
+            match path {
+                Some(p) if p.as_os_str().is_empty() => {
+                    bail!("key `{key}`: missing: set it to a JSON or JSONL file")
+                }
+                Some(p) if !p.is_file() => bail!("key `{key}`: {}: file not found", p.display()),
+                _ => {}
+            }
+        }
+        RunDir::open(&cfg.train.output_dir, self.resume.as_ref(), self.overwrite)
+    }
+
+    /// What the run loop needs: the checkpoint `run_dir` resumes from, the base's name, the
+    /// config text.
     pub fn run_options(
         &self,
-        cfg: &RunConfig,
+        run_dir: &RunDir,
         base_name: &str,
         config_text: String,
     ) -> Result<RunOptions> {
-        let resume = match &self.resume {
-            None => None,
-            Some(Some(dir)) => Some(dir.clone()),
-            Some(None) => Some(latest_checkpoint(&cfg.train.output_dir)?),
-        };
         Ok(RunOptions {
-            resume,
+            resume: run_dir.resume.clone(),
             base_name: base_name.to_string(),
             config_text,
         })
@@ -56,15 +74,15 @@ pub struct Codec<'a> {
 }
 
 impl<'a> Codec<'a> {
-    /// The loaded model's tokenizer, with its chat template unless `data.chat_template` is off.
-    pub fn of<B: burn::tensor::backend::Backend>(loaded: &'a Loaded<B>, cfg: &RunConfig) -> Self {
+    /// `tok` with `chat` unless `data.chat_template` is off.
+    pub fn new(
+        tok: &'a crate::tokenizer::Tok,
+        chat: Option<&'a crate::tokenizer::ChatTemplate>,
+        cfg: &RunConfig,
+    ) -> Self {
         Codec {
-            tok: &loaded.tok,
-            chat: if cfg.data.chat_template {
-                loaded.chat.as_ref()
-            } else {
-                None
-            },
+            tok,
+            chat: chat.filter(|_| cfg.data.chat_template),
         }
     }
 }
@@ -98,6 +116,9 @@ impl TextCodec for Codec<'_> {
 
 /// The model's architecture without loading weights: a HF folder, a config `.json`, or a GGUF.
 pub fn model_config(path: &Path) -> Result<LlamaConfig> {
+    if path.as_os_str().is_empty() {
+        bail!("key `model.path`: missing: set it to a Hugging Face model folder or a .gguf file");
+    }
     if path.extension().is_some_and(|e| e == "gguf") {
         let g = crate::gguf::Gguf::open(path)?;
         LlamaConfig::from_json(&g.model_config()?)
@@ -214,15 +235,18 @@ pub fn run_preference<B: AutodiffBackend>(
     if let Some(code) = check_plan(&cfg, algo, flags.force)? {
         return Ok(code);
     }
-    let loaded: Loaded<B> =
-        crate::cli::load_model(&cfg.model.path, cfg.model.quantize == Quantize::Nf4, device)?;
-    let codec = Codec::of(&loaded, &cfg);
-    let pad_id = loaded.pad_id();
+    let run_dir = flags.open_run_dir(&cfg)?;
+    // Data is read and tokenized before the weights load (minutes for a large model).
+    let (tok, chat) = crate::cli::load_tokenizer(&cfg.model.path)?;
+    let codec = Codec::new(&tok, chat.as_ref(), &cfg);
     let train_set = load_pairs(&cfg.data.train, &codec, &cfg)?;
     let eval_set = match &cfg.data.eval {
         Some(p) => Some(load_pairs(p, &codec, &cfg)?),
         None => None,
     };
+    let loaded: Loaded<B> =
+        crate::cli::load_model(&cfg.model.path, cfg.model.quantize == Quantize::Nf4, device)?;
+    let pad_id = loaded.pad_id();
     let mut model = RlhfModel::for_run(loaded.model, &loaded.tok, &cfg);
     let role = if algo == Algo::Rm {
         Role::Reward
@@ -237,7 +261,7 @@ pub fn run_preference<B: AutodiffBackend>(
             new_head(model.base.cfg.hidden_size, seed ^ 0x5EED, device),
         );
     }
-    let opts = flags.run_options(&cfg, &loaded.name, config_text)?;
+    let opts = flags.run_options(&run_dir, &loaded.name, config_text)?;
     let (last, eval) = match algo {
         Algo::Dpo => {
             let mut trainer = DpoTrainer {

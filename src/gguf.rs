@@ -681,13 +681,37 @@ impl Gguf {
             .opt(&key("rope.freq_base"), Self::get_f32)?
             .unwrap_or(10000.0);
         let rms_eps = self.get_f32(&key("attention.layer_norm_rms_epsilon"))?;
+        let blocks = self.get_u64(&key("block_count"))?;
+        // The tensors say how many blocks there are: a block count that disagrees is corruption,
+        // not a model too large for the budget.
+        let stored = self
+            .tensors()
+            .iter()
+            .filter_map(|t| {
+                t.name
+                    .strip_prefix("blk.")?
+                    .split('.')
+                    .next()?
+                    .parse::<u64>()
+                    .ok()
+            })
+            .map(|i| i + 1)
+            .max()
+            .unwrap_or(0);
+        if !self.tensors().is_empty() && blocks != stored {
+            bail!(
+                "GGUF file {}: corrupt file: {} = {blocks} but its tensors hold {stored} blocks",
+                self.path.display(),
+                key("block_count")
+            );
+        }
 
         let mut cfg = json!({
             "architectures": [hf_arch],
             "model_type": model_type,
             "hidden_size": hidden,
             "intermediate_size": self.get_u64(&key("feed_forward_length"))?,
-            "num_hidden_layers": self.get_u64(&key("block_count"))?,
+            "num_hidden_layers": blocks,
             "num_attention_heads": n_head,
             "num_key_value_heads": n_kv,
             "head_dim": head_dim,
@@ -2130,5 +2154,38 @@ mod tests {
         assert_ne!(k_hf, k);
         let (v, _) = g.tensor_f32("blk.0.attn_v.weight").unwrap();
         assert_eq!(g.tensor_f32_hf("blk.0.attn_v.weight").unwrap().0, v);
+    }
+
+    #[test]
+    fn a_block_count_its_tensors_contradict_is_a_corrupt_file() {
+        let kv = |blocks: u32| {
+            vec![
+                ("general.architecture", W::Str("llama")),
+                ("llama.block_count", W::U32(blocks)),
+                ("llama.embedding_length", W::U32(8)),
+                ("llama.feed_forward_length", W::U32(16)),
+                ("llama.attention.head_count", W::U32(2)),
+                ("llama.context_length", W::U32(64)),
+                ("llama.vocab_size", W::U32(4)),
+                ("llama.attention.layer_norm_rms_epsilon", W::F32(1e-5)),
+            ]
+        };
+        let norm = |name| TestTensor {
+            name,
+            ne: vec![8],
+            ty: 0,
+            data: vec![0; 32],
+        };
+        let tensors = [
+            norm("blk.0.attn_norm.weight"),
+            norm("blk.1.attn_norm.weight"),
+        ];
+        let ok = write_tmp(&write_gguf(3, &kv(2), &tensors, 32));
+        let cfg = Gguf::open(ok.path()).unwrap().model_config().unwrap();
+        assert_eq!(cfg["num_hidden_layers"], 2);
+        let bad = write_tmp(&write_gguf(3, &kv(3_000_000), &tensors, 32));
+        let e = Gguf::open(bad.path()).unwrap().model_config().unwrap_err();
+        let e = format!("{e:#}");
+        assert!(e.contains("corrupt") && e.contains("block_count"), "{e}");
     }
 }

@@ -189,21 +189,24 @@ pub fn run<B: AutodiffBackend>(
     if let Some(code) = check_plan(&cfg, Algo::Grpo, flags.force)? {
         return Ok(code);
     }
-    let loaded: Loaded<B> =
-        crate::cli::load_model(&cfg.model.path, cfg.model.quantize == Quantize::Nf4, device)?;
-    let codec = Codec::of(&loaded, &cfg);
-    let pad_id = loaded.pad_id();
-    let stop_ids = loaded.stop_ids(&cfg.generation.stop_token_ids);
+    let run_dir = flags.open_run_dir(&cfg)?;
+    // Data is read and tokenized before the weights load (minutes for a large model).
+    let (tok, chat) = crate::cli::load_tokenizer(&cfg.model.path)?;
+    let codec = Codec::new(&tok, chat.as_ref(), &cfg);
     let train_set = load_examples(&cfg.data.train, &codec, &cfg)?;
     let eval_set = match &cfg.data.eval {
         Some(p) => Some(load_examples(p, &codec, &cfg)?),
         None => None,
     };
+    let loaded: Loaded<B> =
+        crate::cli::load_model(&cfg.model.path, cfg.model.quantize == Quantize::Nf4, device)?;
+    let pad_id = loaded.pad_id();
+    let stop_ids = loaded.stop_ids(&cfg.generation.stop_token_ids);
 
     let mut model = RlhfModel::for_run(loaded.model, &loaded.tok, &cfg);
     let seed = cfg.train.seed;
     model.add_new_adapter(Role::Policy, &cfg.lora, seed)?;
-    let opts = flags.run_options(&cfg, &loaded.name, config_text)?;
+    let opts = flags.run_options(&run_dir, &loaded.name, config_text)?;
     let settings = settings(&cfg, loss, stop_ids, pad_id)?;
     let mut trainer = GrpoTrainer::new(settings, rewards)?;
     let last = match train(&cfg, &mut model, &mut trainer, &train_set, &opts) {

@@ -1,4 +1,5 @@
-//! `rlhf` binary: parse arguments, run, and turn any error into one line on stderr + exit code 2.
+//! `rlhf` binary: parse arguments, run, and turn any error into one line on stderr + exit code 2
+//! (5 for a run that diverged).
 
 use clap::Parser;
 
@@ -16,7 +17,11 @@ fn main() {
                 .filter(|l| !l.is_empty())
                 .collect();
             eprintln!("error: {}", one_line.join(" "));
-            std::process::exit(2);
+            std::process::exit(if rlhf::finite::is_diverged(&e) {
+                rlhf::finite::EXIT_DIVERGED
+            } else {
+                2
+            });
         }
     }
 }

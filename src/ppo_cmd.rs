@@ -193,15 +193,18 @@ pub fn run<B: AutodiffBackend>(
     if let Some(code) = check_plan(&cfg, Algo::Ppo, flags.force)? {
         return Ok(code);
     }
-    let loaded: Loaded<B> =
-        crate::cli::load_model(&cfg.model.path, cfg.model.quantize == Quantize::Nf4, device)?;
-    let codec = Codec::of(&loaded, &cfg);
-    let pad_id = loaded.pad_id();
+    let run_dir = flags.open_run_dir(&cfg)?;
+    // Data is read and tokenized before the weights load (minutes for a large model).
+    let (tok, chat) = crate::cli::load_tokenizer(&cfg.model.path)?;
+    let codec = Codec::new(&tok, chat.as_ref(), &cfg);
     let prompts = load_prompt_ids(&cfg.data.train, &codec, &cfg)?;
     let eval_prompts = match &cfg.data.eval {
         Some(p) => Some(load_prompt_ids(p, &codec, &cfg)?),
         None => None,
     };
+    let loaded: Loaded<B> =
+        crate::cli::load_model(&cfg.model.path, cfg.model.quantize == Quantize::Nf4, device)?;
+    let pad_id = loaded.pad_id();
     sampling.stop_ids = loaded.stop_ids(&cfg.generation.stop_token_ids);
     sampling.pad_id = pad_id;
 
@@ -213,7 +216,7 @@ pub fn run<B: AutodiffBackend>(
     let mut trainer = PpoTrainer::new(ppo.clone(), kl, schedule, sampling.clone(), prompts, pad_id)
         .with_context(|| format!("{}", config.display()))?;
     let slots = vec![PpoCall; trainer.calls_per_epoch()];
-    let opts = flags.run_options(&cfg, &loaded.name, config_text)?;
+    let opts = flags.run_options(&run_dir, &loaded.name, config_text)?;
     let last = train(&cfg, &mut model, &mut trainer, &slots, &opts)?;
     let parts: Vec<String> = last.iter().map(|(k, v)| format!("{k}={v:.4}")).collect();
     println!("train: {}", parts.join(" "));
