@@ -51,6 +51,9 @@ pub enum Command {
     Generate(GenerateArgs),
     /// Time DPO or GRPO steps on a make_model.py folder (the peer benchmark against TRL).
     Bench(crate::bench::BenchArgs),
+    /// The worker process a reward plugin runs in (started by `rlhf grpo`).
+    #[command(hide = true)]
+    RewardWorker(crate::reward_worker::RewardWorkerArgs),
 }
 
 #[derive(clap::Args, Debug)]
@@ -147,6 +150,7 @@ pub fn run(cli: Cli) -> Result<i32> {
         Command::Grpo(a) => crate::grpo_cmd::run_on_device(&a.config, &flags(&a)),
         Command::Ppo(a) => crate::ppo_cmd::run_on_device(&a.config, &flags(&a)),
         Command::Bench(a) => crate::bench::run(&a),
+        Command::RewardWorker(a) => crate::reward_worker::run(&a),
         Command::Plan(a) => {
             let algo = a.algo.as_deref().map(Algo::from_str).transpose()?;
             crate::commands::run_plan(&a.config, algo, a.json)

@@ -45,8 +45,8 @@ impl crate::commands::TrainJob for GrpoJob {
     }
 }
 
-/// The reward functions of `grpo.rewards`, built (plugins loaded) with their weights. Relative
-/// plugin paths are taken relative to the config file's directory.
+/// The reward functions of `grpo.rewards`, built (plugins started in worker processes) with
+/// their weights. Relative plugin paths are taken relative to the config file's directory.
 pub fn build_rewards(cfg: &RunConfig, config: &Path) -> Result<RewardSet> {
     if cfg.grpo.rewards.is_empty() {
         bail!(
@@ -72,7 +72,11 @@ pub fn build_rewards(cfg: &RunConfig, config: &Path) -> Result<RewardSet> {
         })
         .collect::<Result<Vec<_>>>()?;
     let base = config.parent().unwrap_or(Path::new(""));
-    RewardSet::from_configs(&entries, base).with_context(|| format!("{}", config.display()))
+    // Plugins run in worker processes of this binary (see `reward_worker`).
+    let worker =
+        std::env::current_exe().context("cannot find the rlhf binary for reward workers")?;
+    RewardSet::from_configs_isolated(&entries, base, &worker)
+        .with_context(|| format!("{}", config.display()))
 }
 
 /// Checks the GRPO-specific values of the run config; errors name the key.

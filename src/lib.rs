@@ -20,6 +20,7 @@ pub mod optim;
 pub mod plan;
 pub mod ppo_cmd;
 pub mod quant;
+pub mod reward_worker;
 pub mod rundir;
 pub mod tokenizer;
 pub mod train;

@@ -434,7 +434,7 @@ fn write_checkpoint<B: AutodiffBackend>(
     opts: &RunOptions,
 ) -> Result<()> {
     if tmp.exists() {
-        std::fs::remove_dir_all(&tmp).ok();
+        std::fs::remove_dir_all(tmp).ok();
     }
     std::fs::create_dir_all(tmp).with_context(|| format!("{}: cannot create", tmp.display()))?;
     save_roles(model, roles, tmp, &opts.base_name)?;

@@ -425,3 +425,63 @@ fn messages_name_the_key_and_come_before_the_weights() {
     let e = fails_with(&out, 2);
     assert!(e.contains("not a file"), "{e}");
 }
+
+/// Built-in rewards in process against the same rewards in an `rlhf reward-worker` process (the
+/// way plugins run): completions per second. `cargo test --test run_safety -- --ignored
+/// --nocapture reward_worker_throughput`.
+#[test]
+#[ignore]
+fn reward_worker_throughput() {
+    use rlhf_rewards::command::{CommandReward, WorkerSpec};
+    use rlhf_rewards::{Columns, RewardBatch, RewardConfig, RewardFn};
+    let n = 20_000;
+    let prompts: Vec<String> = (0..n).map(|i| format!("What is {i} + 1?")).collect();
+    let completions: Vec<String> = (0..n)
+        .map(|i| format!("Let me think. {i} + 1 = {}. #### {}", i + 1, i + 1))
+        .collect();
+    let columns: Vec<Columns> = (0..n)
+        .map(|i| {
+            let mut c = Columns::new();
+            c.insert("answer".into(), serde_json::json!(format!("{}", i + 1)));
+            c
+        })
+        .collect();
+    let batch = RewardBatch::new(&prompts, &completions, &columns).unwrap();
+    for entry in [
+        serde_json::json!({"type": "contains", "text": "####"}),
+        serde_json::json!({"type": "exact_answer"}),
+        serde_json::json!({"type": "regex", "pattern": "(?s).*#### \\d+", "mode": "full"}),
+    ] {
+        let config: RewardConfig = serde_json::from_value(entry.clone()).unwrap();
+        let inproc = config.build(Path::new(".")).unwrap();
+        let spec = WorkerSpec {
+            argv: vec![
+                env!("CARGO_BIN_EXE_rlhf").into(),
+                "reward-worker".into(),
+                "--reward".into(),
+                entry.to_string(),
+                "--base-dir".into(),
+                ".".into(),
+            ],
+            cwd: None,
+            timeout: std::time::Duration::from_secs(30),
+            handshake: true,
+        };
+        let worker = CommandReward::start(None, spec).unwrap();
+        let time = |r: &dyn RewardFn| {
+            let t = std::time::Instant::now();
+            let s = r.score(&batch).unwrap();
+            (t.elapsed().as_secs_f64(), s)
+        };
+        let (a, sa) = time(&*inproc);
+        let (b, sb) = time(&worker);
+        assert_eq!(sa, sb);
+        eprintln!(
+            "{}: in process {:.0} completions/s, in a worker {:.0} completions/s ({:.1} us per completion)",
+            config.kind(),
+            n as f64 / a,
+            n as f64 / b,
+            b / n as f64 * 1e6
+        );
+    }
+}
