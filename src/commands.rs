@@ -31,23 +31,10 @@ pub struct TrainFlags {
 }
 
 impl TrainFlags {
-    /// What is checked before any weight is loaded (minutes for a large model): the data files
-    /// exist, and `train.output_dir` is locked for this run with the checkpoint to resume from
-    /// found (see [`RunDir::open`]).
+    /// Locks `train.output_dir` for this run (after the data is read, so bad data leaves no
+    /// folder behind; before any weight is loaded) and finds the checkpoint to resume from (see
+    /// [`RunDir::open`]).
     pub fn open_run_dir(&self, cfg: &RunConfig) -> Result<RunDir> {
-        let data = [
-            ("data.train", Some(&cfg.data.train)),
-            ("data.eval", cfg.data.eval.as_ref()),
-        ];
-        for (key, path) in data {
-            match path {
-                Some(p) if p.as_os_str().is_empty() => {
-                    bail!("key `{key}`: missing: set it to a JSON or JSONL file")
-                }
-                Some(p) if !p.is_file() => bail!("key `{key}`: {}: file not found", p.display()),
-                _ => {}
-            }
-        }
         RunDir::open(&cfg.train.output_dir, self.resume.as_ref(), self.overwrite)
     }
 
@@ -65,6 +52,24 @@ impl TrainFlags {
             config_text,
         })
     }
+}
+
+/// The data files exist (checked before anything is loaded or written).
+pub fn check_data_files(cfg: &RunConfig) -> Result<()> {
+    let data = [
+        ("data.train", Some(&cfg.data.train)),
+        ("data.eval", cfg.data.eval.as_ref()),
+    ];
+    for (key, path) in data {
+        match path {
+            Some(p) if p.as_os_str().is_empty() => {
+                bail!("key `{key}`: missing: set it to a JSON or JSONL file")
+            }
+            Some(p) if !p.is_file() => bail!("key `{key}`: {}: file not found", p.display()),
+            _ => {}
+        }
+    }
+    Ok(())
 }
 
 /// The tokenizer + chat template of a loaded model, as data preparation sees them.
@@ -235,7 +240,7 @@ pub fn run_preference<B: AutodiffBackend>(
     if let Some(code) = check_plan(&cfg, algo, flags.force)? {
         return Ok(code);
     }
-    let run_dir = flags.open_run_dir(&cfg)?;
+    crate::commands::check_data_files(&cfg)?;
     // Data is read and tokenized before the weights load (minutes for a large model).
     let (tok, chat) = crate::cli::load_tokenizer(&cfg.model.path)?;
     let codec = Codec::new(&tok, chat.as_ref(), &cfg);
@@ -244,6 +249,7 @@ pub fn run_preference<B: AutodiffBackend>(
         Some(p) => Some(load_pairs(p, &codec, &cfg)?),
         None => None,
     };
+    let run_dir = flags.open_run_dir(&cfg)?;
     let loaded: Loaded<B> =
         crate::cli::load_model(&cfg.model.path, cfg.model.quantize == Quantize::Nf4, device)?;
     let pad_id = loaded.pad_id();

@@ -193,7 +193,7 @@ pub fn run<B: AutodiffBackend>(
     if let Some(code) = check_plan(&cfg, Algo::Grpo, flags.force)? {
         return Ok(code);
     }
-    let run_dir = flags.open_run_dir(&cfg)?;
+    crate::commands::check_data_files(&cfg)?;
     // Data is read and tokenized before the weights load (minutes for a large model).
     let (tok, chat) = crate::cli::load_tokenizer(&cfg.model.path)?;
     let codec = Codec::new(&tok, chat.as_ref(), &cfg);
@@ -202,6 +202,7 @@ pub fn run<B: AutodiffBackend>(
         Some(p) => Some(load_examples(p, &codec, &cfg)?),
         None => None,
     };
+    let run_dir = flags.open_run_dir(&cfg)?;
     let loaded: Loaded<B> =
         crate::cli::load_model(&cfg.model.path, cfg.model.quantize == Quantize::Nf4, device)?;
     let pad_id = loaded.pad_id();
