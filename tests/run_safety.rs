@@ -387,7 +387,9 @@ fn messages_name_the_key_and_come_before_the_weights() {
     // A model folder without weights: the data and output folder errors must come first.
     let bare = run.path("bare");
     std::fs::create_dir_all(&bare).unwrap();
-    std::fs::copy(run.path("model/config.json"), bare.join("config.json")).unwrap();
+    for f in ["config.json", "tokenizer.json", "tokenizer_config.json"] {
+        std::fs::copy(run.path("model").join(f), bare.join(f)).unwrap();
+    }
     let text = |train: &str| {
         format!(
             "[model]\npath = {bare:?}\n\n[data]\ntrain = {train:?}\nmax_length = 32\nmax_prompt_length = 16\n\n[train]\noutput_dir = {:?}\n",

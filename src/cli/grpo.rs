@@ -2,8 +2,8 @@
 //! shared 4-bit base, with reward functions built in or loaded as plugins.
 //!
 //! Order of work: read the config, build the reward functions (a plugin that cannot be loaded
-//! fails here, before any weight is read), check the VRAM plan, lock the output folder, tokenize
-//! the prompts, load the base, then hand [`GrpoTrainer`] to the shared run loop. Plugins run in
+//! fails here, before any weight is read), check the VRAM plan, tokenize the prompts, lock the
+//! output folder, load the base, then hand [`GrpoTrainer`] to the shared run loop. Plugins run in
 //! worker processes, so one that aborts or loops fails its reward instead of the trainer. A
 //! reward function that fails during training (a plugin error, crash or timeout) stops the run
 //! with exit code 2 and a message naming the function, the completion and the last checkpoint,

@@ -4,10 +4,11 @@
 //! adapters off. The value model starts as a copy of the reward model (adapter and head), as
 //! TRL's PPO example loads its value model from the reward checkpoint.
 //!
-//! Same steps as the other training commands: plan check before any weight is loaded, output
-//! folder locked, prompts tokenized, model load, roles, then the shared run loop with [`PpoTrainer`]. With `data.eval`, the
-//! final policy and the reference (the model before training) sample one response per eval
-//! prompt and the mean reward-model scores go to `eval_metrics.json`.
+//! Same steps as the other training commands: plan check before any weight is loaded, prompts
+//! tokenized, output folder locked, model load, roles, then the shared run loop with
+//! [`PpoTrainer`]. With `data.eval`, the final policy and the reference (the model before
+//! training) sample one response per eval prompt and the mean reward-model scores go to
+//! `eval_metrics.json`.
 
 use super::setup::{self, Outcome, Prepared, TrainRun};
 use super::trainers::{load_prompt_ids, sampling_params};

@@ -89,23 +89,10 @@ pub struct TrainFlags {
 }
 
 impl TrainFlags {
-    /// What is checked before any weight is loaded (minutes for a large model): the data files
-    /// exist, and `train.output_dir` is locked for this run with the checkpoint to resume from
-    /// found (see [`RunDir::open`]).
+    /// Locks `train.output_dir` for this run (after the data is read, so bad data leaves no
+    /// folder behind; before any weight is loaded) and finds the checkpoint to resume from (see
+    /// [`RunDir::open`]).
     pub fn open_run_dir(&self, cfg: &RunConfig) -> Result<RunDir> {
-        let data = [
-            ("data.train", Some(&cfg.data.train)),
-            ("data.eval", cfg.data.eval.as_ref()),
-        ];
-        for (key, path) in data {
-            match path {
-                Some(p) if p.as_os_str().is_empty() => {
-                    bail!("key `{key}`: missing: set it to a JSON or JSONL file")
-                }
-                Some(p) if !p.is_file() => bail!("key `{key}`: {}: file not found", p.display()),
-                _ => {}
-            }
-        }
         RunDir::open(&cfg.train.output_dir, self.resume.as_ref(), self.overwrite)
     }
 
@@ -123,6 +110,24 @@ impl TrainFlags {
             config_text,
         }
     }
+}
+
+/// The data files exist (checked before anything is loaded or written).
+pub fn check_data_files(cfg: &RunConfig) -> Result<()> {
+    let data = [
+        ("data.train", Some(&cfg.data.train)),
+        ("data.eval", cfg.data.eval.as_ref()),
+    ];
+    for (key, path) in data {
+        match path {
+            Some(p) if p.as_os_str().is_empty() => {
+                bail!("key `{key}`: missing: set it to a JSON or JSONL file")
+            }
+            Some(p) if !p.is_file() => bail!("key `{key}`: {}: file not found", p.display()),
+            _ => {}
+        }
+    }
+    Ok(())
 }
 
 /// What a training command's run loop starts from.
@@ -174,9 +179,9 @@ impl TrainRun {
     }
 
     /// The set-up up to the run loop, cheapest failure first: the plan (`None` when the run
-    /// does not fit and `--force` is off; nothing was loaded), the output folder locked, the
-    /// data files read and tokenized by `load` with the model's tokenizer (seconds), then the
-    /// weights (minutes for a large model).
+    /// does not fit and `--force` is off; nothing was loaded), the data files read and tokenized
+    /// by `load` with the model's tokenizer (seconds), the output folder locked (so bad data
+    /// leaves no folder behind), then the weights (minutes for a large model).
     pub fn prepare<B: Backend, T>(
         &self,
         algo: Algo,
@@ -187,10 +192,11 @@ impl TrainRun {
         if !check_plan(cfg, algo, self.flags.force)? {
             return Ok(None);
         }
-        let run_dir = self.flags.open_run_dir(cfg)?;
+        check_data_files(cfg)?;
         let (tok, chat) = load_tokenizer(&cfg.model.path)?;
         let codec = Codec::new(&tok, chat.as_ref(), cfg);
         let (train_set, eval_set) = data_sets(cfg, |p| load(p, &codec))?;
+        let run_dir = self.flags.open_run_dir(cfg)?;
         let loaded = load_model(&cfg.model.path, cfg.model.quantize == Quantize::Nf4, device)?;
         Ok(Some(Prepared {
             loaded,
