@@ -10,6 +10,7 @@ pub mod plan;
 pub mod ppo;
 pub mod preference;
 pub mod ref_free;
+pub mod reward_worker;
 pub mod rloo;
 pub mod setup;
 pub mod trainers;
@@ -61,6 +62,9 @@ pub enum Command {
     Generate(generate::GenerateArgs),
     /// Time DPO or GRPO steps on a make_model.py folder (the peer benchmark against TRL).
     Bench(bench::BenchArgs),
+    /// The worker process a reward plugin runs in (started by `rlhf grpo`).
+    #[command(hide = true)]
+    RewardWorker(reward_worker::RewardWorkerArgs),
 }
 
 #[derive(clap::Args, Debug)]
@@ -74,6 +78,10 @@ pub struct RunArgs {
     /// Start even when the VRAM plan exceeds plan.budget_gib.
     #[arg(long)]
     pub force: bool,
+    /// Start afresh in a train.output_dir that holds an earlier run, removing its checkpoints,
+    /// adapters and logs.
+    #[arg(long)]
+    pub overwrite: bool,
 }
 
 /// Runs the parsed command.
@@ -89,6 +97,7 @@ pub fn run(cli: Cli) -> Result<Outcome> {
         Command::Rloo(a) => train(Train::Rloo, &a),
         Command::Ppo(a) => train(Train::Ppo, &a),
         Command::Bench(a) => bench::run(&a),
+        Command::RewardWorker(a) => reward_worker::run(&a),
         Command::Plan(a) => {
             let algo = a.algo.as_deref().map(Algo::from_str).transpose()?;
             plan::run(&a.config, algo, a.json)
@@ -114,6 +123,7 @@ fn train(command: Train, args: &RunArgs) -> Result<Outcome> {
     let flags = TrainFlags {
         resume: args.resume.clone(),
         force: args.force,
+        overwrite: args.overwrite,
     };
     let run = TrainRun::read(&args.config, flags)?;
     run.on_backend(&Training { command, run: &run })

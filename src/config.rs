@@ -376,17 +376,9 @@ impl RunConfig {
         if t.gradient_accumulation_steps == 0 {
             bail!("key `train.gradient_accumulation_steps`: expected a positive integer, got 0");
         }
-        if !(t.learning_rate.is_finite() && t.learning_rate >= 0.0) {
-            bail!("key `train.learning_rate`: expected a finite non-negative number");
-        }
-        if !(0.0..=1.0).contains(&t.warmup_ratio) {
-            bail!("key `train.warmup_ratio`: expected a number in [0, 1]");
-        }
+        self.validate_floats()?;
         if self.lora.r == 0 {
             bail!("key `lora.r`: expected a positive integer, got 0");
-        }
-        if !(0.0..1.0).contains(&self.lora.dropout) {
-            bail!("key `lora.dropout`: expected a number in [0, 1)");
         }
         for m in &self.lora.target_modules {
             if !ALL_TARGETS.contains(&m.as_str()) {
@@ -407,12 +399,6 @@ impl RunConfig {
             );
         }
         let g = &self.generation;
-        if !(g.temperature.is_finite() && g.temperature >= 0.0) {
-            bail!("key `generation.temperature`: expected a number >= 0");
-        }
-        if !(g.top_p > 0.0 && g.top_p <= 1.0) {
-            bail!("key `generation.top_p`: expected a number in (0, 1]");
-        }
         if g.min_new_tokens > g.max_new_tokens {
             bail!("key `generation.min_new_tokens`: exceeds `generation.max_new_tokens`");
         }
@@ -434,6 +420,123 @@ impl RunConfig {
             bail!("key `plan.budget_gib`: expected a positive number of GiB");
         }
         Ok(())
+    }
+
+    /// Every float of the run is finite and in its range (a NaN beta or an infinite weight decay
+    /// would otherwise train an adapter of NaNs without one failing step).
+    fn validate_floats(&self) -> Result<()> {
+        fn check(key: &str, v: f64, ok: bool, expected: &str) -> Result<()> {
+            if v.is_finite() && ok {
+                Ok(())
+            } else {
+                bail!("key `{key}`: expected {expected}, got {v}")
+            }
+        }
+        let (ge0, gt0) = ("a number >= 0", "a number > 0");
+        let (unit, unit_open) = ("a number in [0, 1]", "a number in [0, 1)");
+        let (t, o, l) = (&self.train, &self.optimizer, &self.lora);
+        check(
+            "train.learning_rate",
+            t.learning_rate,
+            t.learning_rate >= 0.0,
+            ge0,
+        )?;
+        check(
+            "train.warmup_ratio",
+            t.warmup_ratio,
+            (0.0..=1.0).contains(&t.warmup_ratio),
+            unit,
+        )?;
+        let clip = t.max_grad_norm;
+        check(
+            "train.max_grad_norm",
+            clip,
+            clip >= 0.0,
+            "a number >= 0 (0 = no clipping)",
+        )?;
+        check(
+            "optimizer.beta1",
+            o.beta1,
+            (0.0..1.0).contains(&o.beta1),
+            unit_open,
+        )?;
+        check(
+            "optimizer.beta2",
+            o.beta2,
+            (0.0..1.0).contains(&o.beta2),
+            unit_open,
+        )?;
+        check("optimizer.eps", o.eps, o.eps > 0.0, gt0)?;
+        check(
+            "optimizer.weight_decay",
+            o.weight_decay,
+            o.weight_decay >= 0.0,
+            ge0,
+        )?;
+        check("lora.alpha", l.alpha.into(), l.alpha > 0.0, gt0)?;
+        check(
+            "lora.dropout",
+            l.dropout.into(),
+            (0.0..1.0).contains(&l.dropout),
+            unit_open,
+        )?;
+        let g = &self.generation;
+        let temp = "a number >= 0 (0 = greedy)";
+        check(
+            "generation.temperature",
+            g.temperature.into(),
+            g.temperature >= 0.0,
+            temp,
+        )?;
+        let top_p = g.top_p > 0.0 && g.top_p <= 1.0;
+        check(
+            "generation.top_p",
+            g.top_p.into(),
+            top_p,
+            "a number in (0, 1]",
+        )?;
+        let d = &self.dpo;
+        check("dpo.beta", d.beta, d.beta > 0.0, gt0)?;
+        let ls = d.label_smoothing;
+        check(
+            "dpo.label_smoothing",
+            ls,
+            (0.0..1.0).contains(&ls),
+            unit_open,
+        )?;
+        for &w in d.loss_weights.iter().flatten() {
+            check("dpo.loss_weights", w, w >= 0.0, "numbers >= 0")?;
+        }
+        let c = self.rm.center_rewards_coefficient;
+        check("rm.center_rewards_coefficient", c, c >= 0.0, ge0)?;
+        let r = &self.grpo;
+        check("grpo.beta", r.beta, r.beta >= 0.0, ge0)?;
+        check("grpo.epsilon", r.epsilon, r.epsilon >= 0.0, ge0)?;
+        if let Some(e) = r.epsilon_high {
+            check("grpo.epsilon_high", e, e >= 0.0, ge0)?;
+        }
+        let p = &self.ppo;
+        check("ppo.kl_coef", p.kl_coef, p.kl_coef >= 0.0, ge0)?;
+        check("ppo.cliprange", p.cliprange, p.cliprange > 0.0, gt0)?;
+        check(
+            "ppo.cliprange_value",
+            p.cliprange_value,
+            p.cliprange_value > 0.0,
+            gt0,
+        )?;
+        check("ppo.vf_coef", p.vf_coef, p.vf_coef >= 0.0, ge0)?;
+        check("ppo.gamma", p.gamma, (0.0..=1.0).contains(&p.gamma), unit)?;
+        check("ppo.lam", p.lam, (0.0..=1.0).contains(&p.lam), unit)?;
+        if let Some(v) = p.missing_eos_penalty {
+            check("ppo.missing_eos_penalty", v, true, "a finite number")?;
+        }
+        if let Some(v) = p.adaptive_kl_target {
+            check("ppo.adaptive_kl_target", v, v > 0.0, gt0)?;
+        }
+        let h = p.adaptive_kl_horizon;
+        check("ppo.adaptive_kl_horizon", h, h > 0.0, gt0)?;
+        let b = self.plan.budget_gib;
+        check("plan.budget_gib", b, b > 0.0, "a positive number of GiB")
     }
 }
 
@@ -528,6 +631,39 @@ mod tests {
         assert!(c.is_err());
         let e = parse("[dpo]\nbeta = 0\n").unwrap_err().to_string();
         assert!(e.contains("dpo.beta"), "{e}");
+    }
+
+    #[test]
+    fn every_float_is_finite_and_in_range() {
+        for (text, key) in [
+            ("[optimizer]\nbeta1 = nan\n", "optimizer.beta1"),
+            ("[optimizer]\nbeta2 = 1.0\n", "optimizer.beta2"),
+            ("[optimizer]\neps = 0.0\n", "optimizer.eps"),
+            (
+                "[optimizer]\nweight_decay = inf\n",
+                "optimizer.weight_decay",
+            ),
+            ("[train]\nlearning_rate = -1e-5\n", "train.learning_rate"),
+            ("[train]\nmax_grad_norm = nan\n", "train.max_grad_norm"),
+            ("[lora]\nalpha = inf\n", "lora.alpha"),
+            ("[dpo]\nbeta = -inf\n", "dpo.beta"),
+            ("[dpo]\nloss_weights = [nan]\n", "dpo.loss_weights"),
+            ("[generation]\ntop_p = nan\n", "generation.top_p"),
+            (
+                "[generation]\ntemperature = inf\n",
+                "generation.temperature",
+            ),
+            ("[ppo]\ngamma = 1.5\n", "ppo.gamma"),
+            (
+                "[ppo]\nadaptive_kl_target = nan\n",
+                "ppo.adaptive_kl_target",
+            ),
+            ("[grpo]\nepsilon_high = -0.1\n", "grpo.epsilon_high"),
+        ] {
+            let e = parse(text).unwrap_err().to_string();
+            assert!(e.contains(&format!("`{key}`")), "{text}: {e}");
+        }
+        assert!(parse("[optimizer]\nbeta1 = 0.0\nbeta2 = 0.95\nweight_decay = 0.1\n").is_ok());
     }
 
     #[test]

@@ -361,13 +361,37 @@ impl Gguf {
             .opt(&key("rope.freq_base"), Self::get_f32)?
             .unwrap_or(10000.0);
         let rms_eps = self.get_f32(&key("attention.layer_norm_rms_epsilon"))?;
+        let blocks = self.get_u64(&key("block_count"))?;
+        // The tensors say how many blocks there are: a block count that disagrees is corruption,
+        // not a model too large for the budget.
+        let stored = self
+            .tensors()
+            .iter()
+            .filter_map(|t| {
+                t.name
+                    .strip_prefix("blk.")?
+                    .split('.')
+                    .next()?
+                    .parse::<u64>()
+                    .ok()
+            })
+            .map(|i| i + 1)
+            .max()
+            .unwrap_or(0);
+        if !self.tensors().is_empty() && blocks != stored {
+            bail!(
+                "GGUF file {}: corrupt file: {} = {blocks} but its tensors hold {stored} blocks",
+                self.path.display(),
+                key("block_count")
+            );
+        }
 
         let mut cfg = json!({
             "architectures": [hf_arch],
             "model_type": model_type,
             "hidden_size": hidden,
             "intermediate_size": self.get_u64(&key("feed_forward_length"))?,
-            "num_hidden_layers": self.get_u64(&key("block_count"))?,
+            "num_hidden_layers": blocks,
             "num_attention_heads": n_head,
             "num_key_value_heads": n_kv,
             "head_dim": head_dim,

@@ -1,6 +1,7 @@
 //! `rlhf` binary: parse arguments, run, and turn the outcome into the exit code. This is the one
 //! place that knows the exit codes: 0 done, 2 an error (one line on stderr), 3 the run does not
-//! fit the VRAM budget, 4 the GPU ran out of memory (one line, from `oom`'s panic hook).
+//! fit the VRAM budget, 4 the GPU ran out of memory (one line, from `oom`'s panic hook), 5 the
+//! run diverged (a [`rlhf::finite::Diverged`] error, one line on stderr).
 
 use clap::Parser;
 use rlhf::cli::Outcome;
@@ -13,6 +14,9 @@ const EXIT_ERROR: i32 = 2;
 const EXIT_DOES_NOT_FIT: i32 = 3;
 /// A device allocation failed (the last checkpoint is intact).
 const EXIT_OUT_OF_MEMORY: i32 = 4;
+/// The run diverged: no finite step, too many non-finite steps in a row, or a non-finite
+/// adapter (which is not written).
+const EXIT_DIVERGED: i32 = 5;
 
 fn main() {
     rlhf::oom::install_hook(EXIT_OUT_OF_MEMORY);
@@ -20,6 +24,7 @@ fn main() {
     match rlhf::cli::run(cli) {
         Ok(Outcome::Done) => std::process::exit(EXIT_OK),
         Ok(Outcome::DoesNotFit) => std::process::exit(EXIT_DOES_NOT_FIT),
+        Ok(Outcome::Reported) => std::process::exit(EXIT_ERROR),
         Err(e) => {
             // `{:#}` prints the whole context chain; some parsers' messages span lines, and the
             // contract is one line per error.
@@ -30,7 +35,11 @@ fn main() {
                 .filter(|l| !l.is_empty())
                 .collect();
             eprintln!("error: {}", one_line.join(" "));
-            std::process::exit(EXIT_ERROR);
+            std::process::exit(if rlhf::finite::is_diverged(&e) {
+                EXIT_DIVERGED
+            } else {
+                EXIT_ERROR
+            });
         }
     }
 }

@@ -384,12 +384,75 @@ pub fn read_model_config(path: &Path) -> Result<LlamaConfig> {
 ///
 /// Reads at most one file: the config of a separate reward checkpoint (`ppo.reward_model_path`).
 pub fn plan(run: &RunConfig, model: &LlamaConfig, algo: Algo) -> Result<Plan> {
+    check_magnitudes(run, model)?;
     let reward = RewardSource::resolve(run, algo)?;
     let mut p = plan_with(run, model, &reward, algo)?;
     if !p.fits {
         p.suggestions = suggest(run, model, &reward, algo, &p);
     }
     Ok(p)
+}
+
+/// Bytes beyond any device (1 PiB). Inputs whose terms reach it are refused before planning,
+/// which also keeps every u64 product and sum of the planner far from overflow.
+const MAX_PLAN_BYTES: f64 = (1u64 << 50) as f64;
+
+/// Refuses, naming the keys, a model or run whose largest terms (computed in f64, which cannot
+/// wrap) exceed [`MAX_PLAN_BYTES`]: `lora.r = 9223372036854775807` must not wrap to "fits".
+fn check_magnitudes(run: &RunConfig, m: &LlamaConfig) -> Result<()> {
+    let f = |v: usize| v as f64;
+    let (h, i, l, v) = (
+        f(m.hidden_size),
+        f(m.intermediate_size),
+        f(m.num_hidden_layers),
+        f(m.vocab_size),
+    );
+    let q = f(m.num_attention_heads) * f(m.head_dim);
+    let kv = f(m.num_key_value_heads) * f(m.head_dim);
+    let too_big = |bytes: f64| bytes.is_nan() || bytes >= MAX_PLAN_BYTES;
+    let weights = 4.0 * (l * (2.0 * h * q + 2.0 * h * kv + 3.0 * h * i) + 2.0 * v * h);
+    if too_big(weights) {
+        bail!(
+            "model config: hidden_size {}, intermediate_size {}, num_hidden_layers {}, vocab_size {} describe more than 1 PiB of weights: the config is corrupt",
+            m.hidden_size,
+            m.intermediate_size,
+            m.num_hidden_layers,
+            m.vocab_size
+        );
+    }
+    let r = f(run.lora.r);
+    // Adapter, gradient and two AdamW moments in f32, every linear targeted.
+    if too_big(16.0 * r * l * (4.0 * h + 2.0 * q + 2.0 * kv + 3.0 * (h + i))) {
+        bail!(
+            "key `lora.r`: {} makes the adapters larger than 1 PiB: expected a rank well below hidden_size {}",
+            run.lora.r,
+            m.hidden_size
+        );
+    }
+    let (g, d) = (&run.grpo, &run.data);
+    let rows = f(run.train.batch_size) * f(g.num_generations.max(2));
+    let tokens = [
+        d.max_length,
+        d.max_prompt_length.saturating_add(g.max_completion_length),
+        d.max_prompt_length.saturating_add(run.ppo.response_length),
+        d.max_prompt_length
+            .saturating_add(run.generation.max_new_tokens),
+    ]
+    .into_iter()
+    .map(f)
+    .fold(0.0, f64::max);
+    // Activations and KV cache of every block plus f32 logits and their gradient, per token.
+    let per_token = l * (8.0 * (2.0 * h + 3.0 * q + 4.0 * i + 2.0 * kv) + 4.0 * r * 7.0) + 8.0 * v;
+    if too_big(rows * tokens * per_token) || too_big(f(run.plan.logits_chunk) * v * 8.0) {
+        bail!(
+            "keys `train.batch_size` ({}), `grpo.num_generations` ({}), `plan.logits_chunk` ({}) and the sequence lengths (`data.max_length`, `data.max_prompt_length`, `grpo.max_completion_length`, `ppo.response_length`, `generation.max_new_tokens`; longest {} tokens) ask for more than 1 PiB of activations",
+            run.train.batch_size,
+            g.num_generations,
+            run.plan.logits_chunk,
+            tokens
+        );
+    }
+    Ok(())
 }
 
 /// One line for training commands, printed before weights are loaded.

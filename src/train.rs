@@ -6,12 +6,12 @@ use crate::config::RunConfig;
 use crate::data::epoch_order;
 use crate::engine::{RlhfModel, HEAD_KEY};
 use crate::optim::{learning_rate, AdamW};
+use crate::rundir::{fault_point, MetricsLog};
 use anyhow::{bail, Context, Result};
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::Tensor;
 use rlhf_algorithms::trainer::{Metrics, Role, Trainer};
 use serde::{Deserialize, Serialize};
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 /// What a checkpoint records besides tensors.
@@ -256,11 +256,7 @@ where
         );
     }
 
-    let mut log = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(out_dir.join("metrics.jsonl"))
-        .with_context(|| format!("{}: cannot open metrics.jsonl", out_dir.display()))?;
+    let mut log = MetricsLog::open(out_dir, state.global_step)?;
     let bar = indicatif::ProgressBar::new(total as u64);
     bar.set_style(
         indicatif::ProgressStyle::with_template("{prefix} [{bar:30}] {pos}/{len} {msg} eta {eta}")
@@ -275,6 +271,7 @@ where
     model.set_training(true);
     while state.global_step < total {
         let step = state.global_step;
+        fault_point("step", step + 1)?;
         observer.step_started(step);
         let started = std::time::Instant::now();
         B::seed(&device, t.seed.wrapping_add(step as u64));
@@ -345,12 +342,12 @@ where
             state.skipped_steps += 1;
             model.set_params(&roles, inner.into_iter().map(Tensor::from_inner).collect());
             if state.nonfinite_in_row >= t.max_nonfinite_steps {
-                bail!(
+                return Err(crate::finite::diverged(format!(
                     "{} non-finite losses or gradients in a row at step {} (lower train.learning_rate, check the data); the last checkpoint in {} is intact",
                     state.nonfinite_in_row,
                     step + 1,
                     out_dir.display()
-                );
+                )));
             }
         }
         observer.phase_done(StepPhase::Optimizer);
@@ -385,11 +382,15 @@ where
             for (k, v) in &m {
                 line.insert(k.clone(), serde_json::json!(v));
             }
-            writeln!(log, "{}", serde_json::Value::Object(line))
-                .context("writing metrics.jsonl")?;
+            log.append(&serde_json::Value::Object(line))?;
+            fault_point("metrics", state.global_step)?;
         }
         last = m;
         if state.global_step.is_multiple_of(t.save_steps.max(1)) || state.global_step == total {
+            if state.global_step == total {
+                crate::finite::ensure_some_finite_step(state.skipped_steps, state.global_step)?;
+            }
+            log.sync()?;
             let extra = serde_json::to_string(&trainer.state()?)?;
             crate::oom::enter("checkpoint");
             save_checkpoint(model, &roles, &opt, &state, &extra, out_dir, opts)?;
@@ -397,12 +398,14 @@ where
     }
     bar.finish();
     model.set_training(false);
+    crate::finite::ensure_some_finite_step(state.skipped_steps, state.global_step)?;
+    fault_point("final", state.global_step)?;
     save_roles(model, &roles, out_dir, &opts.base_name)?;
     Ok(last)
 }
 
 /// Writes `checkpoint-N` atomically: everything goes into a temporary folder that is renamed
-/// into place only when complete.
+/// into place only when complete, and that is removed when any part of it fails (a full disk).
 fn save_checkpoint<B: AutodiffBackend>(
     model: &RlhfModel<B>,
     roles: &[Role],
@@ -412,26 +415,45 @@ fn save_checkpoint<B: AutodiffBackend>(
     out_dir: &Path,
     opts: &RunOptions,
 ) -> Result<()> {
-    let final_dir = out_dir.join(format!("checkpoint-{}", state.global_step));
     let tmp = out_dir.join(format!(".checkpoint-{}.tmp", state.global_step));
-    if tmp.exists() {
+    let written = write_checkpoint(model, roles, opt, state, trainer_json, &tmp, opts);
+    if written.is_err() {
         std::fs::remove_dir_all(&tmp).ok();
     }
-    std::fs::create_dir_all(&tmp).with_context(|| format!("{}: cannot create", tmp.display()))?;
-    save_roles(model, roles, &tmp, &opts.base_name)?;
+    written?;
+    fault_point("checkpoint-rename", state.global_step)?;
+    let final_dir = out_dir.join(format!("checkpoint-{}", state.global_step));
+    if final_dir.exists() {
+        std::fs::remove_dir_all(&final_dir).ok();
+    }
+    std::fs::rename(&tmp, &final_dir)
+        .with_context(|| format!("{}: cannot move checkpoint into place", final_dir.display()))?;
+    fault_point("checkpoint", state.global_step)
+}
+
+/// Everything of checkpoint `state.global_step` into the temporary folder `tmp`.
+fn write_checkpoint<B: AutodiffBackend>(
+    model: &RlhfModel<B>,
+    roles: &[Role],
+    opt: &AdamW<B::InnerBackend>,
+    state: &TrainerState,
+    trainer_json: &str,
+    tmp: &Path,
+    opts: &RunOptions,
+) -> Result<()> {
+    if tmp.exists() {
+        std::fs::remove_dir_all(tmp).ok();
+    }
+    std::fs::create_dir_all(tmp).with_context(|| format!("{}: cannot create", tmp.display()))?;
+    save_roles(model, roles, tmp, &opts.base_name)?;
+    fault_point("checkpoint-write", state.global_step)?;
     opt.save(&tmp.join("optimizer.safetensors"))?;
     crate::util::write_atomic(
         &tmp.join("trainer_state.json"),
         serde_json::to_string_pretty(state)?.as_bytes(),
     )?;
     crate::util::write_atomic(&tmp.join("run.toml"), opts.config_text.as_bytes())?;
-    crate::util::write_atomic(&tmp.join("trainer.json"), trainer_json.as_bytes())?;
-    if final_dir.exists() {
-        std::fs::remove_dir_all(&final_dir).ok();
-    }
-    std::fs::rename(&tmp, &final_dir)
-        .with_context(|| format!("{}: cannot move checkpoint into place", final_dir.display()))?;
-    Ok(())
+    crate::util::write_atomic(&tmp.join("trainer.json"), trainer_json.as_bytes())
 }
 
 /// Evaluation: the trainer's metrics averaged over `examples`, in batches, without gradients.

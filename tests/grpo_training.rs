@@ -251,6 +251,38 @@ fn broken_plugins_stop_with_a_clear_error_and_keep_the_checkpoint() {
         );
     }
 
+    // Plugins run in worker processes: one that aborts, exits, overflows its stack or loops
+    // fails its reward (the loop by its timeout), and the trainer stops cleanly with exit 2,
+    // naming the reward, the step and the intact checkpoint.
+    let lib = plugin("misbehaving_plugin");
+    for (mode, expected) in [
+        ("abort", "worker exited"),
+        ("exit", "worker exited (exit status: 0)"),
+        ("overflow", "worker exited"),
+        ("loop", "no answer within 1 s"),
+    ] {
+        let entry = format!(
+            "[[grpo.rewards]]\ntype = \"plugin\"\npath = {lib:?}\ntimeout_secs = 1\nconfig = {{ mode = \"{mode}\" }}\n"
+        );
+        let cfg = run.config(&format!("{mode}.toml"), "out", &body(4, &entry));
+        let (code, stderr) = rlhf_status(&["grpo", "--config", cfg.to_str().unwrap(), "--resume"]);
+        let error = stderr
+            .lines()
+            .find(|l| l.starts_with("error: "))
+            .unwrap_or_else(|| panic!("{mode}: no error line in {stderr}"));
+        eprintln!("{mode}: {error}");
+        assert_eq!(code, 2, "{mode}: exit code {code}: {stderr}");
+        for e in ["`misbehaving`", "completion 0", expected, "step 3"] {
+            assert!(error.contains(e), "{mode}: `{e}` not in {error}");
+        }
+        assert!(error.contains(checkpoint.to_str().unwrap()), "{error}");
+        assert!(!run.path("out/checkpoint-3").exists(), "{mode}");
+        assert!(
+            snapshot(&checkpoint) == before,
+            "{mode}: checkpoint-2 changed"
+        );
+    }
+
     // A batch that is not whole groups is refused before the model is loaded, naming the key.
     let cfg = run.config(
         "odd.toml",

@@ -75,6 +75,26 @@ impl RewardSet {
         Self::new(funcs)
     }
 
+    /// As [`from_configs`](Self::from_configs), with plugins in worker processes of `worker`
+    /// (see [`RewardConfig::build_isolated`]).
+    pub fn from_configs_isolated(
+        configs: &[RewardConfig],
+        base_dir: &Path,
+        worker: &Path,
+    ) -> Result<Self> {
+        let funcs = configs
+            .iter()
+            .enumerate()
+            .map(|(i, config)| {
+                let func = config
+                    .build_isolated(base_dir, worker)
+                    .with_context(|| format!("reward function #{} ({})", i + 1, config.kind()))?;
+                Ok((func, config.weight()))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Self::new(funcs)
+    }
+
     pub fn names(&self) -> Vec<&str> {
         self.funcs.iter().map(|f| f.name()).collect()
     }

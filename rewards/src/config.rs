@@ -17,14 +17,21 @@
 //! type = "plugin"
 //! path = "plugins/libmarker_reward.so"   # relative to the config file
 //! config = { marker = "<m>" }
+//!
+//! [[rewards]]
+//! type = "command"                        # any executable speaking JSON lines (crate::command)
+//! command = ["python3", "verify.py"]      # run in the config file's directory
+//! timeout_secs = 10                       # per completion (default 30)
 //! ```
 
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
-use anyhow::Result;
+use anyhow::{bail, Result};
 use serde::{Deserialize, Serialize};
 
 use crate::builtins::{Contains, ExactAnswer, LengthPenalty, RegexMatch};
+use crate::command::{CommandReward, WorkerSpec};
 use crate::loader::PluginReward;
 use crate::reward::RewardFn;
 
@@ -44,6 +51,8 @@ pub enum RewardConfig {
     Excludes(ContainsConfig),
     /// A reward compiled as a shared library (see [`crate::plugin`]).
     Plugin(PluginConfig),
+    /// An executable scoring completions over JSON lines (see [`crate::command`]).
+    Command(CommandConfig),
 }
 
 fn default_weight() -> f32 {
@@ -56,6 +65,10 @@ fn default_answer_column() -> String {
 
 fn default_true() -> bool {
     true
+}
+
+fn default_timeout() -> f64 {
+    30.0
 }
 
 /// `type = "exact_answer"`: see [`ExactAnswer`] for how answers are extracted and compared.
@@ -153,6 +166,31 @@ pub struct PluginConfig {
     pub weight: f32,
     /// Metric name (default: the name the plugin reports).
     pub name: Option<String>,
+    /// Seconds one completion may take when the plugin runs in a worker process.
+    #[serde(default = "default_timeout")]
+    pub timeout_secs: f64,
+}
+
+/// `type = "command"`: a program scoring one completion per JSON line (see [`crate::command`]).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CommandConfig {
+    /// Program and arguments, run in the config file's directory.
+    pub command: Vec<String>,
+    /// Seconds one completion may take; a worker past it is killed and restarted.
+    #[serde(default = "default_timeout")]
+    pub timeout_secs: f64,
+    #[serde(default = "default_weight")]
+    pub weight: f32,
+    /// Metric name (default: the program's file stem).
+    pub name: Option<String>,
+}
+
+fn timeout(secs: f64) -> Result<Duration> {
+    if !(secs.is_finite() && secs > 0.0) {
+        bail!("`timeout_secs`: expected a number of seconds > 0, got {secs}");
+    }
+    Ok(Duration::from_secs_f64(secs.min(1e9)))
 }
 
 impl RewardConfig {
@@ -165,6 +203,7 @@ impl RewardConfig {
             RewardConfig::Contains(_) => "contains",
             RewardConfig::Excludes(_) => "excludes",
             RewardConfig::Plugin(_) => "plugin",
+            RewardConfig::Command(_) => "command",
         }
     }
 
@@ -175,6 +214,7 @@ impl RewardConfig {
             RewardConfig::LengthPenalty(c) => c.weight,
             RewardConfig::Contains(c) | RewardConfig::Excludes(c) => c.weight,
             RewardConfig::Plugin(c) => c.weight,
+            RewardConfig::Command(c) => c.weight,
         }
     }
 
@@ -195,6 +235,41 @@ impl RewardConfig {
                 }
                 Box::new(plugin)
             }
+            RewardConfig::Command(c) => {
+                let spec = WorkerSpec {
+                    argv: c.command.clone(),
+                    cwd: Some(base_dir.to_path_buf()),
+                    timeout: timeout(c.timeout_secs)?,
+                    handshake: false,
+                };
+                if c.command.is_empty() {
+                    bail!("`command`: expected a program, e.g. [\"python3\", \"verify.py\"]");
+                }
+                Box::new(CommandReward::start(c.name.clone(), spec)?)
+            }
         })
+    }
+
+    /// As [`build`](Self::build), but a plugin runs in a worker process, `worker` (the `rlhf`
+    /// binary) with arguments `reward-worker --reward <this entry as JSON> --base-dir <dir>`,
+    /// so that its aborts, exits and hangs cannot take the trainer down.
+    pub fn build_isolated(&self, base_dir: &Path, worker: &Path) -> Result<Box<dyn RewardFn>> {
+        let RewardConfig::Plugin(c) = self else {
+            return self.build(base_dir);
+        };
+        let spec = WorkerSpec {
+            argv: vec![
+                worker.display().to_string(),
+                "reward-worker".into(),
+                "--reward".into(),
+                serde_json::to_string(self)?,
+                "--base-dir".into(),
+                base_dir.display().to_string(),
+            ],
+            cwd: None,
+            timeout: timeout(c.timeout_secs)?,
+            handshake: true,
+        };
+        Ok(Box::new(CommandReward::start(c.name.clone(), spec)?))
     }
 }

@@ -249,6 +249,12 @@ fn check_args(a: &BenchArgs, algo: Algo) -> Result<()> {
             a.group
         );
     }
+    if a.model.is_file() {
+        bail!(
+            "--model {}: bench takes a model folder (config.json + safetensors + dpo.jsonl/grpo.jsonl from shared/bench/make_model.py), not a file",
+            a.model.display()
+        );
+    }
     if !a.model.is_dir() {
         bail!(
             "{}: model folder not found (make it with bench/make_model.py)",

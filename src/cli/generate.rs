@@ -3,7 +3,7 @@
 use super::setup::{load_model, on_backend, DeviceArg, OnBackend, Outcome, NO_CUDA};
 use crate::generate::{generate, SamplingParams};
 use crate::model::lora::Adapter;
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use burn::tensor::backend::Backend;
 use rand::SeedableRng;
 use std::path::PathBuf;
@@ -55,8 +55,41 @@ impl OnBackend for GenerateArgs {
     }
 }
 
+/// The checks `[generation]` gets in a run config, for the flags of `rlhf generate`.
+fn check_generate_args(args: &GenerateArgs) -> Result<()> {
+    let t = args.temperature;
+    if !(t.is_finite() && t >= 0.0) {
+        bail!("--temperature: expected a number >= 0 (0 = greedy), got {t}");
+    }
+    let p = args.top_p;
+    if !(p.is_finite() && p > 0.0 && p <= 1.0) {
+        bail!("--top-p: expected a number in (0, 1], got {p}");
+    }
+    if args.min_new_tokens > args.max_new_tokens {
+        bail!(
+            "--min-new-tokens: {} exceeds --max-new-tokens {}",
+            args.min_new_tokens,
+            args.max_new_tokens
+        );
+    }
+    Ok(())
+}
+
+/// The prompt plus the tokens to generate must fit the model's context.
+fn check_context(prompt_tokens: usize, args: &GenerateArgs, context: usize) -> Result<()> {
+    let total = prompt_tokens.saturating_add(args.max_new_tokens);
+    if total > context {
+        bail!(
+            "--prompt: {prompt_tokens} tokens + --max-new-tokens {} = {total} exceed the model's context length of {context} tokens",
+            args.max_new_tokens
+        );
+    }
+    Ok(())
+}
+
 /// `rlhf generate` on backend `B`.
 fn generate_on<B: Backend>(args: &GenerateArgs, device: &B::Device) -> Result<()> {
+    check_generate_args(args)?;
     let loaded = load_model::<B>(&args.model, !args.no_quantize, device)?;
     let adapter = match &args.adapter {
         Some(dir) => Some(
@@ -76,6 +109,7 @@ fn generate_on<B: Backend>(args: &GenerateArgs, device: &B::Device) -> Result<()
         args.prompt.clone()
     };
     let ids = loaded.tok.encode(&text, !args.chat)?;
+    check_context(ids.len(), args, loaded.model.cfg.max_position_embeddings)?;
     let stop = loaded.stop_ids(&[]);
     let params = SamplingParams {
         max_new_tokens: args.max_new_tokens,

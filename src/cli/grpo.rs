@@ -2,13 +2,15 @@
 //! shared 4-bit base, with reward functions built in or loaded as plugins.
 //!
 //! Order of work: read the config, build the reward functions (a plugin that cannot be loaded
-//! fails here, before any weight is read), check the VRAM plan, load the base, tokenize the
-//! prompts, then hand [`GrpoTrainer`] to the shared run loop. A reward function that fails during
-//! training (a plugin error or panic) stops the run with exit code 2 and a message naming the
-//! function, the completion and the last checkpoint, which the run loop wrote atomically and
-//! which is left untouched: fix the reward and continue with `--resume`.
+//! fails here, before any weight is read), check the VRAM plan, tokenize the prompts, lock the
+//! output folder, load the base, then hand [`GrpoTrainer`] to the shared run loop. Plugins run in
+//! worker processes, so one that aborts or loops fails its reward instead of the trainer. A
+//! reward function that fails during training (a plugin error, crash or timeout) stops the run
+//! with exit code 2 and a message naming the function, the completion and the last checkpoint,
+//! which the run loop wrote atomically and which is left untouched: fix the reward and continue
+//! with `--resume`.
 
-use super::setup::{self, Codec, Outcome, TrainRun};
+use super::setup::{self, Outcome, Prepared, TrainRun};
 use super::trainers::{
     check_grpo_config, grpo_loss_config, grpo_settings, load_grpo_examples, COMPLETIONS_LOG,
 };
@@ -22,8 +24,8 @@ use rlhf_algorithms::trainer::Role;
 use rlhf_rewards::{RewardConfig, RewardSet};
 use std::path::Path;
 
-/// The reward functions of `grpo.rewards`, built (plugins loaded) with their weights. Relative
-/// plugin paths are taken relative to the config file's directory.
+/// The reward functions of `grpo.rewards`, built (plugins started in worker processes) with
+/// their weights. Relative plugin paths are taken relative to the config file's directory.
 pub fn build_rewards(cfg: &RunConfig, config: &Path) -> Result<RewardSet> {
     if cfg.grpo.rewards.is_empty() {
         bail!(
@@ -49,7 +51,11 @@ pub fn build_rewards(cfg: &RunConfig, config: &Path) -> Result<RewardSet> {
         })
         .collect::<Result<Vec<_>>>()?;
     let base = config.parent().unwrap_or(Path::new(""));
-    RewardSet::from_configs(&entries, base).with_context(|| format!("{}", config.display()))
+    // Plugins run in worker processes of this binary (see `reward_worker`).
+    let worker =
+        std::env::current_exe().context("cannot find the rlhf binary for reward workers")?;
+    RewardSet::from_configs_isolated(&entries, base, &worker)
+        .with_context(|| format!("{}", config.display()))
 }
 
 /// `rlhf grpo` (and `rlhf rloo`, with [`Objective::Rloo`]) on backend `B`.
@@ -67,16 +73,23 @@ pub fn run<B: AutodiffBackend>(
     }
     // Plugins load (and a bad one fails) before any weight is read.
     let rewards = build_rewards(cfg, &run.path)?;
-    let Some(loaded) = run.plan_and_load::<B>(Algo::Grpo, device)? else {
+    let prepared = run.prepare::<B, _>(Algo::Grpo, device, |p, codec| {
+        load_grpo_examples(p, codec, cfg)
+    })?;
+    let Some(Prepared {
+        loaded,
+        train_set,
+        eval_set,
+        run_dir,
+    }) = prepared
+    else {
         return Ok(Outcome::DoesNotFit);
     };
-    let codec = Codec::of(&loaded, cfg);
     let pad_id = loaded.pad_id();
     let stop_ids = loaded.stop_ids(&cfg.generation.stop_token_ids);
-    let (train_set, eval_set) = setup::data_sets(cfg, |p| load_grpo_examples(p, &codec, cfg))?;
 
     let mut model = setup::model_for_run(loaded.model, &loaded.tok, cfg, Role::Policy)?;
-    let opts = run.run_options(&loaded.name)?;
+    let opts = run.run_options(&run_dir, &loaded.name);
     let mut settings = grpo_settings(cfg, loss, stop_ids, pad_id)?;
     settings.objective = objective;
     let mut trainer = GrpoTrainer::new(settings, rewards)?;

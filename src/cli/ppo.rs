@@ -4,12 +4,13 @@
 //! adapters off. The value model starts as a copy of the reward model (adapter and head), as
 //! TRL's PPO example loads its value model from the reward checkpoint.
 //!
-//! Same steps as the other training commands: plan check before any weight is loaded, model
-//! load, prompts, roles, then the shared run loop with [`PpoTrainer`]. With `data.eval`, the
-//! final policy and the reference (the model before training) sample one response per eval
-//! prompt and the mean reward-model scores go to `eval_metrics.json`.
+//! Same steps as the other training commands: plan check before any weight is loaded, prompts
+//! tokenized, output folder locked, model load, roles, then the shared run loop with
+//! [`PpoTrainer`]. With `data.eval`, the final policy and the reference (the model before
+//! training) sample one response per eval prompt and the mean reward-model scores go to
+//! `eval_metrics.json`.
 
-use super::setup::{self, Codec, Outcome, TrainRun};
+use super::setup::{self, Outcome, Prepared, TrainRun};
 use super::trainers::{load_prompt_ids, sampling_params};
 use crate::config::RunConfig;
 use crate::engine::{RlhfModel, HEAD_KEY};
@@ -122,12 +123,18 @@ pub fn run<B: AutodiffBackend>(run: &TrainRun, device: &B::Device) -> Result<Out
         seed,
     };
     run.in_file(schedule.validate())?;
-    let Some(loaded) = run.plan_and_load::<B>(Algo::Ppo, device)? else {
+    let prepared =
+        run.prepare::<B, _>(Algo::Ppo, device, |p, codec| load_prompt_ids(p, codec, cfg))?;
+    let Some(Prepared {
+        loaded,
+        train_set: prompts,
+        eval_set: eval_prompts,
+        run_dir,
+    }) = prepared
+    else {
         return Ok(Outcome::DoesNotFit);
     };
-    let codec = Codec::of(&loaded, cfg);
     let pad_id = loaded.pad_id();
-    let (prompts, eval_prompts) = setup::data_sets(cfg, |p| load_prompt_ids(p, &codec, cfg))?;
     sampling.stop_ids = loaded.stop_ids(&cfg.generation.stop_token_ids);
     sampling.pad_id = pad_id;
 
@@ -138,7 +145,7 @@ pub fn run<B: AutodiffBackend>(run: &TrainRun, device: &B::Device) -> Result<Out
     let trainer = PpoTrainer::new(ppo.clone(), kl, schedule, sampling.clone(), prompts, pad_id);
     let mut trainer = run.in_file(trainer)?;
     let slots = vec![PpoCall; trainer.calls_per_epoch()];
-    let opts = run.run_options(&loaded.name)?;
+    let opts = run.run_options(&run_dir, &loaded.name);
     let last = train(cfg, &mut model, &mut trainer, &slots, &opts)?;
     setup::print_metrics("train", &last);
 

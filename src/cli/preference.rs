@@ -1,7 +1,7 @@
 //! `rlhf dpo` and `rlhf rm`: preference pairs, one trained adapter (policy for DPO; reward
 //! adapter and score head for RM), through the shared run set-up and run loop.
 
-use super::setup::{self, Codec, Outcome, TrainRun};
+use super::setup::{self, Outcome, Prepared, TrainRun};
 use super::trainers::{dpo_config, load_pairs};
 use crate::engine::{new_head, RlhfModel};
 use crate::plan::Algo;
@@ -15,12 +15,17 @@ use rlhf_algorithms::trainer::Role;
 /// `rlhf dpo` (`algo` = DPO) / `rlhf rm` (RM) on backend `B`.
 pub fn run<B: AutodiffBackend>(algo: Algo, run: &TrainRun, device: &B::Device) -> Result<Outcome> {
     let cfg = &run.cfg;
-    let Some(loaded) = run.plan_and_load::<B>(algo, device)? else {
+    let prepared = run.prepare::<B, _>(algo, device, |p, codec| load_pairs(p, codec, cfg))?;
+    let Some(Prepared {
+        loaded,
+        train_set,
+        eval_set,
+        run_dir,
+    }) = prepared
+    else {
         return Ok(Outcome::DoesNotFit);
     };
-    let codec = Codec::of(&loaded, cfg);
     let pad_id = loaded.pad_id();
-    let (train_set, eval_set) = setup::data_sets(cfg, |p| load_pairs(p, &codec, cfg))?;
     let role = if algo == Algo::Rm {
         Role::Reward
     } else {
@@ -31,7 +36,7 @@ pub fn run<B: AutodiffBackend>(algo: Algo, run: &TrainRun, device: &B::Device) -
         let head = new_head(model.base.cfg.hidden_size, cfg.train.seed ^ 0x5EED, device);
         model.heads.insert(role, head);
     }
-    let opts = run.run_options(&loaded.name)?;
+    let opts = run.run_options(&run_dir, &loaded.name);
     let (last, eval) = match algo {
         Algo::Dpo => {
             let mut trainer = DpoTrainer {

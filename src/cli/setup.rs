@@ -1,15 +1,16 @@
 //! The one run set-up the training commands (`dpo`, `rm`, `orpo`, `cpo`, `kto`, `grpo`, `rloo`,
 //! `ppo`) and `bench` share, in
 //! its order: read the config, pick the backend, check the VRAM plan before any weight is loaded,
-//! load the base with its tokenizer, tokenize the data, attach the trained role's adapter; after
-//! the run loop, evaluate and report the metrics.
+//! lock the output folder, read and tokenize the data with the model's tokenizer, load the base,
+//! attach the trained role's adapter; after the run loop, evaluate and report the metrics.
 
 use crate::config::{Device, Dtype, Quantize, RunConfig};
 use crate::data::{Message, TextCodec};
 use crate::engine::RlhfModel;
 use crate::model::{Llama, LlamaConfig, LoadOptions};
 use crate::plan::{self, Algo};
-use crate::train::{evaluate, latest_checkpoint, train, RunOptions};
+use crate::rundir::RunDir;
+use crate::train::{evaluate, train, RunOptions};
 use anyhow::{bail, Context, Result};
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use clap::ValueEnum;
@@ -32,6 +33,9 @@ pub enum Outcome {
     Done,
     /// The run does not fit `plan.budget_gib` (the plan was printed; nothing was loaded).
     DoesNotFit,
+    /// The command failed and has reported why where its caller reads it (a reward worker's
+    /// handshake on stdout), so no `error:` line follows.
+    Reported,
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
@@ -81,28 +85,62 @@ pub struct TrainFlags {
     pub resume: Option<Option<PathBuf>>,
     /// Start even when the plan says the run does not fit the budget.
     pub force: bool,
+    /// Replace an earlier run's checkpoints, adapters and logs in `train.output_dir`.
+    pub overwrite: bool,
 }
 
 impl TrainFlags {
-    /// What the run loop needs from the flags: the checkpoint to resume from (`--resume` alone
-    /// means the latest `checkpoint-N` in `train.output_dir`), the base's name, the config text.
+    /// Locks `train.output_dir` for this run (after the data is read, so bad data leaves no
+    /// folder behind; before any weight is loaded) and finds the checkpoint to resume from (see
+    /// [`RunDir::open`]).
+    pub fn open_run_dir(&self, cfg: &RunConfig) -> Result<RunDir> {
+        RunDir::open(&cfg.train.output_dir, self.resume.as_ref(), self.overwrite)
+    }
+
+    /// What the run loop needs: the checkpoint `run_dir` resumes from, the base's name, the
+    /// config text.
     pub fn run_options(
         &self,
-        cfg: &RunConfig,
+        run_dir: &RunDir,
         base_name: &str,
         config_text: String,
-    ) -> Result<RunOptions> {
-        let resume = match &self.resume {
-            None => None,
-            Some(Some(dir)) => Some(dir.clone()),
-            Some(None) => Some(latest_checkpoint(&cfg.train.output_dir)?),
-        };
-        Ok(RunOptions {
-            resume,
+    ) -> RunOptions {
+        RunOptions {
+            resume: run_dir.resume.clone(),
             base_name: base_name.to_string(),
             config_text,
-        })
+        }
     }
+}
+
+/// The data files exist (checked before anything is loaded or written).
+pub fn check_data_files(cfg: &RunConfig) -> Result<()> {
+    let data = [
+        ("data.train", Some(&cfg.data.train)),
+        ("data.eval", cfg.data.eval.as_ref()),
+    ];
+    for (key, path) in data {
+        match path {
+            Some(p) if p.as_os_str().is_empty() => {
+                bail!("key `{key}`: missing: set it to a JSON or JSONL file")
+            }
+            Some(p) if !p.is_file() => bail!("key `{key}`: {}: file not found", p.display()),
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+/// What a training command's run loop starts from.
+pub struct Prepared<B: Backend, T> {
+    /// The loaded base with its tokenizer.
+    pub loaded: Loaded<B>,
+    /// `data.train`, tokenized.
+    pub train_set: Vec<T>,
+    /// `data.eval`, tokenized, when set.
+    pub eval_set: Option<Vec<T>>,
+    /// `train.output_dir`, locked until this is dropped at the end of the run.
+    pub run_dir: RunDir,
 }
 
 /// A training command's run: its config file, read once (the text goes into every checkpoint),
@@ -141,19 +179,38 @@ impl TrainRun {
         r.with_context(|| self.path.display().to_string())
     }
 
-    /// [`plan_and_load`] with `--force` as given.
-    pub fn plan_and_load<B: Backend>(
+    /// The set-up up to the run loop, cheapest failure first: the plan (`None` when the run
+    /// does not fit and `--force` is off; nothing was loaded), the data files read and tokenized
+    /// by `load` with the model's tokenizer (seconds), the output folder locked (so bad data
+    /// leaves no folder behind), then the weights (minutes for a large model).
+    pub fn prepare<B: Backend, T>(
         &self,
         algo: Algo,
         device: &B::Device,
-    ) -> Result<Option<Loaded<B>>> {
-        plan_and_load(&self.cfg, algo, self.flags.force, device)
+        load: impl Fn(&Path, &Codec) -> Result<Vec<T>>,
+    ) -> Result<Option<Prepared<B, T>>> {
+        let cfg = &self.cfg;
+        if !check_plan(cfg, algo, self.flags.force)? {
+            return Ok(None);
+        }
+        check_data_files(cfg)?;
+        let (tok, chat) = load_tokenizer(&cfg.model.path)?;
+        let codec = Codec::new(&tok, chat.as_ref(), cfg);
+        let (train_set, eval_set) = data_sets(cfg, |p| load(p, &codec))?;
+        let run_dir = self.flags.open_run_dir(cfg)?;
+        let loaded = load_model(&cfg.model.path, cfg.model.quantize == Quantize::Nf4, device)?;
+        Ok(Some(Prepared {
+            loaded,
+            train_set,
+            eval_set,
+            run_dir,
+        }))
     }
 
     /// What the run loop needs: the checkpoint to resume from, the base's name, the config text.
-    pub fn run_options(&self, base_name: &str) -> Result<RunOptions> {
+    pub fn run_options(&self, run_dir: &RunDir, base_name: &str) -> RunOptions {
         self.flags
-            .run_options(&self.cfg, base_name, self.text.clone())
+            .run_options(run_dir, base_name, self.text.clone())
     }
 }
 
@@ -201,9 +258,7 @@ pub fn load_model<B: Backend>(
     let name = path.display().to_string();
     if path.is_dir() {
         let model = Llama::from_hf_dir(path, opts, device)?;
-        let tok_path = path.join("tokenizer.json");
-        let tok = crate::tokenizer::Tok::from_file(&tok_path)?;
-        let chat = crate::tokenizer::ChatTemplate::from_dir(path)?;
+        let (tok, chat) = load_tokenizer(path)?;
         Ok(Loaded {
             model,
             tok,
@@ -220,22 +275,43 @@ pub fn load_model<B: Backend>(
     }
 }
 
-/// The tokenizer + chat template of a loaded model, as data preparation sees them.
+/// The tokenizer and chat template of a model folder or GGUF file without its weights, so that
+/// data is read and tokenized before minutes of loading.
+pub fn load_tokenizer(
+    path: &Path,
+) -> Result<(
+    crate::tokenizer::Tok,
+    Option<crate::tokenizer::ChatTemplate>,
+)> {
+    use crate::tokenizer::{ChatTemplate, Tok};
+    if path.is_dir() {
+        let tok = Tok::from_file(path.join("tokenizer.json"))?;
+        return Ok((tok, ChatTemplate::from_dir(path)?));
+    }
+    let g = crate::gguf::Gguf::open(path)?;
+    let chat = match g.get("tokenizer.chat_template") {
+        Some(_) => Some(ChatTemplate::from_gguf(&g)?),
+        None => None,
+    };
+    Ok((Tok::from_gguf(&g)?, chat))
+}
+
+/// The tokenizer + chat template of a model, as data preparation sees them.
 pub struct Codec<'a> {
     pub tok: &'a crate::tokenizer::Tok,
     pub chat: Option<&'a crate::tokenizer::ChatTemplate>,
 }
 
 impl<'a> Codec<'a> {
-    /// The loaded model's tokenizer, with its chat template unless `data.chat_template` is off.
-    pub fn of<B: Backend>(loaded: &'a Loaded<B>, cfg: &RunConfig) -> Self {
+    /// `tok` with `chat` unless `data.chat_template` is off.
+    pub fn new(
+        tok: &'a crate::tokenizer::Tok,
+        chat: Option<&'a crate::tokenizer::ChatTemplate>,
+        cfg: &RunConfig,
+    ) -> Self {
         Codec {
-            tok: &loaded.tok,
-            chat: if cfg.data.chat_template {
-                loaded.chat.as_ref()
-            } else {
-                None
-            },
+            tok,
+            chat: chat.filter(|_| cfg.data.chat_template),
         }
     }
 }
@@ -269,6 +345,9 @@ impl TextCodec for Codec<'_> {
 
 /// The model's architecture without loading weights: a HF folder, a config `.json`, or a GGUF.
 pub fn model_config(path: &Path) -> Result<LlamaConfig> {
+    if path.as_os_str().is_empty() {
+        bail!("key `model.path`: missing: set it to a Hugging Face model folder or a .gguf file");
+    }
     if path.extension().is_some_and(|e| e == "gguf") {
         let g = crate::gguf::Gguf::open(path)?;
         LlamaConfig::from_json(&g.model_config()?)
@@ -320,7 +399,9 @@ fn bound_by_plan(p: &plan::Plan) {
     crate::oom::set_planned(p.tensor_peak_bytes(), p.peak_bytes, p.budget_bytes);
 }
 
-/// The plan check, then the base: `None` when the run does not fit (nothing was loaded).
+/// The plan check, then the base: `None` when the run does not fit (nothing was loaded). For
+/// `bench`, whose data and scratch output folder are its own; training commands take
+/// [`TrainRun::prepare`].
 pub fn plan_and_load<B: Backend>(
     cfg: &RunConfig,
     algo: Algo,
@@ -425,14 +506,18 @@ pub fn train_policy<B: AutodiffBackend, T: Trainer<B>>(
     trainer: impl FnOnce(u32) -> T,
 ) -> Result<Outcome> {
     let cfg = &run.cfg;
-    let Some(loaded) = run.plan_and_load::<B>(algo, device)? else {
+    let Some(Prepared {
+        loaded,
+        train_set,
+        eval_set,
+        run_dir,
+    }) = run.prepare::<B, T::Example>(algo, device, load)?
+    else {
         return Ok(Outcome::DoesNotFit);
     };
-    let codec = Codec::of(&loaded, cfg);
-    let (train_set, eval_set) = data_sets(cfg, |p| load(p, &codec))?;
     let mut trainer = trainer(loaded.pad_id());
     let mut model = model_for_run(loaded.model, &loaded.tok, cfg, Role::Policy)?;
-    let opts = run.run_options(&loaded.name)?;
+    let opts = run.run_options(&run_dir, &loaded.name);
     let (last, eval) = train_and_eval(run, &mut model, &mut trainer, &train_set, eval_set, &opts)?;
     report(cfg, Role::Policy, &last, eval.as_ref());
     Ok(Outcome::Done)

@@ -698,3 +698,36 @@ fn smollm_hf_layout_unpermutes_q_and_k_only() {
     let (v, _) = g.tensor_f32("blk.0.attn_v.weight").unwrap();
     assert_eq!(g.tensor_f32_hf("blk.0.attn_v.weight").unwrap().0, v);
 }
+
+#[test]
+fn a_block_count_its_tensors_contradict_is_a_corrupt_file() {
+    let kv = |blocks: u32| {
+        vec![
+            ("general.architecture", W::Str("llama")),
+            ("llama.block_count", W::U32(blocks)),
+            ("llama.embedding_length", W::U32(8)),
+            ("llama.feed_forward_length", W::U32(16)),
+            ("llama.attention.head_count", W::U32(2)),
+            ("llama.context_length", W::U32(64)),
+            ("llama.vocab_size", W::U32(4)),
+            ("llama.attention.layer_norm_rms_epsilon", W::F32(1e-5)),
+        ]
+    };
+    let norm = |name| TestTensor {
+        name,
+        ne: vec![8],
+        ty: 0,
+        data: vec![0; 32],
+    };
+    let tensors = [
+        norm("blk.0.attn_norm.weight"),
+        norm("blk.1.attn_norm.weight"),
+    ];
+    let ok = write_tmp(&write_gguf(3, &kv(2), &tensors, 32));
+    let cfg = Gguf::open(ok.path()).unwrap().model_config().unwrap();
+    assert_eq!(cfg["num_hidden_layers"], 2);
+    let bad = write_tmp(&write_gguf(3, &kv(3_000_000), &tensors, 32));
+    let e = Gguf::open(bad.path()).unwrap().model_config().unwrap_err();
+    let e = format!("{e:#}");
+    assert!(e.contains("corrupt") && e.contains("block_count"), "{e}");
+}

@@ -107,6 +107,13 @@ fn read_shaped(src: &mut dyn TensorSource, name: &str, shape: &[usize]) -> Resul
         s == shape,
         "tensor `{name}` has shape {s:?}, expected {shape:?}"
     );
+    // A NaN or infinity in a base weight poisons every forward pass: the file is corrupt.
+    if let Some(i) = v.iter().position(|x| !x.is_finite()) {
+        bail!(
+            "tensor `{name}`: value {i} is {} (the weights hold NaN/inf: the file is corrupt)",
+            v[i]
+        );
+    }
     Ok(v)
 }
 

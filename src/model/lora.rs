@@ -200,6 +200,7 @@ impl<B: Backend> Adapter<B> {
             let values = data
                 .to_vec::<f32>()
                 .map_err(|e| anyhow::anyhow!("tensor {name}: {e:?}"))?;
+            crate::finite::ensure_finite(&name, &values)?;
             let bytes = values.iter().flat_map(|v| v.to_le_bytes()).collect();
             tensors.push((name, shape, bytes));
             Ok(())
