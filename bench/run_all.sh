@@ -12,7 +12,8 @@
 #
 # Environment:
 #   ROWS     row names or groups to run, space-separated (default: every row). Groups: speed,
-#            decode, memory, planner; rows: the names in each section below (e.g. ROWS="dpo-0.5b grpo-0.5b").
+#            decode, memory, planner (its runs with `rlhf bench`, and cal-0.5b-ppo); rows: the
+#            names in each section below (e.g. ROWS="dpo-0.5b grpo-0.5b").
 #   WHEELS   a folder of wheels (TRL and the packages the image lacks, bench/README.md) to
 #            install into a private site-packages first; without it they must be importable
 #   CAP_GIB  the card the memory rows emulate (default 23.6: a 24 GB card, bench/cap.py)
@@ -303,6 +304,9 @@ if want planner planner; then
   ours "cal-1.5b-grpo-2x8x128" --model "$m15" --algo grpo --prompts 2 --group 8 --completion-len 128 --steps 2 --warmup 1
   ours "cal-8b-dpo-4x512" --model "$m8" --algo dpo --batch 4 --max-length 512 --steps 2 --warmup 1
   ours "cal-8b-grpo-1x8x64" --model "$m8" --algo grpo --prompts 1 --group 8 --completion-len 64 --steps 1 --warmup 1
+fi
+if want cal-0.5b-ppo planner; then
+  m05=$(model 0.5b 0.5b)
   # PPO: a reward adapter from one `rlhf rm` step, then the calibrated PPO shapes.
   config "cal-rm-0.5b" rm "$HERE/configs/rm-0.5b.toml" model.path="\"$m05\"" \
     data.train="\"$m05/dpo.jsonl\"" train.output_dir="\"$RESULTS/runs/rm-0.5b\""

@@ -60,6 +60,22 @@ def main():
                                       "up_proj", "down_proj"])
 
     times = []
+    card = [0.0]
+
+    def card_gib():
+        """This process's device memory as nvidia-smi shows it (context + PyTorch's reservation)."""
+        import subprocess
+        try:
+            rows = subprocess.run(["nvidia-smi", "--query-compute-apps=pid,used_memory",
+                                   "--format=csv,noheader,nounits"], capture_output=True,
+                                  text=True, timeout=10).stdout.splitlines()
+        except (OSError, subprocess.SubprocessError):
+            return 0.0
+        for r in rows:
+            pid, _, mib = r.partition(",")
+            if pid.strip() == str(os.getpid()) and mib.strip().isdigit():
+                return int(mib) / 1024
+        return 0.0
 
     class Timer(TrainerCallback):
         def on_step_begin(self, args, state, control, **kw):
@@ -69,6 +85,9 @@ def main():
         def on_step_end(self, args, state, control, **kw):
             torch.cuda.synchronize()
             times.append(time.perf_counter() - self.t)
+            # Read after the step's clock stopped; the reservation only grows, so the last
+            # reading is the peak of this process's card memory.
+            card[0] = max(card[0], card_gib())
 
     common = dict(output_dir=tempfile.mkdtemp(prefix="trl_out"), max_steps=a.steps + a.warmup,
                   learning_rate=5e-6, bf16=True, gradient_checkpointing=True, logging_steps=1000,
@@ -111,6 +130,7 @@ def main():
            "tokens_per_sec": round(tokens_per_step / sec, 1),
            "peak_alloc_gib": round(torch.cuda.max_memory_allocated() / 2**30, 3),
            "peak_reserved_gib": round(torch.cuda.max_memory_reserved() / 2**30, 3),
+           "peak_process_gib": round(card[0], 3) or None,
            "steps_timed": len(steady), "gpu": torch.cuda.get_device_name(0),
            "versions": {"trl": trl.__version__, "transformers": transformers.__version__,
                         "peft": peft.__version__, "torch": torch.__version__,

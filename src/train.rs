@@ -146,7 +146,7 @@ pub enum StepPhase {
 pub trait StepObserver {
     /// Before any work of optimizer step `step` (0-based).
     fn step_started(&mut self, _step: usize) {}
-    /// After each phase; forward and backward are reported once per micro-batch.
+    /// After each phase; forward and backward are reported once per loss part of a micro-batch.
     fn phase_done(&mut self, _phase: StepPhase) {}
     /// After the optimizer update of `step`, before metrics and checkpoints are written (so an
     /// observer timing steps does not count that I/O).
@@ -295,24 +295,35 @@ where
                 (step / reuse) * accum + k,
             );
             let batch: Vec<T::Example> = idx.iter().map(|&i| examples[i].clone()).collect();
-            let out = trainer.loss(&*model, &batch, true)?;
-            observer.phase_done(StepPhase::Forward);
-            tokens += out.tokens;
-            let loss = out.loss / accum as f64;
-            let value = loss.clone().into_scalar().elem_f64();
-            finite &= value.is_finite();
-            crate::oom::enter("train step");
-            let g = loss.backward();
-            for (acc, p) in grads.iter_mut().zip(&params) {
-                if let Some(gp) = p.grad(&g) {
-                    *acc = Some(match acc.take() {
-                        Some(a) => a + gp,
-                        None => gp,
-                    });
+            let mut out = trainer.loss(&*model, &batch, true)?;
+            let mut batch_metrics = Metrics::new();
+            // A loss may come in parts (`StepOutput::then`): each is back-propagated, its graph
+            // freed, before the next part's forward runs.
+            loop {
+                observer.phase_done(StepPhase::Forward);
+                tokens += out.tokens;
+                batch_metrics.append(&mut out.metrics);
+                let loss = out.loss / accum as f64;
+                let value = loss.clone().into_scalar().elem_f64();
+                finite &= value.is_finite();
+                crate::oom::enter("train step");
+                let g = loss.backward();
+                for (acc, p) in grads.iter_mut().zip(&params) {
+                    if let Some(gp) = p.grad(&g) {
+                        *acc = Some(match acc.take() {
+                            Some(a) => a + gp,
+                            None => gp,
+                        });
+                    }
+                }
+                drop(g);
+                observer.phase_done(StepPhase::Backward);
+                match out.then {
+                    Some(next) => out = next(&*model)?,
+                    None => break,
                 }
             }
-            observer.phase_done(StepPhase::Backward);
-            metrics.push(out.metrics);
+            metrics.push(batch_metrics);
         }
         let grads: Vec<Tensor<B::InnerBackend, 2>> = grads
             .into_iter()
@@ -471,7 +482,7 @@ where
     crate::oom::enter("eval");
     let mut all = Vec::new();
     for chunk in examples.chunks(trainer.examples_per_batch(cfg.train.batch_size).max(1)) {
-        let out = trainer.loss(&*model, chunk, false)?;
+        let out = trainer.loss(&*model, chunk, false)?.complete(&*model)?;
         all.push(out.metrics);
     }
     Ok(mean_metrics(&all))

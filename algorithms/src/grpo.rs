@@ -567,6 +567,7 @@ impl GrpoTrainer {
             loss,
             metrics,
             tokens,
+            then: None,
         })
     }
 

@@ -15,9 +15,11 @@
 //!   consecutive `loss()` calls: per PPO epoch a fresh seeded permutation of the rollout is cut
 //!   into `num_mini_batches` minibatches and each minibatch into `gradient_accumulation_steps`
 //!   micro-batches, so one optimizer step of the run loop is one TRL minibatch;
-//! * each call returns `pg_loss + vf_coef * vf_loss` ([`ppo_loss`]): policy and value adapters
+//! * each call's loss is `pg_loss + vf_coef * vf_loss` ([`ppo_loss`]): policy and value adapters
 //!   (and the value head) are trained together by one optimizer, as TRL's
-//!   `PolicyAndValueWrapper` does.
+//!   `PolicyAndValueWrapper` does. The two terms are handed to the run loop one after the other
+//!   ([`StepOutput::then`]): their adapters are disjoint, so the gradients are the same, and the
+//!   step holds the policy's graph or the value's, never both.
 //!
 //! Examples handed to `loss()` by the run loop are unit slots ([`PpoCall`]): the run loop counts
 //! calls, the trainer owns the prompts. The cache, the schedule position and the KL coefficient
@@ -485,40 +487,34 @@ impl<B: AutodiffBackend> Trainer<B> for PpoTrainer {
         let new_logprobs = model
             .token_logps(Role::Policy, &tb, self.scoring_temperature())?
             .gather(1, response_index::<B>(&prompt_lens, width, 0, seq, &device));
-        let vpred = model.head_scores(Role::Value, &tb)?.gather(
-            1,
-            response_index::<B>(&prompt_lens, width, -1, seq, &device),
-        );
         let stack = |f: fn(&CachedRow) -> &Vec<f32>| -> Tensor<B, 2> {
             let flat: Vec<f32> = picked.iter().flat_map(|r| f(r).iter().copied()).collect();
             Tensor::from_data(TensorData::new(flat, [n, width]), &device)
         };
         let lens: Vec<i64> = picked.iter().map(|r| r.sequence_length).collect();
         let (padding_mask, padding_mask_p1) = padding_masks::<B>(&lens, width, &device);
-        let out = ppo_loss(
-            PpoMinibatch {
-                new_logprobs,
-                vpred,
-                old_logprobs: stack(|r| &r.logprobs),
-                old_values: stack(|r| &r.values),
-                advantages: stack(|r| &r.advantages),
-                returns: stack(|r| &r.returns),
-                padding_mask,
-                padding_mask_p1,
-            },
+        let minibatch = |new_logprobs: Tensor<B, 2>, vpred: Tensor<B, 2>| PpoMinibatch {
+            new_logprobs,
+            vpred,
+            old_logprobs: stack(|r| &r.logprobs),
+            old_values: stack(|r| &r.values),
+            advantages: stack(|r| &r.advantages),
+            returns: stack(|r| &r.returns),
+            padding_mask: padding_mask.clone(),
+            padding_mask_p1: padding_mask_p1.clone(),
+        };
+        // The policy term first, with the old values standing in for the value predictions (no
+        // graph there); the value term is built only after the run loop has back-propagated
+        // this one, so a step holds one model graph at a time. The adapters are disjoint, so the
+        // gradients are those of `pg_loss + vf_coef * vf_loss`, as TRL's one backward gives.
+        let policy = ppo_loss(
+            minibatch(new_logprobs.clone(), stack(|r| &r.values)),
             &self.cfg,
         )?;
+        let value_batch = minibatch(new_logprobs.detach(), stack(|r| &r.values));
         self.state.served += 1;
 
-        let m = out.metrics;
         let mut metrics = cache.metrics.clone();
-        metrics.insert("policy/approxkl_avg".into(), m.approxkl);
-        metrics.insert("policy/clipfrac_avg".into(), m.pg_clipfrac);
-        metrics.insert("loss/policy_avg".into(), m.pg_loss);
-        metrics.insert("loss/value_avg".into(), m.vf_loss);
-        metrics.insert("val/clipfrac_avg".into(), m.vf_clipfrac);
-        metrics.insert("val/ratio".into(), m.ratio_mean);
-        metrics.insert("loss".into(), m.pg_loss + self.cfg.vf_coef * m.vf_loss);
         metrics.insert("episode".into(), self.state.episodes as f64);
         let secs = self.started.1.elapsed().as_secs_f64();
         metrics.insert(
@@ -526,10 +522,37 @@ impl<B: AutodiffBackend> Trainer<B> for PpoTrainer {
             (self.state.episodes - self.started.0) as f64 / secs.max(1e-9),
         );
         let tokens = tb.valid.iter().flatten().filter(|&&v| v).count();
+        let cfg = self.cfg.clone();
+        let value_index = response_index::<B>(&prompt_lens, width, -1, seq, &device);
+        let value_part = move |model: &dyn PolicyModel<B>| -> Result<StepOutput<B>> {
+            let vpred = model.head_scores(Role::Value, &tb)?.gather(1, value_index);
+            let out = ppo_loss(
+                PpoMinibatch {
+                    vpred,
+                    ..value_batch
+                },
+                &cfg,
+            )?;
+            let m = out.metrics;
+            metrics.insert("policy/approxkl_avg".into(), m.approxkl);
+            metrics.insert("policy/clipfrac_avg".into(), m.pg_clipfrac);
+            metrics.insert("loss/policy_avg".into(), m.pg_loss);
+            metrics.insert("loss/value_avg".into(), m.vf_loss);
+            metrics.insert("val/clipfrac_avg".into(), m.vf_clipfrac);
+            metrics.insert("val/ratio".into(), m.ratio_mean);
+            metrics.insert("loss".into(), m.pg_loss + cfg.vf_coef * m.vf_loss);
+            Ok(StepOutput {
+                loss: out.vf_loss,
+                metrics,
+                tokens,
+                then: None,
+            })
+        };
         Ok(StepOutput {
-            loss: out.loss,
-            metrics,
-            tokens,
+            loss: policy.pg_loss,
+            metrics: Metrics::new(),
+            tokens: 0,
+            then: Some(Box::new(value_part)),
         })
     }
 }
@@ -770,7 +793,10 @@ mod tests {
     #[test]
     fn rollout_aligns_log_probs_values_and_scores_with_the_responses() {
         let (model, mut t) = (mock(), trainer(1));
-        let out = Trainer::<Ad>::loss(&mut t, &model, &[PpoCall], true).unwrap();
+        let out = Trainer::<Ad>::loss(&mut t, &model, &[PpoCall], true)
+            .unwrap()
+            .complete(&model)
+            .unwrap();
         assert!(out.metrics["loss"].is_finite());
         let cache = t.ppo_state().cache.clone().unwrap();
         for row in &cache.rows {
@@ -808,7 +834,10 @@ mod tests {
     fn a_rollout_serves_its_calls_then_the_next_one_is_sampled() {
         let (model, mut t) = (mock(), trainer(2));
         for call in 0..5 {
-            Trainer::<Ad>::loss(&mut t, &model, &[PpoCall], true).unwrap();
+            Trainer::<Ad>::loss(&mut t, &model, &[PpoCall], true)
+                .unwrap()
+                .complete(&model)
+                .unwrap();
             let s = t.ppo_state();
             assert_eq!(
                 (s.rollouts, s.served),
@@ -816,6 +845,41 @@ mod tests {
             );
         }
         assert!(Trainer::<Ad>::loss(&mut t, &model, &[PpoCall], false).is_err());
+    }
+
+    #[test]
+    fn policy_then_value_parts_give_the_gradient_of_their_sum() {
+        let model = mock();
+        let grad = |g: &<Ad as AutodiffBackend>::Gradients| -> f64 {
+            let g = model.scale.grad(g).expect("scale is in the graph");
+            g.into_data().to_vec::<f32>().unwrap()[0] as f64
+        };
+        let mut split = trainer(1);
+        let first = Trainer::<Ad>::loss(&mut split, &model, &[PpoCall], true).unwrap();
+        let g_policy = grad(&first.loss.backward());
+        let second = (first.then.expect("the value part follows"))(&model).unwrap();
+        assert!(second.then.is_none());
+        let g_value = grad(&second.loss.backward());
+        let mut whole = trainer(1);
+        let out = Trainer::<Ad>::loss(&mut whole, &model, &[PpoCall], true)
+            .unwrap()
+            .complete(&model)
+            .unwrap();
+        let loss = to_f64(out.loss.clone())[0];
+        assert!(
+            (loss - out.metrics["loss"]).abs() < 1e-6,
+            "{loss} vs {:?}",
+            out.metrics
+        );
+        let g_whole = grad(&out.loss.backward());
+        assert!(
+            g_policy.abs() > 1e-4 && g_value.abs() > 1e-4,
+            "{g_policy} {g_value}"
+        );
+        assert!(
+            (g_policy + g_value - g_whole).abs() < 1e-6,
+            "{g_policy} + {g_value} vs {g_whole}"
+        );
     }
 
     #[test]

@@ -157,6 +157,10 @@ pub trait PolicyModel<B: AutodiffBackend> {
 /// Metrics of one step under TRL's names (`loss`, `rewards/chosen`, ...).
 pub type Metrics = BTreeMap<String, f64>;
 
+/// The rest of a micro-batch's loss, computed after the run loop has back-propagated the part
+/// before it (so the earlier part's graph is freed first): see [`StepOutput::then`].
+pub type NextPart<B> = Box<dyn FnOnce(&dyn PolicyModel<B>) -> Result<StepOutput<B>>>;
+
 /// A micro-batch's loss and what to log about it.
 pub struct StepOutput<B: AutodiffBackend> {
     /// Scalar `[1]` with the graph back to the trainable parameters.
@@ -164,6 +168,10 @@ pub struct StepOutput<B: AutodiffBackend> {
     pub metrics: Metrics,
     /// Tokens processed (for tokens/s).
     pub tokens: usize,
+    /// A further loss term of the same micro-batch with its own graph (PPO's value loss after
+    /// its policy loss), built only after `loss` has been back-propagated: the gradients add up
+    /// to those of the sum, while a step holds one graph at a time. Its metrics extend these.
+    pub then: Option<NextPart<B>>,
 }
 
 impl<B: AutodiffBackend> StepOutput<B> {
@@ -177,7 +185,21 @@ impl<B: AutodiffBackend> StepOutput<B> {
             loss,
             metrics,
             tokens,
+            then: None,
         }
+    }
+
+    /// This part and every later one computed now, without back-propagating in between (for
+    /// evaluation and tests): the loss is their sum, the metrics merged, the tokens added.
+    pub fn complete(mut self, model: &dyn PolicyModel<B>) -> Result<StepOutput<B>> {
+        while let Some(next) = self.then.take() {
+            let mut part = next(model)?;
+            self.loss = self.loss + part.loss;
+            self.metrics.append(&mut part.metrics);
+            self.tokens += part.tokens;
+            self.then = part.then;
+        }
+        Ok(self)
     }
 }
 

@@ -474,6 +474,10 @@ pub struct PpoLossMetrics {
 pub struct PpoLossOutput<B: Backend> {
     /// `pg_loss + vf_coef * vf_loss`, shape `[1]`.
     pub loss: Tensor<B, 1>,
+    /// The policy term alone (its graph reaches only `new_logprobs`).
+    pub pg_loss: Tensor<B, 1>,
+    /// `vf_coef * vf_loss` alone (its graph reaches only `vpred`).
+    pub vf_loss: Tensor<B, 1>,
     /// Logged statistics.
     pub metrics: PpoLossMetrics,
 }
@@ -529,12 +533,13 @@ pub fn ppo_loss<B: Backend>(mb: PpoMinibatch<B>, cfg: &PpoConfig) -> Result<PpoL
     .neg();
     let pg_loss_max = pg_losses.clone().max_pair(pg_losses2.clone());
     let pg_loss = masked_mean(pg_loss_max, keep.clone());
-    let loss = pg_loss.clone() + vf_loss.clone().mul_scalar(cfg.vf_coef);
+    let vf_term = vf_loss.clone().mul_scalar(cfg.vf_coef);
+    let loss = pg_loss.clone() + vf_term.clone();
 
     let pg_clipfrac = masked_mean(pg_losses2.greater(pg_losses).float(), keep);
     let approxkl = logprobs_diff.detach().square().mean().mul_scalar(0.5);
     let m = read_scalars(vec![
-        pg_loss.detach(),
+        pg_loss.clone().detach(),
         vf_loss.detach(),
         pg_clipfrac,
         vf_clipfrac,
@@ -543,6 +548,8 @@ pub fn ppo_loss<B: Backend>(mb: PpoMinibatch<B>, cfg: &PpoConfig) -> Result<PpoL
     ]);
     Ok(PpoLossOutput {
         loss,
+        pg_loss,
+        vf_loss: vf_term,
         metrics: PpoLossMetrics {
             pg_loss: m[0],
             vf_loss: m[1],
