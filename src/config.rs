@@ -93,6 +93,21 @@ impl Dtype {
     }
 }
 
+/// How much of the card the CUDA allocator may keep (`plan.cache`). Either way a refused
+/// allocation gives the cache back and retries, so a run the plan admits fits the budget.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum CacheBound {
+    /// Up to `plan.budget_gib` minus the CUDA context: freed pages stay cached for reuse, so the
+    /// card may show more than the plan's peak, never more than the budget.
+    #[default]
+    Budget,
+    /// Up to the plan's peak minus the context: the card shows what the plan predicts, at the
+    /// price of giving pages back and allocating anew within the step (DPO 8b: 1.8x the step
+    /// time, BENCHMARKS.md).
+    Plan,
+}
+
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
 pub enum Device {
@@ -322,6 +337,8 @@ pub struct PlanConfig {
     pub budget_gib: f64,
     /// Compute log-probs in chunks of this many tokens so [B, T, V] logits never exist whole (0 = off).
     pub logits_chunk: usize,
+    /// What bounds the CUDA allocator's cache: the budget (default) or the plan's peak.
+    pub cache: CacheBound,
 }
 
 impl Default for PlanConfig {
@@ -329,6 +346,7 @@ impl Default for PlanConfig {
         Self {
             budget_gib: 24.0,
             logits_chunk: 0,
+            cache: CacheBound::Budget,
         }
     }
 }
@@ -664,6 +682,18 @@ mod tests {
             assert!(e.contains(&format!("`{key}`")), "{text}: {e}");
         }
         assert!(parse("[optimizer]\nbeta1 = 0.0\nbeta2 = 0.95\nweight_decay = 0.1\n").is_ok());
+    }
+
+    #[test]
+    fn plan_cache_is_budget_unless_set_and_wrong_names_list_the_accepted_ones() {
+        assert_eq!(parse("").unwrap().plan.cache, CacheBound::Budget);
+        let c = parse("[plan]\ncache = \"plan\"\n").unwrap();
+        assert_eq!(c.plan.cache, CacheBound::Plan);
+        let e = format!("{:#}", parse("[plan]\ncache = \"tight\"\n").unwrap_err());
+        assert!(
+            e.contains("plan.cache") && e.contains("`budget`") && e.contains("`plan`"),
+            "{e}"
+        );
     }
 
     #[test]

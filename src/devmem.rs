@@ -61,7 +61,7 @@ pub fn take_noted() -> Option<DeviceMemory> {
 
 /// Bounds the bytes the CUDA allocator may hold from the driver: past `limit`, its cached free
 /// pages are given back before a new page is allocated (live tensors still get memory above
-/// it). The run set-up derives the limit from the plan. A no-op on the CPU backends and with
+/// it). The run set-up derives the limit from the budget or the plan (`plan.cache`). A no-op on the CPU backends and with
 /// `RLHF_NO_ALLOC_LIMIT`.
 pub fn bound_allocator(limit: u64) {
     #[cfg(feature = "cuda")]

@@ -82,6 +82,10 @@ pub struct Calibration {
     pub source: &'static str,
     /// CUDA primary context, cuBLASLt handle and workspace, loaded kernels (bytes).
     pub cuda_context_bytes: f64,
+    /// What the card holds beyond the allocator and that grows with the model, per byte of the
+    /// largest block linear in bf16 (the driver's stream-ordered pool keeps freed blocks of the
+    /// size the layers use).
+    pub cuda_context_per_linear: f64,
     /// Allocator slack on long-lived buffers (weights, adapters, optimizer state), as a fraction.
     pub slack_persistent: f64,
     /// Allocator slack on per-phase buffers (activations, logits, KV cache): pool rounding and
@@ -104,8 +108,10 @@ pub struct Calibration {
     /// one and the next are fitted: `h`-wide f32 values per prompt token alive when the decode
     /// is set up after the prefill (the prefill's last block and hidden states).
     pub engine_prefill: f64,
-    /// PPO's training step as a multiple of one pass's checkpoints (policy and value graphs,
-    /// rollout buffers); fitted with the next one on three PPO runs (0.5b, 20b at 4 and 8 rows).
+    /// PPO's training step as a multiple of one pass's checkpoints (the graph being
+    /// back-propagated, the policy term's values kept for the value term, rollout buffers);
+    /// fitted on two PPO runs (0.5b, 20b at 8 rows), where it is one checkpoint set less than
+    /// when the policy and value graphs were alive together.
     pub engine_ppo_kept: f64,
     /// `[rows x response, V]` f32 buffers PPO's training step keeps beside the larger pass's
     /// working set (the policy pass's logits for its loss and entropy).
@@ -117,10 +123,12 @@ pub const CALIBRATION: Calibration = Calibration {
     source: "engine training terms counted from the allocator's live tensors, checked against 11 runs on an H200 (BENCHMARKS.md, 2026-12-02; engine_prefill and engine_ppo_kept fitted); the rest estimates",
     // What a run takes of the card beyond what the allocator holds: the CUDA context, cuBLASLt
     // and the loaded kernels, and blocks the driver's stream-ordered pool keeps between
-    // synchronizations. 0.76-1.64 GiB in the five 20B runs on an H100 (2026-12-06,
-    // tests/data/calibration/measured.json, `card_mib`); 0.56-0.58 GiB at 0.5b-8b on an H200,
-    // with the allocator's pages then far above the tensors. Fitted to the 20B card peaks.
-    cuda_context_bytes: 1.1 * GIB,
+    // synchronizations. Card minus the allocator's reservation on an H100 (2026-12-06/07,
+    // tests/data/calibration/measured.json, `card_mib`): 0.63 GiB at 0.5b, 0.94 GiB at 8b,
+    // 0.76-1.64 GiB at 20b; a constant plus a multiple of the largest linear's bf16 bytes
+    // (9 MiB at 0.5b, 112 MiB at 8b, 192 MiB at 20b), fitted to those card peaks.
+    cuda_context_bytes: 0.65 * GIB,
+    cuda_context_per_linear: 3.0,
     slack_persistent: 0.02,
     slack_transient: 0.10,
     logits_buffers_train: 3.0,
@@ -128,7 +136,7 @@ pub const CALIBRATION: Calibration = Calibration {
     attention_kept_per_layer: 2.0,
     sampling_buffers: 6.0,
     engine_prefill: 27.5,
-    engine_ppo_kept: 3.57,
+    engine_ppo_kept: 2.57,
     engine_ppo_logits: 2.09,
 };
 
@@ -561,8 +569,9 @@ pub fn render_table(p: &Plan) -> String {
     }
     let _ = writeln!(
         out,
-        "calibration: cuda context {:.2} GiB, slack {:.0}% persistent / {:.0}% transient ({})",
+        "calibration: cuda context {:.2} GiB + {} x the largest linear in bf16, slack {:.0}% persistent / {:.0}% transient ({})",
         p.calibration.cuda_context_bytes / GIB,
+        p.calibration.cuda_context_per_linear,
         p.calibration.slack_persistent * 100.0,
         p.calibration.slack_transient * 100.0,
         p.calibration.source

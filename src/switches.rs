@@ -25,7 +25,7 @@ pub struct Switches {
     pub trace: bool,
     /// `RLHF_TRACE_MEM`: each labelled memory high point prints the allocator's numbers.
     pub trace_mem: bool,
-    /// `RLHF_NO_ALLOC_LIMIT`: the CUDA allocator's cache is not bounded by the plan.
+    /// `RLHF_NO_ALLOC_LIMIT`: the CUDA allocator's cache is not bounded (`plan.cache`).
     pub no_alloc_limit: bool,
 }
 

@@ -1,9 +1,10 @@
 //! The planner against measured peaks: every run of `tests/data/calibration/measured.json`
-//! (allocator in-use high points of `rlhf bench` / `rlhf ppo` on an H200, 2026-12-02, commands in
-//! bench/run_all.sh) is re-planned from its shapes with today's planner, and the tensor peak (the
-//! plan without CUDA context and allocator slack) must stay within the issue's ±5% of what was
-//! measured. The training terms are counted tensors, not fitted; PPO's `engine_ppo_kept` is
-//! fitted on its one run, the 8b GRPO's rollout on `engine_prefill` (BENCHMARKS.md).
+//! (allocator in-use high points of `rlhf bench` / `rlhf ppo` on an H200 and an H100, commands
+//! in bench/run_all.sh; each run's source in the file) is re-planned from its shapes with today's
+//! planner, and the tensor peak (the plan without CUDA context and allocator slack) must stay
+//! within the issue's ±5% of what was measured; where the card was read, the plan's card peak
+//! too. The training terms are counted tensors, not fitted; PPO's `engine_ppo_kept` is fitted on
+//! its two runs, the 8b GRPO's rollout on `engine_prefill`, the context on the card readings.
 
 use rlhf::cli::bench::{run_config, BenchArgs};
 use rlhf::cli::DeviceArg;

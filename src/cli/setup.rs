@@ -4,7 +4,7 @@
 //! lock the output folder, read and tokenize the data with the model's tokenizer, load the base,
 //! attach the trained role's adapter; after the run loop, evaluate and report the metrics.
 
-use crate::config::{Device, Dtype, Quantize, RunConfig};
+use crate::config::{CacheBound, Device, Dtype, Quantize, RunConfig};
 use crate::data::{Message, TextCodec};
 use crate::engine::RlhfModel;
 use crate::model::{Llama, LlamaConfig, LoadOptions};
@@ -372,7 +372,7 @@ pub fn check_plan(cfg: &RunConfig, algo: Algo, force: bool) -> Result<bool> {
     }
     let p = plan::plan(&run, &mcfg, algo)?;
     eprintln!("{}", plan::summary_line(&p));
-    bound_by_plan(&p);
+    bound_by_plan(&p, cfg.plan.cache);
     crate::oom::enter("load");
     if !p.fits {
         if force {
@@ -386,15 +386,18 @@ pub fn check_plan(cfg: &RunConfig, algo: Algo, force: bool) -> Result<bool> {
     Ok(true)
 }
 
-/// The card the plan promises, held to: the CUDA allocator may hold the plan's peak without the
-/// CUDA context (the tensors and their slack), never more than the budget without it, so the
-/// card holds what the plan says rather than 1.3-1.6x the tensors; and the out-of-memory
-/// message knows what was promised.
-fn bound_by_plan(p: &plan::Plan) {
+/// The card the plan promises, held to: the CUDA allocator may hold the budget without the
+/// CUDA context (`plan.cache = "budget"`: freed pages stay cached, no give-back within a step
+/// that fits) or the plan's peak without it (`"plan"`: the card shows what the plan says, pages
+/// are given back and allocated anew); and the out-of-memory message knows what was promised.
+fn bound_by_plan(p: &plan::Plan, cache: CacheBound) {
     let context = p.bytes_of(plan::T_CONTEXT, p.peak_phase);
     if context > 0 {
-        let limit = p.peak_bytes.min(p.budget_bytes).saturating_sub(context);
-        crate::devmem::bound_allocator(limit);
+        let held = match cache {
+            CacheBound::Budget => p.budget_bytes,
+            CacheBound::Plan => p.peak_bytes.min(p.budget_bytes),
+        };
+        crate::devmem::bound_allocator(held.saturating_sub(context));
     }
     crate::oom::set_planned(p.tensor_peak_bytes(), p.peak_bytes, p.budget_bytes);
 }

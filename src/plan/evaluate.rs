@@ -1,8 +1,9 @@
 //! Evaluation: what is alive in each phase of a workload, summed into the plan's terms.
 
 use super::formulas::{
-    backward_bytes_per_token, dense_params, inference_bytes_per_token, kv_cache_bytes,
-    largest_linear, linear_weight_bytes, lora_params, lora_params_per_layer, saved_bytes_per_token,
+    backward_bytes_per_token, context_bytes, dense_params, inference_bytes_per_token,
+    kv_cache_bytes, largest_linear, linear_weight_bytes, lora_params, lora_params_per_layer,
+    saved_bytes_per_token,
 };
 use super::workload::workload;
 use super::{
@@ -71,8 +72,11 @@ fn phase_items(s: &Setup, w: &Workload, phase: Phase, passes: &[Pass]) -> Vec<It
         items.push(item(
             T_CONTEXT,
             Life::Fixed,
-            cal.cuda_context_bytes as u64,
-            "CALIBRATION.cuda_context_bytes".into(),
+            context_bytes(m),
+            format!(
+                "CALIBRATION.cuda_context_bytes + {} x the largest linear in bf16",
+                cal.cuda_context_per_linear
+            ),
         ));
     }
     // Base weights.
@@ -311,7 +315,7 @@ fn phase_items(s: &Setup, w: &Workload, phase: Phase, passes: &[Pass]) -> Vec<It
 }
 /// The working set of one pass: KV cache and sampling (generation), kept activations, the
 /// block being processed, attention scores and logits. `graphs`: how many passes' checkpoints
-/// a training step holds at once (PPO's policy and value, [`Calibration::engine_ppo_kept`]).
+/// a training step holds at once, as a multiple (PPO's step, [`Calibration::engine_ppo_kept`]).
 fn pass_items(s: &Setup, p: &Pass, graphs: f64) -> Vec<Item> {
     let m = if p.reward_model {
         s.reward_model.unwrap_or(s.base)
@@ -538,7 +542,7 @@ fn engine_pass_items(s: &Setup, m: &LlamaConfig, p: &Pass, graphs: f64) -> Optio
                 tag(format!(
                     "checkpoints {l} x [{n}, {h}] x 2 B (bf16) + final hidden [{n}, {h}] x 4 B{}",
                     if graphs > 1.0 {
-                        format!(", x {graphs} (policy and value graphs)")
+                        format!(", x {graphs} (PPO's step, CALIBRATION.engine_ppo_kept)")
                     } else {
                         String::new()
                     }
@@ -663,7 +667,10 @@ fn assemble(
     };
     if phases.contains(&Phase::TrainStep) {
         if s.cuda {
-            notes.push("cuda: the peak is the card: the CUDA context and driver pool plus what the allocator may hold, which the run bounds by this plan (cached pages are given back past it); within 3.5% of the measured card peak in five 20B runs on an H100 (tests/data/calibration)".into());
+            notes.push(match run.plan.cache {
+                crate::config::CacheBound::Plan => "cuda: the peak is the card: the CUDA context and driver pool plus what the allocator may hold, which the run bounds by this plan (plan.cache = \"plan\": cached pages are given back past it); within 3.5% of the measured card peak in 0.5b-20b runs on an H100 (tests/data/calibration)".into(),
+                crate::config::CacheBound::Budget => "cuda: the peak is what the card needs (context, driver pool, tensors and slack; within 3.5% of the measured card in 0.5b-20b runs held to their plans, tests/data/calibration); the allocator keeps freed pages cached up to plan.budget_gib, so the card may show more, never more than the budget (plan.cache = \"plan\" holds it to this peak, at a cost in speed)".into(),
+            });
         }
         notes.push(if run.train.gradient_checkpointing {
             "gradient checkpointing at block level: each layer keeps its input, one block is recomputed in backward (model::checkpoint)".into()

@@ -1,6 +1,7 @@
 //! The planner's formulas: each a plain function of the shapes, so the tests can check it by
 //! hand.
 
+use super::CALIBRATION;
 use crate::config::{LoraConfig, Quantize};
 use crate::model::config::LlamaConfig;
 
@@ -162,4 +163,10 @@ pub fn inference_bytes_per_token(m: &LlamaConfig, lora: Option<&LoraConfig>, d: 
 /// KV cache bytes: `2 x L x kv_heads x head_dim x tokens x rows x d`.
 pub fn kv_cache_bytes(m: &LlamaConfig, tokens: u64, rows: u64, d: u64) -> u64 {
     2 * (m.num_hidden_layers * m.num_key_value_heads * m.head_dim) as u64 * tokens * rows * d
+}
+
+/// What a CUDA run holds of the card beyond the allocator's reservation (the plan's context term).
+pub(crate) fn context_bytes(m: &LlamaConfig) -> u64 {
+    let cal = &CALIBRATION;
+    (cal.cuda_context_bytes + cal.cuda_context_per_linear * (largest_linear(m) * 2) as f64) as u64
 }
