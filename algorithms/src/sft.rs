@@ -2,6 +2,9 @@
 //! token-level mean negative log-likelihood over the trained tokens of the micro-batch (the sum
 //! of their NLLs divided by their number). Which tokens are trained (the completion, the
 //! assistant turns or every token) is decided when the data is tokenized; no reference pass.
+//! Metrics: `loss` and `num_tokens`, the trained tokens of the micro-batch (TRL logs the running
+//! total of input tokens under that name). TRL's `mean_token_accuracy` and `entropy` need the
+//! logits, which `PolicyModel` does not expose.
 
 use crate::trainer::{PolicyModel, Role, StepOutput, TokenBatch, Trainer};
 use anyhow::{ensure, Result};
