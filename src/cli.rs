@@ -13,6 +13,7 @@ pub mod ref_free;
 pub mod reward_worker;
 pub mod rloo;
 pub mod setup;
+pub mod sft;
 pub mod trainers;
 
 pub use setup::{DeviceArg, Outcome};
@@ -40,6 +41,8 @@ pub struct Cli {
 
 #[derive(Subcommand, Debug)]
 pub enum Command {
+    /// Supervised fine-tuning on prompt/completion, messages or text rows (TRL's SFTTrainer).
+    Sft(RunArgs),
     /// Direct preference optimisation.
     Dpo(RunArgs),
     /// Odds-ratio preference optimisation (reference-free, TRL's ORPOTrainer).
@@ -88,6 +91,7 @@ pub struct RunArgs {
 pub fn run(cli: Cli) -> Result<Outcome> {
     match cli.command {
         Command::Generate(a) => generate::run(&a),
+        Command::Sft(a) => train(Train::Sft, &a),
         Command::Dpo(a) => train(Train::Dpo, &a),
         Command::Orpo(a) => train(Train::Orpo, &a),
         Command::Cpo(a) => train(Train::Cpo, &a),
@@ -108,6 +112,7 @@ pub fn run(cli: Cli) -> Result<Outcome> {
 /// The training subcommands.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Train {
+    Sft,
     Dpo,
     Orpo,
     Cpo,
@@ -140,6 +145,7 @@ impl OnBackend for Training<'_> {
     fn run<B: Backend>(&self, device: &B::Device) -> Result<Outcome> {
         let run = self.run;
         match self.command {
+            Train::Sft => sft::run::<Autodiff<B>>(run, device),
             Train::Dpo => preference::run::<Autodiff<B>>(Algo::Dpo, run, device),
             Train::Rm => preference::run::<Autodiff<B>>(Algo::Rm, run, device),
             Train::Orpo => ref_free::run::<Autodiff<B>>(ref_free::Method::Orpo, run, device),

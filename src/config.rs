@@ -8,6 +8,7 @@ pub use rlhf_algorithms::losses::{
     CpoConfig, DpoConfig, GrpoLossType, ImportanceSamplingLevel, KtoConfig, OrpoConfig, PpoConfig,
     RlooConfig, ScaleRewards,
 };
+pub use rlhf_algorithms::sft::SftConfig;
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 
@@ -22,7 +23,7 @@ pub const ALL_TARGETS: [&str; 7] = [
     "down_proj",
 ];
 
-/// A whole run: one file drives `rlhf dpo|orpo|cpo|kto|grpo|rloo|ppo|rm|plan`. The algorithm sections' types (and
+/// A whole run: one file drives `rlhf sft|dpo|orpo|cpo|kto|grpo|rloo|ppo|rm|plan`. The algorithm sections' types (and
 /// their named options) live in the algorithms crate, next to the code that reads them.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
@@ -41,6 +42,7 @@ pub struct RunConfig {
     pub cpo: CpoConfig,
     pub kto: KtoConfig,
     pub rloo: RlooConfig,
+    pub sft: SftConfig,
     pub plan: PlanConfig,
 }
 
@@ -694,6 +696,20 @@ mod tests {
             e.contains("plan.cache") && e.contains("`budget`") && e.contains("`plan`"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn sft_section_has_trl_defaults_and_refuses_unknown_keys() {
+        let c = parse("[model]\npath = \"m\"\n").unwrap();
+        assert!(c.sft.completion_only_loss && !c.sft.assistant_only_loss);
+        let c = parse("[sft]\ncompletion_only_loss = false\nassistant_only_loss = true\n").unwrap();
+        assert!(!c.sft.completion_only_loss && c.sft.assistant_only_loss);
+        let e = parse("[sft]\npacking = true\n").unwrap_err().to_string();
+        assert!(e.contains("packing") && e.contains("line 2"), "{e}");
+        let e = parse("[sft]\nassistant_only_loss = \"yes\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("sft.assistant_only_loss"), "{e}");
     }
 
     #[test]

@@ -12,6 +12,7 @@
 //! * Tokenization as TRL 1.16's `DPOTrainer._prepare_dataset` (see [`tokenize_pair`]) and
 //!   `GRPOTrainer._tokenize_prompts` (see [`tokenize_prompt`]), with the tokenizer and the chat
 //!   template behind the [`TextCodec`] trait so this module needs no model code.
+//! * SFT rows (`prompt`/`completion`, `messages`, `text`) and their trained tokens: [`sft`].
 //! * Batching ([`pad_right`], [`pad_left`], [`collate_pairs`]) and seeded epoch shuffling
 //!   ([`epoch_order`]).
 
@@ -22,6 +23,8 @@ use std::sync::Arc;
 use anyhow::{anyhow, bail, Result};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
+
+pub mod sft;
 
 // ---------------------------------------------------------------------------------------------
 // Tokenizer interface

@@ -164,6 +164,7 @@ fn logits_rows(run: &RunConfig, want: u64) -> u64 {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Algo {
+    Sft,
     Dpo,
     Rm,
     Grpo,
@@ -172,10 +173,18 @@ pub enum Algo {
 }
 
 impl Algo {
-    pub const ALL: [Algo; 5] = [Algo::Dpo, Algo::Rm, Algo::Grpo, Algo::Ppo, Algo::Generate];
+    pub const ALL: [Algo; 6] = [
+        Algo::Sft,
+        Algo::Dpo,
+        Algo::Rm,
+        Algo::Grpo,
+        Algo::Ppo,
+        Algo::Generate,
+    ];
 
     pub fn name(self) -> &'static str {
         match self {
+            Algo::Sft => "sft",
             Algo::Dpo => "dpo",
             Algo::Rm => "rm",
             Algo::Grpo => "grpo",
@@ -202,7 +211,7 @@ impl std::str::FromStr for Algo {
             .into_iter()
             .find(|a| a.name() == s)
             .with_context(|| {
-                format!("unknown algorithm `{s}`: expected dpo, rm, grpo, ppo or generate")
+                format!("unknown algorithm `{s}`: expected sft, dpo, rm, grpo, ppo or generate")
             })
     }
 }
@@ -698,7 +707,7 @@ fn count(n: u64) -> String {
     }
 }
 
-/// The algorithm a config file is for, from a `dpo`/`rm`/`grpo`/`ppo`/`generate` word in its
+/// The algorithm a config file is for, from a `sft`/`dpo`/`rm`/`grpo`/`ppo`/`generate` word in its
 /// file name (`20b-grpo-24gb.toml` -> grpo). For `rlhf plan` when no `--algo` is given.
 pub fn algo_from_file_name(path: &Path) -> Option<Algo> {
     let stem = path.file_stem()?.to_str()?;

@@ -10,4 +10,5 @@ pub mod options;
 pub mod orpo;
 pub mod ppo;
 pub mod rm;
+pub mod sft;
 pub mod trainer;

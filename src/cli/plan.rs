@@ -11,7 +11,7 @@ pub struct PlanArgs {
     /// The run's TOML file.
     #[arg(long)]
     pub config: PathBuf,
-    /// dpo, rm, grpo, ppo or generate (default: guessed from the file name).
+    /// sft, dpo, rm, grpo, ppo or generate (default: guessed from the file name).
     #[arg(long)]
     pub algo: Option<String>,
     /// Print the plan as JSON.
@@ -25,7 +25,7 @@ pub fn run(config: &Path, algo: Option<Algo>, json: bool) -> Result<Outcome> {
     let algo = match algo.or_else(|| plan::algo_from_file_name(config)) {
         Some(a) => a,
         None => bail!(
-            "{}: cannot tell the algorithm from the file name: pass --algo dpo|rm|grpo|ppo|generate",
+            "{}: cannot tell the algorithm from the file name: pass --algo sft|dpo|rm|grpo|ppo|generate",
             config.display()
         ),
     };

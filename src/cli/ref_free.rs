@@ -55,6 +55,7 @@ mod tests {
             "orpo-smollm2.toml",
             "simpo-smollm2.toml",
             "kto-smollm2.toml",
+            "sft-smollm2.toml",
             "rloo-smollm2-arithmetic.toml",
         ] {
             let cfg = RunConfig::load(&root.join("configs").join(name))

@@ -1,4 +1,4 @@
-//! The one run set-up the training commands (`dpo`, `rm`, `orpo`, `cpo`, `kto`, `grpo`, `rloo`,
+//! The one run set-up the training commands (`sft`, `dpo`, `rm`, `orpo`, `cpo`, `kto`, `grpo`, `rloo`,
 //! `ppo`) and `bench` share, in
 //! its order: read the config, pick the backend, check the VRAM plan before any weight is loaded,
 //! lock the output folder, read and tokenize the data with the model's tokenizer, load the base,
@@ -498,7 +498,7 @@ pub fn report(cfg: &RunConfig, role: Role, last: &Metrics, eval: Option<&Metrics
 }
 
 /// A run that trains the policy adapter alone on examples that `load` reads from a data file
-/// (`rlhf orpo`, `cpo`, `kto`): the plan of `algo`, the base, `data.train` (and `data.eval`), a
+/// (`rlhf sft`, `orpo`, `cpo`, `kto`): the plan of `algo`, the base, `data.train` (and `data.eval`), a
 /// new policy adapter, the trainer that `trainer` builds from the padding id, the run loop and
 /// the evaluation.
 pub fn train_policy<B: AutodiffBackend, T: Trainer<B>>(

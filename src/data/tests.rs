@@ -1010,3 +1010,5 @@ fn tokenization_matches_trl_fixture() {
         }
     }
 }
+
+mod sft;

@@ -25,7 +25,7 @@ fn largest(lo: u64, hi: u64, mut ok: impl FnMut(u64) -> bool) -> Option<u64> {
 /// The length a suggestion may shorten, per algorithm: (key, current value).
 fn length_key(run: &RunConfig, algo: Algo) -> (&'static str, usize) {
     match algo {
-        Algo::Dpo | Algo::Rm => ("data.max_length", run.data.max_length),
+        Algo::Sft | Algo::Dpo | Algo::Rm => ("data.max_length", run.data.max_length),
         Algo::Grpo => ("grpo.max_completion_length", run.grpo.max_completion_length),
         Algo::Ppo => ("ppo.response_length", run.ppo.response_length),
         Algo::Generate => ("generation.max_new_tokens", run.generation.max_new_tokens),
@@ -35,7 +35,7 @@ fn length_key(run: &RunConfig, algo: Algo) -> (&'static str, usize) {
 fn set_length(run: &mut RunConfig, algo: Algo, v: usize) -> Vec<String> {
     let mut changes = vec![format!("{} = {v}", length_key(run, algo).0)];
     match algo {
-        Algo::Dpo | Algo::Rm => {
+        Algo::Sft | Algo::Dpo | Algo::Rm => {
             run.data.max_length = v;
             if run.data.max_prompt_length > v {
                 run.data.max_prompt_length = v;

@@ -646,5 +646,30 @@ fn algo_from_names() {
     assert_eq!(algo_from_file_name(Path::new("my_rm.toml")), Some(Algo::Rm));
     assert_eq!(algo_from_file_name(Path::new("run.toml")), None);
     assert_eq!("ppo".parse::<Algo>().unwrap(), Algo::Ppo);
-    assert!("sft".parse::<Algo>().is_err());
+    assert_eq!(
+        algo_from_file_name(Path::new("configs/sft-smollm2.toml")),
+        Some(Algo::Sft)
+    );
+    assert_eq!("sft".parse::<Algo>().unwrap(), Algo::Sft);
+    let e = "kto".parse::<Algo>().unwrap_err().to_string();
+    assert!(e.contains("sft, dpo"), "{e}");
+}
+
+#[test]
+fn sft_is_one_policy_pass_without_reference() {
+    let m = model("llama-2-7b");
+    let mut run = cuda_run();
+    run.lora.r = 8;
+    run.train.batch_size = 2;
+    run.data.max_length = 512;
+    let p = plan(&run, &m, Algo::Sft).unwrap();
+    assert_eq!(p.phases, vec![Phase::Load, Phase::TrainStep]);
+    assert_eq!(p.peak_bytes, sft_plan(&run, &m, 2, 512).peak_bytes);
+    // DPO at the same batch runs twice the rows, plus a reference pass.
+    let dpo = plan(&run, &m, Algo::Dpo).unwrap();
+    assert!(dpo.peak_bytes > p.peak_bytes);
+    assert_eq!(
+        dpo.tensor_peak_bytes,
+        sft_plan(&run, &m, 4, 512).tensor_peak_bytes
+    );
 }

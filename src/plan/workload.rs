@@ -42,6 +42,23 @@ pub(super) fn workload(
     };
     let mut notes = Vec::new();
     let w = match algo {
+        Algo::Sft => {
+            let t = positive(run.data.max_length, "data.max_length")?;
+            check_len(m, run.data.max_length, "data.max_length", "data.max_length")?;
+            notes.push(format!(
+                "sft: {b} sequences of {t} tokens through the policy adapter; no reference pass"
+            ));
+            Workload {
+                adapters: vec![("policy", true)],
+                heads: vec![],
+                phases: vec![
+                    (Phase::Load, vec![]),
+                    (Phase::TrainStep, vec![fwd("policy", b, t, t, true, true)]),
+                ],
+                rollout: None,
+                notes,
+            }
+        }
         Algo::Dpo | Algo::Rm => {
             let t = positive(run.data.max_length, "data.max_length")?;
             check_len(m, run.data.max_length, "data.max_length", "data.max_length")?;
