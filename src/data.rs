@@ -896,10 +896,10 @@ pub fn collate_pairs(pairs: &[TokenizedPair], pad_id: u32) -> PairBatch {
 
 /// SplitMix64 (Steele, Lea, Flood 2014): a tiny PRNG of our own, so an epoch's order never
 /// changes with a crate version (checkpoints resume on the same data position).
-struct SplitMix64(u64);
+pub struct SplitMix64(pub u64);
 
 impl SplitMix64 {
-    fn next_u64(&mut self) -> u64 {
+    pub fn next_u64(&mut self) -> u64 {
         self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
         let mut z = self.0;
         z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
@@ -908,7 +908,7 @@ impl SplitMix64 {
     }
 
     /// Uniform in `0..n` by multiply-shift (bias below n / 2^64, irrelevant for dataset sizes).
-    fn below(&mut self, n: usize) -> usize {
+    pub fn below(&mut self, n: usize) -> usize {
         ((self.next_u64() as u128 * n as u128) >> 64) as usize
     }
 }

@@ -10,6 +10,7 @@ pub mod data;
 pub mod devmem;
 pub mod engine;
 pub mod finite;
+pub mod fuzzing;
 pub mod generate;
 pub mod gguf;
 pub mod model;
