@@ -328,3 +328,50 @@ fn smollm2_gguf_merge_reloads_with_its_tokenizer() {
     );
     assert!(err < 1e-3, "merged logits differ by {err}");
 }
+
+/// Runs `rlhf merge` expecting exit 2 with one `error:` line; returns it.
+fn merge_error(dir: &Path, model: &str, adapter: &str) -> String {
+    let p = |s: &str| dir.join(s).to_string_lossy().to_string();
+    let run = std::process::Command::new(env!("CARGO_BIN_EXE_rlhf"))
+        .args(["merge", "--model", &p(model), "--adapter", &p(adapter)])
+        .args(["--out", &p("out")])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&run.stderr).to_string();
+    assert_eq!(run.status.code(), Some(2), "{stderr}");
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(stderr.starts_with("error: "), "{stderr}");
+    stderr
+}
+
+#[test]
+fn merge_errors_are_one_line_and_leave_no_folder() {
+    let dir = tempfile::tempdir().unwrap();
+    setup(dir.path(), None);
+    let e = merge_error(dir.path(), "nope", "adapter");
+    assert!(e.contains("--model"), "{e}");
+    let e = merge_error(dir.path(), "model", "nope");
+    assert!(e.contains("--adapter"), "{e}");
+
+    // An adapter for another shape of model.
+    let other = dir.path().join("other");
+    std::fs::create_dir(&other).unwrap();
+    let mut cfg = read_json(&dir.path().join("model/config.json"));
+    cfg["intermediate_size"] = serde_json::json!(48);
+    std::fs::write(other.join("config.json"), cfg.to_string()).unwrap();
+    let e = merge_error(dir.path(), "other", "adapter");
+    assert!(e.contains("--adapter") && e.contains("shape"), "{e}");
+
+    // A base whose weights disagree with its config fails while writing: nothing is left.
+    let mut cfg = read_json(&dir.path().join("model/config.json"));
+    cfg["vocab_size"] = serde_json::json!(46);
+    std::fs::write(dir.path().join("model/config.json"), cfg.to_string()).unwrap();
+    let e = merge_error(dir.path(), "model", "adapter");
+    assert!(e.contains("model.embed_tokens.weight"), "{e}");
+    let mut names: Vec<String> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().to_string())
+        .collect();
+    names.sort();
+    assert_eq!(names, ["adapter", "model", "other"]);
+}
