@@ -6,6 +6,7 @@ pub mod bench;
 pub mod generate;
 pub mod grpo;
 pub mod kto;
+pub mod merge;
 pub mod plan;
 pub mod ppo;
 pub mod preference;
@@ -63,6 +64,8 @@ pub enum Command {
     Plan(plan::PlanArgs),
     /// Sample from the base model, optionally with a LoRA adapter.
     Generate(generate::GenerateArgs),
+    /// Fold a LoRA adapter into its base and write a Hugging Face model folder.
+    Merge(merge::MergeArgs),
     /// Time DPO or GRPO steps on a make_model.py folder (the peer benchmark against TRL).
     Bench(bench::BenchArgs),
     /// The worker process a reward plugin runs in (started by `rlhf grpo`).
@@ -91,6 +94,7 @@ pub struct RunArgs {
 pub fn run(cli: Cli) -> Result<Outcome> {
     match cli.command {
         Command::Generate(a) => generate::run(&a),
+        Command::Merge(a) => merge::run(&a),
         Command::Sft(a) => train(Train::Sft, &a),
         Command::Dpo(a) => train(Train::Dpo, &a),
         Command::Orpo(a) => train(Train::Orpo, &a),

@@ -2,6 +2,7 @@
 
 pub mod checkpoint;
 pub mod config;
+pub mod export;
 pub mod gguf_source;
 pub mod linear;
 pub mod llama;
