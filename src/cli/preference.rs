@@ -31,7 +31,7 @@ pub fn run<B: AutodiffBackend>(algo: Algo, run: &TrainRun, device: &B::Device) -
     } else {
         Role::Policy
     };
-    let mut model = setup::model_for_run(loaded.model, &loaded.tok, cfg, role)?;
+    let mut model = setup::model_for_run(loaded.model, &loaded.tok, cfg, role, algo == Algo::Dpo)?;
     if role == Role::Reward {
         let head = new_head(model.base.cfg.hidden_size, cfg.train.seed ^ 0x5EED, device);
         model.heads.insert(role, head);
