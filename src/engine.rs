@@ -96,16 +96,28 @@ impl<B: Backend> RlhfModel<B> {
 
     /// Reads the adapter of `role` from the PEFT folder `dir` (its shape from the folder's
     /// `adapter_config.json`, every tensor checked against the base), training with `dropout`.
+    /// A reward or value role also takes the folder's score head when it has one (a folder
+    /// written by `rlhf rm`), so training continues from the whole reward model.
     pub fn add_adapter_from(
         &mut self,
         role: Role,
         dir: &std::path::Path,
         dropout: f32,
     ) -> Result<()> {
-        let (mut adapter, _heads) =
+        let (mut adapter, mut heads) =
             Adapter::load_peft(dir, role.name(), &self.base.cfg, &self.base.device)?;
         adapter.cfg.dropout = dropout;
         self.adapters.insert(role, adapter);
+        if let (Role::Reward | Role::Value, Some(head)) = (role, heads.remove(HEAD_KEY)) {
+            let hidden = self.base.cfg.hidden_size;
+            anyhow::ensure!(
+                head.dims() == [1, hidden],
+                "{}: score head has shape {:?}, expected [1, {hidden}]",
+                dir.display(),
+                head.dims()
+            );
+            self.heads.insert(role, head);
+        }
         Ok(())
     }
 

@@ -233,3 +233,24 @@ fn config_errors_name_the_keys_and_the_folder() {
         "{err}"
     );
 }
+
+#[test]
+fn a_reward_model_continues_from_an_rm_folder_with_its_head() {
+    let run = Run::new(251);
+    let body = "batch_size = 8\nmax_steps = 4\nlearning_rate = 0.01\nsave_steps = 100\n\n[lora]\nr = 4\nalpha = 8.0\n";
+    let cfg = run.config("rm.toml", "rm", body);
+    rlhf(&["rm", "--config", cfg.to_str().unwrap()]);
+    let start = run.path("rm/reward");
+    let keys = format!("adapter = {:?}\n", start.to_str().unwrap());
+    let again = body
+        .replace("learning_rate = 0.01", "learning_rate = 0.0")
+        .replace("max_steps = 4", "max_steps = 1");
+    let cfg = config_with(&run, "again.toml", "again", &keys, &again);
+    ok(run_cmd(&["rm", "--config", &cfg], None));
+    let (a, b) = (tensors(&start), tensors(&run.path("again/reward")));
+    assert!(a.iter().any(|t| t.0 == "base_model.model.score.weight"));
+    assert!(
+        a == b,
+        "the reward adapter or its head did not start from the rm folder"
+    );
+}
