@@ -254,3 +254,27 @@ fn a_reward_model_continues_from_an_rm_folder_with_its_head() {
         "the reward adapter or its head did not start from the rm folder"
     );
 }
+
+#[test]
+fn grpo_kl_is_taken_against_the_reference_that_model_reference_names() {
+    let run = Run::new(261);
+    let adapter = sft_adapter(&run);
+    let body = "batch_size = 8\nmax_steps = 1\nlearning_rate = 0.01\nsave_steps = 100\n\n[grpo]\nnum_generations = 4\nmax_completion_length = 6\nbeta = 0.04\n\n[[grpo.rewards]]\ntype = \"contains\"\ntext = \"MARK\"\n";
+    let kl = |name: &str, keys: &str| {
+        let cfg = config_with(&run, &format!("{name}.toml"), name, keys, body);
+        ok(run_cmd(&["grpo", "--config", &cfg], None));
+        first_step(&run, name)["kl"].as_f64().unwrap()
+    };
+    // The policy starts as the frozen initial adapter: no divergence at step 1.
+    let initial = kl("initial", &format!("adapter = {adapter:?}\n"));
+    let base = kl(
+        "base",
+        &format!("adapter = {adapter:?}\nreference = \"base\"\n"),
+    );
+    eprintln!("step-1 kl: initial {initial}, base {base}");
+    assert!(
+        initial.abs() < 1e-7,
+        "kl against the initial adapter {initial}"
+    );
+    assert!(base > 1e-4, "kl against the base {base}");
+}
