@@ -15,6 +15,7 @@ pub mod reward_worker;
 pub mod rloo;
 pub mod setup;
 pub mod sft;
+pub mod start;
 pub mod trainers;
 
 pub use setup::{DeviceArg, Outcome};

@@ -58,6 +58,36 @@ pub struct ModelConfig {
     pub dtype: Dtype,
     /// `cpu` or `cuda`.
     pub device: Device,
+    /// A PEFT adapter folder (`adapter_config.json` + `adapter_model.safetensors`) the trained
+    /// role's adapter starts from instead of a fresh one; its LoRA shape replaces `[lora]`'s, as
+    /// `PeftModel.from_pretrained` takes the shape from the adapter (`cli::start`).
+    pub adapter: Option<PathBuf>,
+    /// What the reference role is; unset: `initial` with `model.adapter`, `base` without
+    /// (see [`ModelConfig::reference`]).
+    pub reference: Option<ReferenceModel>,
+}
+
+/// The model the reference role stands for (`model.reference`).
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum ReferenceModel {
+    /// The base with every adapter off.
+    Base,
+    /// A frozen copy of the starting adapter of `model.adapter`, as TRL takes the SFT model a
+    /// run starts from as its reference.
+    Initial,
+}
+
+impl ModelConfig {
+    /// `model.reference` resolved: as set, else `initial` when the run starts from
+    /// `model.adapter` and `base` otherwise.
+    pub fn reference(&self) -> ReferenceModel {
+        self.reference.unwrap_or(if self.adapter.is_some() {
+            ReferenceModel::Initial
+        } else {
+            ReferenceModel::Base
+        })
+    }
 }
 
 impl Default for ModelConfig {
@@ -67,6 +97,8 @@ impl Default for ModelConfig {
             quantize: Quantize::Nf4,
             dtype: Dtype::F32,
             device: Device::Cpu,
+            adapter: None,
+            reference: None,
         }
     }
 }
@@ -397,6 +429,19 @@ impl RunConfig {
             bail!("key `train.gradient_accumulation_steps`: expected a positive integer, got 0");
         }
         self.validate_floats()?;
+        if self.model.reference == Some(ReferenceModel::Initial) && self.model.adapter.is_none() {
+            bail!(
+                "keys `model.reference` and `model.adapter`: reference = \"initial\" is a frozen copy of the starting adapter, but `model.adapter` is not set: set it to a PEFT adapter folder, or use reference = \"base\""
+            );
+        }
+        if self
+            .model
+            .adapter
+            .as_ref()
+            .is_some_and(|p| p.as_os_str().is_empty())
+        {
+            bail!("key `model.adapter`: empty: set it to a PEFT adapter folder or leave it out");
+        }
         if self.lora.r == 0 {
             bail!("key `lora.r`: expected a positive integer, got 0");
         }

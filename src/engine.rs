@@ -55,9 +55,11 @@ impl<B: Backend> RlhfModel<B> {
         }
     }
 
+    /// The adapter a pass of `role` runs with: the reference has none (the base alone) unless a
+    /// frozen starting adapter stands in for it (`model.reference = "initial"`).
     fn adapter(&self, role: Role) -> Result<Option<&Adapter<B>>> {
         match role {
-            Role::Reference => Ok(None),
+            Role::Reference => Ok(self.adapters.get(&Role::Reference)),
             r => self
                 .adapters
                 .get(&r)
@@ -89,6 +91,49 @@ impl<B: Backend> RlhfModel<B> {
     ) -> Result<()> {
         let adapter = Adapter::new(role.name(), cfg, &self.base.cfg, seed, &self.base.device)?;
         self.adapters.insert(role, adapter);
+        Ok(())
+    }
+
+    /// Reads the adapter of `role` from the PEFT folder `dir` (its shape from the folder's
+    /// `adapter_config.json`, every tensor checked against the base), training with `dropout`.
+    /// A reward or value role also takes the folder's score head when it has one (a folder
+    /// written by `rlhf rm`), so training continues from the whole reward model.
+    pub fn add_adapter_from(
+        &mut self,
+        role: Role,
+        dir: &std::path::Path,
+        dropout: f32,
+    ) -> Result<()> {
+        let (mut adapter, mut heads) =
+            Adapter::load_peft(dir, role.name(), &self.base.cfg, &self.base.device)?;
+        adapter.cfg.dropout = dropout;
+        self.adapters.insert(role, adapter);
+        if let (Role::Reward | Role::Value, Some(head)) = (role, heads.remove(HEAD_KEY)) {
+            let hidden = self.base.cfg.hidden_size;
+            anyhow::ensure!(
+                head.dims() == [1, hidden],
+                "{}: score head has shape {:?}, expected [1, {hidden}]",
+                dir.display(),
+                head.dims()
+            );
+            self.heads.insert(role, head);
+        }
+        Ok(())
+    }
+
+    /// Makes a frozen copy of `role`'s adapter as it is now the reference role. It is never among
+    /// the optimizer's parameters (no trainer lists the reference as trainable) and its passes
+    /// run without a graph; dropout is off, so the reference is deterministic.
+    pub fn freeze_reference_from(&mut self, role: Role) -> Result<()> {
+        let mut frozen = self
+            .adapters
+            .get(&role)
+            .with_context(|| format!("no {} adapter to freeze", role.name()))?
+            .clone();
+        frozen.name = Role::Reference.name().to_string();
+        frozen.cfg.dropout = 0.0;
+        frozen.training = false;
+        self.adapters.insert(Role::Reference, frozen);
         Ok(())
     }
 
@@ -124,8 +169,9 @@ impl<B: Backend> RlhfModel<B> {
 
     /// Switches dropout on or off in every adapter.
     pub fn set_training(&mut self, training: bool) {
-        for a in self.adapters.values_mut() {
-            a.training = training;
+        for (role, a) in self.adapters.iter_mut() {
+            // The frozen reference scores; it never trains.
+            a.training = training && *role != Role::Reference;
         }
     }
 }
@@ -157,9 +203,12 @@ impl<B: AutodiffBackend> PolicyModel<B> for RlhfModel<B> {
         let device = self.base.device.clone();
         let (b, t, h) = (batch.len(), batch.ids[0].len(), self.base.cfg.hidden_size);
         let input = Batch::new(&batch.ids, batch.valid.clone(), &device);
-        let hidden = self
-            .base
-            .forward_hidden_train(&input, adapter, self.checkpoint);
+        let hidden = if role == Role::Reference {
+            self.base.forward_hidden_frozen(&input, adapter)
+        } else {
+            self.base
+                .forward_hidden_train(&input, adapter, self.checkpoint)
+        };
         // Logits at position t-1 predict token t: drop the last position before the vocab projection.
         let hidden = hidden
             .slice([0..b, 0..t - 1, 0..h])

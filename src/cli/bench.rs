@@ -415,7 +415,7 @@ fn run_on<B: AutodiffBackend>(args: &BenchArgs, algo: Algo, device: &B::Device) 
         base_name: loaded.name.clone(),
         config_text: toml::to_string(&cfg).context("writing the run config")?,
     };
-    let mut model = setup::model_for_run(loaded.model, &loaded.tok, &cfg, Role::Policy)?;
+    let mut model = setup::model_for_run(loaded.model, &loaded.tok, &cfg, Role::Policy, true)?;
 
     crate::devmem::note::<B>(device, "model and adapter loaded");
     let _ = crate::devmem::take_noted();

@@ -88,7 +88,7 @@ pub fn run<B: AutodiffBackend>(
     let pad_id = loaded.pad_id();
     let stop_ids = loaded.stop_ids(&cfg.generation.stop_token_ids);
 
-    let mut model = setup::model_for_run(loaded.model, &loaded.tok, cfg, Role::Policy)?;
+    let mut model = setup::model_for_run(loaded.model, &loaded.tok, cfg, Role::Policy, true)?;
     let opts = run.run_options(&run_dir, &loaded.name);
     let mut settings = grpo_settings(cfg, loss, stop_ids, pad_id)?;
     settings.objective = objective;

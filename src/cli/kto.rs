@@ -93,7 +93,7 @@ pub fn run<B: AutodiffBackend>(run: &TrainRun, device: &B::Device) -> Result<Out
         );
     }
     let load = |p: &Path, codec: &setup::Codec<'_>| load_unpaired(p, codec, cfg);
-    setup::train_policy::<B, _>(run, Algo::Dpo, device, load, |pad_id| KtoTrainer {
+    setup::train_policy::<B, _>(run, Algo::Dpo, true, device, load, |pad_id| KtoTrainer {
         cfg: cfg.kto.clone(),
         pad_id,
     })

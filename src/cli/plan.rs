@@ -21,7 +21,13 @@ pub struct PlanArgs {
 
 /// `rlhf plan`: prints the table (or JSON); [`Outcome::DoesNotFit`] when the run does not fit.
 pub fn run(config: &Path, algo: Option<Algo>, json: bool) -> Result<Outcome> {
-    let cfg = RunConfig::load(config)?;
+    let mut cfg = RunConfig::load(config)?;
+    let text = std::fs::read_to_string(config)?;
+    if let Some(note) = super::start::apply_start_adapter(&mut cfg, &text)
+        .with_context(|| config.display().to_string())?
+    {
+        eprintln!("{note}");
+    }
     let algo = match algo.or_else(|| plan::algo_from_file_name(config)) {
         Some(a) => a,
         None => bail!(

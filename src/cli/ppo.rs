@@ -138,7 +138,7 @@ pub fn run<B: AutodiffBackend>(run: &TrainRun, device: &B::Device) -> Result<Out
     sampling.stop_ids = loaded.stop_ids(&cfg.generation.stop_token_ids);
     sampling.pad_id = pad_id;
 
-    let mut model = setup::model_for_run(loaded.model, &loaded.tok, cfg, Role::Policy)?;
+    let mut model = setup::model_for_run(loaded.model, &loaded.tok, cfg, Role::Policy, true)?;
     load_reward_as(&mut model, &reward, Role::Reward)?;
     load_reward_as(&mut model, &reward, Role::Value)?;
 

@@ -31,8 +31,9 @@ pub fn run<B: AutodiffBackend>(algo: Algo, run: &TrainRun, device: &B::Device) -
     } else {
         Role::Policy
     };
-    let mut model = setup::model_for_run(loaded.model, &loaded.tok, cfg, role)?;
-    if role == Role::Reward {
+    let mut model = setup::model_for_run(loaded.model, &loaded.tok, cfg, role, algo == Algo::Dpo)?;
+    // A reward adapter started from an `rlhf rm` folder keeps its head.
+    if role == Role::Reward && !model.heads.contains_key(&role) {
         let head = new_head(model.base.cfg.hidden_size, cfg.train.seed ^ 0x5EED, device);
         model.heads.insert(role, head);
     }

@@ -29,13 +29,13 @@ pub fn run<B: AutodiffBackend>(
     let load = |p: &std::path::Path, codec: &setup::Codec<'_>| load_pairs(p, codec, cfg);
     match method {
         Method::Orpo => {
-            setup::train_policy::<B, _>(run, Algo::Dpo, device, load, |pad_id| OrpoTrainer {
+            setup::train_policy::<B, _>(run, Algo::Dpo, false, device, load, |pad_id| OrpoTrainer {
                 cfg: cfg.orpo.clone(),
                 pad_id,
             })
         }
         Method::Cpo => {
-            setup::train_policy::<B, _>(run, Algo::Dpo, device, load, |pad_id| CpoTrainer {
+            setup::train_policy::<B, _>(run, Algo::Dpo, false, device, load, |pad_id| CpoTrainer {
                 cfg: cfg.cpo.clone(),
                 pad_id,
             })

@@ -4,7 +4,7 @@
 //! lock the output folder, read and tokenize the data with the model's tokenizer, load the base,
 //! attach the trained role's adapter; after the run loop, evaluate and report the metrics.
 
-use crate::config::{CacheBound, Device, Dtype, Quantize, RunConfig};
+use crate::config::{CacheBound, Device, Dtype, Quantize, ReferenceModel, RunConfig};
 use crate::data::{Message, TextCodec};
 use crate::engine::RlhfModel;
 use crate::model::{Llama, LlamaConfig, LoadOptions};
@@ -156,7 +156,12 @@ impl TrainRun {
     pub fn read(path: &Path, flags: TrainFlags) -> Result<Self> {
         let text = std::fs::read_to_string(path)
             .with_context(|| format!("{}: cannot read config file", path.display()))?;
-        let cfg = RunConfig::parse(&text, path)?;
+        let mut cfg = RunConfig::parse(&text, path)?;
+        let note = super::start::apply_start_adapter(&mut cfg, &text)
+            .with_context(|| path.display().to_string())?;
+        if let Some(note) = note {
+            eprintln!("{note}");
+        }
         Ok(Self {
             path: path.to_path_buf(),
             text,
@@ -428,16 +433,30 @@ pub fn data_sets<T>(
     Ok((train, eval))
 }
 
-/// The run's model: the loaded base (its tokenizer kept for decoding rollouts) with a new
-/// adapter for the trained `role`, seeded by `train.seed`.
+/// The run's model: the loaded base (its tokenizer kept for decoding rollouts) with the adapter
+/// of the trained `role`: read from `model.adapter` when set, else new and seeded by
+/// `train.seed`. With `reference` (the algorithm scores against a reference) and
+/// `model.reference` resolved to `initial`, a frozen copy of the starting adapter becomes the
+/// reference role; a resumed run rebuilds it the same way, from the same `model.adapter`.
 pub fn model_for_run<B: Backend>(
     base: Llama<B>,
     tok: &crate::tokenizer::Tok,
     cfg: &RunConfig,
     role: Role,
+    reference: bool,
 ) -> Result<RlhfModel<B>> {
     let mut model = RlhfModel::for_run(base, tok, cfg);
-    model.add_new_adapter(role, &cfg.lora, cfg.train.seed)?;
+    match &cfg.model.adapter {
+        Some(dir) => {
+            model
+                .add_adapter_from(role, dir, cfg.lora.dropout)
+                .with_context(|| format!("key `model.adapter` ({})", dir.display()))?;
+            if reference && cfg.model.reference() == ReferenceModel::Initial {
+                model.freeze_reference_from(role)?;
+            }
+        }
+        None => model.add_new_adapter(role, &cfg.lora, cfg.train.seed)?,
+    }
     Ok(model)
 }
 
@@ -500,10 +519,11 @@ pub fn report(cfg: &RunConfig, role: Role, last: &Metrics, eval: Option<&Metrics
 /// A run that trains the policy adapter alone on examples that `load` reads from a data file
 /// (`rlhf sft`, `orpo`, `cpo`, `kto`): the plan of `algo`, the base, `data.train` (and `data.eval`), a
 /// new policy adapter, the trainer that `trainer` builds from the padding id, the run loop and
-/// the evaluation.
+/// the evaluation. `reference`: the trainer scores against the reference role (KTO).
 pub fn train_policy<B: AutodiffBackend, T: Trainer<B>>(
     run: &TrainRun,
     algo: Algo,
+    reference: bool,
     device: &B::Device,
     load: impl Fn(&Path, &Codec<'_>) -> Result<Vec<T::Example>>,
     trainer: impl FnOnce(u32) -> T,
@@ -519,7 +539,7 @@ pub fn train_policy<B: AutodiffBackend, T: Trainer<B>>(
         return Ok(Outcome::DoesNotFit);
     };
     let mut trainer = trainer(loaded.pad_id());
-    let mut model = model_for_run(loaded.model, &loaded.tok, cfg, Role::Policy)?;
+    let mut model = model_for_run(loaded.model, &loaded.tok, cfg, Role::Policy, reference)?;
     let opts = run.run_options(&run_dir, &loaded.name);
     let (last, eval) = train_and_eval(run, &mut model, &mut trainer, &train_set, eval_set, &opts)?;
     report(cfg, Role::Policy, &last, eval.as_ref());

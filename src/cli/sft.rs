@@ -54,5 +54,7 @@ pub fn load_examples(
 pub fn run<B: AutodiffBackend>(run: &TrainRun, device: &B::Device) -> Result<Outcome> {
     let cfg = &run.cfg;
     let load = |p: &Path, codec: &setup::Codec<'_>| load_examples(p, codec, cfg);
-    setup::train_policy::<B, _>(run, Algo::Sft, device, load, |pad_id| SftTrainer { pad_id })
+    setup::train_policy::<B, _>(run, Algo::Sft, false, device, load, |pad_id| SftTrainer {
+        pad_id,
+    })
 }

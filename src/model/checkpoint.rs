@@ -661,6 +661,22 @@ pub fn token_logps<B: AutodiffBackend>(
 }
 
 impl<B: AutodiffBackend> Llama<B> {
+    /// A forward pass of a frozen role (the reference, with or without its adapter): nothing to
+    /// differentiate, so it runs on the plain backend, where the fused CUDA ops apply and no
+    /// graph is kept; the adapter runs without dropout.
+    pub fn forward_hidden_frozen(
+        &self,
+        batch: &Batch<B>,
+        adapter: Option<&Adapter<B>>,
+    ) -> Tensor<B, 3> {
+        let inner = Batch {
+            tokens: batch.tokens.clone().inner(),
+            valid: batch.valid.clone(),
+        };
+        let adapter = adapter.map(|a| a.inner());
+        Tensor::from_inner(self.inner().forward_hidden(&inner, adapter.as_ref(), None))
+    }
+
     /// The training forward: with `checkpoint` (and an adapter to train), each block is one
     /// autodiff node that keeps only its input and is recomputed in backward
     /// (`model::checkpoint`); otherwise burn's autodiff keeps every op's inputs.
@@ -672,13 +688,7 @@ impl<B: AutodiffBackend> Llama<B> {
     ) -> Tensor<B, 3> {
         let Some(adapter) = adapter.filter(|_| checkpoint) else {
             if adapter.is_none() {
-                // The frozen base alone (the reference role) has nothing to differentiate: run
-                // it on the plain backend, where the fused CUDA ops apply and no graph is kept.
-                let inner = Batch {
-                    tokens: batch.tokens.clone().inner(),
-                    valid: batch.valid.clone(),
-                };
-                return Tensor::from_inner(self.inner().forward_hidden(&inner, None, None));
+                return self.forward_hidden_frozen(batch, None);
             }
             return self.forward_hidden(batch, adapter, None);
         };

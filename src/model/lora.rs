@@ -56,6 +56,58 @@ fn module_path(layer: usize, module: &str) -> String {
     format!("base_model.model.model.layers.{layer}.{group}.{module}")
 }
 
+/// The LoRA shape of a PEFT adapter folder, from its `adapter_config.json` alone (no weights
+/// read): what `PeftModel.from_pretrained` takes the shape from.
+pub fn read_peft_config(dir: &Path) -> Result<LoraConfig> {
+    let cfg_path = dir.join("adapter_config.json");
+    let text = std::fs::read_to_string(&cfg_path)
+        .with_context(|| format!("{}: cannot read adapter config", cfg_path.display()))?;
+    let v: serde_json::Value = serde_json::from_str(&text)
+        .with_context(|| format!("{}: not valid JSON", cfg_path.display()))?;
+    let peft_type = v.get("peft_type").and_then(|x| x.as_str()).unwrap_or("");
+    if peft_type != "LORA" {
+        bail!(
+            "{}: peft_type `{peft_type}` is not supported: expected LORA",
+            cfg_path.display()
+        );
+    }
+    let r = v
+        .get("r")
+        .and_then(|x| x.as_u64())
+        .with_context(|| format!("{}: `r` missing", cfg_path.display()))? as usize;
+    ensure!(r > 0, "{}: `r` must be positive", cfg_path.display());
+    let alpha = v
+        .get("lora_alpha")
+        .and_then(|x| x.as_f64())
+        .unwrap_or(r as f64) as f32;
+    let dropout = v
+        .get("lora_dropout")
+        .and_then(|x| x.as_f64())
+        .unwrap_or(0.0) as f32;
+    let targets: Vec<String> = match v.get("target_modules") {
+        Some(serde_json::Value::Array(a)) => a
+            .iter()
+            .filter_map(|x| x.as_str().map(String::from))
+            .collect(),
+        Some(serde_json::Value::String(s)) => vec![s.clone()],
+        _ => bail!("{}: `target_modules` missing", cfg_path.display()),
+    };
+    for t in &targets {
+        if !ALL_TARGETS.contains(&t.as_str()) {
+            bail!(
+                "{}: target module `{t}` is not a Llama linear",
+                cfg_path.display()
+            );
+        }
+    }
+    Ok(LoraConfig {
+        r,
+        alpha,
+        dropout,
+        target_modules: targets,
+    })
+}
+
 impl<B: Backend> Adapter<B> {
     /// A fresh adapter initialised as PEFT does: A ~ Kaiming-uniform(a = sqrt(5)), i.e.
     /// U(-1/sqrt(in), 1/sqrt(in)); B = 0, so the adapted model starts equal to the base.
@@ -270,52 +322,8 @@ impl<B: Backend> Adapter<B> {
         model: &LlamaConfig,
         device: &B::Device,
     ) -> Result<(Self, BTreeMap<String, Tensor<B, 2>>)> {
-        let cfg_path = dir.join("adapter_config.json");
-        let text = std::fs::read_to_string(&cfg_path)
-            .with_context(|| format!("{}: cannot read adapter config", cfg_path.display()))?;
-        let v: serde_json::Value = serde_json::from_str(&text)
-            .with_context(|| format!("{}: not valid JSON", cfg_path.display()))?;
-        let peft_type = v.get("peft_type").and_then(|x| x.as_str()).unwrap_or("");
-        if peft_type != "LORA" {
-            bail!(
-                "{}: peft_type `{peft_type}` is not supported: expected LORA",
-                cfg_path.display()
-            );
-        }
-        let r = v
-            .get("r")
-            .and_then(|x| x.as_u64())
-            .context("adapter_config.json: `r` missing")? as usize;
-        let alpha = v
-            .get("lora_alpha")
-            .and_then(|x| x.as_f64())
-            .unwrap_or(r as f64) as f32;
-        let dropout = v
-            .get("lora_dropout")
-            .and_then(|x| x.as_f64())
-            .unwrap_or(0.0) as f32;
-        let targets: Vec<String> = match v.get("target_modules") {
-            Some(serde_json::Value::Array(a)) => a
-                .iter()
-                .filter_map(|x| x.as_str().map(String::from))
-                .collect(),
-            Some(serde_json::Value::String(s)) => vec![s.clone()],
-            _ => bail!("{}: `target_modules` missing", cfg_path.display()),
-        };
-        for t in &targets {
-            if !ALL_TARGETS.contains(&t.as_str()) {
-                bail!(
-                    "{}: target module `{t}` is not a Llama linear",
-                    cfg_path.display()
-                );
-            }
-        }
-        let cfg = LoraConfig {
-            r,
-            alpha,
-            dropout,
-            target_modules: targets.clone(),
-        };
+        let cfg = read_peft_config(dir)?;
+        let (r, targets) = (cfg.r, cfg.target_modules.clone());
         let st_path = dir.join("adapter_model.safetensors");
         let bytes = std::fs::read(&st_path)
             .with_context(|| format!("{}: cannot read adapter weights", st_path.display()))?;

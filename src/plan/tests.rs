@@ -1,6 +1,6 @@
 use super::evaluate::evaluate;
 use super::*;
-use crate::config::{Device, Dtype, LoraConfig, Quantize};
+use crate::config::{Device, Dtype, LoraConfig, ModelConfig, Quantize, ReferenceModel};
 use std::time::Instant;
 
 const GIB_U: u64 = 1 << 30;
@@ -671,5 +671,72 @@ fn sft_is_one_policy_pass_without_reference() {
     assert_eq!(
         dpo.tensor_peak_bytes,
         sft_plan(&run, &m, 4, 512).tensor_peak_bytes
+    );
+}
+
+#[test]
+fn an_initial_reference_counts_one_more_frozen_adapter() {
+    let m = model("llama-2-7b");
+    let mut run = cuda_run();
+    run.lora.r = 8;
+    run.train.batch_size = 8;
+    run.data.max_length = 512;
+    let base = plan(&run, &m, Algo::Dpo).unwrap();
+    run.model.adapter = Some(PathBuf::from("sft/policy"));
+    for algo in [Algo::Dpo, Algo::Grpo] {
+        let before = plan(
+            &RunConfig {
+                model: ModelConfig {
+                    adapter: None,
+                    ..run.model.clone()
+                },
+                ..run.clone()
+            },
+            &m,
+            algo,
+        )
+        .unwrap();
+        let after = plan(&run, &m, algo).unwrap();
+        for phase in [Phase::Load, Phase::TrainStep] {
+            assert_eq!(
+                after.bytes_of(T_ADAPTERS, phase),
+                2 * before.bytes_of(T_ADAPTERS, phase),
+                "{algo:?} {phase:?}"
+            );
+            // Frozen: no gradients or optimizer state of its own.
+            assert_eq!(
+                after.bytes_of(T_GRADS, phase),
+                before.bytes_of(T_GRADS, phase)
+            );
+            assert_eq!(
+                after.bytes_of(T_MOMENTS, phase),
+                before.bytes_of(T_MOMENTS, phase)
+            );
+        }
+        let term = after.terms.iter().find(|t| t.name == T_ADAPTERS).unwrap();
+        assert!(
+            term.detail.starts_with("2 x ")
+                && term.detail.contains("reference (frozen initial adapter)"),
+            "{}",
+            term.detail
+        );
+    }
+    // PPO: policy, value and reward adapters, plus the frozen reference.
+    let one = base.bytes_of(T_ADAPTERS, Phase::Load);
+    let ppo = plan(&run, &m, Algo::Ppo).unwrap();
+    assert_eq!(ppo.bytes_of(T_ADAPTERS, Phase::Load), 4 * one);
+    // `reference = "base"` with the same start adapter: adapters off, nothing more.
+    run.model.reference = Some(ReferenceModel::Base);
+    let p = plan(&run, &m, Algo::Dpo).unwrap();
+    assert_eq!(
+        p.bytes_of(T_ADAPTERS, Phase::Load),
+        base.bytes_of(T_ADAPTERS, Phase::Load)
+    );
+    // SFT has no reference pass: the start adapter alone.
+    run.model.reference = None;
+    let sft = plan(&run, &m, Algo::Sft).unwrap();
+    assert_eq!(
+        sft.bytes_of(T_ADAPTERS, Phase::Load),
+        base.bytes_of(T_ADAPTERS, Phase::Load)
     );
 }

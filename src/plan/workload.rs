@@ -1,7 +1,7 @@
 //! What each algorithm runs: its phases and, in each, the passes over the base.
 
 use super::{Algo, Pass, PassKind, Phase, RewardSource, Workload};
-use crate::config::RunConfig;
+use crate::config::{ReferenceModel, RunConfig};
 use crate::model::config::LlamaConfig;
 use anyhow::{bail, Result};
 
@@ -41,7 +41,7 @@ pub(super) fn workload(
         reward_model: false,
     };
     let mut notes = Vec::new();
-    let w = match algo {
+    let mut w = match algo {
         Algo::Sft => {
             let t = positive(run.data.max_length, "data.max_length")?;
             check_len(m, run.data.max_length, "data.max_length", "data.max_length")?;
@@ -246,7 +246,27 @@ pub(super) fn workload(
             }
         }
     };
+    if run.model.reference() == ReferenceModel::Initial
+        && matches!(algo, Algo::Dpo | Algo::Grpo | Algo::Ppo)
+    {
+        frozen_initial_reference(&mut w);
+    }
     Ok(w)
+}
+/// `model.reference = "initial"`: the reference is a frozen copy of the starting adapter, one
+/// more adapter's parameters resident (no gradients, no optimizer state), and the reference
+/// pass runs through it.
+fn frozen_initial_reference(w: &mut Workload) {
+    w.adapters
+        .push(("reference (frozen initial adapter)", false));
+    for (_, passes) in &mut w.phases {
+        for p in passes.iter_mut().filter(|p| p.label == "reference") {
+            p.lora = true;
+        }
+    }
+    w.notes.push(
+        "reference: a frozen copy of the starting adapter (model.adapter), counted as one more adapter".into(),
+    );
 }
 fn generate_pass(rows: u64, prompt: u64, completion: u64) -> Pass {
     Pass {
