@@ -6,19 +6,9 @@ mod common;
 use common::*;
 use std::os::unix::process::ExitStatusExt;
 use std::path::Path;
-use std::process::{Command, Output};
+use std::process::Output;
 
 const SFT: &str = "batch_size = 8\nmax_steps = 12\nlearning_rate = 0.01\nlr_scheduler = \"constant\"\nsave_steps = 100\n\n[lora]\nr = 8\nalpha = 16.0\n";
-
-fn run_cmd(args: &[&str], fault: Option<&str>) -> Output {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_rlhf"));
-    cmd.args(args);
-    match fault {
-        Some(f) => cmd.env("RLHF_FAULT", f),
-        None => cmd.env_remove("RLHF_FAULT"),
-    };
-    cmd.output().unwrap()
-}
 
 fn ok(out: Output) -> String {
     let err = String::from_utf8_lossy(&out.stderr).to_string();
@@ -91,7 +81,7 @@ fn dpo_from_an_adapter_starts_at_ln2_only_against_the_initial_reference() {
     // Default reference with model.adapter: the frozen starting adapter, so the policy equals
     // the reference at step 1.
     let cfg = config_with(&run, "initial.toml", "initial", &keys, DPO_ONE_STEP);
-    ok(run_cmd(&["dpo", "--config", &cfg], None));
+    ok(rlhf_with(&["dpo", "--config", &cfg], None));
     let m = first_step(&run, "initial");
     let (loss, margins) = (
         m["loss"].as_f64().unwrap(),
@@ -102,7 +92,7 @@ fn dpo_from_an_adapter_starts_at_ln2_only_against_the_initial_reference() {
     // The same adapter against the base: the SFT adapter already prefers the chosen answers.
     let keys = format!("adapter = {adapter:?}\nreference = \"base\"\n");
     let cfg = config_with(&run, "base.toml", "base", &keys, DPO_ONE_STEP);
-    ok(run_cmd(&["dpo", "--config", &cfg], None));
+    ok(rlhf_with(&["dpo", "--config", &cfg], None));
     let m = first_step(&run, "base");
     let (loss, margins) = (
         m["loss"].as_f64().unwrap(),
@@ -128,7 +118,7 @@ fn a_dpo_run_starts_from_the_sft_adapter_and_takes_its_shape() {
         &format!("adapter = {adapter:?}\n"),
         body,
     );
-    let err = ok(run_cmd(&["dpo", "--config", &cfg], None));
+    let err = ok(rlhf_with(&["dpo", "--config", &cfg], None));
     assert!(
         err.contains("note: [lora] r = 4 (adapter: 8) ignored") && err.contains(&adapter),
         "{err}"
@@ -158,12 +148,12 @@ fn a_killed_run_against_the_initial_reference_resumes_to_the_same_adapter() {
     let keys = format!("adapter = {adapter:?}\nreference = \"initial\"\n");
     let body = "batch_size = 4\ngradient_accumulation_steps = 2\nmax_steps = 6\nlearning_rate = 0.005\nsave_steps = 1\nwarmup_steps = 2\n\n[dpo]\nbeta = 0.1\n";
     let full = config_with(&run, "full.toml", "full", &keys, body);
-    ok(run_cmd(&["dpo", "--config", &full], None));
+    ok(rlhf_with(&["dpo", "--config", &full], None));
     let cut = config_with(&run, "cut.toml", "cut", &keys, body);
-    let out = run_cmd(&["dpo", "--config", &cut], Some("step@4"));
+    let out = rlhf_with(&["dpo", "--config", &cut], Some("step@4"));
     assert_eq!(out.status.signal(), Some(9), "not killed at step 4");
     assert!(run.path("cut/checkpoint-3").is_dir());
-    ok(run_cmd(&["dpo", "--config", &cut, "--resume"], None));
+    ok(rlhf_with(&["dpo", "--config", &cut, "--resume"], None));
     let a = std::fs::read(run.path("full/policy/adapter_model.safetensors")).unwrap();
     let b = std::fs::read(run.path("cut/policy/adapter_model.safetensors")).unwrap();
     assert!(a == b, "resumed adapter differs from the uninterrupted one");
@@ -175,7 +165,7 @@ fn a_killed_run_against_the_initial_reference_resumes_to_the_same_adapter() {
 fn config_errors_name_the_keys_and_the_folder() {
     let run = Run::new(241);
     let fails = |cfg: &str| {
-        let out = run_cmd(&["dpo", "--config", cfg], None);
+        let out = rlhf_with(&["dpo", "--config", cfg], None);
         let err = String::from_utf8_lossy(&out.stderr).to_string();
         assert_eq!(out.status.code(), Some(2), "{err}");
         err
@@ -246,7 +236,7 @@ fn a_reward_model_continues_from_an_rm_folder_with_its_head() {
         .replace("learning_rate = 0.01", "learning_rate = 0.0")
         .replace("max_steps = 4", "max_steps = 1");
     let cfg = config_with(&run, "again.toml", "again", &keys, &again);
-    ok(run_cmd(&["rm", "--config", &cfg], None));
+    ok(rlhf_with(&["rm", "--config", &cfg], None));
     let (a, b) = (tensors(&start), tensors(&run.path("again/reward")));
     assert!(a.iter().any(|t| t.0 == "base_model.model.score.weight"));
     assert!(
@@ -262,7 +252,7 @@ fn grpo_kl_is_taken_against_the_reference_that_model_reference_names() {
     let body = "batch_size = 8\nmax_steps = 1\nlearning_rate = 0.01\nsave_steps = 100\n\n[grpo]\nnum_generations = 4\nmax_completion_length = 6\nbeta = 0.04\n\n[[grpo.rewards]]\ntype = \"contains\"\ntext = \"MARK\"\n";
     let kl = |name: &str, keys: &str| {
         let cfg = config_with(&run, &format!("{name}.toml"), name, keys, body);
-        ok(run_cmd(&["grpo", "--config", &cfg], None));
+        ok(rlhf_with(&["grpo", "--config", &cfg], None));
         first_step(&run, name)["kl"].as_f64().unwrap()
     };
     // The policy starts as the frozen initial adapter: no divergence at step 1.

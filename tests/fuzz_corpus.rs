@@ -17,11 +17,18 @@ const TARGETS: [(&str, Target); 5] = [
     ("dataset", rlhf::fuzzing::dataset),
 ];
 
-fn files(dir: &Path) -> Vec<PathBuf> {
+/// The files in `dir` whose names start with `prefix` (a local fuzzing run adds its own inputs
+/// to the corpus folders; only the committed seeds count here).
+fn files(dir: &Path, prefix: &str) -> Vec<PathBuf> {
     let mut v: Vec<PathBuf> = std::fs::read_dir(dir)
         .map(|d| d.filter_map(|e| e.ok().map(|e| e.path())).collect())
         .unwrap_or_default();
-    v.retain(|p| p.is_file());
+    v.retain(|p| {
+        p.is_file()
+            && p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with(prefix))
+    });
     v.sort();
     v
 }
@@ -72,10 +79,10 @@ fn mutate(seed: &[u8], rng: &mut Rng) -> Vec<u8> {
 #[test]
 fn seeds_and_regressions_never_panic() {
     for (name, target) in TARGETS {
-        let seeds = files(&fuzz_dir("corpus", name));
+        let seeds = files(&fuzz_dir("corpus", name), "seed-");
         assert!(!seeds.is_empty(), "fuzz/corpus/{name} has no seed");
         let mut inputs = seeds.clone();
-        inputs.extend(files(&fuzz_dir("regressions", name)));
+        inputs.extend(files(&fuzz_dir("regressions", name), ""));
         for path in &inputs {
             let bytes = std::fs::read(path).unwrap();
             target(&bytes);
@@ -100,7 +107,7 @@ fn seeds_parse() {
     rlhf::tokenizer::ChatTemplate::from_gguf(&g).expect("its chat template loads");
     g.tensor_f32("blk.0.ffn_gate.weight")
         .expect("its Q8_0 tensor dequantizes");
-    for cfg in files(&fuzz_dir("corpus", "run_config")) {
+    for cfg in files(&fuzz_dir("corpus", "run_config"), "seed-") {
         let text = std::fs::read_to_string(&cfg).unwrap();
         rlhf::config::RunConfig::parse(&text, &cfg).unwrap_or_else(|e| panic!("{e:#}"));
     }

@@ -6,7 +6,7 @@
 
 mod common;
 
-use common::rlhf;
+use common::{max_diff, rlhf};
 use rlhf::cli::setup::CpuBackend as B;
 use rlhf::model::gguf_source::load_gguf;
 use rlhf::model::lora::Adapter;
@@ -36,14 +36,6 @@ fn write(path: &Path, text: &str) -> String {
 fn logits(model: &Llama<B>, adapter: Option<&Adapter<B>>, rows: &[Vec<u32>]) -> Vec<f32> {
     let out = model.forward(&Batch::dense(rows, &model.device), adapter);
     out.into_data().convert::<f32>().to_vec::<f32>().unwrap()
-}
-
-fn max_diff(a: &[f32], b: &[f32]) -> f32 {
-    assert_eq!(a.len(), b.len());
-    a.iter()
-        .zip(b)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0.0, f32::max)
 }
 
 /// The `objective/kl` of the first logged PPO step.

@@ -36,16 +36,6 @@ fn all_moments() -> Vec<String> {
     out
 }
 
-fn rlhf_with(args: &[&str], fault: Option<&str>) -> Output {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_rlhf"));
-    cmd.args(args);
-    match fault {
-        Some(f) => cmd.env("RLHF_FAULT", f),
-        None => cmd.env_remove("RLHF_FAULT"),
-    };
-    cmd.output().unwrap()
-}
-
 fn stderr(out: &Output) -> String {
     String::from_utf8_lossy(&out.stderr).to_string()
 }

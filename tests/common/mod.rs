@@ -183,6 +183,27 @@ pub fn write_marker_pairs(path: &Path, n: usize, seed: u64) {
     std::fs::write(path, out).unwrap();
 }
 
+/// Runs the `rlhf` binary with a fault point armed (`RLHF_FAULT`, see `rlhf::rundir`) or
+/// none, and returns its output whatever its exit status.
+pub fn rlhf_with(args: &[&str], fault: Option<&str>) -> std::process::Output {
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_rlhf"));
+    cmd.args(args);
+    match fault {
+        Some(f) => cmd.env("RLHF_FAULT", f),
+        None => cmd.env_remove("RLHF_FAULT"),
+    };
+    cmd.output().unwrap()
+}
+
+/// The largest absolute difference of two equally long lists.
+pub fn max_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
+}
+
 /// Runs the `rlhf` binary; panics with its stderr on failure.
 pub fn rlhf(args: &[&str]) -> String {
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_rlhf"))
