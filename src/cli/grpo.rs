@@ -10,7 +10,7 @@
 //! which the run loop wrote atomically and which is left untouched: fix the reward and continue
 //! with `--resume`.
 
-use super::setup::{self, Outcome, Prepared, TrainRun};
+use super::setup::{self, Outcome, TrainRun};
 use super::trainers::{
     check_grpo_config, grpo_loss_config, grpo_settings, load_grpo_examples, COMPLETIONS_LOG,
 };
@@ -76,15 +76,11 @@ pub fn run<B: AutodiffBackend>(
     let prepared = run.prepare::<B, _>(Algo::Grpo, device, |p, codec| {
         load_grpo_examples(p, codec, cfg)
     })?;
-    let Some(Prepared {
-        loaded,
-        train_set,
-        eval_set,
-        run_dir,
-    }) = prepared
-    else {
+    let Some(prepared) = prepared else {
         return Ok(Outcome::DoesNotFit);
     };
+    let (loaded, run_dir) = (prepared.loaded, prepared.run_dir);
+    let (train_set, eval_set) = (prepared.train_set, prepared.eval_set);
     let pad_id = loaded.pad_id();
     let stop_ids = loaded.stop_ids(&cfg.generation.stop_token_ids);
 

@@ -1,7 +1,7 @@
 //! `rlhf dpo` and `rlhf rm`: preference pairs, one trained adapter (policy for DPO; reward
 //! adapter and score head for RM), through the shared run set-up and run loop.
 
-use super::setup::{self, Outcome, Prepared, TrainRun};
+use super::setup::{self, Outcome, TrainRun};
 use super::trainers::{dpo_config, load_pairs};
 use crate::engine::{new_head, RlhfModel};
 use crate::plan::Algo;
@@ -16,21 +16,17 @@ use rlhf_algorithms::trainer::Role;
 pub fn run<B: AutodiffBackend>(algo: Algo, run: &TrainRun, device: &B::Device) -> Result<Outcome> {
     let cfg = &run.cfg;
     let prepared = run.prepare::<B, _>(algo, device, |p, codec| load_pairs(p, codec, cfg))?;
-    let Some(Prepared {
-        loaded,
-        train_set,
-        eval_set,
-        run_dir,
-    }) = prepared
-    else {
+    let Some(prepared) = prepared else {
         return Ok(Outcome::DoesNotFit);
     };
-    let pad_id = loaded.pad_id();
+    let (loaded, run_dir) = (prepared.loaded, prepared.run_dir);
+    let (train_set, eval_set) = (prepared.train_set, prepared.eval_set);
     let role = if algo == Algo::Rm {
         Role::Reward
     } else {
         Role::Policy
     };
+    let pad_id = loaded.pad_id();
     let mut model = setup::model_for_run(loaded.model, &loaded.tok, cfg, role, algo == Algo::Dpo)?;
     // A reward adapter started from an `rlhf rm` folder keeps its head.
     if role == Role::Reward && !model.heads.contains_key(&role) {
