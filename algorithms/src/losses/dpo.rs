@@ -9,7 +9,8 @@ use anyhow::{bail, ensure, Result};
 use burn::tensor::{activation, backend::Backend, Tensor};
 use serde::{Deserialize, Serialize};
 
-use super::common::{ensure_len, read_scalars};
+use super::common::ensure_len;
+use super::preference::{pair_metrics, PairMetrics};
 
 /// One of TRL's DPO `loss_type` values (the ones that need only per-sequence log-probs).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -162,36 +163,9 @@ pub struct DpoLogps<B: Backend> {
     pub rejected_lengths: Option<Tensor<B, 1>>,
 }
 
-/// What TRL logs for a DPO step (`rewards/*`, `logps/*`), averaged over the batch.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct DpoMetrics {
-    /// `rewards/chosen`: mean of `beta * (policy_chosen - ref_chosen)`.
-    pub rewards_chosen: f64,
-    /// `rewards/rejected`.
-    pub rewards_rejected: f64,
-    /// `rewards/accuracies`: fraction of pairs with chosen reward > rejected reward.
-    pub rewards_accuracies: f64,
-    /// `rewards/margins`: mean of chosen reward - rejected reward.
-    pub rewards_margins: f64,
-    /// `logps/chosen`: mean policy log-prob of the chosen completions.
-    pub logps_chosen: f64,
-    /// `logps/rejected`.
-    pub logps_rejected: f64,
-}
-
-impl DpoMetrics {
-    /// The metrics under TRL's log names.
-    pub fn named(&self) -> [(&'static str, f64); 6] {
-        [
-            ("rewards/chosen", self.rewards_chosen),
-            ("rewards/rejected", self.rewards_rejected),
-            ("rewards/accuracies", self.rewards_accuracies),
-            ("rewards/margins", self.rewards_margins),
-            ("logps/chosen", self.logps_chosen),
-            ("logps/rejected", self.logps_rejected),
-        ]
-    }
-}
+/// What TRL logs for a DPO step (`rewards/*`, `logps/*`), averaged over the batch: the pair
+/// metrics the reference-free trainers log too, with `beta * (policy - ref)` as the rewards.
+pub type DpoMetrics = PairMetrics;
 
 /// Result of [`dpo_loss`].
 #[derive(Debug, Clone)]
@@ -317,27 +291,12 @@ pub fn dpo_loss<B: Backend>(logps: DpoLogps<B>, cfg: &DpoConfig) -> Result<DpoOu
 
     let chosen_rewards = chosen_logratios.detach().mul_scalar(beta);
     let rejected_rewards = rejected_logratios.detach().mul_scalar(beta);
-    let accuracies = chosen_rewards
-        .clone()
-        .greater(rejected_rewards.clone())
-        .float()
-        .mean();
-    let values = read_scalars(vec![
-        chosen_rewards.clone().mean(),
-        rejected_rewards.clone().mean(),
-        accuracies,
-        (chosen_rewards.clone() - rejected_rewards.clone()).mean(),
-        logps.policy_chosen.detach().mean(),
-        logps.policy_rejected.detach().mean(),
-    ]);
-    let metrics = DpoMetrics {
-        rewards_chosen: values[0],
-        rewards_rejected: values[1],
-        rewards_accuracies: values[2],
-        rewards_margins: values[3],
-        logps_chosen: values[4],
-        logps_rejected: values[5],
-    };
+    let metrics = pair_metrics(
+        chosen_rewards.clone(),
+        rejected_rewards.clone(),
+        logps.policy_chosen.detach(),
+        logps.policy_rejected.detach(),
+    );
     Ok(DpoOutput {
         loss,
         chosen_rewards,

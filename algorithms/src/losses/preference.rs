@@ -1,4 +1,4 @@
-//! What TRL's reference-free preference trainers (ORPO, CPO/SimPO) log about a batch of pairs.
+//! What TRL's preference trainers (DPO, ORPO, CPO/SimPO) log about a batch of pairs.
 
 use burn::tensor::{backend::Backend, Tensor};
 
