@@ -493,13 +493,16 @@ impl<B: AutodiffBackend> Trainer<B> for PpoTrainer {
         };
         let lens: Vec<i64> = picked.iter().map(|r| r.sequence_length).collect();
         let (padding_mask, padding_mask_p1) = padding_masks::<B>(&lens, width, &device);
+        // The cached rollout, uploaded once, with each term's predictions.
+        let (old_logprobs, old_values) = (stack(|r| &r.logprobs), stack(|r| &r.values));
+        let (advantages, returns) = (stack(|r| &r.advantages), stack(|r| &r.returns));
         let minibatch = |new_logprobs: Tensor<B, 2>, vpred: Tensor<B, 2>| PpoMinibatch {
             new_logprobs,
             vpred,
-            old_logprobs: stack(|r| &r.logprobs),
-            old_values: stack(|r| &r.values),
-            advantages: stack(|r| &r.advantages),
-            returns: stack(|r| &r.returns),
+            old_logprobs: old_logprobs.clone(),
+            old_values: old_values.clone(),
+            advantages: advantages.clone(),
+            returns: returns.clone(),
             padding_mask: padding_mask.clone(),
             padding_mask_p1: padding_mask_p1.clone(),
         };
@@ -508,10 +511,10 @@ impl<B: AutodiffBackend> Trainer<B> for PpoTrainer {
         // this one, so a step holds one model graph at a time. The adapters are disjoint, so the
         // gradients are those of `pg_loss + vf_coef * vf_loss`, as TRL's one backward gives.
         let policy = ppo_loss(
-            minibatch(new_logprobs.clone(), stack(|r| &r.values)),
+            minibatch(new_logprobs.clone(), old_values.clone()),
             &self.cfg,
         )?;
-        let value_batch = minibatch(new_logprobs.detach(), stack(|r| &r.values));
+        let value_batch = minibatch(new_logprobs.detach(), old_values.clone());
         self.state.served += 1;
 
         let mut metrics = cache.metrics.clone();
