@@ -108,8 +108,9 @@ ours() {
 }
 
 # config ROW COMMAND TEMPLATE OVERRIDES...: `rlhf COMMAND --config` on a copy of TEMPLATE with
-# section.key=value overrides (paths, steps); records the exit code, the largest labelled in-use
-# and reserved readings, the process's largest nvidia-smi reading and the plan's peak.
+# section.key=value overrides (paths, steps) and the flags in FLAGS (e.g. "--force --resume");
+# records the exit code, the largest labelled in-use and reserved readings, the process's largest
+# nvidia-smi reading, the plan's peak and the run's last error line.
 config() {
   local row=$1 cmd=$2 template=$3 log="$RESULTS/logs/$1.rlhf.log" cfg="$RESULTS/$1.toml"
   shift 3
@@ -145,11 +146,12 @@ for sec, names in want.items():
             sys.exit(f"{src}: no section [{sec}] for {name}")
 open(dst, "w").write("\n".join(out) + "\n")
 PY
-  echo "== $row: rlhf $cmd --config $cfg" | tee "$log"
+  echo "== $row: rlhf $cmd --config $cfg ${FLAGS:-}" | tee "$log"
   local plan
   plan=$("$RLHF" plan --config "$cfg" --json 2>/dev/null || true)
   local smi="$RESULTS/logs/$row.smi"
-  RLHF_TRACE_MEM=1 "$RLHF" "$cmd" --config "$cfg" >>"$log" 2>&1 &
+  # shellcheck disable=SC2086
+  RLHF_TRACE_MEM=1 "$RLHF" "$cmd" --config "$cfg" ${FLAGS:-} >>"$log" 2>&1 &
   local pid=$! rc=0
   (while kill -0 "$pid" 2>/dev/null; do
      nvidia-smi --query-compute-apps=pid,used_memory --format=csv,noheader,nounits 2>/dev/null
@@ -171,12 +173,15 @@ for line in open(smi):
     parts = [p.strip() for p in line.split(",")]
     if len(parts) == 2 and parts[0] == pid and parts[1].isdigit():
         card = max(card, float(parts[1]))
+errors = [l.strip() for l in open(log, errors="replace") if l.startswith(("error:", "panicked", "thread "))]
 res = {"row": row, "system": "rlhf", "command": f"rlhf {cmd} --config {cfg}", "exit": int(rc),
+       "error": errors[-1] if errors else None,
        "peak_alloc_gib": round(in_use / 1024, 3), "peak_reserved_gib": round(reserved / 1024, 3),
        "peak_card_gib": round(card / 1024, 3) if card else None}
 try:
     p = json.loads(plan)
     res["planned_peak_gib"] = round(p["peak_bytes"] / 2**30, 3)
+    res["budget_gib"] = round(p["budget_bytes"] / 2**30, 3)
     res["plan_fits"] = p.get("fits")
 except (ValueError, KeyError, TypeError):
     res["planned_peak_gib"] = None
@@ -287,6 +292,28 @@ if want mem-rm-20b memory || want mem-ppo-20b memory; then
   fi
 fi
 
+# --- the planner's verdict at the edge of a 24 GB card, under the cap: DPO 20b, 2 pairs of rows
+# longer than the shipped config's, budget 23.6 GiB (the cap). 2,176-token rows plan "fits" with
+# 4.3% headroom (2 steps, a checkpoint each); 2,432-token rows plan "does not fit" by 3.0%, forced
+# from the first run's checkpoint (it must fail with exit 4 and one line); then the first run
+# resumes from its checkpoint and takes step 3.
+if want edge-20b memory; then
+  m=$(model 20b-long 20b --prompt-len 1024 --completion-len 1536 --rows 16)
+  edge="model.path=\"$m\" model.dtype=\"$DTYPE\" data.train=\"$m/dpo.jsonl\" data.chat_template=false
+    data.max_prompt_length=1024 plan.budget_gib=23.6 train.output_dir=\"$RESULTS/runs/edge-20b\"
+    train.gradient_accumulation_steps=1 train.save_steps=1 train.logging_steps=1"
+  # shellcheck disable=SC2086
+  capped config edge-20b-fits dpo "$REPO/configs/20b-dpo-24gb.toml" $edge \
+    data.max_length=2176 train.max_steps=2
+  # shellcheck disable=SC2086
+  FLAGS="--force --resume" capped config edge-20b-over dpo "$REPO/configs/20b-dpo-24gb.toml" $edge \
+    data.max_length=2432 train.max_steps=3
+  ls "$RESULTS/runs/edge-20b" >"$RESULTS/logs/edge-20b.ls" 2>&1 || true
+  # shellcheck disable=SC2086
+  FLAGS="--resume" capped config edge-20b-resume dpo "$REPO/configs/20b-dpo-24gb.toml" $edge \
+    data.max_length=2176 train.max_steps=3
+fi
+
 # --- planner: the calibration runs of tests/data/calibration/measured.json -------------------
 if want planner planner; then
   mt=$(model tiny tiny)
@@ -294,23 +321,25 @@ if want planner planner; then
   m05l=$(model 0.5b-512 0.5b --prompt-len 256 --completion-len 256 --rows 64)
   m15=$(model 1.5b 1.5b)
   m8=$(model 8b 8b --rows 64)
-  ours "cal-tiny-dpo-8x256" --model "$mt" --algo dpo --batch 8 --max-length 256 --steps 2 --warmup 1
-  ours "cal-tiny-grpo-2x8x128" --model "$mt" --algo grpo --prompts 2 --group 8 --completion-len 128 --steps 2 --warmup 1
-  ours "cal-0.5b-dpo-8x256" --model "$m05" --algo dpo --batch 8 --max-length 256 --steps 2 --warmup 1
-  ours "cal-0.5b-dpo-4x512" --model "$m05l" --algo dpo --batch 4 --max-length 512 --steps 2 --warmup 1
-  ours "cal-0.5b-grpo-2x8x128" --model "$m05" --algo grpo --prompts 2 --group 8 --completion-len 128 --steps 2 --warmup 1
-  ours "cal-0.5b-grpo-4x8x256" --model "$m05" --algo grpo --prompts 4 --group 8 --completion-len 256 --steps 1 --warmup 1
-  ours "cal-1.5b-dpo-8x256" --model "$m15" --algo dpo --batch 8 --max-length 256 --steps 2 --warmup 1
-  ours "cal-1.5b-grpo-2x8x128" --model "$m15" --algo grpo --prompts 2 --group 8 --completion-len 128 --steps 2 --warmup 1
-  ours "cal-8b-dpo-4x512" --model "$m8" --algo dpo --batch 4 --max-length 512 --steps 2 --warmup 1
-  ours "cal-8b-grpo-1x8x64" --model "$m8" --algo grpo --prompts 1 --group 8 --completion-len 64 --steps 1 --warmup 1
+  # The allocator's cache held to the plan (`--cache-plan`), so the card reading tests the
+  # plan's card term too.
+  ours "cal-tiny-dpo-8x256" --model "$mt" --algo dpo --batch 8 --max-length 256 --steps 2 --warmup 1 --cache-plan
+  ours "cal-tiny-grpo-2x8x128" --model "$mt" --algo grpo --prompts 2 --group 8 --completion-len 128 --steps 2 --warmup 1 --cache-plan
+  ours "cal-0.5b-dpo-8x256" --model "$m05" --algo dpo --batch 8 --max-length 256 --steps 2 --warmup 1 --cache-plan
+  ours "cal-0.5b-dpo-4x512" --model "$m05l" --algo dpo --batch 4 --max-length 512 --steps 2 --warmup 1 --cache-plan
+  ours "cal-0.5b-grpo-2x8x128" --model "$m05" --algo grpo --prompts 2 --group 8 --completion-len 128 --steps 2 --warmup 1 --cache-plan
+  ours "cal-0.5b-grpo-4x8x256" --model "$m05" --algo grpo --prompts 4 --group 8 --completion-len 256 --steps 1 --warmup 1 --cache-plan
+  ours "cal-1.5b-dpo-8x256" --model "$m15" --algo dpo --batch 8 --max-length 256 --steps 2 --warmup 1 --cache-plan
+  ours "cal-1.5b-grpo-2x8x128" --model "$m15" --algo grpo --prompts 2 --group 8 --completion-len 128 --steps 2 --warmup 1 --cache-plan
+  ours "cal-8b-dpo-4x512" --model "$m8" --algo dpo --batch 4 --max-length 512 --steps 2 --warmup 1 --cache-plan
+  ours "cal-8b-grpo-1x8x64" --model "$m8" --algo grpo --prompts 1 --group 8 --completion-len 64 --steps 1 --warmup 1 --cache-plan
 fi
 if want cal-0.5b-ppo planner; then
   m05=$(model 0.5b 0.5b)
   # PPO: a reward adapter from one `rlhf rm` step, then the calibrated PPO shapes.
   config "cal-rm-0.5b" rm "$HERE/configs/rm-0.5b.toml" model.path="\"$m05\"" \
     data.train="\"$m05/dpo.jsonl\"" train.output_dir="\"$RESULTS/runs/rm-0.5b\""
-  config "cal-0.5b-ppo" ppo "$REPO/tests/data/calibration/ppo-0.5b.toml" \
+  config "cal-0.5b-ppo" ppo "$REPO/tests/data/calibration/ppo-0.5b.toml" plan.cache='"plan"' \
     model.path="\"$m05\"" data.train="\"$m05/grpo.jsonl\"" \
     train.output_dir="\"$RESULTS/runs/ppo-0.5b\"" \
     ppo.reward_adapter="\"$RESULTS/runs/rm-0.5b/reward\""

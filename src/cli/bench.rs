@@ -17,7 +17,7 @@ use super::setup::{self, on_backend, Codec, DeviceArg, OnBackend, Outcome, NO_CU
 use super::trainers::{
     check_grpo_config, dpo_config, grpo_loss_config, grpo_settings, load_grpo_examples, load_pairs,
 };
-use crate::config::{Dtype, Quantize, RunConfig, ALL_TARGETS};
+use crate::config::{CacheBound, Dtype, Quantize, RunConfig, ALL_TARGETS};
 use crate::devmem::DeviceMemory;
 use crate::engine::RlhfModel;
 use crate::plan::Algo;
@@ -92,6 +92,10 @@ pub struct BenchArgs {
     /// device at every phase boundary, which can add a little to the step time.
     #[arg(long)]
     pub phase_times: bool,
+    /// Hold the CUDA allocator's cache to the plan's peak (`plan.cache = "plan"`), so the card
+    /// shows what the plan predicts; without it the cache may grow to the card.
+    #[arg(long)]
+    pub cache_plan: bool,
 }
 
 /// The JSON line: trl_baseline.py's fields first (same names and units), then ours.
@@ -307,6 +311,9 @@ pub fn run_config(a: &BenchArgs, algo: Algo, output_dir: &Path) -> RunConfig {
     // Log-probs from 512-token slices of the logits (TRL's selective_log_softmax also avoids
     // a whole f32 log-softmax of the batch).
     cfg.plan.logits_chunk = 512;
+    if a.cache_plan {
+        cfg.plan.cache = CacheBound::Plan;
+    }
     cfg.data.train = data_file(a, algo);
     // make_model.py's tokenizer has no chat template; rows are plain text.
     cfg.data.chat_template = false;
