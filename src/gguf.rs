@@ -1,4 +1,4 @@
-//! Reader for GGUF model files (llama.cpp / ggml format, versions 2 and 3).
+//! Reader for GGUF model files (llama.cpp / ggml format, versions 2 and 3); `write` writes v3.
 //!
 //! Layout of a GGUF file (all integers little-endian):
 //! `"GGUF"`, version `u32`, tensor count `u64`, metadata count `u64`, the metadata
@@ -16,10 +16,12 @@
 mod dequant;
 mod names;
 mod types;
+mod write;
 
 pub use dequant::dequantize;
-pub use names::{arch_permutes_qk, gguf_to_hf_name, permute_qk, unpermute_qk};
+pub use names::{arch_permutes_qk, gguf_to_hf_name, hf_to_gguf_name, permute_qk, unpermute_qk};
 pub use types::{GgmlType, MetaValue, TensorInfo};
+pub use write::{encode, quantize_q8_0, write_gguf, TensorSpec};
 
 use anyhow::{anyhow, bail, Context, Result};
 use serde_json::json;

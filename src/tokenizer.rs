@@ -16,9 +16,11 @@
 mod chat;
 mod files;
 mod gguf_json;
+mod to_gguf;
 
 pub use chat::{ChatMessage, ChatTemplate};
 pub use gguf_json::gguf_tokenizer_json;
+pub use to_gguf::hf_tokenizer_gguf_metadata;
 
 use crate::gguf::Gguf;
 use anyhow::{anyhow, bail, Result};

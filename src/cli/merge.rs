@@ -2,14 +2,16 @@
 //! transformers (and `rlhf` itself) loads without PEFT. An adapter written by `rlhf rm` (or a PPO
 //! value adapter) carries a score head: the folder is then a `*ForSequenceClassification` model
 //! whose `score.weight` is that head. See `model::export` for what is read from the base (its
-//! stored weights, never the NF4 copy runs train against).
+//! stored weights, never the NF4 copy runs train against). `--gguf f16|q8_0` also writes the
+//! causal LM as `model-<type>.gguf` in the folder for llama.cpp (`model::export_gguf`).
 
 use super::setup::{on_backend, OnBackend, Outcome, NO_CUDA};
 use crate::engine::HEAD_KEY;
 use crate::gguf::Gguf;
 use crate::model::export::{self, Dtype};
+use crate::model::export_gguf::{self, GgufType};
 use crate::model::gguf_source::GgufSource;
-use crate::model::load::SafetensorsSource;
+use crate::model::load::{SafetensorsSource, TensorSource};
 use crate::model::lora::Adapter;
 use crate::model::LlamaConfig;
 use anyhow::{bail, ensure, Context, Result};
@@ -31,6 +33,17 @@ pub struct MergeArgs {
     /// The stored dtype of the merged weights.
     #[arg(long, value_enum, default_value_t = DtypeArg::Bf16)]
     pub dtype: DtypeArg,
+    /// Also write the merged causal LM as one GGUF file for llama.cpp, `OUT/model-f16.gguf` or
+    /// `OUT/model-q8_0.gguf` (2-D weights in that type, norms f32).
+    #[arg(long, value_enum)]
+    pub gguf: Option<GgufArg>,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
+pub enum GgufArg {
+    F16,
+    #[value(name = "q8_0")]
+    Q8_0,
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
@@ -90,6 +103,15 @@ enum Base {
     Gguf(Gguf),
 }
 
+impl Base {
+    fn source(&self) -> Result<Box<dyn TensorSource + '_>> {
+        Ok(match self {
+            Base::Hf(folder) => Box::new(SafetensorsSource::open(folder)?),
+            Base::Gguf(g) => Box::new(GgufSource::new(g)),
+        })
+    }
+}
+
 fn merge<B: Backend>(args: &MergeArgs, device: &B::Device) -> Result<()> {
     let model = &args.model;
     ensure!(
@@ -118,6 +140,33 @@ fn merge<B: Backend>(args: &MergeArgs, device: &B::Device) -> Result<()> {
     };
     let config = export::hf_config(&base_json, &cfg, dtype, head.is_some())
         .with_context(|| format!("--model {}", model.display()))?;
+    let gguf = match args.gguf {
+        None => None,
+        Some(ty) => {
+            // llama.cpp's llama architecture has no sequence-classification head: dropping the
+            // head would hand out a model that is not the reward or value model trained.
+            ensure!(
+                head.is_none(),
+                "--gguf: {} is a reward or value adapter (a score head), which llama.cpp's llama architecture cannot hold; merge it without --gguf",
+                args.adapter.display()
+            );
+            export_gguf::check_gguf_arch(&cfg)?;
+            let tokenizer = match &base {
+                Base::Hf(dir) => crate::tokenizer::hf_tokenizer_gguf_metadata(dir, cfg.vocab_size)
+                    .with_context(|| format!("--gguf: --model {}", model.display()))?,
+                Base::Gguf(g) => export_gguf::gguf_tokenizer_metadata(g),
+            };
+            let ty = match ty {
+                GgufArg::F16 => GgufType::F16,
+                GgufArg::Q8_0 => GgufType::Q8_0,
+            };
+            Some((ty, tokenizer))
+        }
+    };
+
+    let gguf_file = gguf
+        .as_ref()
+        .map(|(ty, _)| format!("model-{}.gguf", ty.name()));
 
     // Everything is written to a sibling folder that is renamed to `--out` at the end, so a
     // failed merge leaves no half-written model behind.
@@ -145,6 +194,24 @@ fn merge<B: Backend>(args: &MergeArgs, device: &B::Device) -> Result<()> {
         head.as_deref(),
         dtype,
     )
+    .and_then(|()| match gguf {
+        None => Ok(()),
+        Some((ty, tokenizer)) => {
+            let file = staging.join(gguf_file.as_deref().expect("set with gguf"));
+            let name = name.to_string_lossy();
+            let mut src = base.source()?;
+            export_gguf::write_merged_gguf(
+                &file,
+                &cfg,
+                &mut *src,
+                Some(&adapter),
+                tokenizer,
+                ty,
+                &name,
+            )
+            .with_context(|| format!("--gguf {}", ty.name()))
+        }
+    })
     .and_then(|()| {
         std::fs::rename(&staging, out).with_context(|| format!("--out {}", out.display()))
     });
@@ -154,11 +221,12 @@ fn merge<B: Backend>(args: &MergeArgs, device: &B::Device) -> Result<()> {
     }
     let arch = config["architectures"][0].as_str().unwrap_or("");
     println!(
-        "merged {} into {}: wrote {} ({arch}, {})",
+        "merged {} into {}: wrote {} ({arch}, {}{})",
         args.adapter.display(),
         model.display(),
         out.display(),
-        dtype.torch_name()
+        dtype.torch_name(),
+        gguf_file.map_or(String::new(), |f| format!(", {f}"))
     );
     Ok(())
 }

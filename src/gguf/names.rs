@@ -92,3 +92,37 @@ pub fn gguf_to_hf_name(name: &str) -> Option<String> {
     };
     Some(format!("model.layers.{layer}.{hf_module}.{param}"))
 }
+
+/// The GGUF (llama.cpp) name of an HF checkpoint tensor: the inverse of [`gguf_to_hf_name`].
+pub fn hf_to_gguf_name(name: &str) -> Option<String> {
+    match name {
+        "model.embed_tokens.weight" => return Some("token_embd.weight".into()),
+        "model.norm.weight" => return Some("output_norm.weight".into()),
+        "lm_head.weight" => return Some("output.weight".into()),
+        _ => {}
+    }
+    let rest = name.strip_prefix("model.layers.")?;
+    let (layer, rest) = rest.split_once('.')?;
+    if layer.is_empty() || !layer.bytes().all(|c| c.is_ascii_digit()) {
+        return None;
+    }
+    let (module, param) = rest.rsplit_once('.')?;
+    if param != "weight" && param != "bias" {
+        return None;
+    }
+    let gguf_module = match module {
+        "input_layernorm" => "attn_norm",
+        "post_attention_layernorm" => "ffn_norm",
+        "self_attn.q_proj" => "attn_q",
+        "self_attn.k_proj" => "attn_k",
+        "self_attn.v_proj" => "attn_v",
+        "self_attn.o_proj" => "attn_output",
+        "self_attn.q_norm" => "attn_q_norm",
+        "self_attn.k_norm" => "attn_k_norm",
+        "mlp.gate_proj" => "ffn_gate",
+        "mlp.up_proj" => "ffn_up",
+        "mlp.down_proj" => "ffn_down",
+        _ => return None,
+    };
+    Some(format!("blk.{layer}.{gguf_module}.{param}"))
+}

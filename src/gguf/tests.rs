@@ -564,6 +564,17 @@ fn hf_names() {
     ];
     for (g, hf) in cases {
         assert_eq!(gguf_to_hf_name(g).as_deref(), hf, "{g}");
+        // The writer's names are the exact inverse on every name both sides know.
+        if let Some(hf) = hf {
+            assert_eq!(hf_to_gguf_name(hf).as_deref(), Some(g), "{hf}");
+        }
+    }
+    for hf in [
+        "model.layers.x.mlp.up_proj.weight",
+        "score.weight",
+        "model.rotary.inv_freq",
+    ] {
+        assert_eq!(hf_to_gguf_name(hf), None, "{hf}");
     }
 }
 

@@ -51,17 +51,17 @@ impl Dtype {
 }
 
 /// Where one output tensor's values come from.
-enum Origin {
+pub(super) enum Origin {
     /// A base tensor; `Some((layer, module))` when the adapter targets it.
     Base(Option<(usize, &'static str)>),
     /// The sequence-classification head.
     Score,
 }
 
-struct Entry {
-    name: String,
-    shape: Vec<usize>,
-    origin: Origin,
+pub(super) struct Entry {
+    pub(super) name: String,
+    pub(super) shape: Vec<usize>,
+    pub(super) origin: Origin,
 }
 
 const MODULES: [(&str, &str); 7] = [
@@ -77,7 +77,11 @@ const MODULES: [(&str, &str); 7] = [
 /// The tensors of the merged model in file order, with transformers' names. Biases are written
 /// where the base has them; `lm_head.weight` unless the embeddings are tied or a score head
 /// replaces it.
-fn entries(cfg: &LlamaConfig, src: &dyn TensorSource, score: bool) -> Result<Vec<Entry>> {
+pub(super) fn entries(
+    cfg: &LlamaConfig,
+    src: &dyn TensorSource,
+    score: bool,
+) -> Result<Vec<Entry>> {
     let (h, v) = (cfg.hidden_size, cfg.vocab_size);
     let base = |name: String, shape: Vec<usize>| Entry {
         name,
@@ -138,6 +142,47 @@ fn delta<B: Backend>(adapter: &Adapter<B>, layer: usize, module: &str) -> Result
     Ok(Some(values))
 }
 
+/// One output tensor's values: the base tensor plus the adapter's delta where it targets it (or
+/// the score head), checked finite.
+pub(super) fn merged_values<B: Backend>(
+    e: &Entry,
+    src: &mut dyn TensorSource,
+    adapter: Option<&Adapter<B>>,
+    score: Option<&[f32]>,
+) -> Result<Vec<f32>> {
+    let values = match e.origin {
+        Origin::Score => score.expect("score entry only with a score").to_vec(),
+        Origin::Base(adapted) => {
+            let (mut values, shape) = src.read(&e.name)?;
+            ensure!(
+                shape == e.shape,
+                "tensor `{}` has shape {shape:?}, expected {:?}",
+                e.name,
+                e.shape
+            );
+            if let Some(d) = adapted
+                .zip(adapter)
+                .map(|((l, m), a)| delta(a, l, m))
+                .transpose()?
+                .flatten()
+            {
+                for (w, d) in values.iter_mut().zip(d) {
+                    *w += d;
+                }
+            }
+            values
+        }
+    };
+    if let Some(i) = values.iter().position(|x| !x.is_finite()) {
+        bail!(
+            "tensor `{}`: value {i} of the merged weights is {}",
+            e.name,
+            values[i]
+        );
+    }
+    Ok(values)
+}
+
 /// Writes `model.safetensors` at `path`: every base tensor `src` holds for `cfg`, with
 /// `W + (alpha / r) B A` for each linear `adapter` targets, and `score` (`[1, hidden]`) as
 /// `score.weight` in place of the LM head when given. Written to a temporary name and renamed.
@@ -181,36 +226,7 @@ pub fn write_merged_safetensors<B: Backend>(
     w.write_all(&(header.len() as u64).to_le_bytes())?;
     w.write_all(&header)?;
     for e in &entries {
-        let mut values = match e.origin {
-            Origin::Score => score.expect("score entry only with a score").to_vec(),
-            Origin::Base(adapted) => {
-                let (mut values, shape) = src.read(&e.name)?;
-                ensure!(
-                    shape == e.shape,
-                    "tensor `{}` has shape {shape:?}, expected {:?}",
-                    e.name,
-                    e.shape
-                );
-                if let Some(d) = adapted
-                    .zip(adapter)
-                    .map(|((l, m), a)| delta(a, l, m))
-                    .transpose()?
-                    .flatten()
-                {
-                    for (w, d) in values.iter_mut().zip(d) {
-                        *w += d;
-                    }
-                }
-                values
-            }
-        };
-        if let Some(i) = values.iter().position(|x| !x.is_finite()) {
-            bail!(
-                "tensor `{}`: value {i} of the merged weights is {}",
-                e.name,
-                values[i]
-            );
-        }
+        let mut values = merged_values(e, src, adapter, score)?;
         match dtype {
             Dtype::F32 => {
                 for v in &values {

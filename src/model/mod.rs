@@ -3,6 +3,7 @@
 pub mod checkpoint;
 pub mod config;
 pub mod export;
+pub mod export_gguf;
 pub mod gguf_source;
 pub mod linear;
 pub mod llama;

@@ -9,15 +9,15 @@ use std::path::Path;
 pub(super) const TOKEN_NORMAL: i32 = 1;
 pub(super) const TOKEN_UNKNOWN: i32 = 2;
 pub(super) const TOKEN_CONTROL: i32 = 3;
-const TOKEN_USER_DEFINED: i32 = 4;
+pub(super) const TOKEN_USER_DEFINED: i32 = 4;
 
 // Split regexes in their HF `tokenizer.json` form (llama.cpp spells the case-insensitive
 // group out). The GPT-2 regex needs no constant: `ByteLevel` with `use_regex` applies it.
 
 /// Llama 3 family: digits in groups of up to three.
-const LLAMA3_REGEX: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+pub(super) const LLAMA3_REGEX: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 /// Qwen2 family: like Llama 3 but single digits.
-const QWEN2_REGEX: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+pub(super) const QWEN2_REGEX: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 
 /// The pre-tokenizer, normalizer and flags for a `tokenizer.ggml.pre` value, following the
 /// table in llama.cpp's `llama-vocab.cpp` and the matching HF `tokenizer.json` files.
