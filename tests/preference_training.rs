@@ -65,6 +65,13 @@ fn reward_model_learns_the_marker_preference() {
         st.tensor("base_model.model.score.weight").unwrap().shape(),
         &[1, 32]
     );
+    // PEFT loads a reward folder onto a sequence classifier only as SEQ_CLS with `score` saved.
+    let cfg: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(run.path("out/reward/adapter_config.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(cfg["task_type"], "SEQ_CLS");
+    assert_eq!(cfg["modules_to_save"], serde_json::json!(["score"]));
 }
 
 #[test]

@@ -279,9 +279,17 @@ impl<B: Backend> Adapter<B> {
         let mut meta = std::collections::HashMap::new();
         meta.insert("format".to_string(), "pt".to_string());
         let bytes = safetensors::serialize(views, &Some(meta))?;
+        // A score head makes the folder a reward or value model: PEFT loads it only onto a
+        // `*ForSequenceClassification` base as task SEQ_CLS, with the head as its `score` module
+        // (as TRL's reward models are saved); CAUSAL_LM there fails in `PeftModel.from_pretrained`.
+        let head = extra.iter().any(|(n, _)| n.ends_with(".score.weight"));
+        let (task, modules_to_save) = match head {
+            true => ("SEQ_CLS", serde_json::json!(["score"])),
+            false => ("CAUSAL_LM", serde_json::Value::Null),
+        };
         let config = serde_json::json!({
             "peft_type": "LORA",
-            "task_type": "CAUSAL_LM",
+            "task_type": task,
             "base_model_name_or_path": base_model,
             "r": self.cfg.r,
             // PEFT writes an integer alpha when it is one; match it so configs compare equal.
@@ -299,7 +307,7 @@ impl<B: Backend> Adapter<B> {
             "use_rslora": false,
             "use_dora": false,
             "lora_bias": false,
-            "modules_to_save": serde_json::Value::Null,
+            "modules_to_save": modules_to_save,
             "layers_to_transform": serde_json::Value::Null,
             "layers_pattern": serde_json::Value::Null,
             "rank_pattern": {},
