@@ -306,6 +306,62 @@ fn a_reward_model_with_another_vocabulary_reads_re_tokenized_text() {
     assert_eq!(short.rows_for_tokens(&tb).unwrap()[0], vec![r(10), 4, r(0)]);
 }
 
+#[test]
+fn a_conversation_is_rendered_with_the_reward_models_chat_template() {
+    let dir = tempfile::tempdir().unwrap();
+    write_tiny_model(&dir.path().join("model"), 23);
+    reverse_words(&dir.path().join("model"));
+    merged_reward_model(dir.path(), 23);
+    let tc = dir.path().join("rm/tokenizer_config.json");
+    let mut config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&tc).unwrap()).unwrap();
+    config["chat_template"] = serde_json::json!(
+        "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }} {% endfor %}"
+    );
+    std::fs::write(&tc, config.to_string()).unwrap();
+    let policy_dir = dir.path().join("policy");
+    write_tiny_model(&policy_dir, 24);
+    let policy_tok = Tok::from_file(policy_dir.join("tokenizer.json")).unwrap();
+    let load =
+        || RewardModel::<B>::load(&dir.path().join("rm"), KEY, false, &Default::default()).unwrap();
+    let mut scorer = SeparateReward::new(load(), &policy_tok, true, 64, "reward_model");
+    let w = |i: u32| 5 + i;
+    let prompt = vec![1, w(3), w(7)];
+    let text = "<s> w3 w7".to_string();
+    let messages = vec![rlhf::tokenizer::ChatMessage::new("user", "w3 w7")];
+    scorer.add_conversation(prompt.clone(), text.clone(), messages);
+    let other = vec![1, w(5)];
+    let completion = vec![w(10), 4, w(0), 2];
+    let tb = TokenBatch::from_pairs(
+        &[
+            (prompt.as_slice(), completion.as_slice()),
+            (other.as_slice(), &completion),
+        ],
+        0,
+    );
+    // "user: w3 w7 assistant: w10 MARK w0 ": the role words are unknown (id 3) to the reward
+    // model's word-level vocabulary, its words are in reverse order, MARK is 4.
+    let r = |i: u32| 5 + 39 - i;
+    let chat = vec![3, r(3), r(7), 3, r(10), 4, r(0)];
+    let rows = scorer.rows_for_tokens(&tb).unwrap();
+    assert_eq!(rows[0], chat);
+    // A prompt that was not a conversation is read as plain text.
+    assert_eq!(rows[1], vec![r(5), r(10), 4, r(0)]);
+    // GRPO hands the prompt as its rendered text: the same conversation is found.
+    let prompts = vec![text, "w5".to_string()];
+    let completions = vec!["w10 MARK w0".to_string(), " w10".to_string()];
+    let columns = vec![serde_json::Map::new(); 2];
+    let batch = rlhf_rewards::RewardBatch::new(&prompts, &completions, &columns).unwrap();
+    let rows = scorer.rows_for_texts(&batch).unwrap();
+    assert_eq!(rows, vec![chat, vec![r(5), r(10)]]);
+    // Without chat templates in the run, the template is not used.
+    let plain = SeparateReward::new(load(), &policy_tok, false, 64, "reward_model");
+    assert_eq!(
+        plain.rows_for_tokens(&tb).unwrap()[0],
+        vec![r(3), r(7), r(10), 4, r(0)]
+    );
+}
+
 /// A PPO or GRPO run on the tiny model, reading prompts from the marker pairs.
 fn run_with(run: &Run, name: &str, body: &str) -> std::process::Output {
     let cfg = run.config(&format!("{name}.toml"), name, body);
