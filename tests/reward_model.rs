@@ -236,6 +236,30 @@ fn separate_reward_model_scores_as_the_reward_adapter_it_was_merged_from() {
     );
 }
 
+#[test]
+fn the_plan_counts_the_bytes_the_reward_model_holds() {
+    let dir = tempfile::tempdir().unwrap();
+    merged_reward_model(dir.path(), 13);
+    let rm_dir = dir.path().join("rm");
+    let base = rlhf::model::LlamaConfig::from_file(&dir.path().join("model/config.json")).unwrap();
+    for quantize in [true, false] {
+        let rm = RewardModel::<B>::load(&rm_dir, KEY, quantize, &Default::default()).unwrap();
+        let text = format!(
+            "[model]\npath = {:?}\nquantize = {:?}\ndevice = \"cpu\"\n[data]\nmax_prompt_length = 16\n[ppo]\nresponse_length = 8\nreward_model_path = {rm_dir:?}\n",
+            dir.path().join("model"),
+            if quantize { "nf4" } else { "none" }
+        );
+        let run = rlhf::config::RunConfig::parse(&text, Path::new("run.toml")).unwrap();
+        let plan = rlhf::plan::plan(&run, &base, rlhf::plan::Algo::Ppo).unwrap();
+        let planned = plan.bytes_of(rlhf::plan::T_REWARD_MODEL, rlhf::plan::Phase::Load);
+        println!(
+            "quantize {quantize}: planned {planned} B, held {} B",
+            rm.storage_bytes()
+        );
+        assert_eq!(planned, rm.storage_bytes() as u64, "quantize {quantize}");
+    }
+}
+
 /// Rewrites `dir/tokenizer.json` with the word tokens in reverse id order (specials kept).
 fn reverse_words(dir: &Path) {
     let path = dir.join("tokenizer.json");
@@ -506,4 +530,19 @@ fn broken_reward_model_folders_are_one_line_errors() {
     std::fs::remove_file(at("no-tokenizer/tokenizer.json")).unwrap();
     let e = ppo_error(&run, &at("no-tokenizer"));
     assert!(e.contains("tokenizer.json") && e.contains("missing"), "{e}");
+
+    // GRPO names its reward entry.
+    let body = format!(
+        "batch_size = 4\nmax_steps = 1\n\n[grpo]\nnum_generations = 4\nmax_completion_length = 4\n\n[[grpo.rewards]]\ntype = \"contains\"\ntext = \"MARK\"\n\n[[grpo.rewards]]\ntype = \"reward_model\"\npath = {:?}\n",
+        at("two-labels")
+    );
+    let out = run_with(&run, "grpo-bad", &body);
+    let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("error:")
+            && stderr.contains("grpo.rewards[1].path")
+            && stderr.contains("num_labels is 2"),
+        "{stderr}"
+    );
 }
