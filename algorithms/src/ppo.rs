@@ -1,6 +1,7 @@
 //! PPO for RLHF (TRL's `PPOTrainer`, experimental in TRL 1.x) on one shared base: the policy
 //! adapter samples and is trained, the value adapter + value head is trained with it, the reward
-//! adapter + score head scores, and the reference is the base with adapters off.
+//! role scores (a reward adapter + score head, or a separate reward model behind
+//! [`PolicyModel::sequence_scores`]), and the reference is the base with adapters off.
 //!
 //! TRL runs its own loop; here the shared run loop drives PPO through [`Trainer::loss`], one
 //! call per micro-batch. The trainer keeps the schedule itself:

@@ -3,7 +3,8 @@
 //!
 //! The reward model reads its own token ids. When its vocabulary is the policy's (same tokens,
 //! same ids), PPO hands it the rollout's ids as they are. Otherwise each row is turned back into
-//! text and re-tokenized as TRL's `GRPOTrainer` does for a reward model with its own processing
+//! text and re-tokenized (GRPO's reward functions only see text, so GRPO always takes this path;
+//! with the policy's own tokenizer it gives the rollout's ids up to tokenization round trips) as TRL's `GRPOTrainer` does for a reward model with its own processing
 //! class: a conversational prompt (the run uses chat templates and the reward model has one) is
 //! rendered with the reward model's template as `prompt messages + {assistant: completion}`;
 //! anything else is the text of the whole row (PPO) or `prompt text + completion text` (GRPO);
