@@ -340,8 +340,53 @@ pub struct GrpoConfig {
     pub sapo_temperature_pos: f64,
     pub sapo_temperature_neg: f64,
     pub mask_truncated_completions: bool,
-    /// Reward functions, each a table with `type` (built-in name or `plugin`) and `weight`.
+    /// Reward functions, each a table with `type` (built-in name, `plugin`, or
+    /// `reward_model`: see [`RewardModelReward`]) and `weight`.
     pub rewards: Vec<toml::Table>,
+}
+
+/// `[[grpo.rewards]] type = "reward_model"`: a separate Hugging Face sequence-classification
+/// checkpoint scores each prompt + completion (the engine loads and runs it, so it is not one of
+/// the rewards crate's functions). `path` is taken relative to the current directory, as
+/// `model.path` and `ppo.reward_model_path` are.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RewardModelReward {
+    pub path: PathBuf,
+    #[serde(default = "one")]
+    pub weight: f32,
+    /// Metric name (default `reward_model`).
+    pub name: Option<String>,
+}
+
+fn one() -> f32 {
+    1.0
+}
+
+impl GrpoConfig {
+    /// The `type = "reward_model"` entries of `grpo.rewards`, by index, parsed; errors name
+    /// `grpo.rewards[i]`.
+    pub fn reward_models(&self) -> Result<Vec<(usize, RewardModelReward)>> {
+        let mut out = Vec::new();
+        for (i, table) in self.rewards.iter().enumerate() {
+            if table.get("type").and_then(|t| t.as_str()) != Some("reward_model") {
+                continue;
+            }
+            let mut t = table.clone();
+            t.remove("type");
+            let entry: RewardModelReward = toml::Value::Table(t)
+                .try_into()
+                .map_err(|e| anyhow::anyhow!("key `grpo.rewards[{i}]`: {}", e.message().trim()))?;
+            out.push((i, entry));
+        }
+        if out.len() > 1 {
+            bail!(
+                "key `grpo.rewards`: {} entries of type \"reward_model\"; expected at most one",
+                out.len()
+            );
+        }
+        Ok(out)
+    }
 }
 
 impl Default for GrpoConfig {

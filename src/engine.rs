@@ -1,6 +1,9 @@
 //! The one shared base with its role adapters and heads: the engine side of
 //! `rlhf_algorithms::trainer::PolicyModel`.
 
+mod separate_reward;
+pub use separate_reward::SeparateReward;
+
 use crate::model::lora::Adapter;
 use crate::model::{Batch, Llama};
 use anyhow::{Context, Result};
@@ -13,6 +16,12 @@ use std::collections::BTreeMap;
 /// Name under which a role's scalar head is stored in its PEFT adapter file: the `score` module
 /// of `AutoModelForSequenceClassification`, which is what TRL's reward and value models use.
 pub const HEAD_KEY: &str = "base_model.model.score.weight";
+
+/// A reward source outside the shared base (a separate reward model): one reward per rollout
+/// row, computed without a graph, as host values.
+pub trait SequenceScorer {
+    fn score_tokens(&self, batch: &TokenBatch) -> Result<Vec<f32>>;
+}
 
 /// Base model + adapters per role + scalar heads per role.
 pub struct RlhfModel<B: Backend> {
@@ -27,6 +36,9 @@ pub struct RlhfModel<B: Backend> {
     pub checkpoint: bool,
     /// For decoding rollouts into text for reward functions.
     pub tokenizer: Option<crate::tokenizer::Tok>,
+    /// Scores the reward role instead of a reward adapter + head on the base
+    /// (`ppo.reward_model_path`).
+    pub reward_model: Option<Box<dyn SequenceScorer>>,
 }
 
 /// A `[1, hidden]` head initialised as HF initialises `score`: normal(0, 0.02).
@@ -52,6 +64,7 @@ impl<B: Backend> RlhfModel<B> {
             logits_chunk: 0,
             checkpoint: true,
             tokenizer: None,
+            reward_model: None,
         }
     }
 
@@ -257,6 +270,20 @@ impl<B: AutodiffBackend> PolicyModel<B> for RlhfModel<B> {
             .reshape([b * t, h])
             .matmul(head.clone().transpose())
             .reshape([b, t]))
+    }
+
+    fn sequence_scores(&self, role: Role, batch: &TokenBatch) -> Result<Tensor<B, 1>> {
+        match (role, &self.reward_model) {
+            (Role::Reward, Some(rm)) => {
+                let scores = rm.score_tokens(batch)?;
+                let n = scores.len();
+                Ok(Tensor::from_data(
+                    TensorData::new(scores, [n]),
+                    &self.base.device,
+                ))
+            }
+            _ => rlhf_algorithms::rm::last_token_scores(self, role, batch),
+        }
     }
 
     fn generate(

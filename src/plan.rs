@@ -588,15 +588,15 @@ pub fn render_table(p: &Plan) -> String {
     out
 }
 
-/// Where PPO's reward comes from.
+/// Where PPO's reward comes from, or GRPO's `reward_model` reward.
 #[derive(Debug, Clone)]
 enum RewardSource {
-    /// Not PPO.
+    /// Not PPO, and no separate reward model.
     None,
     /// A reward adapter + score head on the shared base.
     Adapter,
-    /// A separate 4-bit checkpoint; `assumed` when its config could not be read and the base's
-    /// dims stand in.
+    /// A separate checkpoint (NF4 as the base, `model.quantize`); `why_assumed` when its config
+    /// could not be read and the base's dims stand in.
     Checkpoint {
         config: Option<Box<LlamaConfig>>,
         path: PathBuf,
@@ -605,15 +605,15 @@ enum RewardSource {
 }
 impl RewardSource {
     fn resolve(run: &RunConfig, algo: Algo) -> Result<Self> {
-        if algo != Algo::Ppo {
-            return Ok(RewardSource::None);
-        }
-        match (&run.ppo.reward_adapter, &run.ppo.reward_model_path) {
-            (Some(_), Some(_)) => bail!(
-                "keys `ppo.reward_adapter` and `ppo.reward_model_path`: expected one reward source, got both"
-            ),
-            (Some(_), None) | (None, None) => Ok(RewardSource::Adapter),
-            (None, Some(path)) => Ok(match read_model_config(path) {
+        let checkpoint = |path: &PathBuf, key: &str| {
+            // A sequence-classification folder as the engine reads it; a config `.json` file
+            // (a causal LM's manifest) stands for one of that shape.
+            let read = if path.is_dir() {
+                crate::model::reward_model::reward_config(path, key).map(|c| c.0)
+            } else {
+                read_model_config(path)
+            };
+            match read {
                 Ok(c) => RewardSource::Checkpoint {
                     config: Some(Box::new(c)),
                     path: path.clone(),
@@ -624,7 +624,21 @@ impl RewardSource {
                     path: path.clone(),
                     why_assumed: Some(format!("{e:#}")),
                 },
+            }
+        };
+        match algo {
+            Algo::Ppo => match (&run.ppo.reward_adapter, &run.ppo.reward_model_path) {
+                (Some(_), Some(_)) => bail!(
+                    "keys `ppo.reward_adapter` and `ppo.reward_model_path`: expected one reward source, got both"
+                ),
+                (Some(_), None) | (None, None) => Ok(RewardSource::Adapter),
+                (None, Some(path)) => Ok(checkpoint(path, "ppo.reward_model_path")),
+            },
+            Algo::Grpo => Ok(match run.grpo.reward_models()?.first() {
+                Some((i, rm)) => checkpoint(&rm.path, &format!("grpo.rewards[{i}].path")),
+                None => RewardSource::None,
             }),
+            _ => Ok(RewardSource::None),
         }
     }
 }

@@ -1,6 +1,7 @@
 //! PPO for RLHF (TRL's `PPOTrainer`, experimental in TRL 1.x) on one shared base: the policy
 //! adapter samples and is trained, the value adapter + value head is trained with it, the reward
-//! adapter + score head scores, and the reference is the base with adapters off.
+//! role scores (a reward adapter + score head, or a separate reward model behind
+//! [`PolicyModel::sequence_scores`]), and the reference is the base with adapters off.
 //!
 //! TRL runs its own loop; here the shared run loop drives PPO through [`Trainer::loss`], one
 //! call per micro-batch. The trainer keeps the schedule itself:
@@ -33,7 +34,6 @@
 use crate::losses::{
     padding_masks, ppo_loss, ppo_rollout, KlController, PpoConfig, PpoMinibatch, PpoRolloutBatch,
 };
-use crate::rm::last_token_scores;
 use crate::trainer::{
     to_f64, Metrics, PolicyModel, Role, SamplingParams, StepOutput, TokenBatch, Trainer,
 };
@@ -292,7 +292,7 @@ impl PpoTrainer {
             .head_scores(Role::Value, &tb)?
             .detach()
             .gather(1, v_idx);
-        let scores = last_token_scores(model, Role::Reward, &tb)?.detach();
+        let scores = model.sequence_scores(Role::Reward, &tb)?.detach();
         let sequence_lengths: Vec<i64> = completions
             .iter()
             .map(|c| c.tokens.len() as i64 - 1)
@@ -584,7 +584,7 @@ pub fn mean_sampled_score<B: AutodiffBackend>(
             .map(|(p, c)| (p.as_slice(), c.tokens.as_slice()))
             .collect();
         let tb = TokenBatch::from_pairs(&pairs, pad_id);
-        let scores = to_f64(last_token_scores(model, Role::Reward, &tb)?.detach());
+        let scores = to_f64(model.sequence_scores(Role::Reward, &tb)?.detach());
         for (s, c) in scores.iter().zip(&completions) {
             total += s - if c.stopped {
                 0.0

@@ -138,6 +138,19 @@ pub trait PolicyModel<B: AutodiffBackend> {
     /// The scalar head of `role` ([`Role::Reward`] or [`Role::Value`]) at every position, `[b, t]`.
     fn head_scores(&self, role: Role, batch: &TokenBatch) -> Result<Tensor<B, 2>>;
 
+    /// One reward per row `[b]` under `role`: the head's score at each row's last real token,
+    /// or what a model with another reward source (a separate reward model) gives instead.
+    fn sequence_scores(&self, role: Role, batch: &TokenBatch) -> Result<Tensor<B, 1>> {
+        let scores = self.head_scores(role, batch)?;
+        let last: Vec<i64> = batch.last_index().iter().map(|&i| i as i64).collect();
+        let n = last.len();
+        let idx = Tensor::<B, 2, burn::tensor::Int>::from_data(
+            burn::tensor::TensorData::new(last, [n, 1]),
+            &self.device(),
+        );
+        Ok(scores.gather(1, idx).squeeze_dim(1))
+    }
+
     /// Samples one completion per prompt under `role` with a KV cache; records no graph.
     /// `seed` fixes the sampling RNG, so a resumed run draws the same rollouts.
     fn generate(

@@ -1,5 +1,7 @@
 //! `rlhf grpo --config run.toml`: group-relative policy optimisation of the policy adapter on the
-//! shared 4-bit base, with reward functions built in or loaded as plugins.
+//! shared 4-bit base, with reward functions built in or loaded as plugins, or a separate reward
+//! model (`type = "reward_model"`), which the engine loads after the base and scores from the
+//! completions' text (`engine::SeparateReward`).
 //!
 //! Order of work: read the config, build the reward functions (a plugin that cannot be loaded
 //! fails here, before any weight is read), check the VRAM plan, tokenize the prompts, lock the
@@ -12,50 +14,99 @@
 
 use super::setup::{self, Outcome, TrainRun};
 use super::trainers::{
-    check_grpo_config, grpo_loss_config, grpo_settings, load_grpo_examples, COMPLETIONS_LOG,
+    check_grpo_config, grpo_loss_config, grpo_settings, load_grpo_examples, load_reward_model,
+    prompt_files, COMPLETIONS_LOG,
 };
-use crate::config::RunConfig;
+use crate::config::{RewardModelReward, RunConfig};
+use crate::model::reward_model::check_reward_folder;
 use crate::plan::Algo;
 use crate::train::{latest_checkpoint, train};
 use anyhow::{bail, Context, Result};
 use burn::tensor::backend::AutodiffBackend;
 use rlhf_algorithms::grpo::{GrpoTrainer, Objective, RewardFailure};
 use rlhf_algorithms::trainer::Role;
-use rlhf_rewards::{RewardConfig, RewardSet};
+use rlhf_rewards::{RewardConfig, RewardFn, RewardSet};
 use std::path::Path;
 
+/// One configured reward, in `grpo.rewards` order: built now, or a reward model loaded after the
+/// base (it needs the backend).
+pub enum RewardSlot {
+    Built(Box<dyn RewardFn>, f32),
+    Model(usize, RewardModelReward),
+}
+
 /// The reward functions of `grpo.rewards`, built (plugins started in worker processes) with
-/// their weights. Relative plugin paths are taken relative to the config file's directory.
-pub fn build_rewards(cfg: &RunConfig, config: &Path) -> Result<RewardSet> {
+/// their weights; a `reward_model` entry's folder is checked, not loaded. Relative plugin paths
+/// are taken relative to the config file's directory.
+pub fn build_rewards(cfg: &RunConfig, config: &Path) -> Result<Vec<RewardSlot>> {
     if cfg.grpo.rewards.is_empty() {
         bail!(
             "{}: key `grpo.rewards`: GRPO needs at least one reward function, e.g.\n[[grpo.rewards]]\ntype = \"exact_answer\"",
             config.display()
         );
     }
-    let entries = cfg
+    let models = cfg
         .grpo
-        .rewards
-        .iter()
-        .enumerate()
-        .map(|(i, table)| {
-            toml::Value::Table(table.clone())
-                .try_into::<RewardConfig>()
-                .map_err(|e| {
-                    anyhow::anyhow!(
-                        "{}: key `grpo.rewards[{i}]`: {}",
-                        config.display(),
-                        e.message().trim()
-                    )
-                })
-        })
-        .collect::<Result<Vec<_>>>()?;
+        .reward_models()
+        .with_context(|| format!("{}", config.display()))?;
     let base = config.parent().unwrap_or(Path::new(""));
     // Plugins run in worker processes of this binary (see `reward_worker`).
     let worker =
         std::env::current_exe().context("cannot find the rlhf binary for reward workers")?;
-    RewardSet::from_configs_isolated(&entries, base, &worker)
-        .with_context(|| format!("{}", config.display()))
+    let mut slots = Vec::new();
+    for (i, table) in cfg.grpo.rewards.iter().enumerate() {
+        if let Some((_, rm)) = models.iter().find(|(j, _)| *j == i) {
+            check_reward_folder(&rm.path, &format!("grpo.rewards[{i}].path"))
+                .with_context(|| format!("{}", config.display()))?;
+            slots.push(RewardSlot::Model(i, rm.clone()));
+            continue;
+        }
+        let entry = toml::Value::Table(table.clone())
+            .try_into::<RewardConfig>()
+            .map_err(|e| {
+                anyhow::anyhow!(
+                    "{}: key `grpo.rewards[{i}]`: {}",
+                    config.display(),
+                    e.message().trim()
+                )
+            })?;
+        let func = entry
+            .build_isolated(base, &worker)
+            .with_context(|| format!("reward function #{} ({})", i + 1, entry.kind()))
+            .with_context(|| format!("{}", config.display()))?;
+        slots.push(RewardSlot::Built(func, entry.weight()));
+    }
+    Ok(slots)
+}
+
+/// The reward set of the run: every slot built, a reward model loaded on the backend without
+/// autodiff (quantized as the base) and scored from the completions' text.
+fn reward_set<B: AutodiffBackend>(
+    slots: Vec<RewardSlot>,
+    loaded: &setup::Loaded<B>,
+    cfg: &RunConfig,
+) -> Result<RewardSet> {
+    let mut funcs = Vec::with_capacity(slots.len());
+    for slot in slots {
+        funcs.push(match slot {
+            RewardSlot::Built(f, w) => (f, w),
+            RewardSlot::Model(i, rm) => {
+                let name = rm.name.clone().unwrap_or_else(|| "reward_model".into());
+                let max_tokens = cfg.data.max_prompt_length + cfg.grpo.max_completion_length;
+                let scorer = load_reward_model(
+                    &rm.path,
+                    &format!("grpo.rewards[{i}].path"),
+                    loaded,
+                    cfg,
+                    &prompt_files(cfg),
+                    max_tokens,
+                    &name,
+                )?;
+                (Box::new(scorer) as Box<dyn RewardFn>, rm.weight)
+            }
+        });
+    }
+    RewardSet::new(funcs)
 }
 
 /// `rlhf grpo` (and `rlhf rloo`, with [`Objective::Rloo`]) on backend `B`.
@@ -84,6 +135,7 @@ pub fn run<B: AutodiffBackend>(
     let pad_id = loaded.pad_id();
     let stop_ids = loaded.stop_ids(&cfg.generation.stop_token_ids);
 
+    let rewards = reward_set(rewards, &loaded, cfg)?;
     let mut model = setup::model_for_run(loaded.model, &loaded.tok, cfg, Role::Policy, true)?;
     let opts = run.run_options(&run_dir, &loaded.name);
     let mut settings = grpo_settings(cfg, loss, stop_ids, pad_id)?;

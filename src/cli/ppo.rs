@@ -4,6 +4,10 @@
 //! adapters off. The value model starts as a copy of the reward model (adapter and head), as
 //! TRL's PPO example loads its value model from the reward checkpoint.
 //!
+//! With `ppo.reward_model_path` the reward is a separate Hugging Face reward model instead (a
+//! second frozen base, quantized as the first, with its own tokenizer: `engine::SeparateReward`);
+//! the value adapter and head then start fresh.
+//!
 //! Same steps as the other training commands: plan check before any weight is loaded, prompts
 //! tokenized, output folder locked, model load, roles, then the shared run loop with
 //! [`PpoTrainer`]. With `data.eval`, the final policy and the reference (the model before
@@ -11,10 +15,11 @@
 //! `eval_metrics.json`.
 
 use super::setup::{self, Outcome, Prepared, TrainRun};
-use super::trainers::{load_prompt_ids, sampling_params};
+use super::trainers::{load_prompt_ids, load_reward_model, prompt_files, sampling_params};
 use crate::config::RunConfig;
-use crate::engine::{RlhfModel, HEAD_KEY};
+use crate::engine::{new_head, RlhfModel, HEAD_KEY};
 use crate::model::lora::Adapter;
+use crate::model::reward_model::check_reward_folder;
 use crate::plan::Algo;
 use crate::train::train;
 use anyhow::{bail, ensure, Context, Result};
@@ -23,6 +28,9 @@ use rlhf_algorithms::losses::{KlController, PpoConfig};
 use rlhf_algorithms::ppo::{check_sampling, mean_sampled_score, PpoCall, PpoSchedule, PpoTrainer};
 use rlhf_algorithms::trainer::Role;
 use std::path::{Path, PathBuf};
+
+/// The run-config key of the separate reward model.
+const RM_KEY: &str = "ppo.reward_model_path";
 
 /// The loss settings of `[ppo]` (TRL's `PPOConfig` names), checked.
 pub fn ppo_config(cfg: &RunConfig) -> Result<PpoConfig> {
@@ -43,21 +51,26 @@ pub fn kl_controller(cfg: &RunConfig) -> Result<KlController> {
     })
 }
 
-/// Where the reward adapter is, refusing what this command cannot run.
-fn reward_dir(cfg: &RunConfig) -> Result<PathBuf> {
+/// Where PPO's reward comes from.
+enum RewardFrom {
+    /// A reward adapter + score head written by `rlhf rm` on this base.
+    Adapter(PathBuf),
+    /// A separate sequence-classification checkpoint (`ppo.reward_model_path`).
+    Model(PathBuf),
+}
+
+/// The one reward source of the run.
+fn reward_source(cfg: &RunConfig) -> Result<RewardFrom> {
     match (&cfg.ppo.reward_adapter, &cfg.ppo.reward_model_path) {
         (Some(_), Some(_)) => bail!(
             "keys `ppo.reward_adapter` and `ppo.reward_model_path`: expected one reward source, got both"
         ),
-        (None, Some(p)) => bail!(
-            "key `ppo.reward_model_path` ({}): a separate reward checkpoint is not supported by `rlhf ppo` yet \
-             (`rlhf plan` can estimate it); train a reward adapter on this base with `rlhf rm` and set `ppo.reward_adapter`",
-            p.display()
-        ),
+        (None, Some(p)) => Ok(RewardFrom::Model(p.clone())),
         (None, None) => bail!(
-            "key `ppo.reward_adapter`: missing; set it to the `reward` folder written by `rlhf rm` on this base"
+            "key `ppo.reward_adapter`: missing; set it to the `reward` folder written by `rlhf rm` on this base, \
+             or set `ppo.reward_model_path` to a Hugging Face reward model folder"
         ),
-        (Some(dir), None) => Ok(dir.clone()),
+        (Some(dir), None) => Ok(RewardFrom::Adapter(dir.clone())),
     }
 }
 
@@ -99,19 +112,23 @@ pub fn run<B: AutodiffBackend>(run: &TrainRun, device: &B::Device) -> Result<Out
     let cfg = &run.cfg;
     let ppo = run.in_file(ppo_config(cfg))?;
     let kl = run.in_file(kl_controller(cfg))?;
-    let reward = run.in_file(reward_dir(cfg))?;
+    let reward = run.in_file(reward_source(cfg))?;
     ensure!(
         cfg.lora.dropout == 0.0,
         "{}: key `lora.dropout`: PPO runs without dropout (as TRL's PPOTrainer, so that old and new \
          log-probs of the same policy agree); set it to 0",
         run.path.display()
     );
-    ensure!(
-        reward.join("adapter_config.json").is_file(),
-        "{}: key `ppo.reward_adapter`: {} has no adapter_config.json; expected the `reward` folder written by `rlhf rm`",
-        run.path.display(),
-        reward.display()
-    );
+    match &reward {
+        RewardFrom::Adapter(dir) => ensure!(
+            dir.join("adapter_config.json").is_file(),
+            "{}: key `ppo.reward_adapter`: {} has no adapter_config.json; expected the `reward` folder written by `rlhf rm`",
+            run.path.display(),
+            dir.display()
+        ),
+        // Its config and tokenizer are checked before any weight is read.
+        RewardFrom::Model(dir) => run.in_file(check_reward_folder(dir, RM_KEY))?,
+    }
     let mut sampling = sampling_params(cfg, cfg.ppo.response_length, Vec::new(), 0);
     run.in_file(check_sampling(&sampling))?;
     let seed = cfg.train.seed;
@@ -138,9 +155,36 @@ pub fn run<B: AutodiffBackend>(run: &TrainRun, device: &B::Device) -> Result<Out
     sampling.stop_ids = loaded.stop_ids(&cfg.generation.stop_token_ids);
     sampling.pad_id = pad_id;
 
+    let separate = match &reward {
+        RewardFrom::Model(dir) => {
+            let max_tokens = cfg.data.max_prompt_length + cfg.ppo.response_length;
+            let rm = load_reward_model(
+                dir,
+                RM_KEY,
+                &loaded,
+                cfg,
+                &prompt_files(cfg),
+                max_tokens,
+                "reward_model",
+            );
+            let rm = run.in_file(rm)?;
+            Some(rm)
+        }
+        RewardFrom::Adapter(_) => None,
+    };
     let mut model = setup::model_for_run(loaded.model, &loaded.tok, cfg, Role::Policy, true)?;
-    load_reward_as(&mut model, &reward, Role::Reward)?;
-    load_reward_as(&mut model, &reward, Role::Value)?;
+    if let RewardFrom::Adapter(dir) = &reward {
+        load_reward_as(&mut model, dir, Role::Reward)?;
+        load_reward_as(&mut model, dir, Role::Value)?;
+    }
+    if let Some(rm) = separate {
+        // The reward model's weights are not on this base: the value adapter and head start
+        // fresh (PEFT's init, HF's `score` init).
+        model.add_new_adapter(Role::Value, &cfg.lora, seed ^ 0x7A1E)?;
+        let head = new_head::<B>(model.base.cfg.hidden_size, seed ^ 0x5C0E, device);
+        model.heads.insert(Role::Value, head);
+        model.reward_model = Some(Box::new(rm));
+    }
 
     let trainer = PpoTrainer::new(ppo.clone(), kl, schedule, sampling.clone(), prompts, pad_id);
     let mut trainer = run.in_file(trainer)?;

@@ -1,10 +1,13 @@
 //! Each algorithm's examples and trainer settings, built from the run config in one place so that
 //! `rlhf bench` trains exactly as `rlhf dpo` and `rlhf grpo` do.
 
-use super::setup::Codec;
-use crate::config::{RunConfig, Truncation};
+use super::setup::{Codec, Loaded};
+use crate::config::{Quantize, RunConfig, Truncation};
 use crate::data::{Content, PromptExample, TextCodec, TokenizeOptions};
+use crate::engine::SeparateReward;
+use crate::model::reward_model::RewardModel;
 use anyhow::{bail, ensure, Context, Result};
+use burn::tensor::backend::AutodiffBackend;
 use rlhf_algorithms::dpo::PairExample;
 use rlhf_algorithms::grpo::{GrpoExample, GrpoSettings, Objective};
 use rlhf_algorithms::losses::{DpoConfig, GrpoLossConfig};
@@ -205,8 +208,65 @@ pub fn sampling_params(
     }
 }
 
+/// A conversational prompt: its policy ids, its rendered text and its messages.
+pub type Conversation = (Vec<u32>, String, Vec<crate::tokenizer::ChatMessage>);
+
+/// The conversational prompts of a prompt file: ids as tokenized for the policy, the rendered
+/// text the reward functions see, and the messages (for a reward model with its own chat
+/// template: `engine::SeparateReward`).
+pub fn prompt_conversations(
+    path: &Path,
+    codec: &dyn TextCodec,
+    cfg: &RunConfig,
+) -> Result<Vec<Conversation>> {
+    let mut out = Vec::new();
+    for (ex, ids) in tokenized_prompts(path, codec, cfg)? {
+        if let Content::Messages(m) = &ex.prompt {
+            let messages = m
+                .iter()
+                .map(|m| crate::tokenizer::ChatMessage::new(m.role.clone(), m.content.clone()))
+                .collect();
+            out.push((ids, prompt_text(codec, &ex)?, messages));
+        }
+    }
+    Ok(out)
+}
+
 /// Tokenized prompts of a prompt file, for PPO (`ppo.response_length` bounds the responses).
 pub fn load_prompt_ids(path: &Path, codec: &Codec, cfg: &RunConfig) -> Result<Vec<Vec<u32>>> {
     let prompts = tokenized_prompts(path, codec, cfg)?;
     Ok(prompts.into_iter().map(|(_, ids)| ids).collect())
+}
+
+/// The prompt files of the run (train, then eval).
+pub fn prompt_files(cfg: &RunConfig) -> Vec<&Path> {
+    std::iter::once(cfg.data.train.as_path())
+        .chain(cfg.data.eval.as_deref())
+        .collect()
+}
+
+/// A separate reward model (`ppo.reward_model_path`, GRPO's `reward_model` reward), loaded on the backend without autodiff
+/// (it is only scored) and quantized as the base, with the rollout text plumbing it needs.
+pub fn load_reward_model<B: AutodiffBackend>(
+    dir: &Path,
+    key: &str,
+    loaded: &Loaded<B>,
+    cfg: &RunConfig,
+    prompts: &[&Path],
+    max_tokens: usize,
+    name: &str,
+) -> Result<SeparateReward<B::InnerBackend>> {
+    let quantize = cfg.model.quantize == Quantize::Nf4;
+    let rm = RewardModel::<B::InnerBackend>::load(dir, key, quantize, &loaded.model.device)?;
+    let chat_run = cfg.data.chat_template && loaded.chat.is_some();
+    let mut scorer = SeparateReward::new(rm, &loaded.tok, chat_run, max_tokens, name);
+    if chat_run && !scorer.same_vocab() {
+        let codec = Codec::new(&loaded.tok, loaded.chat.as_ref(), cfg);
+        for file in prompts {
+            for (ids, text, messages) in prompt_conversations(file, &codec, cfg)? {
+                scorer.add_conversation(ids, text, messages);
+            }
+        }
+    }
+    Ok(scorer)
 }

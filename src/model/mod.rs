@@ -10,6 +10,7 @@ pub mod llama;
 pub mod load;
 pub mod lora;
 pub mod ops;
+pub mod reward_model;
 pub mod weights;
 
 pub use config::LlamaConfig;

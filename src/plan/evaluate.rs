@@ -140,18 +140,28 @@ fn phase_items(s: &Setup, w: &Workload, phase: Phase, passes: &[Pass]) -> Vec<It
         ));
     }
     if let Some(rm) = s.reward_model {
-        let lin = linear_weight_bytes(rm, Quantize::Nf4, d);
-        // A sequence-classification model: embeddings, norms, a 1-wide score head; no lm_head.
-        let dense = (rm.vocab_size * rm.hidden_size
-            + (2 * rm.num_hidden_layers + 2) * rm.hidden_size) as u64;
+        // A sequence-classification model as `model::reward_model` loads it: its linears
+        // quantized as the base's, the embedding table (lookup only: bf16 in the CUDA engine),
+        // norms and biases, a 1-wide score head; no lm_head.
+        let lin = linear_weight_bytes(rm, run.model.quantize, d);
+        let (h, l) = (rm.hidden_size as u64, rm.num_hidden_layers as u64);
+        let table = rm.vocab_size as u64 * h;
+        let lm_head = if rm.tie_word_embeddings { 0 } else { table };
+        let rest = dense_params(rm) - table - lm_head + h;
+        let table_b = if s.engine { 2 } else { d };
+        let storage = match run.model.quantize {
+            Quantize::Nf4 => "nf4+dq",
+            Quantize::None => "dense",
+        };
         items.push(item(
             T_REWARD_MODEL,
             Life::Persistent,
-            lin + dense * d,
+            lin + table * table_b + rest * d,
             format!(
-                "separate checkpoint: {} linear params nf4+dq + {} params x {d} B",
-                count(rm.block_linear_params() as u64 * rm.num_hidden_layers as u64),
-                count(dense)
+                "separate checkpoint: {} linear params {storage} + {} embeddings x {table_b} B + {} norms/biases/score x {d} B ({l} layers)",
+                count(rm.block_linear_params() as u64 * l),
+                count(table),
+                count(rest)
             ),
         ));
     }

@@ -308,6 +308,49 @@ fn training_activation_terms_7b_dpo() {
 }
 
 #[test]
+fn grpo_reward_model_is_counted_with_its_scoring_pass() {
+    let m = model("llama-20b-class");
+    let mut run = config("20b-grpo-24gb.toml");
+    run.plan.budget_gib = 1000.0;
+    let without = plan(&run, &m, Algo::Grpo).unwrap();
+    let path = manifest("configs/models/llama-2-7b.json");
+    let entry = format!("type = \"reward_model\"\npath = {:?}\nweight = 0.5", path);
+    run.grpo.rewards.push(toml::from_str(&entry).unwrap());
+    let p = plan(&run, &m, Algo::Grpo).unwrap();
+    // As PPO's separate checkpoint: the 7B linears in nf4, its embeddings, norms and score head.
+    let linears = (4 * 8_654_852 + 3 * 23_259_908) * 32;
+    let d = run.model.dtype.bytes() as u64;
+    let table = if p.model.device == "cuda" && d == 4 {
+        2
+    } else {
+        d
+    };
+    let rm = linears + 32_000 * 4096 * table + 66 * 4096 * d;
+    for phase in [Phase::Load, Phase::Rollout, Phase::TrainStep] {
+        assert_eq!(p.bytes_of(T_REWARD_MODEL, phase), rm, "{phase:?}");
+        assert_eq!(without.bytes_of(T_REWARD_MODEL, phase), 0);
+    }
+    // Its scoring pass adds activations of its own dims to the scoring phase.
+    assert!(
+        p.total_of(Phase::Scoring) > without.total_of(Phase::Scoring) + rm,
+        "{} vs {}",
+        p.total_of(Phase::Scoring),
+        without.total_of(Phase::Scoring)
+    );
+    assert!(p
+        .notes
+        .iter()
+        .any(|n| n.contains("grpo: separate reward model")));
+    // A second reward model is refused, naming the key.
+    run.grpo.rewards.push(toml::from_str(&entry).unwrap());
+    let e = plan(&run, &m, Algo::Grpo).unwrap_err().to_string();
+    assert!(
+        e.contains("grpo.rewards") && e.contains("at most one"),
+        "{e}"
+    );
+}
+
+#[test]
 fn reward_model_checkpoint_is_counted() {
     let m = model("llama-20b-class");
     let mut run = config("20b-ppo-24gb.toml");

@@ -120,6 +120,25 @@ pub(super) fn workload(
                 "data.max_prompt_length + grpo.max_completion_length",
             )?;
             let mut scoring = Vec::new();
+            if let RewardSource::Checkpoint {
+                path, why_assumed, ..
+            } = reward
+            {
+                // The reward model scores the rollout before the reference and old-policy passes;
+                // its input is cut to `p + c` tokens (`engine::separate_reward`).
+                let mut pass = fwd("reward model", b, p + c, 0, false, false);
+                pass.reward_model = true;
+                scoring.push(pass);
+                notes.push(match why_assumed {
+                    None => format!(
+                        "grpo: separate reward model {} resident in every phase",
+                        path.display()
+                    ),
+                    Some(e) => format!(
+                        "grpo: could not read the reward model's config ({e}); assuming the base model's dims"
+                    ),
+                });
+            }
             if run.grpo.beta > 0.0 {
                 scoring.push(fwd("reference", b, p + c, c, false, false));
             }
@@ -174,7 +193,7 @@ pub(super) fn workload(
                     reward_pass.reward_model = true;
                     match why_assumed {
                         None => notes.push(format!(
-                            "ppo: separate 4-bit reward checkpoint {} resident in every phase",
+                            "ppo: separate reward checkpoint {} resident in every phase",
                             path.display()
                         )),
                         Some(e) => notes.push(format!(
