@@ -13,10 +13,7 @@ use std::sync::OnceLock;
 
 /// Runs `rlhf` and returns (exit code, stderr).
 fn rlhf_status(args: &[&str]) -> (i32, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_rlhf"))
-        .args(args)
-        .output()
-        .unwrap();
+    let out = common::rlhf_command().args(args).output().unwrap();
     (
         out.status.code().unwrap_or(-1),
         String::from_utf8_lossy(&out.stderr).to_string(),
@@ -329,7 +326,7 @@ fn smollm2_arithmetic_example_runs_ten_steps() {
     )
     .unwrap();
     let started = std::time::Instant::now();
-    let status = Command::new(env!("CARGO_BIN_EXE_rlhf"))
+    let status = common::rlhf_command()
         .current_dir(root)
         .args(["grpo", "--config", cfg.to_str().unwrap()])
         .output()

@@ -2,6 +2,7 @@
 //! scripts/fetch_assets.sh) answers a factual question, with the base re-quantized to NF4 and
 //! unquantized.
 
+mod common;
 use std::path::Path;
 
 fn model() -> String {
@@ -29,10 +30,7 @@ fn ask(extra: &[&str]) -> String {
         "20",
     ];
     args.extend_from_slice(extra);
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_rlhf"))
-        .args(&args)
-        .output()
-        .unwrap();
+    let out = common::rlhf_command().args(&args).output().unwrap();
     assert!(
         out.status.success(),
         "{}",
