@@ -5,7 +5,6 @@
 mod common;
 use common::*;
 use std::path::Path;
-use std::process::Command;
 
 /// make_model.py's layout around the tiny test model: `rows` DPO rows of 16 + 16 + 16 words
 /// (prompt + completion + EOS fill `--max-length 32` exactly, as make_model.py's 128 + 128 fill
@@ -33,7 +32,7 @@ fn write_bench_dir(dir: &Path, rows: usize) {
 
 /// Runs `rlhf bench` with $OUT set; returns (exit code, stdout, stderr).
 fn bench(args: &[&str], out: &Path) -> (i32, String, String) {
-    let o = Command::new(env!("CARGO_BIN_EXE_rlhf"))
+    let o = common::rlhf_command()
         .arg("bench")
         .args(args)
         .env("OUT", out)

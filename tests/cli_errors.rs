@@ -1,13 +1,10 @@
 //! Bad input gives one clear error line and exit code 2, never a panic.
 
+mod common;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 fn rlhf(args: &[&str]) -> (i32, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_rlhf"))
-        .args(args)
-        .output()
-        .unwrap();
+    let out = common::rlhf_command().args(args).output().unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr).to_string();
     (out.status.code().unwrap_or(-1), stderr)
 }

@@ -13,10 +13,7 @@ use std::sync::OnceLock;
 
 /// Runs `rlhf` and returns (exit code, stderr).
 fn rlhf_status(args: &[&str]) -> (i32, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_rlhf"))
-        .args(args)
-        .output()
-        .unwrap();
+    let out = common::rlhf_command().args(args).output().unwrap();
     (
         out.status.code().unwrap_or(-1),
         String::from_utf8_lossy(&out.stderr).to_string(),
@@ -253,25 +250,27 @@ fn broken_plugins_stop_with_a_clear_error_and_keep_the_checkpoint() {
 
     // Plugins run in worker processes: one that aborts, exits, overflows its stack or loops
     // fails its reward (the loop by its timeout), and the trainer stops cleanly with exit 2,
-    // naming the reward, the step and the intact checkpoint.
+    // naming the reward, the step and the intact checkpoint. Only the loop sets `timeout_secs`:
+    // the others are plain plugin entries, which a trainer loading plugins in its own process
+    // also reads (and dies of, or exits 0 with no adapter).
     let lib = plugin("misbehaving_plugin");
-    for (mode, expected) in [
-        ("abort", "worker exited"),
-        ("exit", "worker exited (exit status: 0)"),
-        ("overflow", "worker exited"),
-        ("loop", "no answer within 1 s"),
+    for (mode, expected, timeout) in [
+        ("abort", "worker exited", ""),
+        ("exit", "worker exited (exit status: 0)", ""),
+        ("overflow", "worker exited", ""),
+        ("loop", "no answer within 1 s", "timeout_secs = 1\n"),
     ] {
         let entry = format!(
-            "[[grpo.rewards]]\ntype = \"plugin\"\npath = {lib:?}\ntimeout_secs = 1\nconfig = {{ mode = \"{mode}\" }}\n"
+            "[[grpo.rewards]]\ntype = \"plugin\"\npath = {lib:?}\n{timeout}config = {{ mode = \"{mode}\" }}\n"
         );
         let cfg = run.config(&format!("{mode}.toml"), "out", &body(4, &entry));
         let (code, stderr) = rlhf_status(&["grpo", "--config", cfg.to_str().unwrap(), "--resume"]);
+        assert_eq!(code, 2, "{mode}: exit code {code} (-1: killed): {stderr}");
         let error = stderr
             .lines()
             .find(|l| l.starts_with("error: "))
             .unwrap_or_else(|| panic!("{mode}: no error line in {stderr}"));
         eprintln!("{mode}: {error}");
-        assert_eq!(code, 2, "{mode}: exit code {code}: {stderr}");
         for e in ["`misbehaving`", "completion 0", expected, "step 3"] {
             assert!(error.contains(e), "{mode}: `{e}` not in {error}");
         }
@@ -329,7 +328,7 @@ fn smollm2_arithmetic_example_runs_ten_steps() {
     )
     .unwrap();
     let started = std::time::Instant::now();
-    let status = Command::new(env!("CARGO_BIN_EXE_rlhf"))
+    let status = common::rlhf_command()
         .current_dir(root)
         .args(["grpo", "--config", cfg.to_str().unwrap()])
         .output()

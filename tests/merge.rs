@@ -233,7 +233,7 @@ fn merge_refuses_a_non_empty_out() {
     std::fs::create_dir(&out).unwrap();
     std::fs::write(out.join("keep.txt"), "mine").unwrap();
     let p = |s: &str| dir.path().join(s).to_string_lossy().to_string();
-    let run = std::process::Command::new(env!("CARGO_BIN_EXE_rlhf"))
+    let run = common::rlhf_command()
         .args(["merge", "--model", &p("model"), "--adapter", &p("adapter")])
         .args(["--out", &p("taken")])
         .output()
@@ -404,7 +404,7 @@ fn smollm2_gguf_merge_reloads_with_its_tokenizer() {
 /// Runs `rlhf merge` expecting exit 2 with one `error:` line; returns it.
 fn merge_error(dir: &Path, model: &str, adapter: &str) -> String {
     let p = |s: &str| dir.join(s).to_string_lossy().to_string();
-    let run = std::process::Command::new(env!("CARGO_BIN_EXE_rlhf"))
+    let run = common::rlhf_command()
         .args(["merge", "--model", &p(model), "--adapter", &p(adapter)])
         .args(["--out", &p("out")])
         .output()
@@ -715,7 +715,7 @@ fn gguf_refuses_score_heads_and_unknown_tokenizers_in_one_line() {
     write_bpe_tokenizer(&dir.path().join("model"));
     let p = |s: &str| dir.path().join(s).to_string_lossy().to_string();
     let run = |model: &str, adapter: &str| {
-        let out = std::process::Command::new(env!("CARGO_BIN_EXE_rlhf"))
+        let out = common::rlhf_command()
             .args(["merge", "--model", &p(model), "--adapter", &p(adapter)])
             .args(["--out", &p("out"), "--gguf", "q8_0"])
             .output()

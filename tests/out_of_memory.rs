@@ -14,7 +14,7 @@ fn out_of_memory_is_one_line_exit_4_and_the_checkpoint_resumes() {
 
     let cut = run.config("cut.toml", "cut", body);
     // The third checkpoint fails as a device allocation would: checkpoints 1 and 2 are done.
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_rlhf"))
+    let out = common::rlhf_command()
         .args(["dpo", "--config", cut.to_str().unwrap()])
         .env("RLHF_FAULT_OOM", "checkpoint@3")
         .output()

@@ -1,10 +1,10 @@
 //! `rlhf plan` on every shipped config, and its refusals.
 
+mod common;
 use std::path::Path;
-use std::process::Command;
 
 fn plan(args: &[&str]) -> (i32, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_rlhf"))
+    let out = common::rlhf_command()
         .current_dir(env!("CARGO_MANIFEST_DIR"))
         .arg("plan")
         .args(args)

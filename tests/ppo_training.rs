@@ -181,7 +181,7 @@ fn killed_ppo_run_resumes_to_the_same_adapters() {
     rlhf(&["ppo", "--config", full.to_str().unwrap()]);
 
     let cut = run.config("cut.toml", "cut", &body);
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_rlhf"))
+    let mut child = common::rlhf_command()
         .args(["ppo", "--config", cut.to_str().unwrap()])
         .stderr(std::process::Stdio::null())
         .spawn()

@@ -82,7 +82,7 @@ fn killed_run_resumes_to_the_same_adapter() {
     rlhf(&["dpo", "--config", full.to_str().unwrap()]);
 
     let cut = run.config("cut.toml", "cut", body);
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_rlhf"))
+    let mut child = common::rlhf_command()
         .args(["dpo", "--config", cut.to_str().unwrap()])
         .stderr(std::process::Stdio::null())
         .spawn()

@@ -448,7 +448,7 @@ fn reward_worker_throughput() {
         let inproc = config.build(Path::new(".")).unwrap();
         let spec = WorkerSpec {
             argv: vec![
-                env!("CARGO_BIN_EXE_rlhf").into(),
+                rlhf_bin().to_string_lossy().into_owned(),
                 "reward-worker".into(),
                 "--reward".into(),
                 entry.to_string(),

@@ -121,7 +121,7 @@ fn sft_refuses_assistant_only_loss_on_text_rows() {
         "out",
         &format!("{TRAIN}\n[sft]\nassistant_only_loss = true\n"),
     );
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_rlhf"))
+    let out = common::rlhf_command()
         .args(["sft", "--config", cfg.to_str().unwrap()])
         .output()
         .unwrap();

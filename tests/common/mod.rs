@@ -183,10 +183,21 @@ pub fn write_marker_pairs(path: &Path, n: usize, seed: u64) {
     std::fs::write(path, out).unwrap();
 }
 
+/// The `rlhf` binary the tests drive: `RLHF_TEST_BIN` when set (to check another build against
+/// the same tests), else the one cargo built with them.
+pub fn rlhf_bin() -> std::ffi::OsString {
+    std::env::var_os("RLHF_TEST_BIN").unwrap_or_else(|| env!("CARGO_BIN_EXE_rlhf").into())
+}
+
+/// A command that runs [`rlhf_bin`].
+pub fn rlhf_command() -> std::process::Command {
+    std::process::Command::new(rlhf_bin())
+}
+
 /// Runs the `rlhf` binary with a fault point armed (`RLHF_FAULT`, see `rlhf::rundir`) or
 /// none, and returns its output whatever its exit status.
 pub fn rlhf_with(args: &[&str], fault: Option<&str>) -> std::process::Output {
-    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_rlhf"));
+    let mut cmd = rlhf_command();
     cmd.args(args);
     match fault {
         Some(f) => cmd.env("RLHF_FAULT", f),
@@ -206,10 +217,7 @@ pub fn max_diff(a: &[f32], b: &[f32]) -> f32 {
 
 /// Runs the `rlhf` binary; panics with its stderr on failure.
 pub fn rlhf(args: &[&str]) -> String {
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_rlhf"))
-        .args(args)
-        .output()
-        .unwrap();
+    let out = rlhf_command().args(args).output().unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "rlhf {args:?} failed: {stderr}");
     String::from_utf8_lossy(&out.stdout).to_string()
