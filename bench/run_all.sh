@@ -314,6 +314,20 @@ if want edge-20b memory; then
     data.max_length=2176 train.max_steps=3
 fi
 
+# --- PPO with a separate 8b reward model (both NF4) under the cap: the reward model is the 8b
+# checkpoint with a fresh one-label score head (bench/make_reward_model.py).
+if want ppo-rm-8b memory; then
+  m=$(model 8b-ppo 8b --prompt-len 512 --completion-len 512 --rows 64)
+  rm8="$MODELS/8b-ppo-reward"
+  if [ ! -f "$rm8/config.json" ]; then
+    python3 "$HERE/make_reward_model.py" --base "$m" --out "$rm8" >&2 ||
+      { echo "make_reward_model.py failed" >&2; rm -rf "$rm8"; }
+  fi
+  capped config ppo-rm-8b ppo "$HERE/configs/ppo-8b-rm.toml" model.path="\"$m\"" \
+    data.train="\"$m/grpo.jsonl\"" ppo.reward_model_path="\"$rm8\"" \
+    train.output_dir="\"$RESULTS/runs/ppo-rm-8b\""
+fi
+
 # --- planner: the calibration runs of tests/data/calibration/measured.json -------------------
 if want planner planner; then
   mt=$(model tiny tiny)
