@@ -27,11 +27,14 @@ pub struct Switches {
     pub trace_mem: bool,
     /// `RLHF_NO_ALLOC_LIMIT`: the CUDA allocator's cache is not bounded (`plan.cache`).
     pub no_alloc_limit: bool,
+    /// `RLHF_NO_CPU_WEIGHT_CACHE`: off CUDA, NF4 weights are dequantized on every forward
+    /// instead of once (`model::linear`).
+    pub no_cpu_weight_cache: bool,
 }
 
 impl Switches {
     /// The variables, in the order of the fields.
-    pub const NAMES: [&'static str; 8] = [
+    pub const NAMES: [&'static str; 9] = [
         "RLHF_NO_FUSED_TRAIN",
         "RLHF_NO_FUSED_DECODE",
         "RLHF_NO_DECODE_GRAPH",
@@ -40,11 +43,12 @@ impl Switches {
         "RLHF_TRACE",
         "RLHF_TRACE_MEM",
         "RLHF_NO_ALLOC_LIMIT",
+        "RLHF_NO_CPU_WEIGHT_CACHE",
     ];
 
     /// The switches as `is_set` answers for each variable name.
     pub fn from_lookup(is_set: impl Fn(&str) -> bool) -> Self {
-        let [no_fused_train, no_fused_decode, no_decode_graph, decode_dequant, f32_checkpoints, trace, trace_mem, no_alloc_limit] =
+        let [no_fused_train, no_fused_decode, no_decode_graph, decode_dequant, f32_checkpoints, trace, trace_mem, no_alloc_limit, no_cpu_weight_cache] =
             Self::NAMES.map(is_set);
         Self {
             no_fused_train,
@@ -55,6 +59,7 @@ impl Switches {
             trace,
             trace_mem,
             no_alloc_limit,
+            no_cpu_weight_cache,
         }
     }
 
@@ -88,6 +93,7 @@ mod tests {
                 s.trace,
                 s.trace_mem,
                 s.no_alloc_limit,
+                s.no_cpu_weight_cache,
             ]
         };
         for (i, name) in Switches::NAMES.iter().enumerate() {

@@ -9,7 +9,65 @@ use burn::tensor::{
     backend::{AutodiffBackend, Backend},
     FloatDType, Tensor, TensorData,
 };
-use std::sync::Arc;
+use std::any::{Any, TypeId};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+
+/// The most bytes of dequantized NF4 weights kept off CUDA, over all layers of the process.
+const CPU_CACHE_LIMIT: usize = 8 << 30;
+/// Bytes kept so far.
+static CPU_CACHED: AtomicUsize = AtomicUsize::new(0);
+
+/// An NF4 layer's dense forms, kept off CUDA after first use: a CPU forward otherwise
+/// dequantizes every weight on every call, which was most of a SmolLM2 decode step. One entry
+/// per backend type and layout (`W^T` for the forward, `W` for the input gradient), since the
+/// autodiff and plain backends each hold their own tensor; the bytes count against
+/// [`CPU_CACHE_LIMIT`] and are never given back (the weights are frozen for the process).
+#[derive(Clone, Default)]
+pub struct DenseCache(Arc<Mutex<Vec<DenseForm>>>);
+
+/// One kept form: the backend's type, whether it is `W^T`, and the `Tensor<B, 2>`.
+type DenseForm = (TypeId, bool, Box<dyn Any + Send + Sync>);
+
+impl std::fmt::Debug for DenseCache {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let n = self.0.lock().map(|v| v.len()).unwrap_or(0);
+        write!(f, "DenseCache({n} forms)")
+    }
+}
+
+impl DenseCache {
+    /// The kept form of `B` and layout `transposed`, else `make()`'s, kept when allowed.
+    fn get<B: Backend>(
+        &self,
+        transposed: bool,
+        make: impl FnOnce() -> Tensor<B, 2>,
+    ) -> Tensor<B, 2> {
+        let key = TypeId::of::<B>();
+        let mut forms = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((_, _, t)) = forms
+            .iter()
+            .find(|(k, tr, _)| *k == key && *tr == transposed)
+        {
+            if let Some(t) = t.downcast_ref::<Tensor<B, 2>>() {
+                return t.clone();
+            }
+        }
+        let t = make();
+        let bytes = t.shape().num_elements() * 4;
+        let keep = !crate::switches::switches().no_cpu_weight_cache
+            && !ops::is_cuda::<B>()
+            && CPU_CACHED
+                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
+                    (n + bytes <= CPU_CACHE_LIMIT).then_some(n + bytes)
+                })
+                .is_ok();
+        if keep {
+            forms.push((key, transposed, Box::new(t.clone())));
+        }
+        t
+    }
+}
 
 /// Row-major `[out, in]` values as a tensor of that shape stored column-major: an `[in, out]`
 /// buffer seen transposed, so products with `W^T` (every forward) read it without a copy.
@@ -37,6 +95,8 @@ pub struct BaseLinear<B: Backend> {
     pub in_features: usize,
     /// The layer's form on the CUDA fast path, built on first use there.
     pub gpu: ops::FastSlot,
+    /// Off CUDA, the NF4 weight's dense forms, built on first use.
+    pub dense: DenseCache,
 }
 
 impl<B: Backend> BaseLinear<B> {
@@ -77,6 +137,7 @@ impl<B: Backend> BaseLinear<B> {
             out_features,
             in_features,
             gpu: Default::default(),
+            dense: Default::default(),
         })
     }
 
@@ -84,10 +145,12 @@ impl<B: Backend> BaseLinear<B> {
     pub fn dense_weight(&self, device: &B::Device) -> Tensor<B, 2> {
         match &self.weight {
             BaseWeight::Dense(w) => w.clone().cast(FloatDType::F32),
-            BaseWeight::Nf4(q) => Tensor::from_data(
-                TensorData::new(q.dequantize(), [self.out_features, self.in_features]),
-                device,
-            ),
+            BaseWeight::Nf4(q) => self.dense.get(false, || {
+                Tensor::from_data(
+                    TensorData::new(q.dequantize(), [self.out_features, self.in_features]),
+                    device,
+                )
+            }),
         }
     }
 
@@ -97,13 +160,15 @@ impl<B: Backend> BaseLinear<B> {
     pub fn weight_t(&self, device: &B::Device) -> Tensor<B, 2> {
         match &self.weight {
             BaseWeight::Dense(w) => w.clone().cast(FloatDType::F32).transpose(),
-            BaseWeight::Nf4(q) => Tensor::from_data(
-                TensorData::new(
-                    q.dequantize_transposed(),
-                    [self.in_features, self.out_features],
-                ),
-                device,
-            ),
+            BaseWeight::Nf4(q) => self.dense.get(true, || {
+                Tensor::from_data(
+                    TensorData::new(
+                        q.dequantize_transposed(),
+                        [self.in_features, self.out_features],
+                    ),
+                    device,
+                )
+            }),
         }
     }
 
@@ -168,6 +233,7 @@ impl<B: AutodiffBackend> BaseLinear<B> {
             out_features: self.out_features,
             in_features: self.in_features,
             gpu: self.gpu.clone(),
+            dense: self.dense.clone(),
         }
     }
 }

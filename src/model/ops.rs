@@ -30,6 +30,15 @@ pub fn matmul_wt<B: Backend>(x: Tensor<B, 2>, w: &Tensor<B, 2>) -> Tensor<B, 2> 
     w.clone().matmul(x.transpose()).transpose()
 }
 
+/// Whether `B` is one of the CUDA backends (false without the `cuda` feature).
+#[cfg_attr(not(feature = "cuda"), allow(clippy::extra_unused_type_parameters))]
+pub(crate) fn is_cuda<B: Backend>() -> bool {
+    #[cfg(feature = "cuda")]
+    return crate::cuda::is_cuda::<B>();
+    #[cfg(not(feature = "cuda"))]
+    false
+}
+
 /// A frozen layer's form on the CUDA fast path, built on first use there (nothing without the
 /// `cuda` feature).
 #[cfg(feature = "cuda")]
