@@ -10,7 +10,6 @@ mod common;
 use burn::tensor::{Tensor, TensorData};
 use common::*;
 use rlhf::cli::setup::CpuBackend as B;
-use rlhf::config::LoraConfig;
 use rlhf::engine::HEAD_KEY;
 use rlhf::model::lora::Adapter;
 use rlhf::model::{Batch, Llama, LlamaConfig, LoadOptions};
@@ -18,34 +17,6 @@ use serde_json::Value;
 use std::path::Path;
 
 const DENSE: LoadOptions = LoadOptions { quantize: false };
-
-/// An adapter on `cfg` whose B matrices are random too, so the delta is far from zero.
-fn random_adapter(cfg: &LlamaConfig, targets: &[&str], scale: f32, seed: u64) -> Adapter<B> {
-    let lora = LoraConfig {
-        r: 4,
-        alpha: 16.0,
-        dropout: 0.0,
-        target_modules: targets.iter().map(|s| s.to_string()).collect(),
-    };
-    let dev = Default::default();
-    let mut a = Adapter::<B>::new("policy", &lora, cfg, seed, &dev).unwrap();
-    let mut rng = Rng::new(seed + 7);
-    let ts: Vec<Tensor<B, 2>> = a
-        .tensors()
-        .into_iter()
-        .enumerate()
-        .map(|(i, t)| {
-            if i % 2 == 0 {
-                return t;
-            }
-            let [o, r] = t.dims();
-            let v: Vec<f32> = (0..o * r).map(|_| scale * rng.normal()).collect();
-            Tensor::from_data(TensorData::new(v, [o, r]), &dev)
-        })
-        .collect();
-    a.set_tensors(ts.into_iter());
-    a
-}
 
 fn values<const D: usize>(t: Tensor<B, D>) -> Vec<f32> {
     t.into_data().convert::<f32>().to_vec::<f32>().unwrap()
@@ -66,7 +37,7 @@ fn logits(model: &Llama<B>, adapter: Option<&Adapter<B>>, rows: &[Vec<u32>]) -> 
 fn setup(dir: &Path, head: Option<&Tensor<B, 2>>) -> (Llama<B>, Adapter<B>) {
     write_tiny_model(&dir.join("model"), 11);
     let base = Llama::<B>::from_hf_dir(&dir.join("model"), DENSE, &Default::default()).unwrap();
-    let adapter = random_adapter(&base.cfg, &rlhf::config::ALL_TARGETS, 0.05, 3);
+    let adapter = random_adapter::<B>("policy", &base.cfg, &rlhf::config::ALL_TARGETS, 0.05, 3);
     let extra: Vec<(String, Tensor<B, 2>)> = head
         .map(|h| vec![(HEAD_KEY.to_string(), h.clone())])
         .unwrap_or_default();
@@ -274,7 +245,13 @@ fn smollm2_gguf_merge_reloads_with_its_tokenizer() {
     let dir = tempfile::tempdir().unwrap();
     let dev = Default::default();
     let (base, tok, chat) = rlhf::model::gguf_source::load_gguf::<B>(&gguf, DENSE, &dev).unwrap();
-    let adapter = random_adapter(&base.cfg, &["q_proj", "v_proj", "down_proj"], 0.02, 9);
+    let adapter = random_adapter::<B>(
+        "policy",
+        &base.cfg,
+        &["q_proj", "v_proj", "down_proj"],
+        0.02,
+        9,
+    );
     adapter
         .save_peft(&dir.path().join("adapter"), "smollm2", &[])
         .unwrap();
@@ -731,7 +708,8 @@ fn gguf_refuses_score_heads_and_unknown_tokenizers_in_one_line() {
 
     // A word-level tokenizer has no llama.cpp equivalent.
     let plain = dir.path().join("plain");
-    random_adapter(
+    random_adapter::<B>(
+        "policy",
         &Llama::<B>::from_hf_dir(&dir.path().join("model"), DENSE, &Default::default())
             .unwrap()
             .cfg,

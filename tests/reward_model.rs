@@ -6,10 +6,9 @@
 
 mod common;
 use burn::backend::Autodiff;
-use burn::tensor::{Tensor, TensorData};
+use burn::tensor::Tensor;
 use common::*;
 use rlhf::cli::setup::CpuBackend as B;
-use rlhf::config::LoraConfig;
 use rlhf::engine::{new_head, RlhfModel, SeparateReward, HEAD_KEY};
 use rlhf::model::lora::Adapter;
 use rlhf::model::reward_model::RewardModel;
@@ -21,34 +20,6 @@ use std::path::{Path, PathBuf};
 type Ad = Autodiff<B>;
 const KEY: &str = "ppo.reward_model_path";
 
-/// A reward adapter on the tiny base whose B matrices are random (so it changes the scores).
-fn random_adapter(base: &Llama<Ad>, seed: u64) -> Adapter<Ad> {
-    let lora = LoraConfig {
-        r: 4,
-        alpha: 16.0,
-        dropout: 0.0,
-        target_modules: rlhf::config::ALL_TARGETS.map(String::from).to_vec(),
-    };
-    let dev = Default::default();
-    let mut a = Adapter::<Ad>::new("reward", &lora, &base.cfg, seed, &dev).unwrap();
-    let mut rng = Rng::new(seed + 7);
-    let ts: Vec<Tensor<Ad, 2>> = a
-        .tensors()
-        .into_iter()
-        .enumerate()
-        .map(|(i, t)| {
-            if i % 2 == 0 {
-                return t;
-            }
-            let [o, r] = t.dims();
-            let v: Vec<f32> = (0..o * r).map(|_| 0.05 * rng.normal()).collect();
-            Tensor::from_data(TensorData::new(v, [o, r]), &dev)
-        })
-        .collect();
-    a.set_tensors(ts.into_iter());
-    a
-}
-
 /// The tiny base in `dir/model`, a random reward adapter + head saved in `dir/adapter` and
 /// merged by `rlhf merge` into `dir/rm`. Returns the adapter and head.
 fn merged_reward_model(dir: &Path, seed: u64) -> (Adapter<Ad>, Tensor<Ad, 2>) {
@@ -57,7 +28,13 @@ fn merged_reward_model(dir: &Path, seed: u64) -> (Adapter<Ad>, Tensor<Ad, 2>) {
     }
     let opts = LoadOptions { quantize: false };
     let base = Llama::<Ad>::from_hf_dir(&dir.join("model"), opts, &Default::default()).unwrap();
-    let adapter = random_adapter(&base, seed + 1);
+    let adapter = random_adapter::<Ad>(
+        "reward",
+        &base.cfg,
+        &rlhf::config::ALL_TARGETS,
+        0.05,
+        seed + 1,
+    );
     let head = new_head::<Ad>(32, seed + 2, &Default::default()) * 20.0;
     adapter
         .save_peft(

@@ -57,72 +57,61 @@ pub fn unpermute_qk(data: &[f32], n_head: usize, rows: usize, cols: usize) -> Re
     Ok(out)
 }
 
+/// Whole-model tensors: (GGUF name, HF name).
+const GLOBAL_NAMES: [(&str, &str); 3] = [
+    ("token_embd.weight", "model.embed_tokens.weight"),
+    ("output_norm.weight", "model.norm.weight"),
+    ("output.weight", "lm_head.weight"),
+];
+
+/// A layer's modules: (GGUF module, HF module), one table for both directions.
+const LAYER_MODULES: [(&str, &str); 11] = [
+    ("attn_norm", "input_layernorm"),
+    ("ffn_norm", "post_attention_layernorm"),
+    ("attn_q", "self_attn.q_proj"),
+    ("attn_k", "self_attn.k_proj"),
+    ("attn_v", "self_attn.v_proj"),
+    ("attn_output", "self_attn.o_proj"),
+    ("attn_q_norm", "self_attn.q_norm"),
+    ("attn_k_norm", "self_attn.k_norm"),
+    ("ffn_gate", "mlp.gate_proj"),
+    ("ffn_up", "mlp.up_proj"),
+    ("ffn_down", "mlp.down_proj"),
+];
+
+/// `name` translated by the tables: `from` picks the side it is written in (0 GGUF, 1 HF);
+/// layer tensors are `{prefix[from]}{layer}.{module}.{weight|bias}`.
+fn translate(name: &str, from: usize) -> Option<String> {
+    let to = 1 - from;
+    if let Some(g) = GLOBAL_NAMES.iter().find(|g| [g.0, g.1][from] == name) {
+        return Some([g.0, g.1][to].into());
+    }
+    let prefixes = ["blk.", "model.layers."];
+    let rest = name.strip_prefix(prefixes[from])?;
+    let (layer, rest) = rest.split_once('.')?;
+    if layer.is_empty() || !layer.bytes().all(|c| c.is_ascii_digit()) {
+        return None;
+    }
+    let (module, param) = rest.rsplit_once('.')?;
+    if param != "weight" && param != "bias" {
+        return None;
+    }
+    let m = LAYER_MODULES.iter().find(|m| [m.0, m.1][from] == module)?;
+    Some(format!(
+        "{}{layer}.{}.{param}",
+        prefixes[to],
+        [m.0, m.1][to]
+    ))
+}
+
 /// The HF checkpoint name of a GGUF tensor (`blk.3.attn_q.weight` ->
 /// `model.layers.3.self_attn.q_proj.weight`), or `None` for tensors with no HF counterpart
 /// (e.g. `rope_freqs.weight`) or unknown names.
 pub fn gguf_to_hf_name(name: &str) -> Option<String> {
-    match name {
-        "token_embd.weight" => return Some("model.embed_tokens.weight".into()),
-        "output_norm.weight" => return Some("model.norm.weight".into()),
-        "output.weight" => return Some("lm_head.weight".into()),
-        _ => {}
-    }
-    let rest = name.strip_prefix("blk.")?;
-    let (layer, rest) = rest.split_once('.')?;
-    if layer.is_empty() || !layer.bytes().all(|c| c.is_ascii_digit()) {
-        return None;
-    }
-    let (module, param) = rest.rsplit_once('.')?;
-    if param != "weight" && param != "bias" {
-        return None;
-    }
-    let hf_module = match module {
-        "attn_norm" => "input_layernorm",
-        "ffn_norm" => "post_attention_layernorm",
-        "attn_q" => "self_attn.q_proj",
-        "attn_k" => "self_attn.k_proj",
-        "attn_v" => "self_attn.v_proj",
-        "attn_output" => "self_attn.o_proj",
-        "attn_q_norm" => "self_attn.q_norm",
-        "attn_k_norm" => "self_attn.k_norm",
-        "ffn_gate" => "mlp.gate_proj",
-        "ffn_up" => "mlp.up_proj",
-        "ffn_down" => "mlp.down_proj",
-        _ => return None,
-    };
-    Some(format!("model.layers.{layer}.{hf_module}.{param}"))
+    translate(name, 0)
 }
 
 /// The GGUF (llama.cpp) name of an HF checkpoint tensor: the inverse of [`gguf_to_hf_name`].
 pub fn hf_to_gguf_name(name: &str) -> Option<String> {
-    match name {
-        "model.embed_tokens.weight" => return Some("token_embd.weight".into()),
-        "model.norm.weight" => return Some("output_norm.weight".into()),
-        "lm_head.weight" => return Some("output.weight".into()),
-        _ => {}
-    }
-    let rest = name.strip_prefix("model.layers.")?;
-    let (layer, rest) = rest.split_once('.')?;
-    if layer.is_empty() || !layer.bytes().all(|c| c.is_ascii_digit()) {
-        return None;
-    }
-    let (module, param) = rest.rsplit_once('.')?;
-    if param != "weight" && param != "bias" {
-        return None;
-    }
-    let gguf_module = match module {
-        "input_layernorm" => "attn_norm",
-        "post_attention_layernorm" => "ffn_norm",
-        "self_attn.q_proj" => "attn_q",
-        "self_attn.k_proj" => "attn_k",
-        "self_attn.v_proj" => "attn_v",
-        "self_attn.o_proj" => "attn_output",
-        "self_attn.q_norm" => "attn_q_norm",
-        "self_attn.k_norm" => "attn_k_norm",
-        "mlp.gate_proj" => "ffn_gate",
-        "mlp.up_proj" => "ffn_up",
-        "mlp.down_proj" => "ffn_down",
-        _ => return None,
-    };
-    Some(format!("blk.{layer}.{gguf_module}.{param}"))
+    translate(name, 1)
 }

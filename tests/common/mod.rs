@@ -262,3 +262,39 @@ pub fn eval_metric(run_dir: &Path, key: &str) -> f64 {
         .as_f64()
         .unwrap_or_else(|| panic!("{key} missing in {v}"))
 }
+
+/// A LoRA adapter named `name` on `cfg` (r 4, alpha 16) whose B matrices are random too
+/// (`scale` x normal), so its delta is far from zero.
+pub fn random_adapter<B: burn::tensor::backend::Backend>(
+    name: &str,
+    cfg: &rlhf::model::LlamaConfig,
+    targets: &[&str],
+    scale: f32,
+    seed: u64,
+) -> rlhf::model::lora::Adapter<B> {
+    use burn::tensor::{Tensor, TensorData};
+    let lora = rlhf::config::LoraConfig {
+        r: 4,
+        alpha: 16.0,
+        dropout: 0.0,
+        target_modules: targets.iter().map(|s| s.to_string()).collect(),
+    };
+    let dev = Default::default();
+    let mut a = rlhf::model::lora::Adapter::<B>::new(name, &lora, cfg, seed, &dev).unwrap();
+    let mut rng = Rng::new(seed + 7);
+    let ts: Vec<Tensor<B, 2>> = a
+        .tensors()
+        .into_iter()
+        .enumerate()
+        .map(|(i, t)| {
+            if i % 2 == 0 {
+                return t;
+            }
+            let [o, r] = t.dims();
+            let v: Vec<f32> = (0..o * r).map(|_| scale * rng.normal()).collect();
+            Tensor::from_data(TensorData::new(v, [o, r]), &dev)
+        })
+        .collect();
+    a.set_tensors(ts.into_iter());
+    a
+}
