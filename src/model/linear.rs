@@ -24,7 +24,10 @@ static CPU_CACHED: AtomicUsize = AtomicUsize::new(0);
 /// autodiff and plain backends each hold their own tensor; the bytes count against
 /// [`CPU_CACHE_LIMIT`] and are never given back (the weights are frozen for the process).
 #[derive(Clone, Default)]
-pub struct DenseCache(Arc<Mutex<Vec<DenseForm>>>);
+pub struct DenseCache(
+    Arc<Mutex<Vec<DenseForm>>>,
+    Arc<Mutex<Option<Arc<Vec<f32>>>>>,
+);
 
 /// One kept form: the backend's type, whether it is `W^T`, and the `Tensor<B, 2>`.
 type DenseForm = (TypeId, bool, Box<dyn Any + Send + Sync>);
@@ -36,7 +39,33 @@ impl std::fmt::Debug for DenseCache {
     }
 }
 
+/// Reserves `bytes` of the process's cache budget; false when it would overflow.
+fn reserve(bytes: usize) -> bool {
+    !crate::switches::switches().no_cpu_weight_cache
+        && CPU_CACHED
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
+                (n + bytes <= CPU_CACHE_LIMIT).then_some(n + bytes)
+            })
+            .is_ok()
+}
+
 impl DenseCache {
+    /// The row-major `[out, in]` values on the host, kept, for the few-row product
+    /// ([`gemv_rows`]); `None` when the cache budget is spent.
+    fn host(&self, make: impl FnOnce() -> Vec<f32>) -> Option<Arc<Vec<f32>>> {
+        let mut kept = self.1.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(w) = kept.as_ref() {
+            return Some(w.clone());
+        }
+        let w = make();
+        if !reserve(w.len() * 4) {
+            return None;
+        }
+        let w = Arc::new(w);
+        *kept = Some(w.clone());
+        Some(w)
+    }
+
     /// The kept form of `B` and layout `transposed`, else `make()`'s, kept when allowed.
     fn get<B: Backend>(
         &self,
@@ -55,14 +84,7 @@ impl DenseCache {
         }
         let t = make();
         let bytes = t.shape().num_elements() * 4;
-        let keep = !crate::switches::switches().no_cpu_weight_cache
-            && !ops::is_cuda::<B>()
-            && CPU_CACHED
-                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
-                    (n + bytes <= CPU_CACHE_LIMIT).then_some(n + bytes)
-                })
-                .is_ok();
-        if keep {
+        if !ops::is_cuda::<B>() && reserve(bytes) {
             forms.push((key, transposed, Box::new(t.clone())));
         }
         t
@@ -84,6 +106,59 @@ fn column_major<B: Backend>(
         }
     }
     Tensor::<B, 2>::from_data(TensorData::new(t, [in_features, out_features]), device).transpose()
+}
+
+/// The most rows [`BaseLinear::few_rows`] takes; more go to the GEMM.
+const GEMV_ROWS: usize = 8;
+
+/// `x [rows, inp] W^T` for a row-major `w [out, inp]`, each weight row read once for all rows,
+/// the output features split over the machine's threads.
+fn gemv_rows(w: &[f32], x: &[f32], rows: usize, out: usize, inp: usize) -> Vec<f32> {
+    let threads = std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .min(8);
+    let per = out.div_ceil(threads).max(1);
+    // Feature-major [out, rows], so each thread owns one contiguous piece.
+    let mut yt = vec![0.0f32; out * rows];
+    std::thread::scope(|s| {
+        for (t, piece) in yt.chunks_mut(per * rows).enumerate() {
+            s.spawn(move || {
+                for (j, ys) in piece.chunks_mut(rows).enumerate() {
+                    let o = t * per + j;
+                    let wr = &w[o * inp..(o + 1) * inp];
+                    for (r, y) in ys.iter_mut().enumerate() {
+                        *y = dot(wr, &x[r * inp..(r + 1) * inp]);
+                    }
+                }
+            });
+        }
+    });
+    let mut y = vec![0.0f32; rows * out];
+    for (o, ys) in yt.chunks(rows).enumerate() {
+        for (r, v) in ys.iter().enumerate() {
+            y[r * out + o] = *v;
+        }
+    }
+    y
+}
+
+/// A dot product in eight lanes (vectorizes without target features).
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0.0f32; 8];
+    let mut ca = a.chunks_exact(8);
+    let mut cb = b.chunks_exact(8);
+    for (x, y) in (&mut ca).zip(&mut cb) {
+        for i in 0..8 {
+            acc[i] += x[i] * y[i];
+        }
+    }
+    let tail: f32 = ca
+        .remainder()
+        .iter()
+        .zip(cb.remainder())
+        .map(|(x, y)| x * y)
+        .sum();
+    acc.iter().sum::<f32>() + tail
 }
 
 /// A frozen linear layer of the base model: `y = x W^T (+ b)`.
@@ -180,7 +255,10 @@ impl<B: Backend> BaseLinear<B> {
         let x2: Tensor<B, 2> = x.reshape([rows, self.in_features]);
         let mut y = match ops::linear_fast(&self.gpu, &self.weight, &x2) {
             Some(y) => y,
-            None => x2.matmul(self.weight_t(&device)),
+            None => match self.few_rows(&x2, rows) {
+                Some(y) => y,
+                None => x2.matmul(self.weight_t(&device)),
+            },
         };
         if let Some(b) = &self.bias {
             y = y + b.clone().unsqueeze_dim(0);
@@ -188,6 +266,31 @@ impl<B: Backend> BaseLinear<B> {
         let mut out = dims;
         out[D - 1] = self.out_features;
         y.reshape(out)
+    }
+
+    /// `x W^T` for a few rows of `x` off CUDA and outside autodiff (sampling's decode step), read
+    /// straight from the kept row-major weight: burn-ndarray's GEMM packs the whole weight for
+    /// every product, which was most of a one-row step.
+    fn few_rows(&self, x: &Tensor<B, 2>, rows: usize) -> Option<Tensor<B, 2>> {
+        let device = x.device();
+        let BaseWeight::Nf4(q) = &self.weight else {
+            return None;
+        };
+        if rows > GEMV_ROWS || ops::is_cuda::<B>() || B::ad_enabled(&device) {
+            return None;
+        }
+        let w = self.dense.host(|| q.dequantize())?;
+        let xv = x
+            .clone()
+            .into_data()
+            .convert::<f32>()
+            .to_vec::<f32>()
+            .ok()?;
+        let y = gemv_rows(&w, &xv, rows, self.out_features, self.in_features);
+        Some(Tensor::from_data(
+            TensorData::new(y, [rows, self.out_features]),
+            &device,
+        ))
     }
 
     /// `dy [.., out] -> dy @ W [.., in]`: the input gradient of [`Self::forward`] (the weight is
