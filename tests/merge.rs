@@ -48,19 +48,7 @@ fn setup(dir: &Path, head: Option<&Tensor<B, 2>>) -> (Llama<B>, Adapter<B>) {
 }
 
 fn merge(dir: &Path, out: &str, dtype: &str) -> std::path::PathBuf {
-    let p = |s: &str| dir.join(s).to_string_lossy().to_string();
-    rlhf(&[
-        "merge",
-        "--model",
-        &p("model"),
-        "--adapter",
-        &p("adapter"),
-        "--out",
-        &p(out),
-        "--dtype",
-        dtype,
-    ]);
-    dir.join(out)
+    merge_in(dir, out, &["--dtype", dtype])
 }
 
 fn read_json(path: &Path) -> Value {
@@ -517,21 +505,7 @@ fn llama_cpp_reader_check(file: &Path, folder: &Path) {
 }
 
 fn merge_gguf(dir: &Path, out: &str, gguf: &str) -> std::path::PathBuf {
-    let p = |s: &str| dir.join(s).to_string_lossy().to_string();
-    rlhf(&[
-        "merge",
-        "--model",
-        &p("model"),
-        "--adapter",
-        &p("adapter"),
-        "--out",
-        &p(out),
-        "--dtype",
-        "f32",
-        "--gguf",
-        gguf,
-    ]);
-    dir.join(out)
+    merge_in(dir, out, &["--dtype", "f32", "--gguf", gguf])
 }
 
 /// The merged folder and its GGUF file give the same model: `(largest |logit|, adapter

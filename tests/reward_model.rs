@@ -43,18 +43,7 @@ fn merged_reward_model(dir: &Path, seed: u64) -> (Adapter<Ad>, Tensor<Ad, 2>) {
             &[(HEAD_KEY.to_string(), head.clone())],
         )
         .unwrap();
-    let p = |s: &str| dir.join(s).to_string_lossy().to_string();
-    rlhf(&[
-        "merge",
-        "--model",
-        &p("model"),
-        "--adapter",
-        &p("adapter"),
-        "--out",
-        &p("rm"),
-        "--dtype",
-        "f32",
-    ]);
+    merge_in(dir, "rm", &["--dtype", "f32"]);
     (adapter, head)
 }
 

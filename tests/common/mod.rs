@@ -298,3 +298,22 @@ pub fn random_adapter<B: burn::tensor::backend::Backend>(
     a.set_tensors(ts.into_iter());
     a
 }
+
+/// `rlhf merge --model DIR/model --adapter DIR/adapter --out DIR/OUT` plus `flags`: the merged
+/// folder.
+pub fn merge_in(dir: &Path, out: &str, flags: &[&str]) -> PathBuf {
+    let p = |s: &str| dir.join(s).to_string_lossy().to_string();
+    let (model, adapter, to) = (p("model"), p("adapter"), p(out));
+    let mut args = vec![
+        "merge",
+        "--model",
+        &model,
+        "--adapter",
+        &adapter,
+        "--out",
+        &to,
+    ];
+    args.extend_from_slice(flags);
+    rlhf(&args);
+    dir.join(out)
+}
