@@ -50,18 +50,17 @@ fn reserve(bytes: usize) -> bool {
 }
 
 impl DenseCache {
-    /// The row-major `[out, in]` values on the host, kept, for the few-row product
-    /// ([`gemv_rows`]); `None` when the cache budget is spent.
-    fn host(&self, make: impl FnOnce() -> Vec<f32>) -> Option<Arc<Vec<f32>>> {
+    /// The row-major `[out, in]` values (`len` of them) on the host, kept, for the few-row
+    /// product ([`gemv_rows`]); `None`, before any dequantizing, when the cache budget is spent.
+    fn host(&self, len: usize, make: impl FnOnce() -> Vec<f32>) -> Option<Arc<Vec<f32>>> {
         let mut kept = self.1.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(w) = kept.as_ref() {
             return Some(w.clone());
         }
-        let w = make();
-        if !reserve(w.len() * 4) {
+        if !reserve(len * 4) {
             return None;
         }
-        let w = Arc::new(w);
+        let w = Arc::new(make());
         *kept = Some(w.clone());
         Some(w)
     }
@@ -279,7 +278,9 @@ impl<B: Backend> BaseLinear<B> {
         if rows > GEMV_ROWS || ops::is_cuda::<B>() || B::ad_enabled(&device) {
             return None;
         }
-        let w = self.dense.host(|| q.dequantize())?;
+        let w = self
+            .dense
+            .host(self.out_features * self.in_features, || q.dequantize())?;
         let xv = x
             .clone()
             .into_data()
