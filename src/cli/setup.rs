@@ -340,12 +340,16 @@ impl TextCodec for Codec<'_> {
         add_generation_prompt: bool,
     ) -> Option<Result<String>> {
         let chat = self.chat?;
-        let msgs: Vec<crate::tokenizer::ChatMessage> = messages
-            .iter()
-            .map(|m| crate::tokenizer::ChatMessage::new(m.role.clone(), m.content.clone()))
-            .collect();
-        Some(chat.render(&msgs, add_generation_prompt))
+        Some(chat.render(&chat_messages(messages), add_generation_prompt))
     }
+}
+
+/// A dataset row's messages as the chat template takes them.
+pub fn chat_messages(messages: &[Message]) -> Vec<crate::tokenizer::ChatMessage> {
+    messages
+        .iter()
+        .map(|m| crate::tokenizer::ChatMessage::new(m.role.clone(), m.content.clone()))
+        .collect()
 }
 
 /// The model's architecture without loading weights: a HF folder, a config `.json`, or a GGUF.

@@ -222,11 +222,11 @@ pub fn prompt_conversations(
     let mut out = Vec::new();
     for (ex, ids) in tokenized_prompts(path, codec, cfg)? {
         if let Content::Messages(m) = &ex.prompt {
-            let messages = m
-                .iter()
-                .map(|m| crate::tokenizer::ChatMessage::new(m.role.clone(), m.content.clone()))
-                .collect();
-            out.push((ids, prompt_text(codec, &ex)?, messages));
+            out.push((
+                ids,
+                prompt_text(codec, &ex)?,
+                super::setup::chat_messages(m),
+            ));
         }
     }
     Ok(out)
