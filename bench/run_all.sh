@@ -148,7 +148,7 @@ open(dst, "w").write("\n".join(out) + "\n")
 PY
   echo "== $row: rlhf $cmd --config $cfg ${FLAGS:-}" | tee "$log"
   local plan
-  plan=$("$RLHF" plan --config "$cfg" --json 2>/dev/null || true)
+  plan=$("$RLHF" plan --algo "$cmd" --config "$cfg" --json 2>/dev/null || true)
   local smi="$RESULTS/logs/$row.smi"
   # shellcheck disable=SC2086
   RLHF_TRACE_MEM=1 "$RLHF" "$cmd" --config "$cfg" ${FLAGS:-} >>"$log" 2>&1 &
