@@ -261,23 +261,27 @@ pub fn load_model<B: Backend>(
         );
     }
     let name = path.display().to_string();
-    if path.is_dir() {
+    let loaded = if path.is_dir() {
         let model = Llama::from_hf_dir(path, opts, device)?;
         let (tok, chat) = load_tokenizer(path)?;
-        Ok(Loaded {
+        Loaded {
             model,
             tok,
             chat,
             name,
-        })
+        }
     } else {
-        crate::model::gguf_source::load_gguf(path, opts, device).map(|(model, tok, chat)| Loaded {
+        let (model, tok, chat) = crate::model::gguf_source::load_gguf(path, opts, device)?;
+        Loaded {
             model,
             tok,
             chat,
             name,
-        })
-    }
+        }
+    };
+    // The persistent weights alone: the reading the planner's load terms are checked against.
+    crate::devmem::note::<B>(device, "base loaded");
+    Ok(loaded)
 }
 
 /// The tokenizer and chat template of a model folder or GGUF file without its weights, so that

@@ -159,6 +159,7 @@ impl<B: Backend> RewardModel<B> {
         base.embed = super::ops::dense_at_rest(base.embed);
         let h = base.cfg.hidden_size;
         let score = Tensor::from_data(TensorData::new(head, [1, h]), device);
+        crate::devmem::note::<B>(device, "reward model loaded");
         Ok(Self {
             base,
             score,
