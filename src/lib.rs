@@ -2,6 +2,7 @@
 //! LoRA adapters on one frozen, 4-bit quantized base model. See README.md for the tour and
 //! ARCHITECTURE.md for the design.
 
+pub mod alloc;
 pub mod cli;
 pub mod config;
 #[cfg(feature = "cuda")]

@@ -18,6 +18,10 @@ const EXIT_OUT_OF_MEMORY: i32 = 4;
 /// adapter (which is not written).
 const EXIT_DIVERGED: i32 = 5;
 
+/// Freed large blocks are kept for reuse (see `rlhf::alloc`).
+#[global_allocator]
+static ALLOCATOR: rlhf::alloc::BlockCache = rlhf::alloc::BlockCache;
+
 fn main() {
     rlhf::oom::install_hook(EXIT_OUT_OF_MEMORY);
     let cli = rlhf::cli::Cli::parse();

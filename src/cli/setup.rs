@@ -281,6 +281,8 @@ pub fn load_model<B: Backend>(
     };
     // The persistent weights alone: the reading the planner's load terms are checked against.
     crate::devmem::note::<B>(device, "base loaded");
+    // The load's staging buffers are not needed again: host memory back to the system.
+    crate::alloc::trim();
     Ok(loaded)
 }
 

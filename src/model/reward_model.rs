@@ -160,6 +160,7 @@ impl<B: Backend> RewardModel<B> {
         let h = base.cfg.hidden_size;
         let score = Tensor::from_data(TensorData::new(head, [1, h]), device);
         crate::devmem::note::<B>(device, "reward model loaded");
+        crate::alloc::trim();
         Ok(Self {
             base,
             score,
