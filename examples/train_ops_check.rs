@@ -20,7 +20,7 @@ use burn::tensor::{backend::Backend, ElementConversion, Tensor, TensorData};
 use common::{copy_adapter, load_nf4, median, random_adapter};
 use rlhf::cuda::qlinear::{Ad, Inner};
 use rlhf::cuda::train_ops::set_enabled;
-use rlhf::model::checkpoint::token_logps;
+use rlhf::model::logps::token_logps;
 use rlhf::model::lora::Adapter;
 use rlhf::model::{Batch, KvCache, Llama};
 use std::time::Instant;

@@ -231,7 +231,7 @@ impl<B: AutodiffBackend> PolicyModel<B> for RlhfModel<B> {
             .iter()
             .flat_map(|r| r[1..].iter().map(|&x| x as i64))
             .collect();
-        let lp = crate::model::checkpoint::token_logps(
+        let lp = crate::model::logps::token_logps(
             &self.base,
             hidden,
             labels,

@@ -1,4 +1,4 @@
-//! Gradient checkpointing at block level, and log-probs that never keep `[tokens, vocab]` logits.
+//! Gradient checkpointing at block level.
 //!
 //! burn's autodiff keeps every op's inputs until backward: for a decoder block that is ~40
 //! tensors per token (activations, attention probabilities, LoRA inputs), which made a 0.5B DPO
@@ -9,81 +9,27 @@
 //! burn's autodiff in the tests.
 //! LoRA dropout masks are reproduced by seeding the backend's RNG per block.
 //!
-//! Log-probs get the same treatment: the node keeps the final hidden states, and backward
-//! recomputes logits chunk by chunk (`plan.logits_chunk` tokens at a time).
+//! Log-probs get the same treatment (`model::logps`).
 
+use super::autodiff_op::{ad, float, from_ad, record};
 use super::config::LlamaConfig;
 use super::llama::{
     attention_probs, expand_kv, from_heads, to_heads, AttnInputs, Batch, Block, BlockTrace, Llama,
-    OutputHead, Prepared,
+    Prepared,
 };
 use super::lora::{Adapter, LoraPair, LoraTrace};
 use super::ops::{matmul, matmul_acc};
 use burn::tensor::{
     activation,
     backend::{AutodiffBackend, Backend},
-    FloatDType, IndexingUpdateOp, Int, Tensor, TensorData, TensorPrimitive,
+    FloatDType, Tensor,
 };
-use burn_autodiff::checkpoint::{base::Checkpointer, strategy::NoCheckpointing};
+use burn_autodiff::checkpoint::base::Checkpointer;
 use burn_autodiff::grads::Gradients;
-use burn_autodiff::ops::{Backward, Ops, OpsKind};
-use burn_autodiff::Autodiff;
-use std::any::Any;
+use burn_autodiff::ops::{Backward, Ops};
 use std::collections::BTreeMap;
 use std::marker::PhantomData;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-
-/// burn_autodiff's tensor type (not exported by name).
-type AutodiffTensor<IB> = burn::tensor::ops::FloatTensor<Autodiff<IB>>;
-
-fn cast<T: 'static, U: 'static>(t: T) -> Option<U> {
-    (Box::new(t) as Box<dyn Any>)
-        .downcast::<U>()
-        .ok()
-        .map(|b| *b)
-}
-
-/// The autodiff form of a tensor (`B` is `Autodiff<B::InnerBackend>`, burn's only autodiff
-/// backend; `None` if some other one ever shows up, and the caller keeps the plain path).
-fn ad<B: AutodiffBackend, const D: usize>(
-    t: &Tensor<B, D>,
-) -> Option<AutodiffTensor<B::InnerBackend>> {
-    cast::<Tensor<B, D>, Tensor<Autodiff<B::InnerBackend>, D>>(t.clone())
-        .map(|t| t.into_primitive().tensor())
-}
-
-fn from_ad<B: AutodiffBackend, const D: usize>(
-    t: AutodiffTensor<B::InnerBackend>,
-) -> Option<Tensor<B, D>> {
-    cast(Tensor::<Autodiff<B::InnerBackend>, D>::from_primitive(
-        TensorPrimitive::Float(t),
-    ))
-}
-
-fn float<B: Backend, const D: usize>(p: B::FloatTensorPrimitive) -> Tensor<B, D> {
-    Tensor::from_primitive(TensorPrimitive::Float(p))
-}
-
-/// Registers `out` as the result of `op` over `parents` (N of them, known at run time).
-fn record<IB: Backend, O, const N: usize>(
-    op: O,
-    parents: &[AutodiffTensor<IB>],
-    state: O::State,
-    out: IB::FloatTensorPrimitive,
-) -> AutodiffTensor<IB>
-where
-    O: Backward<IB, N>,
-{
-    let nodes = std::array::from_fn(|i| parents[i].node.clone());
-    match op
-        .prepare::<NoCheckpointing>(nodes)
-        .compute_bound()
-        .stateful()
-    {
-        OpsKind::Tracked(prep) => prep.finish(state, out),
-        OpsKind::UnTracked(prep) => prep.finish(out),
-    }
-}
 
 /// Seeds for LoRA dropout in checkpointed blocks: forward and recomputation draw the same masks.
 static DROPOUT_SEEDS: AtomicU64 = AtomicU64::new(0x5EED_D80F);
@@ -540,126 +486,6 @@ pub fn block_backward<B: Backend>(
     (dh, dparams)
 }
 
-// ---------------------------------------------------------------------------------------------
-// Log-probs without resident logits.
-
-#[derive(Debug, Clone)]
-struct LogpsState<IB: Backend> {
-    head: OutputHead<IB>,
-    hidden: Tensor<IB, 2>,
-    labels: Tensor<IB, 2, Int>,
-    /// The same labels on the host (the fused CUDA kernels upload each chunk's).
-    #[cfg(feature = "cuda")]
-    host_labels: Vec<u32>,
-    temperature: f64,
-    chunk: usize,
-}
-
-#[derive(Debug)]
-struct LogpsBackward<IB>(PhantomData<IB>);
-
-impl<IB: Backend> Backward<IB, 1> for LogpsBackward<IB> {
-    type State = LogpsState<IB>;
-
-    fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
-        let dlp = float::<IB, 1>(grads.consume::<IB>(&ops.node));
-        let st = ops.state;
-        let [node] = ops.parents;
-        let Some(node) = node else { return };
-        let [n, _] = st.hidden.dims();
-        let mut parts = Vec::new();
-        for s in (0..n).step_by(st.chunk) {
-            let e = (s + st.chunk).min(n);
-            let z = st.head.forward(st.hidden.clone().slice(s..e));
-            #[cfg(feature = "cuda")]
-            let z = match crate::cuda::train_ops::try_token_logps_grad(
-                z,
-                &st.host_labels[s..e],
-                &dlp.clone().slice(s..e),
-                (1.0 / st.temperature) as f32,
-            ) {
-                Ok(dz) => {
-                    // dz already carries the 1 / temperature.
-                    parts.push(st.head.backward_input(dz));
-                    crate::devmem::note::<IB>(&st.hidden.device(), "logits backward");
-                    continue;
-                }
-                Err(z) => z,
-            };
-            let labels = st.labels.clone().slice([s..e, 0..1]);
-            let dl = dlp.clone().slice(s..e).unsqueeze_dim::<2>(1);
-            let z = z / st.temperature;
-            // d log_softmax(z)[label] / dz = onehot(label) - softmax(z).
-            let dz = (activation::softmax(z, 1) * dl.clone()).neg().scatter(
-                1,
-                labels,
-                dl,
-                IndexingUpdateOp::Add,
-            );
-            parts.push(st.head.backward_input(dz) / st.temperature);
-            crate::devmem::note::<IB>(&st.hidden.device(), "logits backward");
-        }
-        grads.register::<IB>(node.id, Tensor::cat(parts, 0).into_primitive().tensor());
-    }
-}
-
-/// `log softmax(hidden W^T / temperature)[label]` per row of `hidden [n, h]`, computed `chunk`
-/// rows at a time (0 = all at once); the autodiff node keeps `hidden`, not the logits.
-pub fn token_logps<B: AutodiffBackend>(
-    model: &Llama<B>,
-    hidden: Tensor<B, 2>,
-    labels: Vec<i64>,
-    temperature: f64,
-    chunk: usize,
-) -> Tensor<B, 1> {
-    let [n, _] = hidden.dims();
-    let chunk = if chunk == 0 { n.max(1) } else { chunk };
-    let device = hidden.device();
-    #[cfg(feature = "cuda")]
-    let host_labels: Vec<u32> = labels.iter().map(|&l| l as u32).collect();
-    let labels =
-        Tensor::<B::InnerBackend, 2, Int>::from_data(TensorData::new(labels, [n, 1]), &device);
-    let Some(node) = ad::<B, 2>(&hidden) else {
-        // Not burn's autodiff type: the plain path, logits kept by the graph.
-        let z = model.output_head().forward(hidden) / temperature;
-        let labels = Tensor::<B, 2, Int>::from_inner(labels);
-        return activation::log_softmax(z, 1).gather(1, labels).reshape([n]);
-    };
-    let head = model.output_head().inner();
-    let ih = hidden.inner();
-    let mut parts = Vec::new();
-    for s in (0..n).step_by(chunk) {
-        let e = (s + chunk).min(n);
-        let z = head.forward(ih.clone().slice(s..e));
-        #[cfg(feature = "cuda")]
-        if let Some(lp) = crate::cuda::train_ops::try_token_logps(
-            &z,
-            &host_labels[s..e],
-            (1.0 / temperature) as f32,
-        ) {
-            crate::devmem::note::<B::InnerBackend>(&device, "logits forward");
-            parts.push(lp);
-            continue;
-        }
-        let lp = activation::log_softmax(z / temperature, 1);
-        crate::devmem::note::<B::InnerBackend>(&device, "logits forward");
-        let lp = lp.gather(1, labels.clone().slice([s..e, 0..1]));
-        parts.push(lp.reshape([e - s]));
-    }
-    let out = Tensor::cat(parts, 0).into_primitive().tensor();
-    let state = LogpsState {
-        head,
-        hidden: ih,
-        labels,
-        #[cfg(feature = "cuda")]
-        host_labels,
-        temperature,
-        chunk,
-    };
-    let out = record::<_, _, 1>(LogpsBackward(PhantomData), &[node], state, out);
-    from_ad::<B, 1>(out).expect("same backend as the input")
-}
-
 impl<B: AutodiffBackend> Llama<B> {
     /// A forward pass of a frozen role (the reference, with or without its adapter): nothing to
     /// differentiate, so it runs on the plain backend, where the fused CUDA ops apply and no
@@ -712,8 +538,11 @@ mod tests {
     //! tied embeddings, Mistral sliding window), NF4 and dense, with left padding and dropout.
     use super::*;
     use crate::config::{LoraConfig, ALL_TARGETS};
+    use crate::model::logps::token_logps;
     use crate::model::{Batch, LoadOptions};
     use burn::backend::NdArray;
+    use burn::tensor::{Int, TensorData};
+    use burn_autodiff::Autodiff;
     use std::path::Path;
 
     type Ad = Autodiff<NdArray<f32>>;

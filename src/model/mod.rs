@@ -1,5 +1,6 @@
 //! The Llama-family base model: configuration, forward pass and loading.
 
+pub(crate) mod autodiff_op;
 pub mod checkpoint;
 pub mod config;
 pub mod export;
@@ -8,6 +9,7 @@ pub mod gguf_source;
 pub mod linear;
 pub mod llama;
 pub mod load;
+pub mod logps;
 pub mod lora;
 pub mod ops;
 pub mod reward_model;
