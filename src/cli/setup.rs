@@ -17,12 +17,7 @@ use clap::ValueEnum;
 use rlhf_algorithms::trainer::{Metrics, Role, Trainer};
 use std::path::{Path, PathBuf};
 
-/// The CPU backend used when `--device cpu` (see README: ndarray measured faster than candle).
-#[cfg(feature = "ndarray")]
-pub type CpuBackend = burn::backend::NdArray<f32>;
-#[cfg(all(feature = "candle", not(feature = "ndarray")))]
-#[allow(deprecated)] // burn-candle is deprecated upstream; kept as the optional CPU backend the design names
-pub type CpuBackend = burn::backend::Candle<f32, i64>;
+pub use crate::model::ops::CpuBackend;
 #[cfg(feature = "cuda")]
 pub type CudaBackend = burn::backend::Cuda<f32, i32>;
 

@@ -7,8 +7,11 @@ use crate::quant::nf4::Nf4Tensor;
 use crate::quant::BaseWeight;
 use burn::tensor::{
     backend::{AutodiffBackend, Backend},
-    FloatDType, Tensor, TensorData,
+    FloatDType, Tensor, TensorData, TensorPrimitive,
 };
+use burn_autodiff::checkpoint::base::Checkpointer;
+use burn_autodiff::grads::Gradients;
+use burn_autodiff::ops::{Backward, Ops};
 use std::any::{Any, TypeId};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -65,6 +68,32 @@ impl DenseCache {
         Some(w)
     }
 
+    /// The kept form of `B` and layout `transposed`, made by `make()` on first use; `None` on
+    /// CUDA and, before anything is made, when the cache budget is spent.
+    pub fn kept<B: Backend>(
+        &self,
+        transposed: bool,
+        make: impl FnOnce() -> Tensor<B, 2>,
+    ) -> Option<Tensor<B, 2>> {
+        if ops::is_cuda::<B>() {
+            return None;
+        }
+        let key = TypeId::of::<B>();
+        let mut forms = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((_, _, t)) = forms
+            .iter()
+            .find(|(k, tr, _)| *k == key && *tr == transposed)
+        {
+            return t.downcast_ref::<Tensor<B, 2>>().cloned();
+        }
+        let t = make();
+        if !reserve(t.shape().num_elements() * 4) {
+            return None;
+        }
+        forms.push((key, transposed, Box::new(t.clone())));
+        Some(t)
+    }
+
     /// The kept form of `B` and layout `transposed`, else `make()`'s, kept when allowed.
     fn get<B: Backend>(
         &self,
@@ -87,6 +116,44 @@ impl DenseCache {
             forms.push((key, transposed, Box::new(t.clone())));
         }
         t
+    }
+}
+
+/// burn's autodiff of `x W^T` on the CPU backend: its backward multiplies by `(W^T)^T`, a
+/// transposed view that burn-ndarray copies element by element into row-major for every
+/// product. The frozen layer is one node instead, computed on the plain backend, whose
+/// backward is [`BaseLinear::backward_input`] with the kept row-major `W` (and the autodiff
+/// backend keeps no second copy of the dense weights).
+type CpuTrain = burn_autodiff::Autodiff<ops::CpuBackend>;
+
+fn cpu_train_forward<B: Backend>(lin: &BaseLinear<B>, x: &Tensor<B, 2>) -> Option<Tensor<B, 2>> {
+    let lin = (lin as &dyn Any).downcast_ref::<BaseLinear<CpuTrain>>()?;
+    let x = (x as &dyn Any).downcast_ref::<Tensor<CpuTrain, 2>>()?;
+    let node = super::autodiff_op::ad::<CpuTrain, 2>(x)?;
+    let plain = lin.inner();
+    let xi = x.clone().inner();
+    let y = xi.clone().matmul(plain.weight_t(&xi.device()));
+    let out = super::autodiff_op::record::<_, _, 1>(
+        LinearBackward,
+        &[node],
+        plain,
+        y.into_primitive().tensor(),
+    );
+    super::autodiff_op::cast(super::autodiff_op::from_ad::<CpuTrain, 2>(out)?)
+}
+
+#[derive(Debug)]
+struct LinearBackward;
+
+impl Backward<ops::CpuBackend, 1> for LinearBackward {
+    type State = BaseLinear<ops::CpuBackend>;
+
+    fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let dy = grads.consume::<ops::CpuBackend>(&ops.node);
+        let [Some(node)] = ops.parents else { return };
+        let dy = Tensor::<ops::CpuBackend, 2>::from_primitive(TensorPrimitive::Float(dy));
+        let dx = ops.state.backward_input(dy);
+        grads.register::<ops::CpuBackend>(node.id, dx.into_primitive().tensor());
     }
 }
 
@@ -256,7 +323,10 @@ impl<B: Backend> BaseLinear<B> {
             Some(y) => y,
             None => match self.few_rows(&x2, rows) {
                 Some(y) => y,
-                None => x2.matmul(self.weight_t(&device)),
+                None => match cpu_train_forward(self, &x2) {
+                    Some(y) => y,
+                    None => x2.matmul(self.weight_t(&device)),
+                },
             },
         };
         if let Some(b) = &self.bias {
@@ -338,6 +408,63 @@ impl<B: AutodiffBackend> BaseLinear<B> {
             in_features: self.in_features,
             gpu: self.gpu.clone(),
             dense: self.dense.clone(),
+        }
+    }
+}
+
+#[cfg(all(test, feature = "ndarray"))]
+mod tests {
+    use super::*;
+
+    /// The CPU training node's input gradient (and output) against burn's own autodiff of
+    /// `x W^T`, for a dense and an NF4 weight.
+    #[test]
+    fn cpu_node_matches_burn_autodiff() {
+        let dev = Default::default();
+        let (rows, inp, out) = (5, 64, 24);
+        let w: Vec<f32> = (0..out * inp)
+            .map(|i| ((i * 37) % 23) as f32 * 0.05 - 0.5)
+            .collect();
+        let xv: Vec<f32> = (0..rows * inp)
+            .map(|i| ((i * 13) % 17) as f32 * 0.1 - 0.8)
+            .collect();
+        let cv: Vec<f32> = (0..rows * out)
+            .map(|i| ((i * 7) % 5) as f32 - 2.0)
+            .collect();
+        for quantize in [false, true] {
+            let lin =
+                BaseLinear::<CpuTrain>::new(w.clone(), out, inp, None, quantize, &dev).unwrap();
+            let dense = lin.inner().dense_weight(&dev);
+            let run = |node: bool| {
+                let x = Tensor::<CpuTrain, 2>::from_data(
+                    TensorData::new(xv.clone(), [rows, inp]),
+                    &dev,
+                )
+                .require_grad();
+                let y = if node {
+                    lin.forward(x.clone())
+                } else {
+                    x.clone()
+                        .matmul(Tensor::from_inner(dense.clone()).transpose())
+                };
+                let c = Tensor::<CpuTrain, 2>::from_data(
+                    TensorData::new(cv.clone(), [rows, out]),
+                    &dev,
+                );
+                let grads = (y.clone() * c).sum().backward();
+                let g = x.grad(&grads).expect("x has a gradient");
+                (
+                    y.into_data().to_vec::<f32>().unwrap(),
+                    g.into_data().to_vec::<f32>().unwrap(),
+                )
+            };
+            let ((y1, g1), (y2, g2)) = (run(true), run(false));
+            let close = |a: &[f32], b: &[f32]| a.iter().zip(b).all(|(p, q)| (p - q).abs() < 1e-4);
+            assert!(close(&y1, &y2), "forward differs (quantize {quantize})");
+            assert!(
+                close(&g1, &g2),
+                "input gradient differs (quantize {quantize})"
+            );
         }
     }
 }

@@ -204,6 +204,7 @@ impl<B: Backend> Llama<B> {
             lm_head,
             inv_freq,
             device: device.clone(),
+            embed_t: Default::default(),
         })
     }
 

@@ -16,6 +16,13 @@ pub(crate) fn dense_at_rest<B: Backend>(w: Tensor<B, 2>) -> Tensor<B, 2> {
     w
 }
 
+/// The CPU backend used when `--device cpu` (see README: ndarray measured faster than candle).
+#[cfg(feature = "ndarray")]
+pub type CpuBackend = burn::backend::NdArray<f32>;
+#[cfg(all(feature = "candle", not(feature = "ndarray")))]
+#[allow(deprecated)] // burn-candle is deprecated upstream; kept as the optional CPU backend the design names
+pub type CpuBackend = burn::backend::Candle<f32, i64>;
+
 /// `x w^T` for a large row-major `w` (`[n, k]`, e.g. tied embeddings `[vocab, hidden]`) and
 /// fewer rows in `x`: computed as `(w x^T)^T` off CUDA, so only `x` is copied into the layout
 /// the CPU matmuls want, not `w`.

@@ -139,7 +139,7 @@ impl FusedDecode {
                     Head::Bf16(gpu)
                 }
             }
-            OutputHead::Tied(embed) => Head::Tied(Box::new(prim(embed))),
+            OutputHead::Tied(embed, _) => Head::Tied(Box::new(prim(embed))),
         };
         let vocab = cfg.vocab_size;
         let (h, q, kv, inter) = (cfg.hidden_size, nh * hd, nkv * hd, cfg.intermediate_size);
