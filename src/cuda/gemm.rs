@@ -11,11 +11,11 @@ type T = CubeTensor<CudaRuntime>;
 /// `alpha op(A) op(B) + beta D` over these tensors' buffers, on cubecl's stream (see `blas`).
 /// Each buffer is checked to hold what the shape reads or writes.
 pub fn gemm(shape: GemmShape, alpha: f32, beta: f32, a: &T, b: &T, d: &T) -> Result<()> {
-    gemm_at(shape, alpha, beta, (a, 0), (b, 0), d, d)
+    gemm_at(shape, alpha, beta, (a, 0), (b, 0), d, (d, 0))
 }
 
-/// [`gemm`] with `A` and `B` starting `offset` elements into their buffers, and `C` (the
-/// `beta` term, `D`'s layout) read from `c`.
+/// [`gemm`] with `A`, `B` and `D` starting `offset` elements into their buffers, and `C` (the
+/// `beta` term, `D`'s layout and offset) read from `c`.
 pub fn gemm_at(
     shape: GemmShape,
     alpha: f32,
@@ -23,7 +23,7 @@ pub fn gemm_at(
     (a, a_off): (&T, usize),
     (b, b_off): (&T, usize),
     c: &T,
-    d: &T,
+    (d, d_off): (&T, usize),
 ) -> Result<()> {
     let client = d.client.clone();
     let in_bytes = match shape.input {
@@ -36,8 +36,8 @@ pub fn gemm_at(
     let operands = [
         (a, sa + a_off as u64, in_bytes, a_off as u64),
         (b, sb + b_off as u64, in_bytes, b_off as u64),
-        (c, sd, 4, 0),
-        (d, sd, 4, 0),
+        (c, sd + d_off as u64, 4, d_off as u64),
+        (d, sd + d_off as u64, 4, d_off as u64),
     ];
     // One blocking round trip to cubecl's device thread for all four (patched cubecl-runtime).
     let resources = client

@@ -202,37 +202,41 @@ pub fn masked_softmax(
     }
 }
 
-/// Softmax backward through the mask and the score scale, in place on `dp`:
-/// `ds = scale * p * (dp - sum(dp * p))`, 0 where the key was masked.
+/// Softmax backward through the mask and the score scale, for `rows` score rows starting at
+/// row `row0` of `p` (and of the mask's numbering), in place on `dp`, which holds just those
+/// rows: `ds = scale * p * (dp - sum(dp * p))`, 0 where the key was masked.
 #[cube(launch_unchecked)]
 #[allow(clippy::too_many_arguments)]
 pub fn softmax_bwd(
     p: &Array<f32>,
     dp: &mut Array<f32>,
     bias: &Array<f32>,
+    row0: usize,
     rows: usize,
     heads: usize,
     t: usize,
     width: usize,
     scale: f32,
 ) {
-    let row = plane_row();
-    if row >= rows {
+    let local = plane_row();
+    if local >= rows {
         terminate!();
     }
+    let row = row0 + local;
     let brow = ((row / (heads * t)) * t + row % t) * width;
-    let srow = row * width;
+    let prow = row * width;
+    let srow = local * width;
     let lane = UNIT_POS_X as usize;
     let mut dot = 0.0f32;
     let mut k = lane;
     while k < width {
-        dot += dp[srow + k] * p[srow + k];
+        dot += dp[srow + k] * p[prow + k];
         k += 32;
     }
     let dot = plane_sum(dot);
     let mut k = lane;
     while k < width {
-        let mut v = scale * p[srow + k] * (dp[srow + k] - dot);
+        let mut v = scale * p[prow + k] * (dp[srow + k] - dot);
         if bias[brow + k] < MASKED {
             v = 0.0f32;
         }

@@ -11,7 +11,7 @@
 //! (the key and value gradients come out already summed over the group).
 
 use super::blas::{GemmIn, GemmShape};
-use super::gemm::gemm;
+use super::gemm::{gemm, gemm_at};
 use super::qlinear::Inner;
 use super::train_kernels::{
     adamw_step, masked_softmax, rms_norm_bwd, rms_norm_fwd, rope_transpose, softmax_bwd,
@@ -458,16 +458,18 @@ fn probs_of<B: Backend>(
 }
 
 /// Gradients of [`try_attention`] from `dout [b, nh, t, d]`: `(dq, dk, dv)`, the key and value
-/// gradients summed over each group (`[b, nkv, total, d]`).
+/// gradients summed over each group (`[b, nkv, total, d]`). The score gradient is made `slice`
+/// of the `b * nkv` groups at a time (`model::ops::attention_backward_slice`); `at_high` is
+/// called once, when the first slice's buffer is live beside everything else (the memory high
+/// point of the op).
 #[allow(clippy::type_complexity)]
 pub fn try_attention_backward<B: Backend>(
     dout: &Tensor<B, 4>,
-    q: &Tensor<B, 4>,
-    k: &Tensor<B, 4>,
-    v: &Tensor<B, 4>,
+    (q, k, v): (&Tensor<B, 4>, &Tensor<B, 4>, &Tensor<B, 4>),
     probs: &Tensor<B, 4>,
     bias: &Tensor<B, 3>,
     scale: f64,
+    (slice, at_high): (usize, &mut dyn FnMut()),
 ) -> Option<(Tensor<B, 4>, Tensor<B, 4>, Tensor<B, 4>)> {
     let (dop, qp, kp, vp, pp, bias) = (
         prim(dout)?,
@@ -479,34 +481,66 @@ pub fn try_attention_backward<B: Backend>(
     );
     let s = Dims::of(&qp, &kp);
     let rt = s.rep * s.t;
-    // dv = p^T dout and dp = dout v^T, per group.
+    // dv = p^T dout, per group, all groups at once.
     let dv = empty(&qp, &[s.b, s.nkv, s.total, s.d]);
     s.mm(&pp, &dop, &dv, (s.total, rt, s.d), true, false, 1.0);
-    let ds = empty(&qp, &[s.b, s.nh, s.t, s.total]);
-    s.mm(&dop, &vp, &ds, (rt, s.d, s.total), false, true, 1.0);
-    let (count, dim) = row_cubes(s.softmax_rows());
-    // SAFETY: as in `try_attention`.
-    unsafe {
-        softmax_bwd::launch_unchecked::<CudaRuntime>(
-            &qp.client,
-            count,
-            dim,
-            arr(&pp),
-            arr(&ds),
-            arr(&bias),
-            s.softmax_rows(),
-            s.nh,
-            s.t,
-            s.total,
-            scale as f32,
-        )
-    };
-    // dq = ds k, dk = ds^T q (summing the group's query heads).
     let dq = empty(&qp, &[s.b, s.nh, s.t, s.d]);
-    s.mm(&ds, &kp, &dq, (rt, s.total, s.d), false, false, 1.0);
     let dk = empty(&qp, &[s.b, s.nkv, s.total, s.d]);
-    s.mm(&ds, &qp, &dk, (s.total, rt, s.d), true, false, 1.0);
+    // The score gradient, a second `[rows, heads, T, T]` tensor if made whole, is made `slice`
+    // groups at a time in one reused buffer: the groups are contiguous blocks of every operand.
+    let units = s.b * s.nkv;
+    let slice = slice.clamp(1, units);
+    let ds = empty(&qp, &[slice * rt, s.total]);
+    // Elements per group of q/dout/dq and of k/v/dk.
+    let (qs, ks) = (rt * s.d, s.total * s.d);
+    let mut u0 = 0;
+    while u0 < units {
+        let n = slice.min(units - u0);
+        // dp = dout v^T.
+        row_gemm_at(n, (rt, s.d, s.total), (&dop, u0 * qs), (&vp, u0 * ks), (false, true), (&ds, 0));
+        let (count, dim) = row_cubes(n * rt);
+        // SAFETY: as in `try_attention`; `ds` holds the slice's `n * rt` rows, `pp` all rows.
+        unsafe {
+            softmax_bwd::launch_unchecked::<CudaRuntime>(
+                &qp.client,
+                count,
+                dim,
+                arr(&pp),
+                arr(&ds),
+                arr(&bias),
+                u0 * rt,
+                n * rt,
+                s.nh,
+                s.t,
+                s.total,
+                scale as f32,
+            )
+        };
+        if u0 == 0 {
+            at_high();
+        }
+        // dq = ds k, dk = ds^T q (summing the group's query heads).
+        row_gemm_at(n, (rt, s.total, s.d), (&ds, 0), (&kp, u0 * ks), (false, false), (&dq, u0 * qs));
+        row_gemm_at(n, (s.total, rt, s.d), (&ds, 0), (&qp, u0 * qs), (true, false), (&dk, u0 * ks));
+        u0 += n;
+    }
     Some((wrap(dq), wrap(dk), wrap(dv)))
+}
+
+/// [`row_gemm`] (`alpha = 1`, `beta = 0`) over `batch` matrices starting at element offsets of
+/// `x`, `y` and `out`.
+fn row_gemm_at(
+    batch: usize,
+    dims: (usize, usize, usize),
+    (x, x_off): (&T, usize),
+    (y, y_off): (&T, usize),
+    (tx, ty): (bool, bool),
+    (out, out_off): (&T, usize),
+) {
+    let shape = GemmShape::row_major(GemmIn::F32Tf32, batch, dims, tx, ty);
+    // cuBLAS' A is the row-major right factor (see `GemmShape::row_major`).
+    gemm_at(shape, 1.0, 0.0, (y, y_off), (x, x_off), out, (out, out_off))
+        .unwrap_or_else(|e| panic!("CUDA GEMM failed: {e:#}"));
 }
 
 /// `alpha op(x) op(y)` for row-major matrices (`op` transposes when asked), through cuBLASLt in

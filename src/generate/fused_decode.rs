@@ -458,7 +458,7 @@ impl FusedDecode {
             (&self.bufs.ws, 0),
             (&self.bufs.xb, 0),
             c,
-            out,
+            (out, 0),
         )
     }
 

@@ -247,8 +247,16 @@ fn attention_backward<B: Backend>(
 ) -> (Tensor<B, 4>, Tensor<B, 4>, Tensor<B, 4>) {
     #[cfg(feature = "cuda")]
     if let Some(bias) = &inputs.bias {
+        let device = dout.device();
+        let groups = dout.dims()[0] * tr.k.dims()[1];
+        let mut at_high = || crate::devmem::note::<B>(&device, "attention backward (score slice)");
         if let Some(r) = crate::cuda::train_ops::try_attention_backward(
-            &dout, &tr.q, &tr.k, &tr.v, &tr.probs, bias, scale,
+            &dout,
+            (&tr.q, &tr.k, &tr.v),
+            &tr.probs,
+            bias,
+            scale,
+            (super::ops::attention_backward_slice(groups), &mut at_high),
         ) {
             return r;
         }

@@ -23,6 +23,16 @@ pub type CpuBackend = burn::backend::NdArray<f32>;
 #[allow(deprecated)] // burn-candle is deprecated upstream; kept as the optional CPU backend the design names
 pub type CpuBackend = burn::backend::Candle<f32, i64>;
 
+/// The CUDA attention backward makes its score gradient (a second `[rows, heads, T, T]` tensor
+/// beside the probabilities) this many times smaller: in slices of the `rows x kv_heads` groups.
+pub const ATTENTION_BACKWARD_SLICES: usize = 8;
+
+/// Groups per slice of the CUDA attention backward for `groups = rows x kv_heads` (the planner
+/// counts one slice of `[rep x T, T]` f32 per group).
+pub fn attention_backward_slice(groups: usize) -> usize {
+    groups.div_ceil(ATTENTION_BACKWARD_SLICES).max(1)
+}
+
 /// `x w^T` for a large row-major `w` (`[n, k]`, e.g. tied embeddings `[vocab, hidden]`) and
 /// fewer rows in `x`: computed as `(w x^T)^T` off CUDA, so only `x` is copied into the layout
 /// the CPU matmuls want, not `w`.

@@ -516,8 +516,15 @@ fn engine_pass_items(s: &Setup, m: &LlamaConfig, p: &Pass, graphs: f64) -> Optio
     let logits = chunk * v * 4 + 2 * nh;
     // Attention backward of a recomputed block: four `[N, h]` and five `[N, kv]` (the trace's
     // attention side and the gradients in flight, as the allocator listed them), the mask bias
-    // and the recomputed probabilities `[r, a, T, T]`.
-    let attention = 4 * nh + 5 * nkv + mask + r * a * t * t * 4;
+    // and the recomputed probabilities `[r, a, T, T]`; the forward holds all but the last: one
+    // slice of the score gradient, `[g, a / kv_heads x T, T]` for `g` of the `r x kv_heads`
+    // groups (`ops::attention_backward_slice`).
+    let kv_heads = m.num_key_value_heads as u64;
+    let attention_fwd = 4 * nh + 5 * nkv + mask + r * a * t * t * 4;
+    let groups = crate::model::ops::attention_backward_slice((r * kv_heads) as usize) as u64;
+    let rep = a / kv_heads;
+    let score_slice = groups * rep * t * t * 4;
+    let attention = attention_fwd + score_slice;
     let mut items = Vec::new();
     match p.kind {
         PassKind::Generate { prompt, completion } => {
@@ -576,7 +583,7 @@ fn engine_pass_items(s: &Setup, m: &LlamaConfig, p: &Pass, graphs: f64) -> Optio
                 Life::Transient,
                 bytes,
                 tag(format!(
-                    "{what}, the largest of: logits ([{chunk}, {v}] + 2 x [{n}, {h}], {:.2} GiB), MLP backward (7 x [{n}, {h}] + 2 x [{n}, {kv}] + [{r}, {t}, {t}] + 2 x [{c}, {i}] + [{c}, {h}], {:.2} GiB), attention backward (4 x [{n}, {h}] + 5 x [{n}, {kv}] + [{r}, {t}, {t}] + [{r}, {a}, {t}, {t}], {:.2} GiB), f32",
+                    "{what}, the largest of: logits ([{chunk}, {v}] + 2 x [{n}, {h}], {:.2} GiB), MLP backward (7 x [{n}, {h}] + 2 x [{n}, {kv}] + [{r}, {t}, {t}] + 2 x [{c}, {i}] + [{c}, {h}], {:.2} GiB), attention backward (4 x [{n}, {h}] + 5 x [{n}, {kv}] + [{r}, {t}, {t}] + [{r}, {a}, {t}, {t}] + [{groups}, {rep}, {t}, {t}], {:.2} GiB), f32",
                     logits as f64 / GIB,
                     mlp as f64 / GIB,
                     attention as f64 / GIB
@@ -591,7 +598,7 @@ fn engine_pass_items(s: &Setup, m: &LlamaConfig, p: &Pass, graphs: f64) -> Optio
             items.push(item(
                 T_BLOCK,
                 Life::Transient,
-                logits.max(attention).max(mlp),
+                logits.max(attention_fwd).max(mlp),
                 tag(format!(
                     "the largest of logits ([{chunk}, {v}] + 2 x [{n}, {h}] f32), one block's attention (as in training) and its MLP ([{n}, 3 x {h} + 3 x {i}] f32), no grads"
                 )),
