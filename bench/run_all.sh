@@ -294,7 +294,7 @@ fi
 
 # --- the planner's verdict at the edge of a 24 GB card, under the cap: DPO 20b, 2 pairs of rows
 # longer than the shipped config's, budget 23.6 GiB (the cap). 2,176-token rows plan "fits" with
-# 4.3% headroom (2 steps, a checkpoint each); 2,432-token rows plan "does not fit" by 3.0%, forced
+# 2.3% headroom (2 steps, a checkpoint each); 2,432-token rows plan "does not fit" by 5.4%, forced
 # from the first run's checkpoint (it must fail with exit 4 and one line); then the first run
 # resumes from its checkpoint and takes step 3.
 if want edge-20b memory; then

@@ -106,7 +106,10 @@ pub struct Calibration {
     /// training high points are counted tensor by tensor ([`engine_pass_items`], from the
     /// allocator's live allocations at each labelled high point, `RLHF_TRACE_ALLOCS=1`). This
     /// one and the next are fitted: `h`-wide f32 values per prompt token alive when the decode
-    /// is set up after the prefill (the prefill's last block and hidden states).
+    /// is set up after the prefill (the prefill's last block and hidden states). Fitted on two
+    /// 8b GRPO runs of 8 rows, 128- and 512-token prompts (H100, 2026-12-07), to the smallest
+    /// worst error (-2.6% / +2.6% of their peaks): what the prefill leaves grows slower than its
+    /// prompt (440 and 823 MiB), so longer prompts are planned on the safe side.
     pub engine_prefill: f64,
     /// PPO's training step as a multiple of one pass's checkpoints (the graph being
     /// back-propagated, the policy term's values kept for the value term, rollout buffers);
@@ -120,7 +123,7 @@ pub struct Calibration {
 
 /// The planner's constants. See [`Calibration`].
 pub const CALIBRATION: Calibration = Calibration {
-    source: "engine training terms counted from the allocator's live tensors, checked against 11 runs on an H200 (BENCHMARKS.md, 2026-12-02; engine_prefill and engine_ppo_kept fitted); the rest estimates",
+    source: "engine training terms counted from the allocator's live tensors, checked against 19 runs on an H200 and an H100 (BENCHMARKS.md, 2026-12-02 to 2026-12-07; engine_prefill, engine_ppo_kept and engine_ppo_logits fitted); the rest estimates",
     // What a run takes of the card beyond what the allocator holds: the CUDA context, cuBLASLt
     // and the loaded kernels, and blocks the driver's stream-ordered pool keeps between
     // synchronizations. Card minus the allocator's reservation on an H100 (2026-12-06/07,
@@ -135,7 +138,7 @@ pub const CALIBRATION: Calibration = Calibration {
     logits_buffers_infer: 2.0,
     attention_kept_per_layer: 2.0,
     sampling_buffers: 6.0,
-    engine_prefill: 27.5,
+    engine_prefill: 16.3,
     engine_ppo_kept: 2.57,
     engine_ppo_logits: 2.09,
 };
