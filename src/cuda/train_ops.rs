@@ -497,7 +497,14 @@ pub fn try_attention_backward<B: Backend>(
     while u0 < units {
         let n = slice.min(units - u0);
         // dp = dout v^T.
-        row_gemm_at(n, (rt, s.d, s.total), (&dop, u0 * qs), (&vp, u0 * ks), (false, true), (&ds, 0));
+        row_gemm_at(
+            n,
+            (rt, s.d, s.total),
+            (&dop, u0 * qs),
+            (&vp, u0 * ks),
+            (false, true),
+            (&ds, 0),
+        );
         let (count, dim) = row_cubes(n * rt);
         // SAFETY: as in `try_attention`; `ds` holds the slice's `n * rt` rows, `pp` all rows.
         unsafe {
@@ -520,8 +527,22 @@ pub fn try_attention_backward<B: Backend>(
             at_high();
         }
         // dq = ds k, dk = ds^T q (summing the group's query heads).
-        row_gemm_at(n, (rt, s.total, s.d), (&ds, 0), (&kp, u0 * ks), (false, false), (&dq, u0 * qs));
-        row_gemm_at(n, (s.total, rt, s.d), (&ds, 0), (&qp, u0 * qs), (true, false), (&dk, u0 * ks));
+        row_gemm_at(
+            n,
+            (rt, s.total, s.d),
+            (&ds, 0),
+            (&kp, u0 * ks),
+            (false, false),
+            (&dq, u0 * qs),
+        );
+        row_gemm_at(
+            n,
+            (s.total, rt, s.d),
+            (&ds, 0),
+            (&qp, u0 * qs),
+            (true, false),
+            (&dk, u0 * ks),
+        );
         u0 += n;
     }
     Some((wrap(dq), wrap(dk), wrap(dv)))
