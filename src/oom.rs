@@ -1,7 +1,8 @@
-//! Out of device memory as an error, not a panic.
+//! Out of device memory, and the other device failures we can name, as an error, not a panic.
 //!
-//! burn's tensor ops cannot return errors, so an allocation the device refuses surfaces as a
-//! panic deep inside cubecl, possibly with the device's lock held. Unwinding from there would
+//! burn's tensor ops cannot return errors, so an allocation the device refuses (or a CUDA driver,
+//! cuBLASLt or kernel failure) surfaces as a panic deep inside cubecl or our fast paths, possibly
+//! with the device's lock held. Unwinding from there would
 //! drop tensors through that same state, so we do not unwind: a panic hook recognises the
 //! allocation failure, prints one line naming the phase the run was in, what the allocator
 //! held and what the plan said, and exits with the code `main` gives it. Checkpoints are written
@@ -9,7 +10,8 @@
 //! `--resume` continues from it.
 //!
 //! The run marks its phases with [`enter`]. `RLHF_FAULT_OOM=PHASE@N` makes the N-th entry into
-//! PHASE fail as a device allocation would (how the exit path is tested without a GPU).
+//! PHASE fail as a device allocation would, `RLHF_FAULT_DEVICE=PHASE@N` as a failed kernel launch
+//! would (how the exit paths are tested without a GPU).
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
@@ -42,11 +44,17 @@ pub fn enter(phase: &'static str) {
             }
         }
     };
-    if let Ok(fault) = std::env::var("RLHF_FAULT_OOM") {
-        let (p, at) = fault.split_once('@').unwrap_or((fault.as_str(), "1"));
-        if p == phase && at.parse::<u64>().ok() == Some(n) {
-            panic!("can't allocate buffer of size: 268435456 (forced by RLHF_FAULT_OOM)");
-        }
+    let armed = |var: &str| {
+        std::env::var(var).is_ok_and(|fault| {
+            let (p, at) = fault.split_once('@').unwrap_or((fault.as_str(), "1"));
+            p == phase && at.parse::<u64>().ok() == Some(n)
+        })
+    };
+    if armed("RLHF_FAULT_OOM") {
+        panic!("can't allocate buffer of size: 268435456 (forced by RLHF_FAULT_OOM)");
+    }
+    if armed("RLHF_FAULT_DEVICE") {
+        panic!("DriverError(CUDA_ERROR_LAUNCH_FAILED, \"unspecified launch failure\") (forced by RLHF_FAULT_DEVICE)");
     }
 }
 
@@ -64,6 +72,34 @@ pub fn is_out_of_memory(msg: &str) -> bool {
         || msg.contains("BufferTooBig")
         || msg.contains("OUT_OF_MEMORY")
         || msg.contains("out of memory")
+}
+
+/// What a panic message of another device failure contains: the CUDA driver's and cuBLAS's
+/// status names, and the messages of our own fast paths when a launch or a GEMM fails.
+const DEVICE_FAILURES: [&str; 6] = [
+    "CUDA_ERROR_",
+    "CUBLAS_STATUS_",
+    "CUDA GEMM failed",
+    "CUDA linear layer failed",
+    "CUDA linear backward failed",
+    "failed on the GPU",
+];
+
+/// Whether a panic message is a device failure other than out of memory (see
+/// [`DEVICE_FAILURES`]).
+pub fn is_device_error(msg: &str) -> bool {
+    !is_out_of_memory(msg) && DEVICE_FAILURES.iter().any(|p| msg.contains(p))
+}
+
+/// The one-line message for another device failure during the current phase: the failure's
+/// first line (at most 300 characters) and what to do.
+pub fn device_message(panic_msg: &str) -> String {
+    let phase = *PHASE.lock().unwrap_or_else(|e| e.into_inner());
+    let first = panic_msg.lines().next().unwrap_or("").trim();
+    let first: String = first.chars().take(300).collect();
+    format!(
+        "GPU failure in {phase}: {first}; the device state is lost, so the run stopped; the last checkpoint in output_dir is intact (--resume continues from it)"
+    )
 }
 
 /// The one-line message for an allocation failure during the current phase.
@@ -98,9 +134,9 @@ pub fn message(panic_msg: &str) -> String {
     m
 }
 
-/// Installs the hook: allocation failures print one line and exit with `exit_code`; every other
-/// panic goes to the default hook.
-pub fn install_hook(exit_code: i32) {
+/// Installs the hook: allocation failures print one line and exit with `exit_code`, other device
+/// failures one line and `device_code`; every other panic goes to the default hook.
+pub fn install_hook(exit_code: i32, device_code: i32) {
     let default = std::panic::take_hook();
     std::panic::set_hook(Box::new(move |info| {
         let payload = info.payload();
@@ -112,6 +148,10 @@ pub fn install_hook(exit_code: i32) {
             Some(msg) if is_out_of_memory(&msg) => {
                 eprintln!("error: {}", message(&msg));
                 std::process::exit(exit_code);
+            }
+            Some(msg) if is_device_error(&msg) => {
+                eprintln!("error: {}", device_message(&msg));
+                std::process::exit(device_code);
             }
             _ => default(info),
         }
@@ -134,6 +174,32 @@ mod tests {
             "DriverError(CUDA_ERROR_OUT_OF_MEMORY, \"out of memory\")"
         ));
         assert!(!is_out_of_memory("index out of bounds: the len is 3"));
+    }
+
+    #[test]
+    fn recognises_other_device_failures_only() {
+        for msg in [
+            "DriverError(CUDA_ERROR_ILLEGAL_ADDRESS, \"an illegal memory access was encountered\")",
+            "CUDA GEMM failed: cuBLASLt matmul: CUBLAS_STATUS_EXECUTION_FAILED",
+            "CUDA linear layer failed: launch",
+            "CUDA linear backward failed: launch",
+            "qlinear backward failed on the GPU: launch",
+        ] {
+            assert!(is_device_error(msg), "{msg}");
+        }
+        assert!(!is_device_error(
+            "DriverError(CUDA_ERROR_OUT_OF_MEMORY, \"out of memory\")"
+        ));
+        assert!(!is_device_error("index out of bounds: the len is 3"));
+    }
+
+    #[test]
+    fn device_message_is_one_line_naming_the_phase() {
+        enter("rollout");
+        let m = device_message("DriverError(CUDA_ERROR_LAUNCH_FAILED, \"x\")\nstack backtrace:");
+        assert!(m.starts_with("GPU failure in rollout: DriverError(CUDA_ERROR_LAUNCH_FAILED"));
+        assert!(m.contains("--resume"));
+        assert!(!m.contains('\n'));
     }
 
     #[test]
