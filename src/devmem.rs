@@ -40,11 +40,12 @@ pub fn note<B: Backend>(device: &B::Device, what: &str) {
     if let Some(m) = usage::<B>(device) {
         if crate::switches::switches().trace_mem {
             eprintln!(
-                "mem {what}: {:.1} MiB in use, {:.1} MiB reserved, {:.1} MiB held, {} releases",
+                "mem {what}: {:.1} MiB in use, {:.1} MiB reserved, {:.1} MiB held, {} releases, {:.1} MiB device used",
                 m.in_use as f64 / 1048576.0,
                 m.reserved as f64 / 1048576.0,
                 held_bytes().unwrap_or(0) as f64 / 1048576.0,
-                release_count()
+                release_count(),
+                device_used().unwrap_or(0) as f64 / 1048576.0
             );
         }
         NOTED_IN_USE.fetch_max(m.in_use, Ordering::Relaxed);
@@ -69,6 +70,19 @@ pub fn bound_allocator(limit: u64) {
         cubecl::cuda::set_reserve_limit(Some(limit));
     }
     let _ = limit;
+}
+
+/// Bytes in use on the whole device (every process), from the driver; `None` on the CPU
+/// backends or before a CUDA context exists.
+pub fn device_used() -> Option<u64> {
+    #[cfg(feature = "cuda")]
+    {
+        crate::cuda::device_used()
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        None
+    }
 }
 
 /// How many times the CUDA allocator gave its cached pages back (for the reservation limit or

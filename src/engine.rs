@@ -189,34 +189,37 @@ impl<B: Backend> RlhfModel<B> {
     }
 }
 
-/// The run phase a pass of `role` belongs to, for the out-of-memory message: the reference only
-/// scores; passes of the other roles are counted as the train step (PPO's reward and value
-/// passes during the rollout included).
-fn phase_of(role: Role) -> &'static str {
-    match role {
-        Role::Reference => "scoring",
-        _ => "train step",
+/// The run phase a pass belongs to, for the out-of-memory message: a pass that records a graph
+/// is the train step's; the reference's and every rollout scoring pass are scoring.
+fn phase_of(graph: bool) -> &'static str {
+    if graph {
+        "train step"
+    } else {
+        "scoring"
     }
 }
 
-impl<B: AutodiffBackend> PolicyModel<B> for RlhfModel<B> {
-    fn token_logps(
+impl<B: AutodiffBackend> RlhfModel<B> {
+    /// Log-probs of `role`; `graph`: through the training forward (differentiable), else through
+    /// the frozen forward, which records nothing (the reference, and every scoring pass).
+    fn logps(
         &self,
         role: Role,
         batch: &TokenBatch,
         temperature: f64,
+        graph: bool,
     ) -> Result<Tensor<B, 2>> {
         anyhow::ensure!(!batch.is_empty(), "empty batch");
         anyhow::ensure!(
             batch.ids[0].len() >= 2,
             "sequences need at least two tokens"
         );
-        crate::oom::enter(phase_of(role));
+        crate::oom::enter(phase_of(graph));
         let adapter = self.adapter(role)?;
         let device = self.base.device.clone();
         let (b, t, h) = (batch.len(), batch.ids[0].len(), self.base.cfg.hidden_size);
         let input = Batch::new(&batch.ids, batch.valid.clone(), &device);
-        let hidden = if role == Role::Reference {
+        let hidden = if !graph {
             self.base.forward_hidden_frozen(&input, adapter)
         } else {
             self.base
@@ -246,30 +249,65 @@ impl<B: AutodiffBackend> PolicyModel<B> for RlhfModel<B> {
             .flat_map(|r| r.iter().map(|&m| if m { 1.0 } else { 0.0 }))
             .collect();
         let out = lp * Tensor::<B, 2>::from_data(TensorData::new(mask, [b, t]), &device);
-        Ok(if role == Role::Reference {
-            out.detach()
-        } else {
-            out
-        })
+        Ok(if graph { out } else { out.detach() })
     }
 
-    fn head_scores(&self, role: Role, batch: &TokenBatch) -> Result<Tensor<B, 2>> {
+    /// The scalar head of `role` at every position; `graph` as in [`Self::logps`] (without it,
+    /// the head's product runs on the plain backend too).
+    fn heads_of(&self, role: Role, batch: &TokenBatch, graph: bool) -> Result<Tensor<B, 2>> {
         let head = self
             .heads
             .get(&role)
             .with_context(|| format!("no {} head is loaded", role.name()))?;
-        crate::oom::enter(phase_of(role));
+        crate::oom::enter(phase_of(graph));
         let adapter = self.adapter(role)?;
         let device = self.base.device.clone();
         let input = Batch::new(&batch.ids, batch.valid.clone(), &device);
+        fn product<X: Backend>(hidden: Tensor<X, 3>, head: Tensor<X, 2>) -> Tensor<X, 2> {
+            let [b, t, h] = hidden.dims();
+            hidden
+                .reshape([b * t, h])
+                .matmul(head.transpose())
+                .reshape([b, t])
+        }
+        if !graph {
+            let hidden = self.base.forward_hidden_frozen(&input, adapter);
+            let scores = product(hidden.inner(), head.clone().inner());
+            return Ok(Tensor::from_inner(scores));
+        }
         let hidden = self
             .base
             .forward_hidden_train(&input, adapter, self.checkpoint);
-        let [b, t, h] = hidden.dims();
-        Ok(hidden
-            .reshape([b * t, h])
-            .matmul(head.clone().transpose())
-            .reshape([b, t]))
+        Ok(product(hidden, head.clone()))
+    }
+}
+
+impl<B: AutodiffBackend> PolicyModel<B> for RlhfModel<B> {
+    fn token_logps(
+        &self,
+        role: Role,
+        batch: &TokenBatch,
+        temperature: f64,
+    ) -> Result<Tensor<B, 2>> {
+        // The reference never trains: its passes record nothing.
+        self.logps(role, batch, temperature, role != Role::Reference)
+    }
+
+    fn score_logps(
+        &self,
+        role: Role,
+        batch: &TokenBatch,
+        temperature: f64,
+    ) -> Result<Tensor<B, 2>> {
+        self.logps(role, batch, temperature, false)
+    }
+
+    fn head_scores(&self, role: Role, batch: &TokenBatch) -> Result<Tensor<B, 2>> {
+        self.heads_of(role, batch, true)
+    }
+
+    fn score_heads(&self, role: Role, batch: &TokenBatch) -> Result<Tensor<B, 2>> {
+        self.heads_of(role, batch, false)
     }
 
     fn sequence_scores(&self, role: Role, batch: &TokenBatch) -> Result<Tensor<B, 1>> {
@@ -282,7 +320,10 @@ impl<B: AutodiffBackend> PolicyModel<B> for RlhfModel<B> {
                     &self.base.device,
                 ))
             }
-            _ => rlhf_algorithms::rm::last_token_scores(self, role, batch),
+            _ => Ok(rlhf_algorithms::rm::at_last_token(
+                self.score_heads(role, batch)?,
+                batch,
+            )),
         }
     }
 

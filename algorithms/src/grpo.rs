@@ -453,7 +453,7 @@ impl GrpoTrainer {
             .collect();
         let tb = TokenBatch::from_pairs(&rows, s.pad_id);
         let temperature = f64::from(s.sampling.temperature);
-        let policy = model.token_logps(Role::Policy, &tb, temperature)?.detach();
+        let policy = model.score_logps(Role::Policy, &tb, temperature)?;
         let reference = model.token_logps(Role::Reference, &tb, temperature)?;
         let mask = self.completion_mask::<B>(&tb, truncated, &model.device())?;
         let per_token = (policy - reference) * mask.clone();

@@ -280,19 +280,15 @@ impl PpoTrainer {
         let prompt_lens: Vec<usize> = prompts.iter().map(Vec::len).collect();
         let lp_idx = response_index::<B>(&prompt_lens, width, 0, tb.ids[0].len(), &device);
         let v_idx = response_index::<B>(&prompt_lens, width, -1, tb.ids[0].len(), &device);
+        // Scored without graphs: nothing of these passes stays alive into the training step.
         let logprobs = model
-            .token_logps(Role::Policy, &tb, temperature)?
-            .detach()
+            .score_logps(Role::Policy, &tb, temperature)?
             .gather(1, lp_idx.clone());
         let ref_logprobs = model
-            .token_logps(Role::Reference, &tb, temperature)?
-            .detach()
+            .score_logps(Role::Reference, &tb, temperature)?
             .gather(1, lp_idx);
-        let values = model
-            .head_scores(Role::Value, &tb)?
-            .detach()
-            .gather(1, v_idx);
-        let scores = model.sequence_scores(Role::Reward, &tb)?.detach();
+        let values = model.score_heads(Role::Value, &tb)?.gather(1, v_idx);
+        let scores = model.sequence_scores(Role::Reward, &tb)?;
         let sequence_lengths: Vec<i64> = completions
             .iter()
             .map(|c| c.tokens.len() as i64 - 1)
@@ -584,7 +580,7 @@ pub fn mean_sampled_score<B: AutodiffBackend>(
             .map(|(p, c)| (p.as_slice(), c.tokens.as_slice()))
             .collect();
         let tb = TokenBatch::from_pairs(&pairs, pad_id);
-        let scores = to_f64(model.sequence_scores(Role::Reward, &tb)?.detach());
+        let scores = to_f64(model.sequence_scores(Role::Reward, &tb)?);
         for (s, c) in scores.iter().zip(&completions) {
             total += s - if c.stopped {
                 0.0

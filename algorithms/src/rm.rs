@@ -6,7 +6,7 @@ use crate::dpo::{concat_pairs, PairExample};
 use crate::losses::{reward_loss, RewardLossConfig};
 use crate::trainer::{PolicyModel, Role, StepOutput, Trainer};
 use anyhow::Result;
-use burn::tensor::backend::AutodiffBackend;
+use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{Int, Tensor, TensorData};
 
 pub struct RewardTrainer {
@@ -20,11 +20,18 @@ pub fn last_token_scores<B: AutodiffBackend>(
     role: Role,
     tb: &crate::trainer::TokenBatch,
 ) -> Result<Tensor<B, 1>> {
-    let scores = model.head_scores(role, tb)?;
+    Ok(at_last_token(model.head_scores(role, tb)?, tb))
+}
+
+/// The scores `[b, t]` read at each row's last real token: `[b]`.
+pub fn at_last_token<B: Backend>(
+    scores: Tensor<B, 2>,
+    tb: &crate::trainer::TokenBatch,
+) -> Tensor<B, 1> {
     let last: Vec<i64> = tb.last_index().iter().map(|&i| i as i64).collect();
     let n = last.len();
-    let idx = Tensor::<B, 2, Int>::from_data(TensorData::new(last, [n, 1]), &model.device());
-    Ok(scores.gather(1, idx).squeeze_dim(1))
+    let idx = Tensor::<B, 2, Int>::from_data(TensorData::new(last, [n, 1]), &scores.device());
+    scores.gather(1, idx).squeeze_dim(1)
 }
 
 impl<B: AutodiffBackend> Trainer<B> for RewardTrainer {

@@ -138,17 +138,32 @@ pub trait PolicyModel<B: AutodiffBackend> {
     /// The scalar head of `role` ([`Role::Reward`] or [`Role::Value`]) at every position, `[b, t]`.
     fn head_scores(&self, role: Role, batch: &TokenBatch) -> Result<Tensor<B, 2>>;
 
-    /// One reward per row `[b]` under `role`: the head's score at each row's last real token,
-    /// or what a model with another reward source (a separate reward model) gives instead.
+    /// [`token_logps`](Self::token_logps) for scoring a rollout: the result carries no graph.
+    /// A graph recorded and then detached is not freed until the next backward, so a scoring
+    /// pass through the training forward would keep its activations alive into the next step.
+    fn score_logps(
+        &self,
+        role: Role,
+        batch: &TokenBatch,
+        temperature: f64,
+    ) -> Result<Tensor<B, 2>> {
+        Ok(self.token_logps(role, batch, temperature)?.detach())
+    }
+
+    /// [`head_scores`](Self::head_scores) for scoring a rollout, without a graph (see
+    /// [`score_logps`](Self::score_logps)).
+    fn score_heads(&self, role: Role, batch: &TokenBatch) -> Result<Tensor<B, 2>> {
+        Ok(self.head_scores(role, batch)?.detach())
+    }
+
+    /// One reward per row `[b]` under `role`, without a graph: the head's score at each row's
+    /// last real token, or what a model with another reward source (a separate reward model)
+    /// gives instead.
     fn sequence_scores(&self, role: Role, batch: &TokenBatch) -> Result<Tensor<B, 1>> {
-        let scores = self.head_scores(role, batch)?;
-        let last: Vec<i64> = batch.last_index().iter().map(|&i| i as i64).collect();
-        let n = last.len();
-        let idx = Tensor::<B, 2, burn::tensor::Int>::from_data(
-            burn::tensor::TensorData::new(last, [n, 1]),
-            &self.device(),
-        );
-        Ok(scores.gather(1, idx).squeeze_dim(1))
+        Ok(crate::rm::at_last_token(
+            self.score_heads(role, batch)?,
+            batch,
+        ))
     }
 
     /// Samples one completion per prompt under `role` with a KV cache; records no graph.

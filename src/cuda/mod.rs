@@ -23,6 +23,14 @@ pub fn memory_usage<B: Backend>(device: &B::Device) -> Option<(u64, u64)> {
     Some((usage.bytes_in_use, usage.bytes_reserved))
 }
 
+/// Bytes the whole device has in use (total minus free, every process), read from the driver in
+/// the current context; `None` when no context is current. For `RLHF_TRACE_MEM`: what the card
+/// holds beyond the allocator (context, modules, local memory) shows as the difference.
+pub fn device_used() -> Option<u64> {
+    let (free, total) = cudarc::driver::result::mem_get_info().ok()?;
+    Some((total - free) as u64)
+}
+
 pub mod blas;
 pub mod gemm;
 pub mod kernels;
