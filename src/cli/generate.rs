@@ -51,7 +51,8 @@ pub fn run(args: &GenerateArgs) -> Result<Outcome> {
 impl OnBackend for GenerateArgs {
     type Output = ();
     fn run<B: Backend>(&self, device: &B::Device) -> Result<()> {
-        generate_on::<B>(self, device)
+        println!("{}", answer::<B>(self, device)?);
+        Ok(())
     }
 }
 
@@ -87,8 +88,9 @@ fn check_context(prompt_tokens: usize, args: &GenerateArgs, context: usize) -> R
     Ok(())
 }
 
-/// `rlhf generate` on backend `B`.
-fn generate_on<B: Backend>(args: &GenerateArgs, device: &B::Device) -> Result<()> {
+/// What `rlhf generate` prints, computed on backend `B` (any backend: the tests run it on each
+/// CPU backend).
+pub fn answer<B: Backend>(args: &GenerateArgs, device: &B::Device) -> Result<String> {
     check_generate_args(args)?;
     let loaded = load_model::<B>(&args.model, !args.no_quantize, device)?;
     let adapter = match &args.adapter {
@@ -128,6 +130,5 @@ fn generate_on<B: Backend>(args: &GenerateArgs, device: &B::Device) -> Result<()
         .copied()
         .filter(|t| !stop.contains(t))
         .collect();
-    println!("{}", loaded.tok.decode(&toks, true)?);
-    Ok(())
+    loaded.tok.decode(&toks, true)
 }
