@@ -105,25 +105,17 @@ pub struct Calibration {
     /// The CUDA engine (f32 compute, NF4 base, block checkpointing; [`Setup::engine`]): its
     /// training high points are counted tensor by tensor ([`engine_pass_items`], from the
     /// allocator's live allocations at each labelled high point, `RLHF_TRACE_ALLOCS=1`). This
-    /// one and the next are fitted: `h`-wide f32 values per prompt token alive when the decode
+    /// one is fitted: `h`-wide f32 values per prompt token alive when the decode
     /// is set up after the prefill (the prefill's last block and hidden states). Fitted on two
     /// 8b GRPO runs of 8 rows, 128- and 512-token prompts (H100, 2026-12-07), to the smallest
     /// worst error (-2.6% / +2.6% of their peaks): what the prefill leaves grows slower than its
     /// prompt (440 and 823 MiB), so longer prompts are planned on the safe side.
     pub engine_prefill: f64,
-    /// PPO's training step as a multiple of one pass's checkpoints (the graph being
-    /// back-propagated, the policy term's values kept for the value term, rollout buffers);
-    /// fitted on two PPO runs (0.5b, 20b at 8 rows), where it is one checkpoint set less than
-    /// when the policy and value graphs were alive together.
-    pub engine_ppo_kept: f64,
-    /// `[rows x response, V]` f32 buffers PPO's training step keeps beside the larger pass's
-    /// working set (the policy pass's logits for its loss and entropy).
-    pub engine_ppo_logits: f64,
 }
 
 /// The planner's constants. See [`Calibration`].
 pub const CALIBRATION: Calibration = Calibration {
-    source: "engine training terms counted from the allocator's live tensors, checked against 19 runs on an H200 and an H100 (BENCHMARKS.md, 2026-12-02 to 2026-12-07; engine_prefill, engine_ppo_kept and engine_ppo_logits fitted); the rest estimates",
+    source: "engine training terms counted from the allocator's live tensors, checked against 19 runs on an H200 and an H100 (BENCHMARKS.md, 2026-12-02 to 2026-12-07; engine_prefill fitted); the rest estimates",
     // What a run takes of the card beyond what the allocator holds: the CUDA context, cuBLASLt
     // and the loaded kernels, and blocks the driver's stream-ordered pool keeps between
     // synchronizations. Card minus the allocator's reservation on an H100 (2026-12-06/07,
@@ -139,8 +131,6 @@ pub const CALIBRATION: Calibration = Calibration {
     attention_kept_per_layer: 2.0,
     sampling_buffers: 6.0,
     engine_prefill: 16.3,
-    engine_ppo_kept: 2.57,
-    engine_ppo_logits: 2.09,
 };
 
 /// Rows of a block's MLP the engine recomputes at once: each `[rows, i]` f32 tensor within
@@ -359,10 +349,9 @@ pub const T_KEPT: &str = "activations kept";
 pub const T_BLOCK: &str = "block workspace";
 pub const T_ATTENTION: &str = "attention scores";
 pub const T_LOGITS: &str = "logits";
-pub const T_POLICY_LOGITS: &str = "policy logits kept";
 pub const T_SLACK: &str = "allocator slack";
 
-const TERM_ORDER: [&str; 19] = [
+const TERM_ORDER: [&str; 18] = [
     T_CONTEXT,
     T_LINEARS,
     T_DENSE,
@@ -380,7 +369,6 @@ const TERM_ORDER: [&str; 19] = [
     T_BLOCK,
     T_ATTENTION,
     T_LOGITS,
-    T_POLICY_LOGITS,
     T_SLACK,
 ];
 

@@ -632,6 +632,9 @@ impl<B: Backend> Block<B> {
         }
         let gate = self.linear_lora(layer, "gate_proj", x2.clone(), adapter, None);
         let up = self.linear_lora(layer, "up_proj", x2, adapter, None);
+        // The high point of a forward without a graph (scoring, prefill): both `[rows,
+        // intermediate]` products alive.
+        crate::devmem::note::<B>(&up.device(), "block forward (MLP)");
         let act = swiglu(gate, up);
         let m = self.linear_lora(layer, "down_proj", act, adapter, None);
         h2 + m

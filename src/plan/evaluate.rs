@@ -10,8 +10,8 @@ use super::{
     count, engine_mlp_rows, logits_rows, Algo, Item, Life, ModelSummary, Pass, PassKind, Phase,
     Plan, RewardSource, Setup, Term, Workload, CALIBRATION, GIB, ROLLOUT_BYTES_PER_TOKEN,
     TERM_ORDER, T_ADAPTERS, T_ATTENTION, T_BLOCK, T_CONTEXT, T_DENSE, T_GRADS, T_HEADS, T_KEPT,
-    T_KV, T_LINEARS, T_LOGITS, T_MOMENTS, T_POLICY_LOGITS, T_REWARD_MODEL, T_ROLLOUT, T_SAMPLING,
-    T_SLACK, T_STAGING, T_WORKSPACE,
+    T_KV, T_LINEARS, T_LOGITS, T_MOMENTS, T_REWARD_MODEL, T_ROLLOUT, T_SAMPLING, T_SLACK,
+    T_STAGING, T_WORKSPACE,
 };
 use crate::config::{Device, Quantize, RunConfig};
 use crate::model::config::LlamaConfig;
@@ -266,40 +266,15 @@ fn phase_items(s: &Setup, w: &Workload, phase: Phase, passes: &[Pass]) -> Vec<It
             ));
         }
     }
-    // Passes run one after the other: keep the one with the largest working set.
-    let grad_passes = passes
-        .iter()
-        .filter(|p| p.kind == PassKind::Forward { grad: true })
-        .count();
-    let graphs = if s.engine && grad_passes > 1 {
-        cal.engine_ppo_kept
-    } else {
-        1.0
-    };
+    // Passes run one after the other: keep the one with the largest working set. PPO's
+    // policy and value terms are back-propagated one after the other, and its rollout scores
+    // without graphs, so its step holds one pass's graph at a time too.
     let heaviest = passes
         .iter()
-        .map(|p| pass_items(s, p, graphs))
+        .map(|p| pass_items(s, p))
         .max_by_key(|v| v.iter().map(|i| i.bytes).sum::<u64>());
     if let Some(v) = heaviest {
         items.extend(v);
-    }
-    if graphs > 1.0 {
-        if let Some(p) = passes
-            .iter()
-            .find(|p| p.kind == PassKind::Forward { grad: true } && p.logits_tokens > 0)
-        {
-            let n = p.rows * p.logits_tokens;
-            let v = s.base.vocab_size as u64;
-            items.push(item(
-                T_POLICY_LOGITS,
-                Life::Transient,
-                (cal.engine_ppo_logits * (n * v * 4) as f64) as u64,
-                format!(
-                    "{} x [{n}, {v}] x 4 B (CALIBRATION.engine_ppo_logits)",
-                    cal.engine_ppo_logits
-                ),
-            ));
-        }
     }
     let sum = |life: Life| {
         items
@@ -324,9 +299,8 @@ fn phase_items(s: &Setup, w: &Workload, phase: Phase, passes: &[Pass]) -> Vec<It
     items
 }
 /// The working set of one pass: KV cache and sampling (generation), kept activations, the
-/// block being processed, attention scores and logits. `graphs`: how many passes' checkpoints
-/// a training step holds at once, as a multiple (PPO's step, [`Calibration::engine_ppo_kept`]).
-fn pass_items(s: &Setup, p: &Pass, graphs: f64) -> Vec<Item> {
+/// block being processed, attention scores and logits.
+fn pass_items(s: &Setup, p: &Pass) -> Vec<Item> {
     let m = if p.reward_model {
         s.reward_model.unwrap_or(s.base)
     } else {
@@ -362,7 +336,7 @@ fn pass_items(s: &Setup, p: &Pass, graphs: f64) -> Vec<Item> {
         (((rows * v * 4) as f64 * buffers) as u64, detail)
     };
     if s.engine {
-        if let Some(v) = engine_pass_items(s, m, p, graphs) {
+        if let Some(v) = engine_pass_items(s, m, p) {
             return v;
         }
     }
@@ -491,7 +465,7 @@ fn pass_items(s: &Setup, p: &Pass, graphs: f64) -> Vec<Item> {
 /// ordinary prefill), checkpointed training passes and passes without gradients, in the
 /// engine's layout with the measured `engine_*` constants. `None` for training without
 /// checkpointing (the general formulas).
-fn engine_pass_items(s: &Setup, m: &LlamaConfig, p: &Pass, graphs: f64) -> Option<Vec<Item>> {
+fn engine_pass_items(s: &Setup, m: &LlamaConfig, p: &Pass) -> Option<Vec<Item>> {
     let cal = &CALIBRATION;
     let (l, h, a, v, i) = (
         m.num_hidden_layers as u64,
@@ -551,18 +525,12 @@ fn engine_pass_items(s: &Setup, m: &LlamaConfig, p: &Pass, graphs: f64) -> Optio
             ));
         }
         PassKind::Forward { grad: true } if s.run.train.gradient_checkpointing => {
-            let kept = ((l * n * h * 2 + n * h * 4) as f64 * graphs) as u64;
             items.push(item(
                 T_KEPT,
                 Life::Transient,
-                kept,
+                l * n * h * 2 + n * h * 4,
                 tag(format!(
-                    "checkpoints {l} x [{n}, {h}] x 2 B (bf16) + final hidden [{n}, {h}] x 4 B{}",
-                    if graphs > 1.0 {
-                        format!(", x {graphs} (PPO's step, CALIBRATION.engine_ppo_kept)")
-                    } else {
-                        String::new()
-                    }
+                    "checkpoints {l} x [{n}, {h}] x 2 B (bf16) + final hidden [{n}, {h}] x 4 B"
                 )),
             ));
             // MLP backward of a recomputed block, one row chunk at a time: the block's trace
@@ -685,8 +653,8 @@ fn assemble(
     if phases.contains(&Phase::TrainStep) {
         if s.cuda {
             notes.push(match run.plan.cache {
-                crate::config::CacheBound::Plan => "cuda: the peak is the card: the CUDA context and driver pool plus what the allocator may hold, which the run bounds by this plan (plan.cache = \"plan\": cached pages are given back past it); within 3.5% of the measured card peak in 0.5b-20b runs on an H100 (tests/data/calibration)".into(),
-                crate::config::CacheBound::Budget => "cuda: the peak is what the card needs (context, driver pool, tensors and slack; within 3.5% of the measured card in 0.5b-20b runs held to their plans, tests/data/calibration); the allocator keeps freed pages cached up to plan.budget_gib, so the card may show more, never more than the budget (plan.cache = \"plan\" holds it to this peak, at a cost in speed)".into(),
+                crate::config::CacheBound::Plan => "cuda: the peak is the card: the CUDA context and driver pool plus what the allocator may hold, which the run bounds by this plan (plan.cache = \"plan\": cached pages are given back past it); within 2.5% of the measured card peak in 8b-20b runs on an H100 (tests/data/calibration; smaller runs miss by up to 14%, BENCHMARKS.md)".into(),
+                crate::config::CacheBound::Budget => "cuda: the peak is what the card needs (context, driver pool, tensors and slack; within 2.5% of the measured card in 8b-20b runs held to their plans, tests/data/calibration; smaller runs miss by up to 14%); the allocator keeps freed pages cached up to plan.budget_gib, so the card may show more, never more than the budget (plan.cache = \"plan\" holds it to this peak, at a cost in speed)".into(),
             });
         }
         notes.push(if run.train.gradient_checkpointing {
