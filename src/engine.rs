@@ -39,6 +39,10 @@ pub struct RlhfModel<B: Backend> {
     /// Scores the reward role instead of a reward adapter + head on the base
     /// (`ppo.reward_model_path`).
     pub reward_model: Option<Box<dyn SequenceScorer>>,
+    /// Whether passes of trained roles record a graph. Off for evaluation: burn frees a graph
+    /// only at the next backward, so an evaluation of many batches would otherwise hold every
+    /// batch's checkpoints until the end.
+    graphs: bool,
 }
 
 /// A `[1, hidden]` head initialised as HF initialises `score`: normal(0, 0.02).
@@ -65,7 +69,13 @@ impl<B: Backend> RlhfModel<B> {
             checkpoint: true,
             tokenizer: None,
             reward_model: None,
+            graphs: true,
         }
+    }
+
+    /// Switches graph recording of the trained roles' passes (see [`RlhfModel::graphs`]).
+    pub fn set_graphs(&mut self, on: bool) {
+        self.graphs = on;
     }
 
     /// The adapter a pass of `role` runs with: the reference has none (the base alone) unless a
@@ -290,7 +300,12 @@ impl<B: AutodiffBackend> PolicyModel<B> for RlhfModel<B> {
         temperature: f64,
     ) -> Result<Tensor<B, 2>> {
         // The reference never trains: its passes record nothing.
-        self.logps(role, batch, temperature, role != Role::Reference)
+        self.logps(
+            role,
+            batch,
+            temperature,
+            self.graphs && role != Role::Reference,
+        )
     }
 
     fn score_logps(
@@ -303,7 +318,7 @@ impl<B: AutodiffBackend> PolicyModel<B> for RlhfModel<B> {
     }
 
     fn head_scores(&self, role: Role, batch: &TokenBatch) -> Result<Tensor<B, 2>> {
-        self.heads_of(role, batch, true)
+        self.heads_of(role, batch, self.graphs)
     }
 
     fn score_heads(&self, role: Role, batch: &TokenBatch) -> Result<Tensor<B, 2>> {

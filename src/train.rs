@@ -480,11 +480,20 @@ where
 {
     model.set_training(false);
     crate::oom::enter("eval");
+    // No graphs: nothing back-propagates here, and a recorded graph would live until the next
+    // backward (TRL evaluates under `torch.no_grad()` too).
+    model.set_graphs(false);
     let mut all = Vec::new();
-    for chunk in examples.chunks(trainer.examples_per_batch(cfg.train.batch_size).max(1)) {
-        let out = trainer.loss(&*model, chunk, false)?.complete(&*model)?;
-        all.push(out.metrics);
-    }
+    let mut run = || -> Result<()> {
+        for chunk in examples.chunks(trainer.examples_per_batch(cfg.train.batch_size).max(1)) {
+            let out = trainer.loss(&*model, chunk, false)?.complete(&*model)?;
+            all.push(out.metrics);
+        }
+        Ok(())
+    };
+    let result = run();
+    model.set_graphs(true);
+    result?;
     Ok(mean_metrics(&all))
 }
 
