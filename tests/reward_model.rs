@@ -512,3 +512,58 @@ fn broken_reward_model_folders_are_one_line_errors() {
         "{stderr}"
     );
 }
+
+/// The rollout's scoring passes (`score_logps`, `score_heads`) give the training forward's
+/// numbers without gradients, and an evaluation (`set_graphs(false)`) passes none back. (That they
+/// record no graph at all, rather than one detached afterwards, shows on the GPU: a detached
+/// graph keeps its checkpoints until the next backward; BENCHMARKS.md, PPO's rows.)
+#[test]
+fn scoring_passes_match_the_training_forward_without_gradients() {
+    let dir = tempfile::tempdir().unwrap();
+    write_tiny_model(&dir.path().join("model"), 31);
+    let opts = LoadOptions { quantize: true };
+    let base =
+        Llama::<Ad>::from_hf_dir(&dir.path().join("model"), opts, &Default::default()).unwrap();
+    let mut adapter =
+        random_adapter::<Ad>("policy", &base.cfg, &rlhf::config::ALL_TARGETS, 0.05, 32);
+    let tracked: Vec<_> = adapter
+        .tensors()
+        .into_iter()
+        .map(|t| t.require_grad())
+        .collect();
+    adapter.set_tensors(tracked.into_iter());
+    let b = adapter.tensors()[1].clone();
+    let head = (new_head::<Ad>(32, 33, &Default::default()) * 20.0).require_grad();
+    let mut m = RlhfModel::new(base);
+    m.adapters.insert(Role::Policy, adapter.clone());
+    m.adapters.insert(Role::Value, adapter);
+    m.heads.insert(Role::Value, head);
+    let tb = rollout();
+    let values = |t: &Tensor<Ad, 2>| {
+        t.clone()
+            .into_data()
+            .convert::<f32>()
+            .to_vec::<f32>()
+            .unwrap()
+    };
+    // Whether back-propagating `t` reaches the adapter (its first module's B factor).
+    let reaches = |t: Tensor<Ad, 2>| b.grad(&t.sum().backward()).is_some();
+
+    let train = m.token_logps(Role::Policy, &tb, 0.7).unwrap();
+    let score = m.score_logps(Role::Policy, &tb, 0.7).unwrap();
+    let d = mean_diff(&values(&train), &values(&score));
+    assert!(d < 1e-5, "log-probs differ by {d}");
+    assert!(reaches(train) && !reaches(score));
+
+    let train = m.head_scores(Role::Value, &tb).unwrap();
+    let score = m.score_heads(Role::Value, &tb).unwrap();
+    let d = mean_diff(&values(&train), &values(&score));
+    assert!(d < 1e-4, "value predictions differ by {d}");
+    assert!(reaches(train) && !reaches(score));
+
+    m.set_graphs(false);
+    assert!(!reaches(m.token_logps(Role::Policy, &tb, 1.0).unwrap()));
+    assert!(!reaches(m.head_scores(Role::Value, &tb).unwrap()));
+    m.set_graphs(true);
+    assert!(reaches(m.token_logps(Role::Policy, &tb, 1.0).unwrap()));
+}
