@@ -329,6 +329,25 @@ impl Plan {
     pub fn tensor_peak_bytes(&self) -> u64 {
         self.tensor_peak_bytes
     }
+
+    /// One phase's live tensors, without the CUDA context and the allocator's slack (0 when
+    /// the algorithm has no such phase).
+    pub fn tensor_bytes_of(&self, phase: Phase) -> u64 {
+        self.phases
+            .iter()
+            .position(|&x| x == phase)
+            .map_or(0, |p| phase_tensor_bytes(&self.terms, &self.totals, p))
+    }
+}
+
+/// The live tensors of phase `p`: its total without the CUDA context and the allocator's slack.
+fn phase_tensor_bytes(terms: &[Term], totals: &[u64], p: usize) -> u64 {
+    let fixed: u64 = terms
+        .iter()
+        .filter(|t| t.name == T_CONTEXT || t.name == T_SLACK)
+        .map(|t| t.bytes[p])
+        .sum();
+    totals[p] - fixed
 }
 
 // Term names, in table order.

@@ -66,18 +66,12 @@ fn planned_tensors(p: &rlhf::plan::Plan, phase: Option<&str>) -> u64 {
     let Some(phase) = phase else {
         return p.tensor_peak_bytes();
     };
-    let i = p
+    let phase = *p
         .phases
         .iter()
-        .position(|x| x.name() == phase)
+        .find(|x| x.name() == phase)
         .unwrap_or_else(|| panic!("no phase {phase} in the plan"));
-    let fixed: u64 = p
-        .terms
-        .iter()
-        .filter(|t| t.name == rlhf::plan::T_CONTEXT || t.name == rlhf::plan::T_SLACK)
-        .map(|t| t.bytes[i])
-        .sum();
-    p.totals[i] - fixed
+    p.tensor_bytes_of(phase)
 }
 
 /// Today's plan of a measured run.

@@ -632,8 +632,9 @@ impl<B: Backend> Block<B> {
         }
         let gate = self.linear_lora(layer, "gate_proj", x2.clone(), adapter, None);
         let up = self.linear_lora(layer, "up_proj", x2, adapter, None);
-        // The high point of a forward without a graph (scoring, prefill): both `[rows,
-        // intermediate]` products alive.
+        // A block forward's high point, both `[rows, intermediate]` products alive: labelled for
+        // the passes without a graph (scoring, prefill), whose backward-side labels never run;
+        // the checkpointed training forward passes here too.
         crate::devmem::note::<B>(&up.device(), "block forward (MLP)");
         let act = swiglu(gate, up);
         let m = self.linear_lora(layer, "down_proj", act, adapter, None);

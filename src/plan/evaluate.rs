@@ -7,11 +7,11 @@ use super::formulas::{
 };
 use super::workload::workload;
 use super::{
-    count, engine_mlp_rows, logits_rows, Algo, Item, Life, ModelSummary, Pass, PassKind, Phase,
-    Plan, RewardSource, Setup, Term, Workload, CALIBRATION, GIB, ROLLOUT_BYTES_PER_TOKEN,
-    TERM_ORDER, T_ADAPTERS, T_ATTENTION, T_BLOCK, T_CONTEXT, T_DENSE, T_GRADS, T_HEADS, T_KEPT,
-    T_KV, T_LINEARS, T_LOGITS, T_MOMENTS, T_REWARD_MODEL, T_ROLLOUT, T_SAMPLING, T_SLACK,
-    T_STAGING, T_WORKSPACE,
+    count, engine_mlp_rows, logits_rows, phase_tensor_bytes, Algo, Item, Life, ModelSummary, Pass,
+    PassKind, Phase, Plan, RewardSource, Setup, Term, Workload, CALIBRATION, GIB,
+    ROLLOUT_BYTES_PER_TOKEN, TERM_ORDER, T_ADAPTERS, T_ATTENTION, T_BLOCK, T_CONTEXT, T_DENSE,
+    T_GRADS, T_HEADS, T_KEPT, T_KV, T_LINEARS, T_LOGITS, T_MOMENTS, T_REWARD_MODEL, T_ROLLOUT,
+    T_SAMPLING, T_SLACK, T_STAGING, T_WORKSPACE,
 };
 use crate::config::{Device, Quantize, RunConfig};
 use crate::model::config::LlamaConfig;
@@ -623,14 +623,7 @@ fn assemble(
         });
     }
     let tensor_peak_bytes = (0..phases.len())
-        .map(|i| {
-            let fixed: u64 = terms
-                .iter()
-                .filter(|t| t.name == T_CONTEXT || t.name == T_SLACK)
-                .map(|t| t.bytes[i])
-                .sum();
-            totals[i] - fixed
-        })
+        .map(|i| phase_tensor_bytes(&terms, &totals, i))
         .max()
         .unwrap_or(0);
     let budget_bytes = (run.plan.budget_gib * GIB) as u64;
