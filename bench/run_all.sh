@@ -12,7 +12,7 @@
 #
 # Environment:
 #   ROWS     row names or groups to run, space-separated (default: every row). Groups: speed,
-#            decode, memory, planner (its runs with `rlhf bench`, and cal-0.5b-ppo); rows: the
+#            decode, memory, attention, planner (its runs with `rlhf bench`, and cal-0.5b-ppo); rows: the
 #            names in each section below (e.g. ROWS="dpo-0.5b grpo-0.5b").
 #   WHEELS   a folder of wheels (TRL and the packages the image lacks, bench/README.md) to
 #            install into a private site-packages first; without it they must be importable
@@ -20,6 +20,7 @@
 #   DTYPE    model.dtype of the config-driven runs (default f32)
 #   DECODE_CHECK  the decode_check example (`cargo build --release --features cuda --example
 #            decode_check`), for the decode rows; they are skipped without it
+#   ATTENTION_CHECK  the attention_check example, for the attention row (skipped without it)
 #
 # Each row's commands are exactly the ones BENCHMARKS.md prints beside it. Where one call is
 # limited in time, run a few rows per call (ROWS); checkpoints already in MODELS are reused.
@@ -326,6 +327,23 @@ if want ppo-rm-8b memory; then
   capped config ppo-rm-8b ppo "$HERE/configs/ppo-8b-rm.toml" model.path="\"$m\"" \
     data.train="\"$m/grpo.jsonl\"" ppo.reward_model_path="\"$rm8\"" \
     train.output_dir="\"$RESULTS/runs/ppo-rm-8b\""
+fi
+
+# --- long rows under the cap: DPO 8b with one pair of 16,384-token rows (the shipped
+# configs/8b-dpo-16k-24gb.toml on the random checkpoint, 3 optimizer steps).
+if want dpo-16k-8b memory; then
+  m=$(model 8b-16k 8b --prompt-len 8192 --completion-len 8192 --rows 8)
+  capped config dpo-16k-8b dpo "$REPO/configs/8b-dpo-16k-24gb.toml" model.path="\"$m\"" \
+    data.train="\"$m/dpo.jsonl\"" data.chat_template=false plan.budget_gib=23.6 \
+    train.output_dir="\"$RESULTS/runs/dpo-16k-8b\"" train.max_steps=3 \
+    train.gradient_accumulation_steps=1 train.save_steps=3 train.logging_steps=1
+fi
+
+# --- attention: the CUDA attention's regimes against burn's ops and autodiff, and its memory
+# at 2K-16K tokens (ATTENTION_CHECK: `cargo build --release --features cuda --example
+# attention_check`).
+if want attention attention && [ -n "${ATTENTION_CHECK:-}" ]; then
+  "$ATTENTION_CHECK" 2>&1 | tee "$RESULTS/logs/attention.log" || echo "attention_check exit $?" >>"$RESULTS/logs/attention.log"
 fi
 
 # --- planner: the calibration runs of tests/data/calibration/measured.json -------------------

@@ -6,6 +6,7 @@
 //! reference path in `model::linear::BaseLinear::forward`, against which this one is tested.
 //!
 //! - `kernels`: CubeCL kernels: NF4 → bf16 dequantization, the fused NF4 GEMV for decode.
+//! - `attention`: masked attention and its backward, memory linear in the row length for long rows.
 //! - `blas`: cuBLASLt bf16 GEMMs on raw device pointers (cubecl uses the primary context).
 //! - `qlinear`: the `x @ dequant(W)^T` op with its backward `dy @ dequant(W)`, as a burn autodiff
 //!   node that keeps no dense weight alive between forward and backward.
@@ -31,6 +32,7 @@ pub fn device_used() -> Option<u64> {
     Some((total - free) as u64)
 }
 
+pub mod attention;
 pub mod blas;
 pub mod gemm;
 pub mod kernels;

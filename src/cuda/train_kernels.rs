@@ -6,9 +6,6 @@
 use super::kernels::{cube_max, cube_sum};
 use cubecl::prelude::*;
 
-/// Rows below this bias are masked (the bias is 0 or -1e30).
-const MASKED: f32 = -1.0e29;
-
 /// The row this plane works on.
 #[cube]
 fn plane_row() -> usize {
@@ -154,94 +151,6 @@ pub fn rope_transpose(
     } else {
         dst[dst_at + i] = x1;
         dst[dst_at + i + half] = x2;
-    }
-}
-
-/// Softmax of each score row plus its mask bias (`[b, t, width]`, 0 or -1e30), in place: the
-/// rows are `[b, heads, t]` of `width` keys. A fully masked row comes out uniform, as
-/// `mask_fill(-1e30)` then softmax does.
-#[cube(launch_unchecked)]
-pub fn masked_softmax(
-    s: &mut Array<f32>,
-    bias: &Array<f32>,
-    rows: usize,
-    heads: usize,
-    t: usize,
-    width: usize,
-) {
-    let row = plane_row();
-    if row >= rows {
-        terminate!();
-    }
-    let brow = ((row / (heads * t)) * t + row % t) * width;
-    let srow = row * width;
-    let lane = UNIT_POS_X as usize;
-    let mut m = f32::min_value();
-    let mut k = lane;
-    while k < width {
-        let v = s[srow + k] + bias[brow + k];
-        if v > m {
-            m = v;
-        }
-        k += 32;
-    }
-    let m = plane_max(m);
-    let mut sum = 0.0f32;
-    let mut k = lane;
-    while k < width {
-        let e = (s[srow + k] + bias[brow + k] - m).exp();
-        s[srow + k] = e;
-        sum += e;
-        k += 32;
-    }
-    let r = 1.0f32 / plane_sum(sum);
-    let mut k = lane;
-    while k < width {
-        s[srow + k] *= r;
-        k += 32;
-    }
-}
-
-/// Softmax backward through the mask and the score scale, for `rows` score rows starting at
-/// row `row0` of `p` (and of the mask's numbering), in place on `dp`, which holds just those
-/// rows: `ds = scale * p * (dp - sum(dp * p))`, 0 where the key was masked.
-#[cube(launch_unchecked)]
-#[allow(clippy::too_many_arguments)]
-pub fn softmax_bwd(
-    p: &Array<f32>,
-    dp: &mut Array<f32>,
-    bias: &Array<f32>,
-    row0: usize,
-    rows: usize,
-    heads: usize,
-    t: usize,
-    width: usize,
-    scale: f32,
-) {
-    let local = plane_row();
-    if local >= rows {
-        terminate!();
-    }
-    let row = row0 + local;
-    let brow = ((row / (heads * t)) * t + row % t) * width;
-    let prow = row * width;
-    let srow = local * width;
-    let lane = UNIT_POS_X as usize;
-    let mut dot = 0.0f32;
-    let mut k = lane;
-    while k < width {
-        dot += dp[srow + k] * p[prow + k];
-        k += 32;
-    }
-    let dot = plane_sum(dot);
-    let mut k = lane;
-    while k < width {
-        let mut v = scale * p[prow + k] * (dp[srow + k] - dot);
-        if bias[brow + k] < MASKED {
-            v = 0.0f32;
-        }
-        dp[srow + k] = v;
-        k += 32;
     }
 }
 

@@ -1,24 +1,20 @@
 //! The decoder block's many-row ops on CUDA (training, prefill, the reference pass): fused
-//! CubeCL kernels (`train_kernels`) for RMSNorm, SwiGLU, RoPE and the masked softmax, and
-//! cuBLASLt batched GEMMs for attention. Each `try_*` returns `None` unless `B` is the plain CUDA
-//! backend, and the caller then runs its reference burn ops (the autodiff backend must record
-//! burn's graph; the checkpointed blocks run on the plain backend). `examples/train_ops_check.rs`
-//! compares every op here with that reference on the GPU.
-//!
-//! Attention never expands the grouped key/value heads: the `rep` query heads sharing one KV head
-//! are contiguous in `[b, nh, t, d]`, so each group is one `[rep * t, d]` matrix and the scores,
-//! the weighted values and all four backward products are batched GEMMs over `b * nkv` groups
-//! (the key and value gradients come out already summed over the group).
+//! CubeCL kernels (`train_kernels`) for RMSNorm, SwiGLU, RoPE, the token log-probs and AdamW,
+//! and cuBLASLt GEMMs for the LoRA factors (attention has its own file, `attention`). Each
+//! `try_*` returns `None` unless `B` is the plain CUDA backend, and the caller then runs its
+//! reference burn ops (the autodiff backend must record burn's graph; the checkpointed blocks run
+//! on the plain backend). `examples/train_ops_check.rs` compares every op here with that
+//! reference on the GPU.
 
 use super::blas::{GemmIn, GemmShape};
-use super::gemm::{gemm, gemm_at};
+use super::gemm::gemm;
 use super::qlinear::Inner;
 use super::train_kernels::{
-    adamw_step, masked_softmax, rms_norm_bwd, rms_norm_fwd, rope_transpose, softmax_bwd,
-    sum_squares, swiglu_bwd, token_logp_bwd, token_logp_fwd,
+    adamw_step, rms_norm_bwd, rms_norm_fwd, rope_transpose, sum_squares, swiglu_bwd,
+    token_logp_bwd, token_logp_fwd,
 };
 use anyhow::Result;
-use burn::tensor::{backend::Backend, Bool, DType, Shape, Tensor, TensorPrimitive};
+use burn::tensor::{backend::Backend, DType, Shape, Tensor, TensorPrimitive};
 use burn_cubecl::kernel::into_contiguous;
 use burn_cubecl::ops::numeric::empty_device_contiguous_dtype;
 use burn_cubecl::tensor::CubeTensor;
@@ -27,7 +23,7 @@ use cubecl::prelude::*;
 use std::any::Any;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-type T = CubeTensor<CudaRuntime>;
+pub(super) type T = CubeTensor<CudaRuntime>;
 
 /// Rows per cube of the row kernels (one plane each).
 const ROW_PLANES: u32 = 4;
@@ -40,7 +36,7 @@ pub fn set_enabled(on: bool) {
     ENABLED.store(on, Ordering::Relaxed);
 }
 
-fn enabled() -> bool {
+pub(super) fn enabled() -> bool {
     ENABLED.load(Ordering::Relaxed) && !crate::switches::switches().no_fused_train
 }
 
@@ -71,7 +67,7 @@ fn product_dims(x: [usize; 2], y: [usize; 2], tx: bool, ty: bool) -> (usize, usi
     (rows, inner, cols)
 }
 
-fn empty(like: &T, dims: &[usize]) -> T {
+pub(super) fn empty(like: &T, dims: &[usize]) -> T {
     empty_device_contiguous_dtype(
         like.client.clone(),
         like.device.clone(),
@@ -81,7 +77,7 @@ fn empty(like: &T, dims: &[usize]) -> T {
 }
 
 /// The plain CUDA primitive behind `t`, contiguous; `None` for any other backend.
-fn prim<B: Backend, const D: usize>(t: &Tensor<B, D>) -> Option<T> {
+pub(super) fn prim<B: Backend, const D: usize>(t: &Tensor<B, D>) -> Option<T> {
     if !enabled() {
         return None;
     }
@@ -90,14 +86,14 @@ fn prim<B: Backend, const D: usize>(t: &Tensor<B, D>) -> Option<T> {
 }
 
 /// Back to `B`, which the caller's `prim` proved is the plain CUDA backend.
-fn wrap<B: Backend, const D: usize>(t: T) -> Tensor<B, D> {
+pub(super) fn wrap<B: Backend, const D: usize>(t: T) -> Tensor<B, D> {
     let t = Tensor::<Inner, D>::from_primitive(TensorPrimitive::Float(t));
     *(Box::new(t) as Box<dyn Any>)
         .downcast::<Tensor<B, D>>()
         .expect("prim() succeeded, so B is the plain CUDA backend")
 }
 
-fn row_cubes(rows: usize) -> (CubeCount, CubeDim) {
+pub(super) fn row_cubes(rows: usize) -> (CubeCount, CubeDim) {
     (
         CubeCount::Static((rows as u32).div_ceil(ROW_PLANES), 1, 1),
         CubeDim::new_2d(32, ROW_PLANES),
@@ -111,7 +107,7 @@ fn flat_cubes(n: usize) -> (CubeCount, CubeDim) {
     )
 }
 
-fn arr(t: &T) -> ArrayArg<CudaRuntime> {
+pub(super) fn arr(t: &T) -> ArrayArg<CudaRuntime> {
     let len = t.meta.shape().iter().product();
     // SAFETY: `t` is contiguous (made so by `prim`/`empty`), so its buffer holds `len` values.
     unsafe { ArrayArg::from_raw_parts(t.handle.clone(), len) }
@@ -320,248 +316,6 @@ fn heads_kernel<B: Backend>(
         )
     };
     Some(out)
-}
-
-/// The additive mask bias `[b, t, total]` of a boolean mask `[b, 1, t, total]` (true =
-/// forbidden): 0 where attention is allowed, -1e30 where not. `None` off the plain CUDA backend.
-pub fn try_mask_bias<B: Backend>(mask: &Tensor<B, 4, Bool>) -> Option<Tensor<B, 3>> {
-    if !enabled() {
-        return None;
-    }
-    let m = (mask as &dyn Any).downcast_ref::<Tensor<Inner, 4, Bool>>()?;
-    let [b, _, t, total] = m.dims();
-    let bias = m.clone().float().mul_scalar(-1.0e30).reshape([b, t, total]);
-    Some(wrap(into_contiguous(bias.into_primitive().tensor())))
-}
-
-/// The attention's shapes: `b` sequences, `nkv` groups of `rep` query heads, `t` queries,
-/// `total` keys, head width `d`.
-struct Dims {
-    b: usize,
-    nh: usize,
-    nkv: usize,
-    rep: usize,
-    t: usize,
-    total: usize,
-    d: usize,
-}
-
-impl Dims {
-    fn of(q: &T, k: &T) -> Self {
-        let (qs, ks) = (q.meta.shape(), k.meta.shape());
-        let (b, nh, t, d) = (qs[0], qs[1], qs[2], qs[3]);
-        let (nkv, total) = (ks[1], ks[2]);
-        Self {
-            b,
-            nh,
-            nkv,
-            rep: nh / nkv,
-            t,
-            total,
-            d,
-        }
-    }
-
-    /// `out = alpha op(x) op(y)` row-major per group, batched over the `b * nkv` groups:
-    /// `x` is `[rows, inner]` (`[inner, rows]` when `tx`), `y` `[inner, cols]` (`[cols, inner]`
-    /// when `ty`).
-    #[allow(clippy::too_many_arguments)]
-    fn mm(
-        &self,
-        x: &T,
-        y: &T,
-        out: &T,
-        dims: (usize, usize, usize),
-        tx: bool,
-        ty: bool,
-        alpha: f32,
-    ) {
-        row_gemm(self.b * self.nkv, dims, x, y, tx, ty, (alpha, 0.0), out);
-    }
-
-    fn softmax_rows(&self) -> usize {
-        self.b * self.nh * self.t
-    }
-}
-
-/// `softmax(q k^T * scale + bias) v` for `q [b, nh, t, d]`, `k`, `v [b, nkv, total, d]` and the
-/// mask bias `[b, t, total]` ([`try_mask_bias`]): `(out [b, nh, t, d], probs)`.
-pub fn try_attention<B: Backend>(
-    q: &Tensor<B, 4>,
-    k: &Tensor<B, 4>,
-    v: &Tensor<B, 4>,
-    bias: &Tensor<B, 3>,
-    scale: f64,
-) -> Option<(Tensor<B, 4>, Tensor<B, 4>)> {
-    let vp = prim(v)?;
-    let (s, probs) = probs_of(q, k, bias, scale)?;
-    let out = empty(&vp, &[s.b, s.nh, s.t, s.d]);
-    s.mm(
-        &probs,
-        &vp,
-        &out,
-        (s.rep * s.t, s.total, s.d),
-        false,
-        false,
-        1.0,
-    );
-    Some((wrap(out), wrap(probs)))
-}
-
-/// The probabilities of [`try_attention`] alone, `[b, nh, t, total]`: the checkpointed
-/// backward recomputes them rather than keep them from the forward.
-pub fn try_attention_probs<B: Backend>(
-    q: &Tensor<B, 4>,
-    k: &Tensor<B, 4>,
-    bias: &Tensor<B, 3>,
-    scale: f64,
-) -> Option<Tensor<B, 4>> {
-    probs_of(q, k, bias, scale).map(|(_, p)| wrap(p))
-}
-
-/// `softmax(q k^T * scale + bias)` and the shapes.
-fn probs_of<B: Backend>(
-    q: &Tensor<B, 4>,
-    k: &Tensor<B, 4>,
-    bias: &Tensor<B, 3>,
-    scale: f64,
-) -> Option<(Dims, T)> {
-    let (qp, kp, bias) = (prim(q)?, prim(k)?, prim(bias)?);
-    let s = Dims::of(&qp, &kp);
-    let probs = empty(&qp, &[s.b, s.nh, s.t, s.total]);
-    let rt = s.rep * s.t;
-    s.mm(
-        &qp,
-        &kp,
-        &probs,
-        (rt, s.d, s.total),
-        false,
-        true,
-        scale as f32,
-    );
-    let (count, dim) = row_cubes(s.softmax_rows());
-    // SAFETY: probs holds rows * total values, bias b * t * total; rows are bounds-checked.
-    unsafe {
-        masked_softmax::launch_unchecked::<CudaRuntime>(
-            &qp.client,
-            count,
-            dim,
-            arr(&probs),
-            arr(&bias),
-            s.softmax_rows(),
-            s.nh,
-            s.t,
-            s.total,
-        )
-    };
-    Some((s, probs))
-}
-
-/// Gradients of [`try_attention`] from `dout [b, nh, t, d]`: `(dq, dk, dv)`, the key and value
-/// gradients summed over each group (`[b, nkv, total, d]`). The score gradient is made `slice`
-/// of the `b * nkv` groups at a time (`model::ops::attention_backward_slice`); `at_high` is
-/// called once, when the first slice's buffer is live beside everything else (the memory high
-/// point of the op).
-#[allow(clippy::type_complexity)]
-pub fn try_attention_backward<B: Backend>(
-    dout: &Tensor<B, 4>,
-    (q, k, v): (&Tensor<B, 4>, &Tensor<B, 4>, &Tensor<B, 4>),
-    probs: &Tensor<B, 4>,
-    bias: &Tensor<B, 3>,
-    scale: f64,
-    (slice, at_high): (usize, &mut dyn FnMut()),
-) -> Option<(Tensor<B, 4>, Tensor<B, 4>, Tensor<B, 4>)> {
-    let (dop, qp, kp, vp, pp, bias) = (
-        prim(dout)?,
-        prim(q)?,
-        prim(k)?,
-        prim(v)?,
-        prim(probs)?,
-        prim(bias)?,
-    );
-    let s = Dims::of(&qp, &kp);
-    let rt = s.rep * s.t;
-    // dv = p^T dout, per group, all groups at once.
-    let dv = empty(&qp, &[s.b, s.nkv, s.total, s.d]);
-    s.mm(&pp, &dop, &dv, (s.total, rt, s.d), true, false, 1.0);
-    let dq = empty(&qp, &[s.b, s.nh, s.t, s.d]);
-    let dk = empty(&qp, &[s.b, s.nkv, s.total, s.d]);
-    // The score gradient, a second `[rows, heads, T, T]` tensor if made whole, is made `slice`
-    // groups at a time in one reused buffer: the groups are contiguous blocks of every operand.
-    let units = s.b * s.nkv;
-    let slice = slice.clamp(1, units);
-    let ds = empty(&qp, &[slice * rt, s.total]);
-    // Elements per group of q/dout/dq and of k/v/dk.
-    let (qs, ks) = (rt * s.d, s.total * s.d);
-    let mut u0 = 0;
-    while u0 < units {
-        let n = slice.min(units - u0);
-        // dp = dout v^T.
-        row_gemm_at(
-            n,
-            (rt, s.d, s.total),
-            (&dop, u0 * qs),
-            (&vp, u0 * ks),
-            (false, true),
-            (&ds, 0),
-        );
-        let (count, dim) = row_cubes(n * rt);
-        // SAFETY: as in `try_attention`; `ds` holds the slice's `n * rt` rows, `pp` all rows.
-        unsafe {
-            softmax_bwd::launch_unchecked::<CudaRuntime>(
-                &qp.client,
-                count,
-                dim,
-                arr(&pp),
-                arr(&ds),
-                arr(&bias),
-                u0 * rt,
-                n * rt,
-                s.nh,
-                s.t,
-                s.total,
-                scale as f32,
-            )
-        };
-        if u0 == 0 {
-            at_high();
-        }
-        // dq = ds k, dk = ds^T q (summing the group's query heads).
-        row_gemm_at(
-            n,
-            (rt, s.total, s.d),
-            (&ds, 0),
-            (&kp, u0 * ks),
-            (false, false),
-            (&dq, u0 * qs),
-        );
-        row_gemm_at(
-            n,
-            (s.total, rt, s.d),
-            (&ds, 0),
-            (&qp, u0 * qs),
-            (true, false),
-            (&dk, u0 * ks),
-        );
-        u0 += n;
-    }
-    Some((wrap(dq), wrap(dk), wrap(dv)))
-}
-
-/// [`row_gemm`] (`alpha = 1`, `beta = 0`) over `batch` matrices starting at element offsets of
-/// `x`, `y` and `out`.
-fn row_gemm_at(
-    batch: usize,
-    dims: (usize, usize, usize),
-    (x, x_off): (&T, usize),
-    (y, y_off): (&T, usize),
-    (tx, ty): (bool, bool),
-    (out, out_off): (&T, usize),
-) {
-    let shape = GemmShape::row_major(GemmIn::F32Tf32, batch, dims, tx, ty);
-    // cuBLAS' A is the row-major right factor (see `GemmShape::row_major`).
-    gemm_at(shape, 1.0, 0.0, (y, y_off), (x, x_off), out, (out, out_off))
-        .unwrap_or_else(|e| panic!("CUDA GEMM failed: {e:#}"));
 }
 
 /// `alpha op(x) op(y)` for row-major matrices (`op` transposes when asked), through cuBLASLt in

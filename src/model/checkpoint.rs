@@ -233,7 +233,8 @@ struct AttnTrace<B: Backend> {
     q: Tensor<B, 4>,
     k: Tensor<B, 4>,
     v: Tensor<B, 4>,
-    probs: Tensor<B, 4>,
+    /// Kept by the reference forward; the fused CUDA backward recomputes them.
+    probs: Option<Tensor<B, 4>>,
 }
 
 /// Gradients of `llama::attention` from `dout [b, nh, t, d]`: `(dq, dk, dv)`, the key and value
@@ -241,39 +242,42 @@ struct AttnTrace<B: Backend> {
 #[allow(clippy::type_complexity)]
 fn attention_backward<B: Backend>(
     dout: Tensor<B, 4>,
-    tr: &AttnTrace<B>,
+    tr: AttnTrace<B>,
     inputs: &AttnInputs<B>,
     scale: f64,
 ) -> (Tensor<B, 4>, Tensor<B, 4>, Tensor<B, 4>) {
     #[cfg(feature = "cuda")]
     if let Some(bias) = &inputs.bias {
         let device = dout.device();
-        let groups = dout.dims()[0] * tr.k.dims()[1];
+        let ([b, nh, t, _], [_, nkv, total, _]) = (dout.dims(), tr.k.dims());
+        let block = super::ops::attention_query_block(b, nh, nkv, t, total);
+        let slice = super::ops::attention_backward_slice(b * nkv);
         let mut at_high = || crate::devmem::note::<B>(&device, "attention backward (score slice)");
-        if let Some(r) = crate::cuda::train_ops::try_attention_backward(
+        if let Some(r) = crate::cuda::attention::try_attention_backward(
             &dout,
             (&tr.q, &tr.k, &tr.v),
-            &tr.probs,
-            bias,
+            (bias, inputs.rule()),
             scale,
-            (super::ops::attention_backward_slice(groups), &mut at_high),
+            (block, slice, &mut at_high),
         ) {
             return r;
         }
     }
-    let mask = &inputs.mask;
+    let probs = tr
+        .probs
+        .unwrap_or_else(|| attention_probs(&tr.q, &tr.k, inputs, scale));
+    let mask = inputs.mask();
     let [b, nh, t, _] = dout.dims();
     let [_, nkv, total, _] = tr.k.dims();
     let rep = nh / nkv;
-    let ke = expand_kv(tr.k.clone(), rep);
-    let ve = expand_kv(tr.v.clone(), rep);
-    let dve = tr.probs.clone().swap_dims(2, 3).matmul(dout.clone());
+    let ke = expand_kv(tr.k, rep);
+    let ve = expand_kv(tr.v, rep);
+    let dve = probs.clone().swap_dims(2, 3).matmul(dout.clone());
     let dp = dout.matmul(ve.swap_dims(2, 3));
-    let row = (dp.clone() * tr.probs.clone()).sum_dim(3);
-    let ds = (tr.probs.clone() * (dp - row)).mask_fill(mask.clone().expand([b, nh, t, total]), 0.0)
-        * scale;
+    let row = (dp.clone() * probs.clone()).sum_dim(3);
+    let ds = (probs * (dp - row)).mask_fill(mask.expand([b, nh, t, total]), 0.0) * scale;
     let dq = ds.clone().matmul(ke);
-    let dke = ds.swap_dims(2, 3).matmul(tr.q.clone());
+    let dke = ds.swap_dims(2, 3).matmul(tr.q);
     (dq, reduce_kv(dke, rep), reduce_kv(dve, rep))
 }
 
@@ -469,11 +473,9 @@ pub fn block_backward<B: Backend>(
     // Attention: h2 = h + o_proj(softmax(mask(q k^T * scale)) v).
     let dattn = to_heads(lin.backward("o_proj", dh2.clone()), nh, None);
     let scale = 1.0 / (hd as f64).sqrt();
-    let probs = probs.unwrap_or_else(|| attention_probs(&q, &k, inputs, scale));
     let attn = AttnTrace { q, k, v, probs };
-    let (dq, dk, dv) = attention_backward(dattn, &attn, inputs, scale);
+    let (dq, dk, dv) = attention_backward(dattn, attn, inputs, scale);
     crate::devmem::note::<B>(&device, "block backward (attention)");
-    drop(attn);
     // RoPE is a rotation: its gradient rotates back by minus the angle.
     let tables = Some((&inputs.cos, &inputs.sin));
     let dq = from_heads(dq, tables);
@@ -530,7 +532,7 @@ impl<B: AutodiffBackend> Llama<B> {
         let inner = AttnInputs::new(
             inputs.cos.clone().inner(),
             inputs.sin.clone().inner(),
-            inputs.mask.clone().inner(),
+            inputs.keys.clone(),
         );
         for (l, block) in self.layers.iter().enumerate() {
             h = checkpointed_block(&self.cfg, block, l, h, &inputs, &inner, adapter);
@@ -643,6 +645,18 @@ mod tests {
     static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
     fn check(name: &str, quantize: bool, dropout: f32, chunk: usize) {
+        check_with(
+            name,
+            quantize,
+            dropout,
+            chunk,
+            crate::model::llama::MLP_FORWARD_BOUND,
+        );
+    }
+
+    /// [`check`] with the checkpointed path's block forward chunking its MLP at `forward_bound`
+    /// bytes (the reference keeps the default).
+    fn check_with(name: &str, quantize: bool, dropout: f32, chunk: usize, forward_bound: usize) {
         let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
         let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
             .join("tests/fixtures/hf")
@@ -672,7 +686,9 @@ mod tests {
             .collect();
         adapter.set_tensors(ts.into_iter());
         let (l_ref, g_ref) = loss_and_grads(&model, &adapter, false, 0);
+        crate::model::llama::set_mlp_forward_bound(forward_bound);
         let (l_ck, g_ck) = loss_and_grads(&model, &adapter, true, chunk);
+        crate::model::llama::set_mlp_forward_bound(crate::model::llama::MLP_FORWARD_BOUND);
         assert!(
             (l_ref - l_ck).abs() <= 1e-4 * l_ref.abs().max(1.0),
             "{name}: loss {l_ck} vs reference {l_ref}"
@@ -709,6 +725,15 @@ mod tests {
         assert!(mlp_chunk_rows(16, 64, false) < 16);
         check("llama", true, 0.0, 3);
         MLP_CHUNK_BYTES.store(MLP_CHUNK_BOUND, Ordering::Relaxed);
+    }
+
+    #[test]
+    fn checkpointed_llama_with_forward_mlp_row_chunks_matches_autodiff() {
+        // The block forward (which makes the checkpoints) runs its MLP in row chunks of a few
+        // rows, as long rows do; the reference runs it whole.
+        crate::model::llama::set_mlp_forward_bound(1024);
+        assert!(crate::model::llama::mlp_forward_rows(16, 64, false) < 16);
+        check_with("llama", true, 0.0, 3, 1024);
     }
 
     #[test]

@@ -12,6 +12,7 @@ use burn::tensor::{
     Bool, FloatDType, Int, Tensor, TensorData,
 };
 use std::collections::BTreeMap;
+use std::sync::OnceLock;
 
 /// One decoder block's frozen weights.
 #[derive(Debug, Clone)]
@@ -257,29 +258,90 @@ impl<B: AutodiffBackend> OutputHead<B> {
     }
 }
 
-/// Per-call inputs every block shares: RoPE tables `[b, 1, t, d/2]` and the attention mask
-/// `[b, 1, t, past+t]` (true = forbidden).
+/// Which keys the queries of one forward call may see, as host data: padding (`key_valid`,
+/// `[b][total]`), causality (the queries sit at positions `past..total`) and Mistral's sliding
+/// window. The fused CUDA attention reads it as one bias per key; only the reference ops need
+/// the dense `[b, 1, t, total]` mask, which long rows cannot afford (16K tokens: 2^28 a row).
+#[derive(Debug, Clone)]
+pub struct KeyMask {
+    pub key_valid: Vec<Vec<bool>>,
+    pub past: usize,
+    pub window: Option<usize>,
+}
+
+impl KeyMask {
+    /// `[b, 1, t, past+t]` boolean mask, true where attention is forbidden: future tokens,
+    /// padding keys, and keys outside the sliding window.
+    pub fn dense<B: Backend>(&self, device: &B::Device) -> Tensor<B, 4, Bool> {
+        let b = self.key_valid.len();
+        let total = self.key_valid.first().map_or(0, Vec::len);
+        let (past, t) = (self.past, total - self.past);
+        let mut m = Vec::with_capacity(b * t * total);
+        for kv in &self.key_valid {
+            for qi in 0..t {
+                let q_abs = past + qi;
+                for (k_abs, &valid) in kv.iter().enumerate() {
+                    let future = k_abs > q_abs;
+                    let outside = self
+                        .window
+                        .map(|w| q_abs - k_abs.min(q_abs) >= w)
+                        .unwrap_or(false);
+                    m.push(if future || !valid || outside {
+                        1.0f32
+                    } else {
+                        0.0
+                    });
+                }
+            }
+        }
+        // Built from floats and compared: every CPU backend runs comparisons, while boolean
+        // tensors from host data are missing on some (burn-candle).
+        Tensor::<B, 4>::from_data(TensorData::new(m, [b, 1, t, total]), device).greater_elem(0.5)
+    }
+}
+
+/// Per-call inputs every block shares: RoPE tables `[b, 1, t, d/2]` and which keys each query
+/// may see.
 #[derive(Debug, Clone)]
 pub struct AttnInputs<B: Backend> {
     pub cos: Tensor<B, 4>,
     pub sin: Tensor<B, 4>,
-    pub mask: Tensor<B, 4, Bool>,
-    /// The mask as an additive bias `[b, t, past+t]` (0 or -1e30) for the fused CUDA
-    /// attention, made once per call; `None` on other backends.
-    pub bias: Option<Tensor<B, 3>>,
+    pub keys: KeyMask,
+    /// The fused CUDA attention's additive bias per key `[b, total]` (0 or -1e30 for padding),
+    /// made once per call; `None` on other backends.
+    pub bias: Option<Tensor<B, 2>>,
+    /// The dense mask, made on first use by a reference op.
+    mask: OnceLock<Tensor<B, 4, Bool>>,
 }
 
 impl<B: Backend> AttnInputs<B> {
-    pub fn new(cos: Tensor<B, 4>, sin: Tensor<B, 4>, mask: Tensor<B, 4, Bool>) -> Self {
+    pub fn new(cos: Tensor<B, 4>, sin: Tensor<B, 4>, keys: KeyMask) -> Self {
         #[cfg(feature = "cuda")]
-        let bias = crate::cuda::train_ops::try_mask_bias(&mask);
+        let bias = crate::cuda::attention::try_key_bias::<B>(&keys.key_valid, &cos.device());
         #[cfg(not(feature = "cuda"))]
         let bias = None;
         Self {
             cos,
             sin,
-            mask,
+            keys,
             bias,
+            mask: OnceLock::new(),
+        }
+    }
+
+    /// The dense mask `[b, 1, t, total]`, true = forbidden (see [`KeyMask::dense`]).
+    pub fn mask(&self) -> Tensor<B, 4, Bool> {
+        self.mask
+            .get_or_init(|| self.keys.dense(&self.cos.device()))
+            .clone()
+    }
+
+    /// The positions and window as the fused CUDA attention takes them.
+    #[cfg(feature = "cuda")]
+    pub(crate) fn rule(&self) -> crate::cuda::attention::KeyRule {
+        crate::cuda::attention::KeyRule {
+            past: self.keys.past,
+            window: self.keys.window.unwrap_or(0),
         }
     }
 }
@@ -305,9 +367,9 @@ pub struct BlockTrace<B: Backend> {
     pub q: Tensor<B, 4>,
     pub k: Tensor<B, 4>,
     pub v: Tensor<B, 4>,
-    /// Softmax of the masked scores, `[b, nh, t, T]`; `None` on CUDA, where the backward
-    /// recomputes it from `q` and `k` ([`attention_probs`]) instead of holding it through the
-    /// MLP's backward (0.5b DPO: 56 MiB, 8b: 256 MiB a layer).
+    /// Softmax of the masked scores, `[b, nh, t, T]`; `None` on CUDA, where the attention's
+    /// backward recomputes it from `q` and `k` (`cuda::attention`) instead of holding it through
+    /// the MLP's backward (0.5b DPO: 56 MiB, 8b: 256 MiB a layer).
     pub probs: Option<Tensor<B, 4>>,
     pub attn: Tensor<B, 3>,
     pub h2: Tensor<B, 3>,
@@ -390,46 +452,45 @@ pub(crate) fn from_heads<B: Backend>(
 }
 
 /// `softmax(mask(q k^T * scale)) v` with grouped key/value heads (`q [b, nh, t, d]`,
-/// `k`, `v [b, nkv, total, d]`, the inputs' mask `[b, 1, t, total]`, true = forbidden): the output
-/// `[b, nh, t, d]` and the probabilities.
+/// `k`, `v [b, nkv, total, d]`): the output `[b, nh, t, d]` and, on the reference path, the
+/// probabilities (the fused CUDA path keeps none: its backward recomputes them).
 pub(crate) fn attention<B: Backend>(
     q: Tensor<B, 4>,
     k: Tensor<B, 4>,
     v: Tensor<B, 4>,
     inputs: &AttnInputs<B>,
     scale: f64,
-) -> (Tensor<B, 4>, Tensor<B, 4>) {
+) -> (Tensor<B, 4>, Option<Tensor<B, 4>>) {
     #[cfg(feature = "cuda")]
     if let Some(bias) = &inputs.bias {
-        if let Some(r) = crate::cuda::train_ops::try_attention(&q, &k, &v, bias, scale) {
-            return r;
+        let ([b, nh, t, _], [_, nkv, total, _]) = (q.dims(), k.dims());
+        let block = super::ops::attention_query_block(b, nh, nkv, t, total);
+        if let Some(out) =
+            crate::cuda::attention::try_attention(&q, &k, &v, (bias, inputs.rule()), scale, block)
+        {
+            return (out, None);
         }
     }
     let rep = q.dims()[1] / k.dims()[1];
     let probs = attention_probs(&q, &k, inputs, scale);
-    (probs.clone().matmul(expand_kv(v, rep)), probs)
+    (probs.clone().matmul(expand_kv(v, rep)), Some(probs))
 }
 
-/// The probabilities of [`attention`], `softmax(mask(q k^T * scale))` `[b, nh, t, total]`.
+/// The probabilities of [`attention`], `softmax(mask(q k^T * scale))` `[b, nh, t, total]`, by
+/// the reference ops.
 pub(crate) fn attention_probs<B: Backend>(
     q: &Tensor<B, 4>,
     k: &Tensor<B, 4>,
     inputs: &AttnInputs<B>,
     scale: f64,
 ) -> Tensor<B, 4> {
-    #[cfg(feature = "cuda")]
-    if let Some(bias) = &inputs.bias {
-        if let Some(p) = crate::cuda::train_ops::try_attention_probs(q, k, bias, scale) {
-            return p;
-        }
-    }
     let [b, nh, t, _] = q.dims();
     let [_, nkv, total, _] = k.dims();
     let scores = q
         .clone()
         .matmul(expand_kv(k.clone(), nh / nkv).swap_dims(2, 3))
         * scale;
-    let scores = scores.mask_fill(inputs.mask.clone().expand([b, nh, t, total]), -1.0e30);
+    let scores = scores.mask_fill(inputs.mask().expand([b, nh, t, total]), -1.0e30);
     activation::softmax(scores, 3)
 }
 
@@ -613,8 +674,7 @@ impl<B: Backend> Block<B> {
         let scale = 1.0 / (hd as f64).sqrt();
         let (attn, probs) = attention(q, k, v, inputs, scale);
         if let Some(r) = rec.as_deref_mut() {
-            // The mask bias exists on CUDA only, where recomputing is one GEMM and a softmax.
-            r.probs = inputs.bias.is_none().then_some(probs);
+            r.probs = probs;
         }
         let attn = from_heads(attn, None);
         if let Some(r) = rec.as_deref_mut() {
@@ -630,6 +690,28 @@ impl<B: Backend> Block<B> {
             r.inv2 = Some(inv2);
             return h2;
         }
+        let [b, t, hidden] = x2.dims();
+        let rows = b * t;
+        let dropout = adapter.is_some_and(|a| a.training && a.cfg.dropout > 0.0);
+        let chunk = mlp_forward_rows(rows, self.gate_proj.out_features, dropout);
+        if chunk >= rows {
+            return h2 + self.mlp(layer, x2, adapter);
+        }
+        let x2 = x2.reshape([1, rows, hidden]);
+        let parts = (0..rows)
+            .step_by(chunk)
+            .map(|s| {
+                let x = x2
+                    .clone()
+                    .slice([0..1, s..(s + chunk).min(rows), 0..hidden]);
+                self.mlp(layer, x, adapter)
+            })
+            .collect();
+        h2 + Tensor::cat(parts, 1).reshape([b, t, hidden])
+    }
+
+    /// `down(silu(gate(x2)) * up(x2))` with the adapter's deltas.
+    fn mlp(&self, layer: usize, x2: Tensor<B, 3>, adapter: Option<&Adapter<B>>) -> Tensor<B, 3> {
         let gate = self.linear_lora(layer, "gate_proj", x2.clone(), adapter, None);
         let up = self.linear_lora(layer, "up_proj", x2, adapter, None);
         // A block forward's high point, both `[rows, intermediate]` products alive: labelled for
@@ -637,9 +719,35 @@ impl<B: Backend> Block<B> {
         // the checkpointed training forward passes here too.
         crate::devmem::note::<B>(&up.device(), "block forward (MLP)");
         let act = swiglu(gate, up);
-        let m = self.linear_lora(layer, "down_proj", act, adapter, None);
-        h2 + m
+        self.linear_lora(layer, "down_proj", act, adapter, None)
     }
+}
+
+/// The block forward's MLP runs at most this many bytes of each f32 `[rows, intermediate]`
+/// product at once: long rows (8b, 16K-token pairs: 1.75 GiB each) go in row chunks. The
+/// bound sits above every measured run's products (the largest: 544 MiB, 20b DPO with 2 pairs
+/// of 2,176-token rows), which keep their single pass.
+pub const MLP_FORWARD_BOUND: usize = 1 << 30;
+
+/// Rows of the block forward's MLP computed at once ([`MLP_FORWARD_BOUND`]); all rows under
+/// LoRA dropout, whose masks are drawn for the whole pass.
+pub fn mlp_forward_rows(rows: usize, inter: usize, dropout: bool) -> usize {
+    if dropout {
+        return rows;
+    }
+    let bound = MLP_FORWARD_BYTES.with(|b| b.get()).max(1);
+    let chunks = (rows * inter * 4).div_ceil(bound).max(1);
+    rows.div_ceil(chunks)
+}
+
+thread_local! {
+    /// The bound in force on this thread; a test lowers it to chunk a tiny model's MLP.
+    static MLP_FORWARD_BYTES: std::cell::Cell<usize> = const { std::cell::Cell::new(MLP_FORWARD_BOUND) };
+}
+
+/// Sets this thread's [`MLP_FORWARD_BOUND`] (tests chunk tiny models with it).
+pub fn set_mlp_forward_bound(bytes: usize) {
+    MLP_FORWARD_BYTES.with(|b| b.set(bytes));
 }
 
 impl<B: Backend> Llama<B> {
@@ -686,7 +794,11 @@ impl<B: Backend> Llama<B> {
             kv.extend_from_slice(&batch.valid[i]);
             key_valid.push(kv);
         }
-        let mask = self.attention_mask(&key_valid, past, t);
+        let keys = KeyMask {
+            key_valid: key_valid.clone(),
+            past,
+            window: self.cfg.sliding_window,
+        };
         let (cos, sin) = self.rope_tables(&positions);
         let flat = batch.tokens.clone().reshape([b * t]);
         let h = self
@@ -697,7 +809,7 @@ impl<B: Backend> Llama<B> {
             .reshape([b, t, self.cfg.hidden_size]);
         Prepared {
             h,
-            inputs: AttnInputs::new(cos, sin, mask),
+            inputs: AttnInputs::new(cos, sin, keys),
             positions,
             key_valid,
         }
@@ -740,35 +852,6 @@ impl<B: Backend> Llama<B> {
     /// The last RMSNorm.
     pub fn final_norm(&self, h: Tensor<B, 3>) -> Tensor<B, 3> {
         rms_norm_inv(h, &self.norm, self.cfg.rms_norm_eps).0
-    }
-
-    /// `[b, 1, t, past+t]` boolean mask, true where attention is forbidden: future tokens,
-    /// padding keys, and keys outside Mistral's sliding window.
-    fn attention_mask(&self, key_valid: &[Vec<bool>], past: usize, t: usize) -> Tensor<B, 4, Bool> {
-        let b = key_valid.len();
-        let total = past + t;
-        let window = self.cfg.sliding_window;
-        let mut m = Vec::with_capacity(b * t * total);
-        for kv in key_valid {
-            for qi in 0..t {
-                let q_abs = past + qi;
-                for (k_abs, &valid) in kv.iter().enumerate() {
-                    let future = k_abs > q_abs;
-                    let outside = window
-                        .map(|w| q_abs - k_abs.min(q_abs) >= w)
-                        .unwrap_or(false);
-                    m.push(if future || !valid || outside {
-                        1.0f32
-                    } else {
-                        0.0
-                    });
-                }
-            }
-        }
-        // Built from floats and compared: every CPU backend runs comparisons, while boolean
-        // tensors from host data are missing on some (burn-candle).
-        Tensor::<B, 4>::from_data(TensorData::new(m, [b, 1, t, total]), &self.device)
-            .greater_elem(0.5)
     }
 
     /// Projects hidden states to vocabulary logits `[b, t, vocab]`.

@@ -27,6 +27,47 @@ pub type CpuBackend = burn::backend::Candle<f32, i64>;
 /// beside the probabilities) this many times smaller: in slices of the `rows x kv_heads` groups.
 pub const ATTENTION_BACKWARD_SLICES: usize = 8;
 
+/// The CUDA attention makes f32 scores of up to this many bytes whole, all heads at once (three
+/// batched GEMMs a call). The bound sits above the largest scores of the measured runs (3.4 GiB,
+/// 20b DPO with 2 pairs of 2,176-token rows), so those runs keep the engine they were measured
+/// with; lowering it trades launches for memory.
+pub const ATTENTION_WHOLE_BYTES: usize = 4 << 30;
+
+/// Beyond [`ATTENTION_WHOLE_BYTES`], the scores of one query block (one KV group's query heads),
+/// at most.
+pub const ATTENTION_BLOCK_BYTES: usize = 256 << 20;
+
+/// Query rows per block of the CUDA attention for `rows` sequences of `t` queries over `total`
+/// keys, or `None` where the scores are made whole (`cuda::attention`; the planner counts the
+/// same). Blocks are near-equal, each of at most [`ATTENTION_BLOCK_BYTES`] of scores.
+pub fn attention_query_block(
+    rows: usize,
+    heads: usize,
+    kv_heads: usize,
+    t: usize,
+    total: usize,
+) -> Option<usize> {
+    let (whole, block) = ATTENTION_BOUNDS.with(|b| b.get());
+    if rows * heads * t * total * 4 <= whole {
+        return None;
+    }
+    let rep = heads / kv_heads.max(1);
+    let most = (block / (rep * total * 4).max(1)).max(1);
+    Some(t.div_ceil(t.div_ceil(most)))
+}
+
+thread_local! {
+    /// The bounds in force on this thread: `(whole, block)` bytes.
+    static ATTENTION_BOUNDS: std::cell::Cell<(usize, usize)> =
+        const { std::cell::Cell::new((ATTENTION_WHOLE_BYTES, ATTENTION_BLOCK_BYTES)) };
+}
+
+/// Sets this thread's attention bounds (`(whole, block)` bytes, see [`attention_query_block`]):
+/// the GPU checks run both regimes at small shapes with it.
+pub fn set_attention_bounds(whole: usize, block: usize) {
+    ATTENTION_BOUNDS.with(|b| b.set((whole, block)));
+}
+
 /// Groups per slice of the CUDA attention backward for `groups = rows x kv_heads` (the planner
 /// counts one slice of `[rep x T, T]` f32 per group).
 pub fn attention_backward_slice(groups: usize) -> usize {

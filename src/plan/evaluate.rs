@@ -480,25 +480,51 @@ fn engine_pass_items(s: &Setup, m: &LlamaConfig, p: &Pass) -> Option<Vec<Item>> 
     let tag = |s: String| format!("{s} [{}]", p.label);
     // The high points of a pass, counted from the allocator's live tensors at each labelled
     // point (`RLHF_TRACE_ALLOCS=1`, H200, 2026-12-02); all f32 (4 B) unless said. `[N, h]` and `[N, kv]` are
-    // activations over all N = rows x tokens, `[r, T, T]` the mask bias made once per forward.
+    // activations over all N = rows x tokens, `[r, T]` the attention's key bias made once per
+    // forward.
     let nh = n * h * 4;
     let nkv = n * kv * 4;
-    let mask = r * t * t * 4;
+    let mask = r * t * 4;
     // Logits pass: one `[chunk, V]` log-softmax beside the final hidden states shifted by one
     // token and their gradient.
     let chunk = logits_rows(s.run, r * p.logits_tokens);
     let logits = chunk * v * 4 + 2 * nh;
-    // Attention backward of a recomputed block: four `[N, h]` and five `[N, kv]` (the trace's
-    // attention side and the gradients in flight, as the allocator listed them), the mask bias
-    // and the recomputed probabilities `[r, a, T, T]`; the forward holds all but the last: one
-    // slice of the score gradient, `[g, a / kv_heads x T, T]` for `g` of the `r x kv_heads`
-    // groups (`ops::attention_backward_slice`).
+    // Attention of a recomputed block: four `[N, h]` and five `[N, kv]` (the trace's attention
+    // side and the gradients in flight, as the allocator listed them), the key bias, and the
+    // scores (`cuda::attention`): whole, `[r, a, T, T]` in the forward and held through the
+    // backward beside one slice of the score gradient, `[g, a / kv_heads x T, T]` for `g` of
+    // the `r x kv_heads` groups (`ops::attention_backward_slice`); or, for long rows, one query
+    // block's `[a / kv_heads x tq, T]` in the forward and two in the backward.
     let kv_heads = m.num_key_value_heads as u64;
-    let attention_fwd = 4 * nh + 5 * nkv + mask + r * a * t * t * 4;
-    let groups = crate::model::ops::attention_backward_slice((r * kv_heads) as usize) as u64;
     let rep = a / kv_heads;
-    let score_slice = groups * rep * t * t * 4;
-    let attention = attention_fwd + score_slice;
+    let block = crate::model::ops::attention_query_block(
+        r as usize,
+        a as usize,
+        kv_heads as usize,
+        t as usize,
+        t as usize,
+    );
+    let groups = crate::model::ops::attention_backward_slice((r * kv_heads) as usize) as u64;
+    let (scores_fwd, scores_bwd, scores_what) = match block {
+        None => (
+            r * a * t * t * 4,
+            r * a * t * t * 4 + groups * rep * t * t * 4,
+            format!("[{r}, {a}, {t}, {t}] + [{groups}, {rep}, {t}, {t}]"),
+        ),
+        Some(tq) => {
+            let one = rep * tq as u64 * t * 4;
+            (one, 2 * one, format!("2 x [{rep} x {tq}, {t}]"))
+        }
+    };
+    let attention_fwd = 4 * nh + 5 * nkv + mask + scores_fwd;
+    let attention = 4 * nh + 5 * nkv + mask + scores_bwd;
+    // The block forward's MLP at its label, when its rows are chunked (long rows; the
+    // checkpointed training forward): the residual and its norm `[N, h]`, gate and up `[c, i]`
+    // for `c` rows at a time (`llama::mlp_forward_rows`) and the chunks' outputs `[N, h]`.
+    // Unchunked, the measured runs' readings there never exceeded the backward's.
+    let dropout = s.run.lora.dropout > 0.0;
+    let cf = crate::model::llama::mlp_forward_rows(n as usize, i as usize, dropout) as u64;
+    let mlp_fwd = if cf < n { 3 * nh + 2 * cf * i * 4 } else { 0 };
     let mut items = Vec::new();
     match p.kind {
         PassKind::Generate { prompt, completion } => {
@@ -536,25 +562,27 @@ fn engine_pass_items(s: &Setup, m: &LlamaConfig, p: &Pass) -> Option<Vec<Item>> 
             // MLP backward of a recomputed block, one row chunk at a time: the block's trace
             // (six `[N, h]`, two `[N, kv]`, the mask bias), the input gradient gathered over all
             // rows `[N, h]`, and the chunk's gate and up `[c, i]` with its input `[c, h]`.
-            let c = engine_mlp_rows(n, i, s.run.lora.dropout > 0.0);
+            let c = engine_mlp_rows(n, i, dropout);
             let mlp = 7 * nh + 2 * nkv + mask + 2 * c * i * 4 + c * h * 4;
             let (bytes, what) = [
                 (logits, "logits pass"),
                 (mlp, "MLP backward"),
                 (attention, "attention backward"),
+                (mlp_fwd, "MLP forward"),
             ]
             .into_iter()
             .max_by_key(|(b, _)| *b)
-            .expect("three candidates");
+            .expect("four candidates");
             items.push(item(
                 T_BLOCK,
                 Life::Transient,
                 bytes,
                 tag(format!(
-                    "{what}, the largest of: logits ([{chunk}, {v}] + 2 x [{n}, {h}], {:.2} GiB), MLP backward (7 x [{n}, {h}] + 2 x [{n}, {kv}] + [{r}, {t}, {t}] + 2 x [{c}, {i}] + [{c}, {h}], {:.2} GiB), attention backward (4 x [{n}, {h}] + 5 x [{n}, {kv}] + [{r}, {t}, {t}] + [{r}, {a}, {t}, {t}] + [{groups}, {rep}, {t}, {t}], {:.2} GiB), f32",
+                    "{what}, the largest of: logits ([{chunk}, {v}] + 2 x [{n}, {h}], {:.2} GiB), MLP backward (7 x [{n}, {h}] + 2 x [{n}, {kv}] + [{r}, {t}] + 2 x [{c}, {i}] + [{c}, {h}], {:.2} GiB), attention backward (4 x [{n}, {h}] + 5 x [{n}, {kv}] + [{r}, {t}] + {scores_what}, {:.2} GiB), MLP forward (2 x [{n}, {h}] + 2 x [{cf}, {i}], {:.2} GiB), f32",
                     logits as f64 / GIB,
                     mlp as f64 / GIB,
-                    attention as f64 / GIB
+                    attention as f64 / GIB,
+                    mlp_fwd as f64 / GIB
                 )),
             ));
         }
@@ -562,13 +590,13 @@ fn engine_pass_items(s: &Setup, m: &LlamaConfig, p: &Pass) -> Option<Vec<Item>> 
             // Not a high point of the calibration runs (they peak in training): the attention
             // as in training, the MLP forward over all rows, no checkpoints.
             let logits = if p.logits_tokens > 0 { logits } else { 0 };
-            let mlp = n * (3 * h + 3 * i) * 4;
+            let mlp = n * 3 * h * 4 + 3 * cf * i * 4 + if cf < n { nh } else { 0 };
             items.push(item(
                 T_BLOCK,
                 Life::Transient,
                 logits.max(attention_fwd).max(mlp),
                 tag(format!(
-                    "the largest of logits ([{chunk}, {v}] + 2 x [{n}, {h}] f32), one block's attention (as in training) and its MLP ([{n}, 3 x {h} + 3 x {i}] f32), no grads"
+                    "the largest of logits ([{chunk}, {v}] + 2 x [{n}, {h}] f32), one block's attention (as in training) and its MLP (3 x [{n}, {h}] + 3 x [{cf}, {i}] f32), no grads"
                 )),
             ));
         }
@@ -655,7 +683,11 @@ fn assemble(
         } else {
             "no gradient checkpointing: every layer keeps its activations until backward".into()
         });
-        notes.push("attention is the decomposed form everywhere ([rows, heads, T, T] scores), not a flash kernel".into());
+        notes.push(if s.engine {
+            "attention: scores whole ([rows, heads, T, T]) up to 4 GiB, query blocks of at most 256 MiB beyond (cuda::attention; no fused flash kernel)".into()
+        } else {
+            "attention is the decomposed form ([rows, heads, T, T] scores), not a flash kernel".into()
+        });
     }
     if !s.cuda {
         notes.push("device = cpu: no CUDA context; the budget is compared with host memory".into());

@@ -783,3 +783,33 @@ fn an_initial_reference_counts_one_more_frozen_adapter() {
         base.bytes_of(T_ADAPTERS, Phase::Load)
     );
 }
+
+#[test]
+fn long_rows_plan_attention_and_mlp_linear_in_the_row_length() {
+    // The shipped 16K-token 8b DPO config fits a 24 GiB card, its attention in query blocks.
+    let run = config("8b-dpo-16k-24gb.toml");
+    let m = model("llama-3.1-8b");
+    let p = plan(&run, &m, Algo::Dpo).unwrap();
+    assert!(p.fits, "{}", p.verdict);
+    assert!(
+        crate::model::ops::attention_query_block(2, 32, 8, 16_384, 16_384).is_some(),
+        "16K-token rows run attention in query blocks"
+    );
+    // Doubling the rows' length at most doubles the training step's block workspace (whole
+    // scores would quadruple it: 64 GiB at 16K tokens).
+    let block = |len: usize| {
+        let mut r = run.clone();
+        r.data.max_length = len;
+        r.data.max_prompt_length = len / 2;
+        r.plan.budget_gib = 1000.0;
+        plan(&r, &m, Algo::Dpo)
+            .unwrap()
+            .bytes_of(T_BLOCK, Phase::TrainStep)
+    };
+    let (b8, b16) = (block(8_192), block(16_384));
+    assert!(
+        b16 <= 2 * b8 + (64 << 20),
+        "block workspace 8K {b8} -> 16K {b16}"
+    );
+    assert!(b16 < 5 * GIB_U, "{b16}");
+}
