@@ -14,8 +14,8 @@
 use super::autodiff_op::{ad, float, from_ad, record};
 use super::config::LlamaConfig;
 use super::llama::{
-    attention_probs, expand_kv, from_heads, to_heads, AttnInputs, Batch, Block, BlockTrace, Llama,
-    Prepared,
+    attention_probs, expand_kv, from_heads, in_row_chunks, to_heads, AttnInputs, Batch, Block,
+    BlockTrace, Llama, Prepared,
 };
 use super::lora::{Adapter, LoraPair, LoraTrace};
 use super::ops::{matmul, matmul_acc};
@@ -339,12 +339,8 @@ type GradMap<B> = BTreeMap<&'static str, (Tensor<B, 2>, Tensor<B, 2>)>;
 /// backward's high point: 0.5b DPO, 4,096 tokens x 4,864, 76 MiB each), all rows when LoRA
 /// dropout is on (its masks are drawn as the forward drew them, whole projections at a time).
 fn mlp_chunk_rows(rows: usize, inter: usize, dropout: bool) -> usize {
-    if dropout {
-        return rows;
-    }
-    let bytes = MLP_CHUNK_BYTES.load(Ordering::Relaxed).max(1);
-    let chunks = (rows * inter * 4).div_ceil(bytes).max(1);
-    rows.div_ceil(chunks)
+    let bound = MLP_CHUNK_BYTES.load(Ordering::Relaxed);
+    super::llama::rows_within(rows, inter, bound, dropout)
 }
 
 /// The default bound of [`mlp_chunk_rows`] (32 MiB: with 64, the 8b DPO step's MLP backward
@@ -366,28 +362,16 @@ fn mlp_backward<B: Backend>(
     dout: Tensor<B, 3>,
     grads: &mut GradMap<B>,
 ) -> Tensor<B, 3> {
-    let [b, t, h] = dout.dims();
-    let rows = b * t;
+    let [b, t, _] = dout.dims();
     let inter = block
         .linear("gate_proj")
         .expect("known module name")
         .out_features;
     let dropout = adapter.training && adapter.cfg.dropout > 0.0;
-    let chunk = mlp_chunk_rows(rows, inter, dropout);
-    if chunk >= rows {
-        return mlp_chunk_backward(block, layer, adapter, x2, dout, grads);
-    }
-    let (x2, dout) = (x2.reshape([1, rows, h]), dout.reshape([1, rows, h]));
-    let parts = (0..rows)
-        .step_by(chunk)
-        .map(|s| {
-            let r = s..(s + chunk).min(rows);
-            let x = x2.clone().slice([0..1, r.clone(), 0..h]);
-            let d = dout.clone().slice([0..1, r, 0..h]);
-            mlp_chunk_backward(block, layer, adapter, x, d, grads)
-        })
-        .collect();
-    Tensor::cat(parts, 1).reshape([b, t, h])
+    let chunk = mlp_chunk_rows(b * t, inter, dropout);
+    in_row_chunks([x2, dout], chunk, |[x, d]| {
+        mlp_chunk_backward(block, layer, adapter, x, d, grads)
+    })
 }
 
 /// [`mlp_backward`] for one chunk of rows.
@@ -733,6 +717,7 @@ mod tests {
         // rows, as long rows do; the reference runs it whole.
         crate::model::llama::set_mlp_forward_bound(1024);
         assert!(crate::model::llama::mlp_forward_rows(16, 64, false) < 16);
+        crate::model::llama::set_mlp_forward_bound(crate::model::llama::MLP_FORWARD_BOUND);
         check_with("llama", true, 0.0, 3, 1024);
     }
 

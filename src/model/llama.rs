@@ -690,24 +690,10 @@ impl<B: Backend> Block<B> {
             r.inv2 = Some(inv2);
             return h2;
         }
-        let [b, t, hidden] = x2.dims();
-        let rows = b * t;
+        let [b, t, _] = x2.dims();
         let dropout = adapter.is_some_and(|a| a.training && a.cfg.dropout > 0.0);
-        let chunk = mlp_forward_rows(rows, self.gate_proj.out_features, dropout);
-        if chunk >= rows {
-            return h2 + self.mlp(layer, x2, adapter);
-        }
-        let x2 = x2.reshape([1, rows, hidden]);
-        let parts = (0..rows)
-            .step_by(chunk)
-            .map(|s| {
-                let x = x2
-                    .clone()
-                    .slice([0..1, s..(s + chunk).min(rows), 0..hidden]);
-                self.mlp(layer, x, adapter)
-            })
-            .collect();
-        h2 + Tensor::cat(parts, 1).reshape([b, t, hidden])
+        let chunk = mlp_forward_rows(b * t, self.gate_proj.out_features, dropout);
+        h2 + in_row_chunks([x2], chunk, |[x]| self.mlp(layer, x, adapter))
     }
 
     /// `down(silu(gate(x2)) * up(x2))` with the adapter's deltas.
@@ -732,12 +718,48 @@ pub const MLP_FORWARD_BOUND: usize = 1 << 30;
 /// Rows of the block forward's MLP computed at once ([`MLP_FORWARD_BOUND`]); all rows under
 /// LoRA dropout, whose masks are drawn for the whole pass.
 pub fn mlp_forward_rows(rows: usize, inter: usize, dropout: bool) -> usize {
+    rows_within(rows, inter, MLP_FORWARD_BYTES.with(|b| b.get()), dropout)
+}
+
+/// Rows per chunk such that a `[rows, inter]` f32 tensor stays within `bound` bytes, in
+/// near-equal chunks; all rows under LoRA dropout (its masks are drawn for whole projections).
+pub(crate) fn rows_within(rows: usize, inter: usize, bound: usize, dropout: bool) -> usize {
     if dropout {
         return rows;
     }
-    let bound = MLP_FORWARD_BYTES.with(|b| b.get()).max(1);
-    let chunks = (rows * inter * 4).div_ceil(bound).max(1);
+    let chunks = (rows * inter * 4).div_ceil(bound.max(1)).max(1);
     rows.div_ceil(chunks)
+}
+
+/// `f` over chunks of `chunk` rows (of the `b x t`) of `[b, t, *]` tensors taken together, its
+/// outputs concatenated back to `[b, t, *]`; one call on the whole tensors when they fit.
+pub(crate) fn in_row_chunks<B: Backend, const N: usize>(
+    xs: [Tensor<B, 3>; N],
+    chunk: usize,
+    mut f: impl FnMut([Tensor<B, 3>; N]) -> Tensor<B, 3>,
+) -> Tensor<B, 3> {
+    let [b, t, _] = xs[0].dims();
+    let rows = b * t;
+    if chunk >= rows {
+        return f(xs);
+    }
+    let flat = xs.map(|x| {
+        let w = x.dims()[2];
+        x.reshape([1, rows, w])
+    });
+    let parts: Vec<Tensor<B, 3>> = (0..rows)
+        .step_by(chunk)
+        .map(|s| {
+            let r = s..(s + chunk).min(rows);
+            f(std::array::from_fn(|i| {
+                let w = flat[i].dims()[2];
+                flat[i].clone().slice([0..1, r.clone(), 0..w])
+            }))
+        })
+        .collect();
+    let out = Tensor::cat(parts, 1);
+    let w = out.dims()[2];
+    out.reshape([b, t, w])
 }
 
 thread_local! {
