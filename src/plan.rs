@@ -136,12 +136,8 @@ pub const CALIBRATION: Calibration = Calibration {
 /// Rows of a block's MLP the engine recomputes at once: each `[rows, i]` f32 tensor within
 /// `checkpoint::MLP_CHUNK_BOUND`, all rows under LoRA dropout.
 fn engine_mlp_rows(n: u64, i: u64, dropout: bool) -> u64 {
-    if dropout {
-        return n;
-    }
-    let bound = crate::model::checkpoint::MLP_CHUNK_BOUND as u64;
-    let chunks = (n * i * 4).div_ceil(bound).max(1);
-    n.div_ceil(chunks)
+    let bound = crate::model::checkpoint::MLP_CHUNK_BOUND;
+    crate::model::llama::rows_within(n as usize, i as usize, bound, dropout) as u64
 }
 
 /// Rows of `[rows, V]` logits a log-prob pass computes at once: `want` (rows x tokens scored),
