@@ -1,6 +1,6 @@
 use super::{
     MemoryConfiguration, MemoryPoolOptions, MemoryUsage, PoolType,
-    memory_pool::{ExclusiveMemoryPool, MemoryPool, PersistentPool, SlicedPool},
+    memory_pool::{ExclusiveMemoryPool, MemoryPool, PersistentPool, SlicedPool, SplitPool},
 };
 use crate::{
     config::{
@@ -52,6 +52,7 @@ pub fn release_count() -> u64 {
 enum DynamicPool {
     Sliced(SlicedPool),
     Exclusive(ExclusiveMemoryPool),
+    Split(SplitPool),
 }
 
 impl MemoryPool for DynamicPool {
@@ -59,6 +60,7 @@ impl MemoryPool for DynamicPool {
         match self {
             DynamicPool::Sliced(pool) => pool.accept(size),
             DynamicPool::Exclusive(pool) => pool.accept(size),
+            DynamicPool::Split(pool) => pool.accept(size),
         }
     }
 
@@ -66,6 +68,7 @@ impl MemoryPool for DynamicPool {
         match self {
             DynamicPool::Sliced(m) => m.find(binding),
             DynamicPool::Exclusive(m) => m.find(binding),
+            DynamicPool::Split(m) => m.find(binding),
         }
     }
 
@@ -74,6 +77,7 @@ impl MemoryPool for DynamicPool {
         match self {
             DynamicPool::Sliced(m) => m.try_reserve(size),
             DynamicPool::Exclusive(m) => m.try_reserve(size),
+            DynamicPool::Split(m) => m.try_reserve(size),
         }
     }
 
@@ -89,6 +93,7 @@ impl MemoryPool for DynamicPool {
         match self {
             DynamicPool::Sliced(m) => m.alloc(storage, size),
             DynamicPool::Exclusive(m) => m.alloc(storage, size),
+            DynamicPool::Split(m) => m.alloc(storage, size),
         }
     }
 
@@ -96,6 +101,7 @@ impl MemoryPool for DynamicPool {
         match self {
             DynamicPool::Sliced(m) => m.get_memory_usage(),
             DynamicPool::Exclusive(m) => m.get_memory_usage(),
+            DynamicPool::Split(m) => m.get_memory_usage(),
         }
     }
 
@@ -108,6 +114,7 @@ impl MemoryPool for DynamicPool {
         match self {
             DynamicPool::Sliced(m) => m.cleanup(storage, alloc_nr, explicit),
             DynamicPool::Exclusive(m) => m.cleanup(storage, alloc_nr, explicit),
+            DynamicPool::Split(m) => m.cleanup(storage, alloc_nr, explicit),
         };
         storage.flush();
     }
@@ -121,6 +128,18 @@ impl MemoryPool for DynamicPool {
         match self {
             DynamicPool::Sliced(m) => m.bind(reserved, assigned, cursor),
             DynamicPool::Exclusive(m) => m.bind(reserved, assigned, cursor),
+            DynamicPool::Split(m) => m.bind(reserved, assigned, cursor),
+        }
+    }
+}
+
+impl DynamicPool {
+    /// rlhf patch: bytes an explicit cleanup would give back (pages no live tensor uses).
+    fn releasable_bytes(&self) -> u64 {
+        match self {
+            DynamicPool::Sliced(m) => m.releasable_bytes(),
+            DynamicPool::Exclusive(m) => m.releasable_bytes(),
+            DynamicPool::Split(m) => m.releasable_bytes(),
         }
     }
 }
@@ -312,6 +331,48 @@ impl<Storage: ComputeStorage> MemoryManagement<Storage> {
                     })
                     .collect()
             }
+            MemoryConfiguration::SplitLarge {
+                split_min,
+                segment,
+                min_rest,
+            } => {
+                // Small requests: exclusive pages in size buckets (many small tensors, little
+                // to win); from `split_min`: one split pool whose pages are 2 MiB multiples,
+                // requests up to half a `segment` sharing one (PyTorch's caching allocator
+                // makes the same choices for its large blocks).
+                const MB: u64 = 1024 * 1024;
+                let align = properties.alignment;
+                let mut pools: Vec<MemoryPoolOptions> = Vec::new();
+                if split_min > align {
+                    pools = generate_bucket_sizes(1024 * 32, split_min, 8, align)
+                        .into_iter()
+                        .filter(|&size| size < split_min)
+                        .map(|size| MemoryPoolOptions {
+                            pool_type: PoolType::ExclusivePages {
+                                max_alloc_size: size,
+                            },
+                            dealloc_period: Some(BASE_DEALLOC_PERIOD),
+                        })
+                        .collect();
+                    pools.push(MemoryPoolOptions {
+                        pool_type: PoolType::ExclusivePages {
+                            max_alloc_size: (split_min - 1) / align * align,
+                        },
+                        dealloc_period: Some(BASE_DEALLOC_PERIOD),
+                    });
+                }
+                pools.push(MemoryPoolOptions {
+                    pool_type: PoolType::SplitPages {
+                        min_alloc_size: 0,
+                        max_alloc_size: properties.max_page_size,
+                        segment: segment.next_multiple_of(align),
+                        granularity: (2 * MB).next_multiple_of(align),
+                        min_rest,
+                    },
+                    dealloc_period: None,
+                });
+                pools
+            }
             MemoryConfiguration::Custom { pool_options } => pool_options,
         };
 
@@ -339,6 +400,19 @@ impl<Storage: ComputeStorage> MemoryManagement<Storage> {
                     } => DynamicPool::Sliced(SlicedPool::new(
                         page_size,
                         max_slice_size,
+                        properties.alignment,
+                        pool_pos,
+                    )),
+                    PoolType::SplitPages {
+                        min_alloc_size,
+                        max_alloc_size,
+                        segment,
+                        granularity,
+                        min_rest,
+                    } => DynamicPool::Split(SplitPool::new(
+                        min_alloc_size,
+                        max_alloc_size,
+                        (segment, granularity, min_rest),
                         properties.alignment,
                         pool_pos,
                     )),
@@ -385,6 +459,16 @@ impl<Storage: ComputeStorage> MemoryManagement<Storage> {
     /// rlhf patch: a reservation limit for this instance only (see [`set_reserve_limit`]).
     pub fn set_reserve_limit(&mut self, bytes: Option<u64>) {
         self.reserve_limit = bytes;
+    }
+
+    /// rlhf patch: bytes of cached pages no live tensor uses (what [`Self::release_cached`]
+    /// gives back; a split page with one live slice stays).
+    fn releasable_bytes(&self) -> u64 {
+        self.pools
+            .iter()
+            .map(DynamicPool::releasable_bytes)
+            .sum::<u64>()
+            + self.persistent.releasable_bytes()
     }
 
     /// rlhf patch: gives every cached free page back to the device.
@@ -531,14 +615,14 @@ impl<Storage: ComputeStorage> MemoryManagement<Storage> {
         );
 
         // Find first pool that fits this allocation
-        let index = self
-            .pools
-            .iter()
-            .position(|p| p.accept(size))
-            .ok_or(IoError::BufferTooBig {
-                size,
-                backtrace: BackTrace::capture(),
-            })?;
+        let index =
+            self.pools
+                .iter()
+                .position(|p| p.accept(size))
+                .ok_or(IoError::BufferTooBig {
+                    size,
+                    backtrace: BackTrace::capture(),
+                })?;
 
         if let Some(slice) = self.pools[index].try_reserve(size) {
             return Ok(slice);
@@ -579,8 +663,7 @@ impl<Storage: ComputeStorage> MemoryManagement<Storage> {
             && let Some(held) = self.storage.allocated_bytes()
             && held.saturating_add(size) > limit
         {
-            let usage = self.memory_usage();
-            let cached = usage.bytes_reserved.saturating_sub(usage.bytes_in_use);
+            let cached = self.releasable_bytes();
             if cached > 0 && (cached >= size || held - cached.min(held) + size <= limit) {
                 self.release_cached();
             }
@@ -674,6 +757,7 @@ impl<Storage: ComputeStorage> core::fmt::Display for MemoryManagement<Storage> {
             match pool {
                 DynamicPool::Sliced(pool) => f.write_fmt(format_args!("{pool}\n"))?,
                 DynamicPool::Exclusive(pool) => f.write_fmt(format_args!("{pool}\n"))?,
+                DynamicPool::Split(pool) => f.write_fmt(format_args!("{pool}\n"))?,
             }
         }
         let memory_usage = self.memory_usage();
@@ -888,6 +972,127 @@ mod tests {
         let big = memory_management.reserve(1500);
         assert!(big.is_ok(), "{:?}", big.err());
         drop(kept);
+    }
+
+    fn split_pool(exclusive: bool) -> MemoryManagement<Capped> {
+        let pool_type = if exclusive {
+            PoolType::ExclusivePages {
+                max_alloc_size: 1 << 16,
+            }
+        } else {
+            PoolType::SplitPages {
+                min_alloc_size: 0,
+                max_alloc_size: 1 << 16,
+                segment: 4096,
+                granularity: 256,
+                min_rest: 0,
+            }
+        };
+        MemoryManagement::from_configuration(
+            Capped::new(1 << 20),
+            &DUMMY_MEM_PROPS,
+            MemoryConfiguration::Custom {
+                pool_options: vec![MemoryPoolOptions {
+                    pool_type,
+                    dealloc_period: None,
+                }],
+            },
+            Arc::new(ServerLogger::default()),
+            options(),
+        )
+    }
+
+    /// Phases of a training step whose tensors change shape: ten 1,000-byte buffers, then five
+    /// of 2,000, then three of 3,300, each set freed before the next. Freed space serves the
+    /// next shape only when it can be split and merged; exclusive pages keep adding pages.
+    fn phases_held(exclusive: bool) -> (u64, u64) {
+        let mut mm = split_pool(exclusive);
+        let kept = mm.reserve(5000).unwrap();
+        let mut first = 0;
+        for (count, size) in [(10, 1000), (5, 2000), (3, 3300), (10, 1000), (5, 2000)] {
+            let live: Vec<_> = (0..count).map(|_| mm.reserve(size).unwrap()).collect();
+            first = first.max(mm.storage().used);
+            drop(live);
+        }
+        drop(kept);
+        (first, mm.storage().used)
+    }
+
+    #[test_log::test]
+    fn split_pages_follow_the_tensors_across_shapes() {
+        let (first, held) = phases_held(false);
+        // The first phase, the largest (5,000 + 10 x 1,024 bytes), takes a 5,120-byte page and
+        // three 4,096-byte segments; the later shapes fit in what it freed.
+        assert_eq!(first, 5120 + 3 * 4096);
+        assert_eq!(held, first, "the split pool grew after the largest phase");
+        let (_, exclusive_held) = phases_held(true);
+        assert!(
+            exclusive_held > held,
+            "exclusive pages held {exclusive_held}, split {held}: the phases do not tell them apart"
+        );
+    }
+
+    #[test_log::test]
+    fn split_pages_keep_the_padding_of_reused_slices() {
+        let mut mm = split_pool(false);
+        // 33 bytes pad to 64; reusing the slice must not lose the padding from the page.
+        for _ in 0..1000 {
+            drop(mm.reserve(33).unwrap());
+        }
+        let whole = mm.reserve(4096).unwrap();
+        assert_eq!(mm.storage().used, 4096, "a second page was needed");
+        drop(whole);
+    }
+
+    #[test_log::test]
+    fn split_pages_pick_the_best_fit_and_give_back_unused_pages() {
+        let mut mm = split_pool(false);
+        let big = mm.reserve(3000).unwrap(); // a page of its own (over half a segment)
+        let a = mm.reserve(1000).unwrap(); // a 4,096-byte segment
+        let b = mm.reserve(1000).unwrap();
+        drop(a);
+        drop(big);
+        // 900 bytes fit the freed 1,024 exactly enough; the 3,072-byte page stays whole.
+        let c = mm.reserve(900).unwrap();
+        let d = mm.reserve(3000).unwrap();
+        assert_eq!(mm.storage().used, 3072 + 4096, "no page beyond the two");
+        drop((c, d));
+        mm.cleanup(true);
+        mm.storage().flush();
+        assert_eq!(
+            mm.storage().used,
+            4096,
+            "the segment with a live slice stays, nothing else"
+        );
+        drop(b);
+    }
+
+    #[test_log::test]
+    fn split_large_configuration_limits_its_cache() {
+        let mut mm = MemoryManagement::from_configuration(
+            Capped::new(1 << 30),
+            &MemoryDeviceProperties {
+                max_page_size: 1 << 28,
+                alignment: 256,
+            },
+            MemoryConfiguration::SplitLarge {
+                split_min: 1 << 20,
+                segment: 20 << 20,
+                min_rest: 0,
+            },
+            Arc::new(ServerLogger::default()),
+            options(),
+        );
+        const MB: u64 = 1 << 20;
+        mm.set_reserve_limit(Some(64 * MB));
+        let small = mm.reserve(4096).unwrap();
+        for size in [30 * MB, 12 * MB, 50 * MB, 7 * MB, 33 * MB] {
+            let handle = mm.reserve(size).unwrap();
+            let held = mm.storage().used;
+            assert!(held <= 64 * MB, "{held} bytes held above the 64 MiB limit");
+            drop(handle);
+        }
+        drop(small);
     }
 
     #[test_log::test]

@@ -28,6 +28,20 @@ pub enum PoolType {
         /// The maximum size of a slice to allocate in the pool.
         max_slice_size: u64,
     },
+    /// rlhf patch: pages cut to the requests, their free space split best-fit over all pages
+    /// and merged again when neighbours are free.
+    SplitPages {
+        /// The smallest request the pool takes.
+        min_alloc_size: u64,
+        /// The largest request the pool takes.
+        max_alloc_size: u64,
+        /// The page shared by requests up to half its size.
+        segment: u64,
+        /// Larger requests get a page of their size rounded up to this.
+        granularity: u64,
+        /// The smallest rest of a slice kept as a free slice of its own.
+        min_rest: u64,
+    },
 }
 
 /// Options to create a memory pool.
@@ -52,6 +66,17 @@ pub enum MemoryConfiguration {
     /// Default preset for using exclusive pages.
     /// This can be necessary for backends don't support sub-slices.
     ExclusivePages,
+    /// rlhf patch: exclusive pages for small requests, one split pool above (pages cut to the
+    /// requests, free space split and merged: the reservation follows the tensors).
+    SplitLarge {
+        /// Requests from this size on go to the split pool.
+        split_min: u64,
+        /// The page shared by the split pool's requests up to half its size.
+        segment: u64,
+        /// A free slice left over by a request is kept apart only from this size on; a
+        /// smaller rest stays with the request.
+        min_rest: u64,
+    },
     /// Custom settings.
     Custom {
         /// Options for each pool to construct. When allocating, the first

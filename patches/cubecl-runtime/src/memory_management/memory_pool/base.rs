@@ -121,7 +121,7 @@ pub(crate) fn calculate_padding(size: u64, memory_alignment: u64) -> u64 {
 /// can be compared tensor by tensor with the planner's terms. The variable is read once: usage
 /// is queried at every labelled high point, for every pool.
 #[cfg(feature = "std")]
-pub(crate) fn trace_live_sizes(pool: &str, sizes: impl Iterator<Item = u64>) {
+pub(crate) fn trace_live_sizes(pool: &str, sizes: impl Iterator<Item = u64>, held: u64) {
     static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     if !*ON.get_or_init(|| std::env::var_os("RLHF_TRACE_ALLOCS").is_some()) {
         return;
@@ -140,11 +140,12 @@ pub(crate) fn trace_live_sizes(pool: &str, sizes: impl Iterator<Item = u64>) {
         .map(|(size, count)| alloc::format!("{:.3}x{count}", *size as f64 / 1048576.0))
         .collect();
     std::eprintln!(
-        "allocs {pool}: {live} live, {:.1} MiB (MiB x count): {}",
+        "allocs {pool}: {live} live, {:.1} MiB of {:.1} MiB held (MiB x count): {}",
         total as f64 / 1048576.0,
+        held as f64 / 1048576.0,
         top.join(" ")
     );
 }
 
 #[cfg(not(feature = "std"))]
-pub(crate) fn trace_live_sizes(_pool: &str, _sizes: impl Iterator<Item = u64>) {}
+pub(crate) fn trace_live_sizes(_pool: &str, _sizes: impl Iterator<Item = u64>, _held: u64) {}

@@ -77,6 +77,15 @@ impl ExclusiveMemoryPool {
         }
     }
 
+    /// rlhf patch: bytes of the free pages (what an explicit cleanup gives back).
+    pub(crate) fn releasable_bytes(&self) -> u64 {
+        self.pages
+            .iter()
+            .filter(|page| page.slice.is_free())
+            .map(|page| page.alloc_size)
+            .sum()
+    }
+
     /// Finds a free page that can contain the given size
     /// Returns a slice on that page if successful.
     /// rlhf patch: the smallest free page that holds `size` (best fit; upstream took the free
@@ -178,6 +187,7 @@ impl MemoryPool for ExclusiveMemoryPool {
         super::base::trace_live_sizes(
             "exclusive",
             used_slices.iter().map(|page| page.slice.storage.size()),
+            self.pages.iter().map(|page| page.alloc_size).sum(),
         );
 
         MemoryUsage {

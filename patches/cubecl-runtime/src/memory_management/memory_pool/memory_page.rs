@@ -122,34 +122,78 @@ impl MemoryPage {
     /// you can call the [`Self::coalesce()`] function to merge those.
     #[cfg_attr(feature = "tracing", tracing::instrument(level = "trace", skip(self)))]
     pub fn try_reserve(&mut self, size: u64) -> Option<ManagedMemoryHandle> {
-        let padding = calculate_padding(size, self.alignment);
+        let effective_size = size + calculate_padding(size, self.alignment);
+        let index = self
+            .slices
+            .iter()
+            .position(|slice| slice.effective_size() >= effective_size && slice.handle.is_free())?;
+        Some(self.reserve_slice(index, size, 0))
+    }
+
+    /// rlhf patch: the free slice that holds `effective_size` bytes with the least to spare, as
+    /// (index, its size), for a pool choosing the best fit over all its pages.
+    pub fn best_fit(&self, effective_size: u64) -> Option<(usize, u64)> {
+        self.slices
+            .iter()
+            .enumerate()
+            .filter(|(_, slice)| slice.effective_size() >= effective_size && slice.handle.is_free())
+            .map(|(index, slice)| (index, slice.effective_size()))
+            .min_by_key(|&(_, size)| size)
+    }
+
+    /// rlhf patch: whether two neighbouring slices are both free ([`Self::coalesce`] would merge
+    /// them); a cheap check before the rebuild.
+    pub fn has_adjacent_free(&self) -> bool {
+        self.slices
+            .windows(2)
+            .any(|pair| pair[0].handle.is_free() && pair[1].handle.is_free())
+    }
+
+    /// rlhf patch: the sizes of the slices in use (for `RLHF_TRACE_ALLOCS`).
+    pub fn live_sizes(&self) -> impl Iterator<Item = u64> + '_ {
+        self.slices
+            .iter()
+            .filter(|slice| !slice.handle.is_free())
+            .map(|slice| slice.storage.size())
+    }
+
+    /// rlhf patch: whether no slice of the page is in use (the page can be given back).
+    pub fn is_unused(&self) -> bool {
+        self.slices.iter().all(|slice| slice.handle.is_free())
+    }
+
+    /// Reserves `size` bytes at the start of the free slice `index`, which must hold them with
+    /// their padding; the rest of the slice becomes a free slice of its own.
+    ///
+    /// rlhf patch: a slice's capacity is its size plus its padding (upstream split from its
+    /// size alone, so each reuse of a padded slice lost the padding's bytes from the page).
+    /// A rest under `min_rest` bytes stays with the request, as padding.
+    pub fn reserve_slice(&mut self, index: usize, size: u64, min_rest: u64) -> ManagedMemoryHandle {
+        let mut padding = calculate_padding(size, self.alignment);
+        let slice = &mut self.slices[index];
+        let capacity = slice.effective_size();
+        debug_assert!(slice.handle.is_free() && capacity >= size + padding);
+        if capacity - (size + padding) < min_rest {
+            padding = capacity - size;
+        }
         let effective_size = size + padding;
 
-        for (index, slice) in self.slices.iter_mut().enumerate() {
-            let can_use_slice =
-                slice.storage.utilization.size >= effective_size && slice.handle.is_free();
+        let handle = slice.handle.clone();
+        let rest = StorageHandle {
+            id: slice.storage.id,
+            utilization: StorageUtilization {
+                offset: slice.storage.utilization.offset + effective_size,
+                size: capacity - effective_size,
+            },
+        };
+        slice.storage.utilization.size = size;
+        slice.padding = padding;
 
-            if !can_use_slice {
-                continue;
-            }
-
-            let can_be_split = slice.storage.utilization.size > effective_size;
-            let handle = slice.handle.clone();
-            let storage_old = slice.storage.clone();
-
-            // Updates the current storage utilization.
-            slice.storage.utilization.size = size;
-            slice.padding = padding;
-
-            if can_be_split {
-                let new_slice = Slice::new(storage_old.offset_start(effective_size), 0);
-                self.add_new_slice(index, size, new_slice);
-            }
-
-            return Some(handle);
+        if capacity > effective_size {
+            self.add_new_slice(index, size, Slice::new(rest, 0));
         }
 
-        None
+        handle
     }
 
     /// Gets the [storage handle](SliceHandle) with the correct offset and size using the slice

@@ -62,6 +62,15 @@ impl PersistentPool {
         let effective_size = size + padding;
         self.sizes.contains_key(&effective_size)
     }
+
+    /// rlhf patch: bytes of the free slices (what an explicit cleanup gives back).
+    pub(crate) fn releasable_bytes(&self) -> u64 {
+        self.slices
+            .iter()
+            .filter(|slice| slice.is_free())
+            .map(|slice| slice.effective_size())
+            .sum()
+    }
 }
 
 impl MemoryPool for PersistentPool {
@@ -140,6 +149,7 @@ impl MemoryPool for PersistentPool {
         super::base::trace_live_sizes(
             "persistent",
             used_slices.iter().map(|slice| slice.storage.size()),
+            self.slices.iter().map(|slice| slice.effective_size()).sum(),
         );
 
         MemoryUsage {

@@ -31,6 +31,17 @@ impl SlicedPool {
     }
 }
 
+impl SlicedPool {
+    /// rlhf patch: bytes of the pages no live slice uses (what an explicit cleanup gives back).
+    pub(crate) fn releasable_bytes(&self) -> u64 {
+        self.pages
+            .iter()
+            .filter(|(page, _)| page.is_unused())
+            .map(|(page, _)| page.memory_usage().bytes_reserved)
+            .sum()
+    }
+}
+
 impl MemoryPool for SlicedPool {
     fn accept(&self, size: u64) -> bool {
         self.max_alloc_size >= size
