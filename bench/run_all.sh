@@ -227,9 +227,14 @@ if want dpo-8b speed; then
   ours dpo-8b --model "$m" $DPO8
 fi
 if want dpo-20b speed; then
-  m=$(model 20b 20b --rows 64)
+  m=$(model 20b-1024 20b --prompt-len 512 --completion-len 512 --rows 64)
   trl dpo-20b --model "$m" $DPO20
   ours dpo-20b --model "$m" $DPO20
+fi
+if want dpo-20b-256 speed; then
+  m=$(model 20b 20b --rows 64)
+  trl dpo-20b-256 --model "$m" $DPO20
+  ours dpo-20b-256 --model "$m" $DPO20
 fi
 if want grpo-20b speed; then
   m=$(model 20b 20b --rows 64)
@@ -265,17 +270,17 @@ fi
 # --- memory on a 24 GB card: rlhf under bench/cap.py, TRL's peaks uncapped --------------------
 TRACE_MEM=1
 if want mem-dpo-20b memory; then
-  m=$(model 20b 20b --rows 64)
+  m=$(model 20b-1024 20b --prompt-len 512 --completion-len 512 --rows 64)
   trl mem-dpo-20b --model "$m" $DPO20
   capped ours mem-dpo-20b --model "$m" $DPO20
 fi
 if want mem-grpo-20b memory; then
-  m=$(model 20b 20b --rows 64)
+  m=$(model 20b-1024 20b --prompt-len 512 --completion-len 512 --rows 64)
   trl mem-grpo-20b --model "$m" $GRPO20
   capped ours mem-grpo-20b --model "$m" $GRPO20
 fi
 if want mem-rm-20b memory || want mem-ppo-20b memory; then
-  m=$(model 20b 20b --rows 64)
+  m=$(model 20b-1024 20b --prompt-len 512 --completion-len 512 --rows 64)
   # The shipped 24 GB configs' shapes, on the random checkpoint, 3 optimizer steps.
   run="train.max_steps=3 train.gradient_accumulation_steps=1 train.save_steps=3 train.logging_steps=1"
   if [ -f "$REPO/configs/20b-rm-24gb.toml" ]; then

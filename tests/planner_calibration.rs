@@ -39,7 +39,7 @@ fn bench_args(model: PathBuf, algo: &str, run: &Value) -> BenchArgs {
         out: None,
         force: false,
         phase_times: false,
-        cache_plan: run["card_mib"].is_number(),
+        cache_plan: run["cache"] == "plan",
     }
 }
 

@@ -72,11 +72,8 @@ fn phase_items(s: &Setup, w: &Workload, phase: Phase, passes: &[Pass]) -> Vec<It
         items.push(item(
             T_CONTEXT,
             Life::Fixed,
-            context_bytes(m),
-            format!(
-                "CALIBRATION.cuda_context_bytes + {} x the largest linear in bf16",
-                cal.cuda_context_per_linear
-            ),
+            context_bytes(),
+            "CALIBRATION.cuda_context_bytes: CUDA context, cuBLASLt, kernels".into(),
         ));
     }
     // Base weights.
@@ -284,16 +281,21 @@ fn phase_items(s: &Setup, w: &Workload, phase: Phase, passes: &[Pass]) -> Vec<It
             .sum::<u64>()
     };
     let (pers, trans) = (sum(Life::Persistent), sum(Life::Transient));
+    let knee = cal.slack_transient_knee as u64;
     items.push(item(
         T_SLACK,
         Life::Fixed,
-        (pers as f64 * cal.slack_persistent + trans as f64 * cal.slack_transient) as u64,
+        (pers as f64 * cal.slack_persistent
+            + trans.min(knee) as f64 * cal.slack_transient
+            + trans.saturating_sub(knee) as f64 * cal.slack_transient_beyond) as u64,
         format!(
-            "{:.0}% of {:.2} GiB persistent + {:.0}% of {:.2} GiB transient",
+            "{:.0}% of {:.2} GiB persistent + {:.2} GiB transient at {:.0}% up to {:.0} GiB, {:.0}% beyond",
             cal.slack_persistent * 100.0,
             pers as f64 / GIB,
+            trans as f64 / GIB,
             cal.slack_transient * 100.0,
-            trans as f64 / GIB
+            cal.slack_transient_knee / GIB,
+            cal.slack_transient_beyond * 100.0,
         ),
     ));
     items
@@ -674,8 +676,8 @@ fn assemble(
     if phases.contains(&Phase::TrainStep) {
         if s.cuda {
             notes.push(match run.plan.cache {
-                crate::config::CacheBound::Plan => "cuda: the peak is the card: the CUDA context and driver pool plus what the allocator may hold, which the run bounds by this plan (plan.cache = \"plan\": cached pages are given back past it); within 2.5% of the measured card peak in 8b-20b runs on an H100 (tests/data/calibration; smaller runs miss by up to 14%, BENCHMARKS.md)".into(),
-                crate::config::CacheBound::Budget => "cuda: the peak is what the card needs (context, driver pool, tensors and slack; within 2.5% of the measured card in 8b-20b runs held to their plans, tests/data/calibration; smaller runs miss by up to 14%); the allocator keeps freed pages cached up to plan.budget_gib, so the card may show more, never more than the budget (plan.cache = \"plan\" holds it to this peak, at a cost in speed)".into(),
+                crate::config::CacheBound::Plan => "cuda: the peak is the card: the CUDA context plus what the allocator holds, which the run bounds by this plan (plan.cache = \"plan\": cached pages are given back past it, at a cost in speed); within 4.1% of the card measured in seven runs from tiny to 20b on an H100 (tests/data/calibration); runs with more than 1 GiB of per-phase buffers (long rows) were not measured with this allocator".into(),
+                crate::config::CacheBound::Budget => "cuda: the peak is what the card needs (context, tensors and the allocator's slack; within 4.1% of the card measured in seven runs from tiny to 20b on an H100, tests/data/calibration; runs with more than 1 GiB of per-phase buffers, long rows, were not measured with this allocator); the allocator may keep more cached, up to plan.budget_gib (plan.cache = \"plan\" holds it to this peak, at a cost in speed)".into(),
             });
         }
         notes.push(if run.train.gradient_checkpointing {

@@ -166,7 +166,6 @@ pub fn kv_cache_bytes(m: &LlamaConfig, tokens: u64, rows: u64, d: u64) -> u64 {
 }
 
 /// What a CUDA run holds of the card beyond the allocator's reservation (the plan's context term).
-pub(crate) fn context_bytes(m: &LlamaConfig) -> u64 {
-    let cal = &CALIBRATION;
-    (cal.cuda_context_bytes + cal.cuda_context_per_linear * (largest_linear(m) * 2) as f64) as u64
+pub(crate) fn context_bytes() -> u64 {
+    CALIBRATION.cuda_context_bytes as u64
 }

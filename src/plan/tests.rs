@@ -97,10 +97,10 @@ fn base_weight_terms_20b() {
     assert_eq!(p.bytes_of(T_STAGING, Phase::Rollout), 0);
     assert_eq!(p.bytes_of(T_WORKSPACE, Phase::Load), 0);
     assert_eq!(p.bytes_of(T_WORKSPACE, Phase::TrainStep), 100_663_296 * 2);
-    // Context: the constant + 3 x the gate linear (100_663_296 params) in bf16.
+    // Context: a constant, whatever the model.
     assert_eq!(
         p.bytes_of(T_CONTEXT, Phase::Load),
-        (CALIBRATION.cuda_context_bytes + 3.0 * 100_663_296.0 * 2.0) as u64
+        CALIBRATION.cuda_context_bytes as u64
     );
 
     // quantize = none, f32: 2 x 37_748_736 + 2 x 6_291_456 + 3 x 100_663_296 = 390_070_272
@@ -330,9 +330,10 @@ fn grpo_reward_model_is_counted_with_its_scoring_pass() {
         assert_eq!(p.bytes_of(T_REWARD_MODEL, phase), rm, "{phase:?}");
         assert_eq!(without.bytes_of(T_REWARD_MODEL, phase), 0);
     }
-    // Its scoring pass adds activations of its own dims to the scoring phase.
+    // Its scoring pass runs in the scoring phase, which holds at least its weights more (its
+    // activations, of the 7B's narrower dims, stay under the policy pass's).
     assert!(
-        p.total_of(Phase::Scoring) > without.total_of(Phase::Scoring) + rm,
+        p.total_of(Phase::Scoring) >= without.total_of(Phase::Scoring) + rm,
         "{} vs {}",
         p.total_of(Phase::Scoring),
         without.total_of(Phase::Scoring)
