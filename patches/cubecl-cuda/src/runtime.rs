@@ -55,9 +55,9 @@ impl DeviceService for CudaServer {
             Ok("subslices") => MemoryConfiguration::SubSlices,
             Ok("exclusive") => MemoryConfiguration::ExclusivePages,
             _ => {
-                // The split pool's three sizes, in bytes; the environment may set them
-                // (`CUBECL_SPLIT_MIN`, `CUBECL_SPLIT_SEGMENT`, `CUBECL_SPLIT_MIN_REST`) to
-                // measure others.
+                // The split pool's sizes in bytes and its slice ratio; the environment may
+                // set them (`CUBECL_SPLIT_MIN`, `CUBECL_SPLIT_SEGMENT`, `CUBECL_SPLIT_MIN_REST`,
+                // `CUBECL_SPLIT_MAX_RATIO`) to measure others.
                 let bytes = |name: &str, default: u64| {
                     std::env::var(name)
                         .ok()
@@ -68,6 +68,7 @@ impl DeviceService for CudaServer {
                     split_min: bytes("CUBECL_SPLIT_MIN", 1 << 20),
                     segment: bytes("CUBECL_SPLIT_SEGMENT", 20 << 20),
                     min_rest: bytes("CUBECL_SPLIT_MIN_REST", 0),
+                    max_ratio: bytes("CUBECL_SPLIT_MAX_RATIO", 0),
                 }
             }
         };

@@ -335,6 +335,7 @@ impl<Storage: ComputeStorage> MemoryManagement<Storage> {
                 split_min,
                 segment,
                 min_rest,
+                max_ratio,
             } => {
                 // Small requests: exclusive pages in size buckets (many small tensors, little
                 // to win); from `split_min`: one split pool whose pages are 2 MiB multiples,
@@ -368,6 +369,7 @@ impl<Storage: ComputeStorage> MemoryManagement<Storage> {
                         segment: segment.next_multiple_of(align),
                         granularity: (2 * MB).next_multiple_of(align),
                         min_rest,
+                        max_ratio,
                     },
                     dealloc_period: None,
                 });
@@ -409,10 +411,11 @@ impl<Storage: ComputeStorage> MemoryManagement<Storage> {
                         segment,
                         granularity,
                         min_rest,
+                        max_ratio,
                     } => DynamicPool::Split(SplitPool::new(
                         min_alloc_size,
                         max_alloc_size,
-                        (segment, granularity, min_rest),
+                        (segment, granularity, min_rest, max_ratio),
                         properties.alignment,
                         pool_pos,
                     )),
@@ -974,6 +977,81 @@ mod tests {
         drop(kept);
     }
 
+    fn split_pool_with(max_ratio: u64, cap: u64) -> MemoryManagement<Capped> {
+        MemoryManagement::from_configuration(
+            Capped::new(cap),
+            &DUMMY_MEM_PROPS,
+            MemoryConfiguration::Custom {
+                pool_options: vec![MemoryPoolOptions {
+                    pool_type: PoolType::SplitPages {
+                        min_alloc_size: 0,
+                        max_alloc_size: 1 << 20,
+                        segment: 2048,
+                        granularity: 256,
+                        min_rest: 0,
+                        max_ratio,
+                    },
+                    dealloc_period: None,
+                }],
+            },
+            Arc::new(ServerLogger::default()),
+            options(),
+        )
+    }
+
+    /// A DPO step in miniature: a reference pass (per layer a 3,000-byte buffer, then two
+    /// 20,000-byte logits buffers, all freed), then the policy pass, which keeps a 1,200-byte
+    /// checkpoint per layer beside the same buffers and needs three logits buffers. Returns the
+    /// bytes held at the end and the largest bytes in use.
+    fn dpo_in_miniature(mm: &mut MemoryManagement<Capped>) -> (u64, u64) {
+        let mut peak = 0;
+        let mut note = |mm: &MemoryManagement<Capped>| {
+            peak = peak.max(mm.memory_usage().bytes_in_use);
+        };
+        for _ in 0..2 {
+            for _ in 0..8 {
+                let t = mm.reserve(3000).unwrap();
+                note(mm);
+                drop(t);
+            }
+            let logits: Vec<_> = (0..2).map(|_| mm.reserve(20_000).unwrap()).collect();
+            note(mm);
+            drop(logits);
+            let mut kept = Vec::new();
+            for _ in 0..8 {
+                kept.push(mm.reserve(1200).unwrap());
+                let t = mm.reserve(3000).unwrap();
+                note(mm);
+                drop(t);
+            }
+            let logits: Vec<_> = (0..3).map(|_| mm.reserve(20_000).unwrap()).collect();
+            note(mm);
+            drop((logits, kept));
+        }
+        (mm.storage().used, peak)
+    }
+
+    #[test_log::test]
+    fn split_pages_with_a_ratio_keep_freed_buffers_whole_for_the_next_pass() {
+        let (held_any, peak) = dpo_in_miniature(&mut split_pool_with(0, 1 << 20));
+        let (held_ratio, peak_ratio) = dpo_in_miniature(&mut split_pool_with(4, 1 << 20));
+        assert_eq!(peak, peak_ratio);
+        assert!(
+            held_ratio < held_any,
+            "with the ratio {held_ratio} bytes held, without {held_any} (peak in use {peak})"
+        );
+    }
+
+    #[test_log::test]
+    fn split_pages_with_a_ratio_use_a_large_slice_when_the_device_is_full() {
+        let mut mm = split_pool_with(4, 21_000);
+        drop(mm.reserve(20_000).unwrap());
+        // No room for a page of its own: the 20,224-byte free slice serves the 1,200 bytes.
+        let small = mm.reserve(1200);
+        assert!(small.is_ok(), "{:?}", small.err());
+        assert_eq!(mm.storage().used, 20_224);
+    }
+
     fn split_pool(exclusive: bool) -> MemoryManagement<Capped> {
         let pool_type = if exclusive {
             PoolType::ExclusivePages {
@@ -986,6 +1064,7 @@ mod tests {
                 segment: 4096,
                 granularity: 256,
                 min_rest: 0,
+                max_ratio: 0,
             }
         };
         MemoryManagement::from_configuration(
@@ -1079,6 +1158,7 @@ mod tests {
                 split_min: 1 << 20,
                 segment: 20 << 20,
                 min_rest: 0,
+                max_ratio: 0,
             },
             Arc::new(ServerLogger::default()),
             options(),

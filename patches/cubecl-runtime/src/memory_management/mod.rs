@@ -41,6 +41,9 @@ pub enum PoolType {
         granularity: u64,
         /// The smallest rest of a slice kept as a free slice of its own.
         min_rest: u64,
+        /// A request over half a segment takes a new page rather than a free slice more than
+        /// this many times its size (0: any slice).
+        max_ratio: u64,
     },
 }
 
@@ -76,6 +79,9 @@ pub enum MemoryConfiguration {
         /// A free slice left over by a request is kept apart only from this size on; a
         /// smaller rest stays with the request.
         min_rest: u64,
+        /// A request over half a segment takes a new page rather than a free slice more than
+        /// this many times its size (0: any slice).
+        max_ratio: u64,
     },
     /// Custom settings.
     Custom {

@@ -46,7 +46,6 @@ impl core::fmt::Display for ExclusiveMemoryPool {
     }
 }
 
-
 // How many times to find the allocation 'free' before deallocating it.
 const ALLOC_AFTER_FREE: u32 = 5;
 
@@ -140,7 +139,6 @@ impl MemoryPool for ExclusiveMemoryPool {
     ///
     /// Also clean ups, merging free slices together if permitted by the merging strategy
     fn try_reserve(&mut self, size: u64) -> Option<ManagedMemoryHandle> {
-
         let padding = calculate_padding(size, self.alignment);
 
         self.get_free_page(size).map(|page| {

@@ -31,6 +31,7 @@ pub struct SplitPool {
     segment: u64,
     granularity: u64,
     min_rest: u64,
+    max_ratio: u64,
     location_base: MemoryLocation,
 }
 
@@ -38,11 +39,14 @@ impl SplitPool {
     /// A pool for requests of `min_alloc_size..=max_alloc_size` bytes. Requests up to half a
     /// `segment` share pages of `segment` bytes; larger ones get a page of their size rounded up
     /// to `granularity` (both multiples of `alignment`). A slice's rest under `min_rest` bytes
-    /// stays with the request that took it.
+    /// stays with the request that took it. With `max_ratio` > 0, a request larger than half a
+    /// segment takes a page of its own rather than a free slice more than `max_ratio` times its
+    /// size (so long-lived tensors leave large freed buffers whole for the next pass), unless
+    /// the device has no room for that page.
     pub fn new(
         min_alloc_size: u64,
         max_alloc_size: u64,
-        (segment, granularity, min_rest): (u64, u64, u64),
+        (segment, granularity, min_rest, max_ratio): (u64, u64, u64, u64),
         alignment: u64,
         pool_pos: u8,
     ) -> Self {
@@ -57,6 +61,7 @@ impl SplitPool {
             segment,
             granularity,
             min_rest,
+            max_ratio,
             location_base: MemoryLocation::new(pool_pos, 0, 0),
         }
     }
@@ -70,27 +75,9 @@ impl SplitPool {
         }
     }
 
-    /// Bytes of pages no live slice uses (what an explicit cleanup gives back).
-    pub fn releasable_bytes(&self) -> u64 {
-        self.pages
-            .iter()
-            .filter(|(page, _)| page.is_unused())
-            .map(|(page, _)| page.memory_usage().bytes_reserved)
-            .sum()
-    }
-}
-
-impl MemoryPool for SplitPool {
-    fn accept(&self, size: u64) -> bool {
-        (self.min_alloc_size..=self.max_alloc_size).contains(&size)
-    }
-
-    fn find(&self, binding: &super::ManagedMemoryBinding) -> Result<&Slice, IoError> {
-        let (page, _) = &self.pages[binding.descriptor().page()];
-        page.find(binding)
-    }
-
-    fn try_reserve(&mut self, size: u64) -> Option<ManagedMemoryHandle> {
+    /// The best fit over every page; with `max_ratio`, none for a large request whose best fit
+    /// is more than `max_ratio` times its size.
+    fn reserve_best(&mut self, size: u64, max_ratio: u64) -> Option<ManagedMemoryHandle> {
         let effective_size = size + calculate_padding(size, self.alignment);
         let mut best: Option<(usize, usize, u64)> = None;
         for (index, (page, _)) in self.pages.iter_mut().enumerate() {
@@ -106,8 +93,38 @@ impl MemoryPool for SplitPool {
                 }
             }
         }
-        let (page, slice, _) = best?;
+        let (page, slice, capacity) = best?;
+        if max_ratio > 0
+            && size > self.segment / 2
+            && capacity > effective_size.saturating_mul(max_ratio)
+        {
+            return None;
+        }
         Some(self.pages[page].0.reserve_slice(slice, size, self.min_rest))
+    }
+
+    /// Bytes of pages no live slice uses (what an explicit cleanup gives back).
+    pub fn releasable_bytes(&self) -> u64 {
+        self.pages
+            .iter()
+            .filter(|(page, _)| page.is_unused())
+            .map(|(page, _)| page.memory_usage().bytes_reserved)
+            .sum()
+    }
+}
+
+impl MemoryPool for SplitPool {
+    fn try_reserve(&mut self, size: u64) -> Option<ManagedMemoryHandle> {
+        self.reserve_best(size, self.max_ratio)
+    }
+
+    fn accept(&self, size: u64) -> bool {
+        (self.min_alloc_size..=self.max_alloc_size).contains(&size)
+    }
+
+    fn find(&self, binding: &super::ManagedMemoryBinding) -> Result<&Slice, IoError> {
+        let (page, _) = &self.pages[binding.descriptor().page()];
+        page.find(binding)
     }
 
     fn alloc<Storage: ComputeStorage>(
@@ -121,7 +138,11 @@ impl MemoryPool for SplitPool {
                 backtrace: BackTrace::capture(),
             });
         }
-        let storage = storage.alloc(self.page_size(size))?;
+        let storage = match storage.alloc(self.page_size(size)) {
+            Ok(storage) => storage,
+            // No room for a page: a free slice too large for `max_ratio` still serves.
+            Err(err) => return self.reserve_best(size, 0).ok_or(err),
+        };
         let storage_id = storage.id;
         let mut location_base = self.location_base;
         location_base.page = self.pages.len() as u16;
