@@ -12,7 +12,7 @@
 #
 # Environment:
 #   ROWS     row names or groups to run, space-separated (default: every row). Groups: speed,
-#            decode, memory, attention, planner (its runs with `rlhf bench`, and cal-0.5b-ppo); rows: the
+#            decode, memory, attention, alloc, planner (its runs with `rlhf bench`, and cal-0.5b-ppo); rows: the
 #            names in each section below (e.g. ROWS="dpo-0.5b grpo-0.5b").
 #   WHEELS   a folder of wheels (TRL and the packages the image lacks, bench/README.md) to
 #            install into a private site-packages first; without it they must be importable
@@ -349,6 +349,33 @@ fi
 # attention_check`).
 if want attention attention && [ -n "${ATTENTION_CHECK:-}" ]; then
   "$ATTENTION_CHECK" 2>&1 | tee "$RESULTS/logs/attention.log" || echo "attention_check exit $?" >>"$RESULTS/logs/attention.log"
+fi
+
+# --- allocator: the DPO 8b and 20b speed rows' rlhf side under each split-pool setting and with
+# a page per tensor (README's CUBECL_* variables); each JSON line carries the step time, the
+# allocator's in-use and held peaks and the process's card. TRL's side: the speed rows.
+if want alloc-8b alloc || want alloc-20b alloc; then
+  for setting in default CUBECL_SPLIT_MAX_RATIO=4 CUBECL_SPLIT_MIN_REST=1048576 \
+    CUBECL_SPLIT_MIN=0 CUBECL_CUDA_MEMORY=exclusive; do
+    name=${setting#CUBECL_}
+    name=$(echo "${name%%=*}-${setting#*=}" | tr 'A-Z_' 'a-z-')
+    assign=$setting
+    [ "$setting" = default ] && name=default && assign=
+    if want alloc-8b alloc; then
+      m=$(model 8b 8b --rows 64)
+      # shellcheck disable=SC2086
+      env $assign "$RLHF" bench --device cuda --model "$m" $DPO8 \
+        >"$RESULTS/logs/alloc-8b-$name.log" 2>&1 || echo "rlhf exit $?" >>"$RESULTS/logs/alloc-8b-$name.log"
+      record "alloc-8b-$name" rlhf "$RESULTS/logs/alloc-8b-$name.log"
+    fi
+    if want alloc-20b alloc; then
+      m=$(model 20b 20b --rows 64)
+      # shellcheck disable=SC2086
+      env $assign "$RLHF" bench --device cuda --model "$m" $DPO20 \
+        >"$RESULTS/logs/alloc-20b-$name.log" 2>&1 || echo "rlhf exit $?" >>"$RESULTS/logs/alloc-20b-$name.log"
+      record "alloc-20b-$name" rlhf "$RESULTS/logs/alloc-20b-$name.log"
+    fi
+  done
 fi
 
 # --- planner: the calibration runs of tests/data/calibration/measured.json -------------------
