@@ -146,7 +146,7 @@ pub const CALIBRATION: Calibration = Calibration {
 /// `checkpoint::MLP_CHUNK_BOUND`, all rows under LoRA dropout.
 fn engine_mlp_rows(n: u64, i: u64, dropout: bool) -> u64 {
     let bound = crate::model::checkpoint::MLP_CHUNK_BOUND;
-    crate::model::llama::rows_within(n as usize, i as usize, bound, dropout) as u64
+    crate::model::row_chunks::rows_within(n as usize, i as usize, bound, dropout) as u64
 }
 
 /// Rows of `[rows, V]` logits a log-prob pass computes at once: `want` (rows x tokens scored),

@@ -14,11 +14,12 @@
 use super::autodiff_op::{ad, float, from_ad, record};
 use super::config::LlamaConfig;
 use super::llama::{
-    attention_probs, expand_kv, from_heads, in_row_chunks, to_heads, AttnInputs, Batch, Block,
-    BlockTrace, Llama, Prepared,
+    attention_probs, expand_kv, from_heads, to_heads, AttnInputs, Batch, Block, BlockTrace, Llama,
+    Prepared,
 };
 use super::lora::{Adapter, LoraPair, LoraTrace};
 use super::ops::{matmul, matmul_acc};
+use super::row_chunks::in_row_chunks;
 use burn::tensor::{
     activation,
     backend::{AutodiffBackend, Backend},
@@ -340,7 +341,7 @@ type GradMap<B> = BTreeMap<&'static str, (Tensor<B, 2>, Tensor<B, 2>)>;
 /// dropout is on (its masks are drawn as the forward drew them, whole projections at a time).
 fn mlp_chunk_rows(rows: usize, inter: usize, dropout: bool) -> usize {
     let bound = MLP_CHUNK_BYTES.load(Ordering::Relaxed);
-    super::llama::rows_within(rows, inter, bound, dropout)
+    super::row_chunks::rows_within(rows, inter, bound, dropout)
 }
 
 /// The default bound of [`mlp_chunk_rows`] (32 MiB: with 64, the 8b DPO step's MLP backward
@@ -634,7 +635,7 @@ mod tests {
             quantize,
             dropout,
             chunk,
-            crate::model::llama::MLP_FORWARD_BOUND,
+            crate::model::row_chunks::MLP_FORWARD_BOUND,
         );
     }
 
@@ -670,9 +671,11 @@ mod tests {
             .collect();
         adapter.set_tensors(ts.into_iter());
         let (l_ref, g_ref) = loss_and_grads(&model, &adapter, false, 0);
-        crate::model::llama::set_mlp_forward_bound(forward_bound);
+        crate::model::row_chunks::set_mlp_forward_bound(forward_bound);
         let (l_ck, g_ck) = loss_and_grads(&model, &adapter, true, chunk);
-        crate::model::llama::set_mlp_forward_bound(crate::model::llama::MLP_FORWARD_BOUND);
+        crate::model::row_chunks::set_mlp_forward_bound(
+            crate::model::row_chunks::MLP_FORWARD_BOUND,
+        );
         assert!(
             (l_ref - l_ck).abs() <= 1e-4 * l_ref.abs().max(1.0),
             "{name}: loss {l_ck} vs reference {l_ref}"
@@ -715,9 +718,11 @@ mod tests {
     fn checkpointed_llama_with_forward_mlp_row_chunks_matches_autodiff() {
         // The block forward (which makes the checkpoints) runs its MLP in row chunks of a few
         // rows, as long rows do; the reference runs it whole.
-        crate::model::llama::set_mlp_forward_bound(1024);
-        assert!(crate::model::llama::mlp_forward_rows(16, 64, false) < 16);
-        crate::model::llama::set_mlp_forward_bound(crate::model::llama::MLP_FORWARD_BOUND);
+        crate::model::row_chunks::set_mlp_forward_bound(1024);
+        assert!(crate::model::row_chunks::mlp_forward_rows(16, 64, false) < 16);
+        crate::model::row_chunks::set_mlp_forward_bound(
+            crate::model::row_chunks::MLP_FORWARD_BOUND,
+        );
         check_with("llama", true, 0.0, 3, 1024);
     }
 

@@ -9,10 +9,12 @@ use crate::model::lora::{Adapter, LoraTrace};
 use burn::tensor::{
     activation,
     backend::{AutodiffBackend, Backend},
-    Bool, FloatDType, Int, Tensor, TensorData,
+    FloatDType, Int, Tensor, TensorData,
 };
 use std::collections::BTreeMap;
-use std::sync::OnceLock;
+
+pub use super::attn_inputs::{AttnInputs, KeyMask};
+use super::row_chunks::{in_row_chunks, mlp_forward_rows};
 
 /// One decoder block's frozen weights.
 #[derive(Debug, Clone)]
@@ -254,94 +256,6 @@ impl<B: AutodiffBackend> OutputHead<B> {
         match self {
             Self::Own(head) => OutputHead::Own(head.inner()),
             Self::Tied(embed, cache) => OutputHead::Tied(embed.clone().inner(), cache.clone()),
-        }
-    }
-}
-
-/// Which keys the queries of one forward call may see, as host data: padding (`key_valid`,
-/// `[b][total]`), causality (the queries sit at positions `past..total`) and Mistral's sliding
-/// window. The fused CUDA attention reads it as one bias per key; only the reference ops need
-/// the dense `[b, 1, t, total]` mask, which long rows cannot afford (16K tokens: 2^28 a row).
-#[derive(Debug, Clone)]
-pub struct KeyMask {
-    pub key_valid: Vec<Vec<bool>>,
-    pub past: usize,
-    pub window: Option<usize>,
-}
-
-impl KeyMask {
-    /// `[b, 1, t, past+t]` boolean mask, true where attention is forbidden: future tokens,
-    /// padding keys, and keys outside the sliding window.
-    pub fn dense<B: Backend>(&self, device: &B::Device) -> Tensor<B, 4, Bool> {
-        let b = self.key_valid.len();
-        let total = self.key_valid.first().map_or(0, Vec::len);
-        let (past, t) = (self.past, total - self.past);
-        let mut m = Vec::with_capacity(b * t * total);
-        for kv in &self.key_valid {
-            for qi in 0..t {
-                let q_abs = past + qi;
-                for (k_abs, &valid) in kv.iter().enumerate() {
-                    let future = k_abs > q_abs;
-                    let outside = self
-                        .window
-                        .map(|w| q_abs - k_abs.min(q_abs) >= w)
-                        .unwrap_or(false);
-                    m.push(if future || !valid || outside {
-                        1.0f32
-                    } else {
-                        0.0
-                    });
-                }
-            }
-        }
-        // Built from floats and compared: every CPU backend runs comparisons, while boolean
-        // tensors from host data are missing on some (burn-candle).
-        Tensor::<B, 4>::from_data(TensorData::new(m, [b, 1, t, total]), device).greater_elem(0.5)
-    }
-}
-
-/// Per-call inputs every block shares: RoPE tables `[b, 1, t, d/2]` and which keys each query
-/// may see.
-#[derive(Debug, Clone)]
-pub struct AttnInputs<B: Backend> {
-    pub cos: Tensor<B, 4>,
-    pub sin: Tensor<B, 4>,
-    pub keys: KeyMask,
-    /// The fused CUDA attention's additive bias per key `[b, total]` (0 or -1e30 for padding),
-    /// made once per call; `None` on other backends.
-    pub bias: Option<Tensor<B, 2>>,
-    /// The dense mask, made on first use by a reference op.
-    mask: OnceLock<Tensor<B, 4, Bool>>,
-}
-
-impl<B: Backend> AttnInputs<B> {
-    pub fn new(cos: Tensor<B, 4>, sin: Tensor<B, 4>, keys: KeyMask) -> Self {
-        #[cfg(feature = "cuda")]
-        let bias = crate::cuda::attention::try_key_bias::<B>(&keys.key_valid, &cos.device());
-        #[cfg(not(feature = "cuda"))]
-        let bias = None;
-        Self {
-            cos,
-            sin,
-            keys,
-            bias,
-            mask: OnceLock::new(),
-        }
-    }
-
-    /// The dense mask `[b, 1, t, total]`, true = forbidden (see [`KeyMask::dense`]).
-    pub fn mask(&self) -> Tensor<B, 4, Bool> {
-        self.mask
-            .get_or_init(|| self.keys.dense(&self.cos.device()))
-            .clone()
-    }
-
-    /// The positions and window as the fused CUDA attention takes them.
-    #[cfg(feature = "cuda")]
-    pub(crate) fn rule(&self) -> crate::cuda::attention::KeyRule {
-        crate::cuda::attention::KeyRule {
-            past: self.keys.past,
-            window: self.keys.window.unwrap_or(0),
         }
     }
 }
@@ -707,69 +621,6 @@ impl<B: Backend> Block<B> {
         let act = swiglu(gate, up);
         self.linear_lora(layer, "down_proj", act, adapter, None)
     }
-}
-
-/// The block forward's MLP runs at most this many bytes of each f32 `[rows, intermediate]`
-/// product at once: long rows (8b, 16K-token pairs: 1.75 GiB each) go in row chunks. The
-/// bound sits above every measured run's products (the largest: 544 MiB, 20b DPO with 2 pairs
-/// of 2,176-token rows), which keep their single pass.
-pub const MLP_FORWARD_BOUND: usize = 1 << 30;
-
-/// Rows of the block forward's MLP computed at once ([`MLP_FORWARD_BOUND`]); all rows under
-/// LoRA dropout, whose masks are drawn for the whole pass.
-pub fn mlp_forward_rows(rows: usize, inter: usize, dropout: bool) -> usize {
-    rows_within(rows, inter, MLP_FORWARD_BYTES.with(|b| b.get()), dropout)
-}
-
-/// Rows per chunk such that a `[rows, inter]` f32 tensor stays within `bound` bytes, in
-/// near-equal chunks; all rows under LoRA dropout (its masks are drawn for whole projections).
-pub(crate) fn rows_within(rows: usize, inter: usize, bound: usize, dropout: bool) -> usize {
-    if dropout {
-        return rows;
-    }
-    let chunks = (rows * inter * 4).div_ceil(bound.max(1)).max(1);
-    rows.div_ceil(chunks)
-}
-
-/// `f` over chunks of `chunk` rows (of the `b x t`) of `[b, t, *]` tensors taken together, its
-/// outputs concatenated back to `[b, t, *]`; one call on the whole tensors when they fit.
-pub(crate) fn in_row_chunks<B: Backend, const N: usize>(
-    xs: [Tensor<B, 3>; N],
-    chunk: usize,
-    mut f: impl FnMut([Tensor<B, 3>; N]) -> Tensor<B, 3>,
-) -> Tensor<B, 3> {
-    let [b, t, _] = xs[0].dims();
-    let rows = b * t;
-    if chunk >= rows {
-        return f(xs);
-    }
-    let flat = xs.map(|x| {
-        let w = x.dims()[2];
-        x.reshape([1, rows, w])
-    });
-    let parts: Vec<Tensor<B, 3>> = (0..rows)
-        .step_by(chunk)
-        .map(|s| {
-            let r = s..(s + chunk).min(rows);
-            f(std::array::from_fn(|i| {
-                let w = flat[i].dims()[2];
-                flat[i].clone().slice([0..1, r.clone(), 0..w])
-            }))
-        })
-        .collect();
-    let out = Tensor::cat(parts, 1);
-    let w = out.dims()[2];
-    out.reshape([b, t, w])
-}
-
-thread_local! {
-    /// The bound in force on this thread; a test lowers it to chunk a tiny model's MLP.
-    static MLP_FORWARD_BYTES: std::cell::Cell<usize> = const { std::cell::Cell::new(MLP_FORWARD_BOUND) };
-}
-
-/// Sets this thread's [`MLP_FORWARD_BOUND`] (tests chunk tiny models with it).
-pub fn set_mlp_forward_bound(bytes: usize) {
-    MLP_FORWARD_BYTES.with(|b| b.set(bytes));
 }
 
 impl<B: Backend> Llama<B> {

@@ -1,5 +1,6 @@
 //! The Llama-family base model: configuration, forward pass and loading.
 
+pub mod attn_inputs;
 pub(crate) mod autodiff_op;
 pub mod checkpoint;
 pub mod config;
@@ -13,6 +14,7 @@ pub mod logps;
 pub mod lora;
 pub mod ops;
 pub mod reward_model;
+pub mod row_chunks;
 pub mod weights;
 
 pub use config::LlamaConfig;

@@ -522,10 +522,10 @@ fn engine_pass_items(s: &Setup, m: &LlamaConfig, p: &Pass) -> Option<Vec<Item>> 
     let attention = 4 * nh + 5 * nkv + mask + scores_bwd;
     // The block forward's MLP at its label (`block forward (MLP)`, which the checkpointed
     // training forward passes too): the residual and its norm `[N, h]`, gate and up `[c, i]`
-    // for `c` rows at a time (`llama::mlp_forward_rows`) and, when chunked, the chunks'
+    // for `c` rows at a time (`row_chunks::mlp_forward_rows`) and, when chunked, the chunks'
     // outputs `[N, h]`. The high point of the 0.5b-1.5b runs.
     let dropout = s.run.lora.dropout > 0.0;
-    let cf = crate::model::llama::mlp_forward_rows(n as usize, i as usize, dropout) as u64;
+    let cf = crate::model::row_chunks::mlp_forward_rows(n as usize, i as usize, dropout) as u64;
     let mlp_fwd = 2 * nh + 2 * cf * i * 4 + if cf < n { nh } else { 0 };
     let mut items = Vec::new();
     match p.kind {
