@@ -3,7 +3,7 @@
 //! JSONL metrics, atomic checkpoints and exact resume.
 
 use crate::config::RunConfig;
-use crate::data::epoch_order;
+use crate::data::batch::epoch_order;
 use crate::engine::{RlhfModel, HEAD_KEY};
 use crate::optim::{learning_rate, AdamW};
 use crate::rundir::{fault_point, MetricsLog};

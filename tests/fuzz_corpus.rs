@@ -4,7 +4,7 @@
 //! flips, truncations, splices). A panic anywhere fails the test. cargo-fuzz (fuzz/README.md)
 //! explores far more; this keeps what it found fixed.
 
-use rlhf::data::SplitMix64 as Rng;
+use rlhf::data::batch::SplitMix64 as Rng;
 use std::path::{Path, PathBuf};
 
 type Target = fn(&[u8]);

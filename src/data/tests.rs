@@ -1,3 +1,4 @@
+use super::batch::*;
 use super::*;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
