@@ -618,14 +618,14 @@ impl<Storage: ComputeStorage> MemoryManagement<Storage> {
         );
 
         // Find first pool that fits this allocation
-        let index =
-            self.pools
-                .iter()
-                .position(|p| p.accept(size))
-                .ok_or(IoError::BufferTooBig {
-                    size,
-                    backtrace: BackTrace::capture(),
-                })?;
+        let index = self
+            .pools
+            .iter()
+            .position(|p| p.accept(size))
+            .ok_or(IoError::BufferTooBig {
+                size,
+                backtrace: BackTrace::capture(),
+            })?;
 
         if let Some(slice) = self.pools[index].try_reserve(size) {
             return Ok(slice);

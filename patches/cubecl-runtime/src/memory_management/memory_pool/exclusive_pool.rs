@@ -46,6 +46,7 @@ impl core::fmt::Display for ExclusiveMemoryPool {
     }
 }
 
+
 // How many times to find the allocation 'free' before deallocating it.
 const ALLOC_AFTER_FREE: u32 = 5;
 
@@ -139,6 +140,7 @@ impl MemoryPool for ExclusiveMemoryPool {
     ///
     /// Also clean ups, merging free slices together if permitted by the merging strategy
     fn try_reserve(&mut self, size: u64) -> Option<ManagedMemoryHandle> {
+
         let padding = calculate_padding(size, self.alignment);
 
         self.get_free_page(size).map(|page| {

@@ -157,6 +157,16 @@ impl MemoryPage {
             .map(|slice| slice.storage.size())
     }
 
+    /// rlhf patch: bytes of the pages no live slice uses (what a pool's explicit cleanup gives
+    /// back), for the pools that keep pages of several slices.
+    pub fn unused_bytes(pages: &[(MemoryPage, crate::storage::StorageId)]) -> u64 {
+        pages
+            .iter()
+            .filter(|(page, _)| page.is_unused())
+            .map(|(page, _)| page.storage.size())
+            .sum()
+    }
+
     /// rlhf patch: whether no slice of the page is in use (the page can be given back).
     pub fn is_unused(&self) -> bool {
         self.slices.iter().all(|slice| slice.handle.is_free())

@@ -105,11 +105,7 @@ impl SplitPool {
 
     /// Bytes of pages no live slice uses (what an explicit cleanup gives back).
     pub fn releasable_bytes(&self) -> u64 {
-        self.pages
-            .iter()
-            .filter(|(page, _)| page.is_unused())
-            .map(|(page, _)| page.memory_usage().bytes_reserved)
-            .sum()
+        MemoryPage::unused_bytes(&self.pages)
     }
 }
 
