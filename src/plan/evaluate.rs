@@ -1,9 +1,8 @@
 //! Evaluation: what is alive in each phase of a workload, summed into the plan's terms.
 
 use super::formulas::{
-    backward_bytes_per_token, context_bytes, dense_params, inference_bytes_per_token,
-    kv_cache_bytes, largest_linear, linear_weight_bytes, lora_params, lora_params_per_layer,
-    saved_bytes_per_token,
+    backward_bytes_per_token, dense_params, inference_bytes_per_token, kv_cache_bytes,
+    largest_linear, linear_weight_bytes, lora_params, lora_params_per_layer, saved_bytes_per_token,
 };
 use super::workload::workload;
 use super::{
@@ -72,7 +71,7 @@ fn phase_items(s: &Setup, w: &Workload, phase: Phase, passes: &[Pass]) -> Vec<It
         items.push(item(
             T_CONTEXT,
             Life::Fixed,
-            context_bytes(),
+            cal.cuda_context_bytes as u64,
             "CALIBRATION.cuda_context_bytes: CUDA context, cuBLASLt, kernels".into(),
         ));
     }

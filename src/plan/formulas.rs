@@ -1,7 +1,6 @@
 //! The planner's formulas: each a plain function of the shapes, so the tests can check it by
 //! hand.
 
-use super::CALIBRATION;
 use crate::config::{LoraConfig, Quantize};
 use crate::model::config::LlamaConfig;
 
@@ -163,9 +162,4 @@ pub fn inference_bytes_per_token(m: &LlamaConfig, lora: Option<&LoraConfig>, d: 
 /// KV cache bytes: `2 x L x kv_heads x head_dim x tokens x rows x d`.
 pub fn kv_cache_bytes(m: &LlamaConfig, tokens: u64, rows: u64, d: u64) -> u64 {
     2 * (m.num_hidden_layers * m.num_key_value_heads * m.head_dim) as u64 * tokens * rows * d
-}
-
-/// What a CUDA run holds of the card beyond the allocator's reservation (the plan's context term).
-pub(crate) fn context_bytes() -> u64 {
-    CALIBRATION.cuda_context_bytes as u64
 }
