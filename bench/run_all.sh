@@ -18,6 +18,7 @@
 #            install into a private site-packages first; without it they must be importable
 #   CAP_GIB  the card the memory rows emulate (default 23.6: a 24 GB card, bench/cap.py)
 #   DTYPE    model.dtype of the config-driven runs (default f32)
+#   CACHE    plan.cache of the 20b config-driven memory rows (default: the config's, "budget")
 #   DECODE_CHECK  the decode_check example (`cargo build --release --features cuda --example
 #            decode_check`), for the decode rows; they are skipped without it
 #   ATTENTION_CHECK  the attention_check example, for the attention row (skipped without it)
@@ -269,20 +270,34 @@ fi
 
 # --- memory on a 24 GB card: rlhf under bench/cap.py, TRL's peaks uncapped --------------------
 TRACE_MEM=1
+if want mem-dpo-20b-trl memory; then
+  m=$(model 20b-1024 20b --prompt-len 512 --completion-len 512 --rows 64)
+  trl mem-dpo-20b-trl --model "$m" $DPO20
+  capped ours mem-dpo-20b-trl --model "$m" $DPO20
+fi
+if want mem-grpo-20b-trl memory; then
+  m=$(model 20b-1024 20b --prompt-len 512 --completion-len 512 --rows 64)
+  trl mem-grpo-20b-trl --model "$m" $GRPO20
+  capped ours mem-grpo-20b-trl --model "$m" $GRPO20
+fi
+# The shipped 24 GB configs' shapes, on the random checkpoint, 3 optimizer steps each.
+run="train.max_steps=3 train.gradient_accumulation_steps=1 train.save_steps=3 train.logging_steps=1${CACHE:+ plan.cache=\"$CACHE\"}"
 if want mem-dpo-20b memory; then
   m=$(model 20b-1024 20b --prompt-len 512 --completion-len 512 --rows 64)
-  trl mem-dpo-20b --model "$m" $DPO20
-  capped ours mem-dpo-20b --model "$m" $DPO20
+  # shellcheck disable=SC2086
+  capped config mem-dpo-20b dpo "$REPO/configs/20b-dpo-24gb.toml" \
+    model.path="\"$m\"" model.dtype="\"$DTYPE\"" data.train="\"$m/dpo.jsonl\"" data.chat_template=false \
+    train.output_dir="\"$RESULTS/runs/dpo-20b\"" $run
 fi
 if want mem-grpo-20b memory; then
   m=$(model 20b-1024 20b --prompt-len 512 --completion-len 512 --rows 64)
-  trl mem-grpo-20b --model "$m" $GRPO20
-  capped ours mem-grpo-20b --model "$m" $GRPO20
+  # shellcheck disable=SC2086
+  capped config mem-grpo-20b grpo "$REPO/configs/20b-grpo-24gb.toml" \
+    model.path="\"$m\"" model.dtype="\"$DTYPE\"" data.train="\"$m/grpo.jsonl\"" data.chat_template=false \
+    train.output_dir="\"$RESULTS/runs/grpo-20b\"" $run
 fi
 if want mem-rm-20b memory || want mem-ppo-20b memory; then
   m=$(model 20b-1024 20b --prompt-len 512 --completion-len 512 --rows 64)
-  # The shipped 24 GB configs' shapes, on the random checkpoint, 3 optimizer steps.
-  run="train.max_steps=3 train.gradient_accumulation_steps=1 train.save_steps=3 train.logging_steps=1"
   if [ -f "$REPO/configs/20b-rm-24gb.toml" ]; then
     capped config mem-rm-20b rm "$REPO/configs/20b-rm-24gb.toml" \
       model.path="\"$m\"" model.dtype="\"$DTYPE\"" data.train="\"$m/dpo.jsonl\"" data.chat_template=false \

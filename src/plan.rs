@@ -119,7 +119,7 @@ pub struct Calibration {
 
 /// The planner's constants. See [`Calibration`].
 pub const CALIBRATION: Calibration = Calibration {
-    source: "engine training terms counted from the allocator's live tensors, checked against 22 runs on an H200 and an H100 (BENCHMARKS.md, 2026-12-02 to 2026-12-07; engine_prefill fitted); context and slack fitted on 7 card readings (H100, 2026-12-07); the rest estimates",
+    source: "engine training terms counted from the allocator's live tensors, checked against 25 runs on an H200 and an H100 (BENCHMARKS.md, 2026-12-02 to 2026-12-08; engine_prefill fitted); context and slack fitted on 7 card readings (H100, 2026-12-07) and checked on 10 (tiny to 20b, 2026-12-08); the rest estimates",
     // What a run takes of the card beyond what the allocator holds: the card (the process's
     // nvidia-smi line) minus the allocator's reservation was 545-566 MiB on an H100 in every
     // run from tiny to 20b (2026-12-07, tests/data/calibration/measured.json): the allocator
@@ -128,9 +128,10 @@ pub const CALIBRATION: Calibration = Calibration {
     // The split pool gives long-lived buffers pages of their size (0%); beyond the tensors it
     // held 0.47-0.89 x the peak phase's transient terms in the runs measured (tiny to 20b DPO
     // and GRPO, transients of 0.07-0.84 GiB, H100, 2026-12-07: 34-708 MiB), fitted as one
-    // factor (the card within 4.1% on those runs). No run with more transients was measured
-    // with this pool; beyond 1 GiB the rate is the 10% that held the long-row runs (up to 9.8
-    // GiB of transients) within 2.3% with each tensor in a page of its own.
+    // factor (the card within 4.1% on those runs). Beyond 1 GiB the rate is the 10% that held
+    // the long-row runs (up to 9.8 GiB of transients) within 2.3% with each tensor in a page of
+    // its own; with this pool it held the 20b rm, dpo and grpo runs (3.7-5.2 GiB of transients,
+    // under bench/cap.py 23.6, 2026-12-08) within -4.9%..+2.1% of the card.
     slack_persistent: 0.0,
     slack_transient: 0.75,
     slack_transient_knee: GIB,

@@ -128,8 +128,12 @@ fn planned_tensor_peaks_match_the_measured_ones() {
     );
 }
 
-/// The card: for the runs measured with the allocator bounded by the plan (`card_mib`: what the
-/// run took of the card's memory, CUDA context included), the plan's peak must stay within ±5%.
+/// The card: every run's largest nvidia-smi reading for its process (`card_mib`, CUDA context
+/// included) against the plan's peak, within ±5%. One kind of reading is reported, not checked:
+/// a run with a rollout under the default bound (`cache` = "budget"), whose allocator keeps the
+/// rollout's freed pages cached through the training step (up to the budget, by design); the
+/// same run held to the plan (`cache` = "plan") is the check of what it needs. Those readings
+/// must still stay within the run's budget.
 #[test]
 fn planned_card_peaks_match_the_measured_ones() {
     let text = std::fs::read_to_string(data("measured.json")).unwrap();
@@ -140,11 +144,8 @@ fn planned_card_peaks_match_the_measured_ones() {
         .iter()
         .filter(|r| r["card_mib"].is_number())
         .collect();
-    assert!(
-        runs.len() >= 4,
-        "card measurements of dpo, rm, grpo and ppo"
-    );
     let mut worst: (f64, String) = (0.0, String::new());
+    let mut checked = 0;
     println!("| run | card MiB | planned MiB | error |");
     println!("|---|---:|---:|---:|");
     for run in runs {
@@ -153,14 +154,29 @@ fn planned_card_peaks_match_the_measured_ones() {
         let planned = p.peak_bytes as f64 / (1u64 << 20) as f64;
         let card = run["card_mib"].as_f64().unwrap();
         let err = (planned - card) / card;
+        let rollout = p.phases.iter().any(|x| x.name() == "rollout");
+        let kept = rollout && run["cache"] == "budget";
+        let what = if kept {
+            " (cache kept, not checked)"
+        } else {
+            ""
+        };
         println!(
-            "| {name} | {card:.0} | {planned:.0} | {:+.1}% |",
+            "| {name}{what} | {card:.0} | {planned:.0} | {:+.1}% |",
             err * 100.0
         );
+        if kept {
+            let budget = p.budget_bytes as f64 / (1u64 << 20) as f64;
+            assert!(card <= budget, "{name}: card {card} MiB above the budget");
+            continue;
+        }
+        checked += 1;
         if err.abs() > worst.0 {
             worst = (err.abs(), name.to_string());
         }
     }
+    // Tiny to 20b, dpo, rm and grpo; the 12 include bf16 runs, which the engine lacks.
+    assert!(checked >= 10, "{checked} card readings checked");
     assert!(
         worst.0 <= TOLERANCE,
         "{}: planned card {:.1}% off the measured one (tolerance {:.1}%)",

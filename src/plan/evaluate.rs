@@ -675,8 +675,8 @@ fn assemble(
     if phases.contains(&Phase::TrainStep) {
         if s.cuda {
             notes.push(match run.plan.cache {
-                crate::config::CacheBound::Plan => "cuda: the peak is the card: the CUDA context plus what the allocator holds, which the run bounds by this plan (plan.cache = \"plan\": cached pages are given back past it, at a cost in speed); within 4.1% of the card measured in seven runs from tiny to 20b on an H100 (tests/data/calibration); runs with more than 1 GiB of per-phase buffers (long rows) were not measured with this allocator".into(),
-                crate::config::CacheBound::Budget => "cuda: the peak is what the card needs (context, tensors and the allocator's slack; within 4.1% of the card measured in seven runs from tiny to 20b on an H100, tests/data/calibration; runs with more than 1 GiB of per-phase buffers, long rows, were not measured with this allocator); the allocator may keep more cached, up to plan.budget_gib (plan.cache = \"plan\" holds it to this peak, at a cost in speed)".into(),
+                crate::config::CacheBound::Plan => "cuda: the peak is the card: the CUDA context plus what the allocator holds, which the run bounds by this plan (plan.cache = \"plan\": cached pages are given back past it, at a cost in speed where it is reached); within 5% of the card in ten runs from tiny to 20b on an H100 (dpo, rm, grpo; tests/data/calibration)".into(),
+                crate::config::CacheBound::Budget => "cuda: the peak is what the card needs (context, tensors and the allocator's slack; within 5% of the card in ten runs from tiny to 20b on an H100: dpo, rm, grpo, held to the plan or without a rollout; tests/data/calibration); the allocator may keep more cached, up to plan.budget_gib: after a rollout it keeps the rollout's freed pages (20b GRPO: 20.8 GiB of card, 17.7 planned; held to the plan with plan.cache = \"plan\": 18.6 GiB at the same speed)".into(),
             });
         }
         notes.push(if run.train.gradient_checkpointing {
