@@ -4,6 +4,7 @@
 
 pub mod bench;
 pub mod generate;
+pub mod gpu_info;
 pub mod grpo;
 pub mod kto;
 pub mod merge;

@@ -102,9 +102,25 @@ fn dpo_bench_prints_one_json_line() {
             "--warmup",
             "1",
             "--phase-times",
+            "--peak-tflops",
+            "0.000001",
         ],
         "dpo",
         2 * 2 * 32,
+    );
+    // MFU: 8 x the GEMM parameters per trained token (the rows as tokenized, at most the
+    // --max-length rows trl_baseline.py counts), over the peak given (1 MFLOP/s here).
+    let trained = v["trained_tokens_per_step"].as_f64().unwrap();
+    assert!(trained > 0.0 && trained <= (2 * 2 * 32) as f64, "{v}");
+    let flop = v["flop_per_token"].as_f64().unwrap();
+    assert!(flop > 0.0 && flop % 8.0 == 0.0, "{v}");
+    assert!(v["gpu"].is_null(), "{v}");
+    let sec = v["sec_per_step"].as_f64().unwrap();
+    let want = flop * trained / sec / 1e6;
+    let mfu = v["mfu"].as_f64().unwrap();
+    assert!(
+        (mfu - want).abs() <= 1e-3 * want + 1e-4,
+        "mfu {mfu}, want {want}: {v}"
     );
     // The phases are timed inside each step: each took some time, and together no more than
     // the step (two timed steps: the medians are means, so they add up).
@@ -115,7 +131,6 @@ fn dpo_bench_prints_one_json_line() {
         assert!(t > 0.0, "{k}: {v}");
         total += t;
     }
-    let sec = v["sec_per_step"].as_f64().unwrap();
     assert!(total <= sec + 1e-4, "phases {total} s > step {sec} s: {v}");
 }
 
@@ -137,6 +152,8 @@ fn grpo_bench_prints_one_json_line() {
         "grpo",
         2 * 8,
     );
+    // MFU is a DPO figure; a GRPO step is mostly decode.
+    assert!(v["flop_per_token"].is_null() && v["mfu"].is_null(), "{v}");
     assert!(
         v["phase_secs"].is_null(),
         "phases only with --phase-times: {v}"

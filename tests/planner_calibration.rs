@@ -40,6 +40,7 @@ fn bench_args(model: PathBuf, algo: &str, run: &Value) -> BenchArgs {
         force: false,
         phase_times: false,
         cache_plan: run["cache"] == "plan",
+        peak_tflops: None,
     }
 }
 

@@ -13,6 +13,7 @@
 //! Checkpoints and logs go to a temporary folder that is removed afterwards; the timed interval
 //! ends before the run loop writes them.
 
+use super::gpu_info::{self, SmiPoller};
 use super::setup::{self, on_backend, Codec, DeviceArg, OnBackend, Outcome, NO_CUDA};
 use super::trainers::{
     check_grpo_config, dpo_config, grpo_loss_config, grpo_settings, load_grpo_examples, load_pairs,
@@ -31,9 +32,7 @@ use rlhf_algorithms::trainer::{Role, Trainer};
 use rlhf_rewards::{RewardBatch, RewardFn, RewardSet};
 use serde::Serialize;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 const GIB: f64 = (1u64 << 30) as f64;
 
@@ -96,6 +95,10 @@ pub struct BenchArgs {
     /// shows what the plan predicts; without it the cache may grow to the card.
     #[arg(long)]
     pub cache_plan: bool,
+    /// The card's dense bf16 tensor-core peak in TFLOP/s, for `mfu` (default: the datasheet
+    /// value of a card `nvidia-smi` names, see `cli::gpu_info`; none for others).
+    #[arg(long, value_name = "TFLOPS")]
+    pub peak_tflops: Option<f64>,
 }
 
 /// The JSON line: trl_baseline.py's fields first (same names and units), then ours.
@@ -135,6 +138,18 @@ pub struct BenchResult {
     /// With `--phase-times`: median seconds per timed step in each phase (micro-batches
     /// summed); null otherwise.
     pub phase_secs: Option<PhaseSecs>,
+    /// DPO: tokens of the rows as tokenized (padded to the longest, as the step runs them);
+    /// `tokens_per_step` counts `--max-length` per row, as trl_baseline.py does.
+    pub trained_tokens_per_step: usize,
+    /// DPO: model FLOPs per trained token (8 x the base's GEMM parameters,
+    /// `gpu_info::dpo_flop_per_token`); null for GRPO, whose step is mostly decode.
+    pub flop_per_token: Option<f64>,
+    /// The card `nvidia-smi` names; null on CPU.
+    pub gpu: Option<String>,
+    /// The dense bf16 peak MFU divides by (`--peak-tflops`, else the card's datasheet value).
+    pub peak_tflops: Option<f64>,
+    /// DPO: model FLOPs per second (trained tokens) over `peak_tflops`.
+    pub mfu: Option<f64>,
 }
 
 /// Median seconds of a step's phases ([`StepPhase`]).
@@ -405,7 +420,7 @@ fn run_on<B: AutodiffBackend>(args: &BenchArgs, algo: Algo, device: &B::Device) 
     let mut cfg = run_config(args, algo, &scratch.0);
     if args.device == DeviceArg::Cuda {
         // Plan against the card we run on.
-        if let Some(mib) = nvidia_smi_mib("memory.total") {
+        if let Some(mib) = gpu_info::nvidia_smi_mib("memory.total") {
             cfg.plan.budget_gib = mib / 1024.0;
         }
     }
@@ -465,6 +480,23 @@ fn run_on<B: AutodiffBackend>(args: &BenchArgs, algo: Algo, device: &B::Device) 
     };
     let sec = median(steady);
     let tokens = tokens_per_step(args, algo);
+    let trained = match algo {
+        Algo::Grpo => tokens,
+        _ => args.batch * 2 * cfg.data.max_length,
+    };
+    let flop_per_token = (algo == Algo::Dpo).then(|| {
+        let head = mcfg.vocab_size * mcfg.hidden_size;
+        gpu_info::dpo_flop_per_token(mcfg.block_linear_params() * mcfg.num_hidden_layers + head)
+    });
+    let gpu = (args.device == DeviceArg::Cuda)
+        .then(gpu_info::gpu_name)
+        .flatten();
+    let peak_tflops = args
+        .peak_tflops
+        .or_else(|| gpu.as_deref().and_then(gpu_info::bf16_peak_tflops));
+    let mfu = flop_per_token
+        .zip(peak_tflops)
+        .map(|(f, p)| round(gpu_info::mfu(f, trained as f64 / sec.max(1e-12), p), 4));
     let gib = |b: u64| round(b as f64 / GIB, 6);
     let result = BenchResult {
         system: "rlhf",
@@ -505,6 +537,11 @@ fn run_on<B: AutodiffBackend>(args: &BenchArgs, algo: Algo, device: &B::Device) 
                 optimizer: timed(2),
             }
         }),
+        trained_tokens_per_step: trained,
+        flop_per_token,
+        gpu,
+        peak_tflops,
+        mfu,
     };
     let line = serde_json::to_string(&result)?;
     println!("{line}");
@@ -630,92 +667,6 @@ impl<B: Backend> StepObserver for Probe<B> {
         }
         self.sample();
     }
-}
-
-/// Polls `nvidia-smi` every ~50 ms on a thread and keeps the largest memory.used of the device
-/// and of this process (MiB).
-struct SmiPoller {
-    stop: Arc<AtomicBool>,
-    handle: std::thread::JoinHandle<Option<(f64, Option<f64>)>>,
-}
-
-impl SmiPoller {
-    fn start() -> Self {
-        let stop = Arc::new(AtomicBool::new(false));
-        let flag = stop.clone();
-        let handle = std::thread::spawn(move || {
-            let mut peak: Option<f64> = None;
-            let mut own: Option<f64> = None;
-            loop {
-                let done = flag.load(Ordering::Relaxed);
-                if let Some(v) = nvidia_smi_process_mib() {
-                    own = Some(own.map_or(v, |p| p.max(v)));
-                }
-                match nvidia_smi_mib("memory.used") {
-                    Some(v) => peak = Some(peak.map_or(v, |p| p.max(v))),
-                    // Absent or failing: report null rather than a partial number.
-                    None if peak.is_none() => return None,
-                    None => {}
-                }
-                if done {
-                    return peak.map(|p| (p, own));
-                }
-                std::thread::sleep(Duration::from_millis(50));
-            }
-        });
-        Self { stop, handle }
-    }
-
-    /// Stops polling (after one last sample) and returns the peaks in MiB (device, process).
-    fn finish(self) -> Option<(f64, Option<f64>)> {
-        self.stop.store(true, Ordering::Relaxed);
-        self.handle.join().ok().flatten()
-    }
-}
-
-/// One `nvidia-smi --query-gpu=<field>` value in MiB for the device burn's default CUDA device
-/// is (the first of CUDA_VISIBLE_DEVICES, else GPU 0); `None` without nvidia-smi.
-fn nvidia_smi_mib(field: &str) -> Option<f64> {
-    let index = std::env::var("CUDA_VISIBLE_DEVICES")
-        .ok()
-        .and_then(|v| v.split(',').next().map(|s| s.trim().to_string()))
-        .filter(|s| !s.is_empty())
-        .unwrap_or_else(|| "0".into());
-    let out = std::process::Command::new("nvidia-smi")
-        .args([
-            format!("--query-gpu={field}"),
-            "--format=csv,noheader,nounits".into(),
-            "-i".into(),
-            index,
-        ])
-        .output()
-        .ok()?;
-    if !out.status.success() {
-        return None;
-    }
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .next()?
-        .trim()
-        .parse()
-        .ok()
-}
-
-/// This process's used GPU memory in MiB as `nvidia-smi --query-compute-apps` lists it; `None`
-/// where it is not listed (no nvidia-smi, or a PID namespace that hides the process).
-fn nvidia_smi_process_mib() -> Option<f64> {
-    let out = std::process::Command::new("nvidia-smi")
-        .args([
-            "--query-compute-apps=pid,used_memory",
-            "--format=csv,noheader,nounits",
-        ])
-        .output()
-        .ok()?;
-    let me = std::process::id().to_string();
-    String::from_utf8_lossy(&out.stdout).lines().find_map(|l| {
-        let (pid, mib) = l.split_once(',')?;
-        (pid.trim() == me).then(|| mib.trim().parse().ok())?
-    })
 }
 
 /// The median, as Python's `statistics.median` (mean of the middle two for an even count).
