@@ -58,7 +58,7 @@ fn reference_step<B: Backend>(
         .unwrap()
 }
 
-/// Sampling inside the fused step (`kernels::sample_rows`), from the same prefill: greedy picks
+/// Sampling inside the fused step (`decode_kernels::sample_rows`), from the same prefill: greedy picks
 /// must be the argmax of the step's own logits, and temperature-1 draws must score the
 /// log-probability that draws from `softmax(logits)` score on average (the sum over all draws,
 /// against its mean and variance under the model: |z| < 4.5; a sampler that picked the argmax,

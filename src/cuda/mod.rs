@@ -5,7 +5,9 @@
 //! take this path when it is `Cuda` or `Autodiff<Cuda>`. Every other backend keeps the plain-tensor
 //! reference path in `model::linear::BaseLinear::forward`, against which this one is tested.
 //!
-//! - `kernels`: CubeCL kernels: NF4 → bf16 dequantization, the fused NF4 GEMV for decode.
+//! - `kernels`: CubeCL kernels over the NF4 format: dequantization to bf16, the fused NF4 GEMV.
+//! - `decode_kernels`: the fused decode step's kernels (RoPE and cache append, attention over the
+//!   cache, RMSNorm, SwiGLU, LoRA factors, sampling).
 //! - `attention`: masked attention and its backward, memory linear in the row length for long rows.
 //! - `blas`: cuBLASLt bf16 GEMMs on raw device pointers (cubecl uses the primary context).
 //! - `qlinear`: the `x @ dequant(W)^T` op with its backward `dy @ dequant(W)`, as a burn autodiff
@@ -34,6 +36,7 @@ pub fn device_used() -> Option<u64> {
 
 pub mod attention;
 pub mod blas;
+pub mod decode_kernels;
 pub mod gemm;
 pub mod kernels;
 pub mod nf4_mma;

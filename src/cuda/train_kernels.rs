@@ -3,7 +3,7 @@
 //! Row kernels give each row to one plane of 32 lanes, `CUBE_DIM_Y` rows per cube; a whole plane
 //! leaves together, so the plane reductions never see a missing lane.
 
-use super::kernels::{cube_max, cube_sum};
+use super::decode_kernels::{cube_max, cube_sum};
 use cubecl::prelude::*;
 
 /// The row this plane works on.

@@ -190,7 +190,7 @@ pub fn try_swiglu<B: Backend>(gate: &Tensor<B, 3>, up: &Tensor<B, 3>) -> Option<
     // SAFETY: three contiguous buffers of n values (the kernel takes pairs and bounds-checks
     // n / 2); without its bf16 flag the kernel never touches its fourth array.
     unsafe {
-        super::kernels::silu_mul::launch_unchecked::<CudaRuntime>(
+        super::decode_kernels::silu_mul::launch_unchecked::<CudaRuntime>(
             &g.client,
             count,
             dim,

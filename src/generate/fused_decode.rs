@@ -10,13 +10,13 @@
 //! read once and multiplied with tensor cores (the residual added there), and on extra cubes the
 //! group's LoRA down-projection `z = x A^T`. The up-projection `z B^T` of the gate/up group is
 //! added by SwiGLU as it reads the group's output; the other groups' is one launch each
-//! (`kernels::lora_up_add`: RoPE and the RMSNorms have too few units to read B quickly). Then
+//! (`decode_kernels::lora_up_add`: RoPE and the RMSNorms have too few units to read B quickly). Then
 //! RoPE + cache append, attention over the cache, SwiGLU, the RMSNorms, the vocabulary
 //! projection, and (for plain temperature or greedy sampling) the draw of the next tokens.
 //! `decode_check` with `ABLATE=1` times the step without each kind of launch.
 //! `RLHF_DECODE_DEQUANT=1` (or a shape `nf4_mma::covers` does not take) keeps the earlier form:
 //! the group dequantized to a bf16 workspace by one launch, one cuBLASLt GEMM, the LoRA
-//! down-projection as a launch of its own (`kernels::lora_down`); the up-projections as on the
+//! down-projection as a launch of its own (`decode_kernels::lora_down`); the up-projections as on the
 //! MMA path.
 //!
 //! Every buffer a step touches is allocated once, and nothing that changes from step to step is
@@ -28,11 +28,11 @@
 //! forward's step by step.
 
 use crate::cuda::blas::{GemmIn, GemmShape};
-use crate::cuda::gemm::gemm_at;
-use crate::cuda::kernels::{
+use crate::cuda::decode_kernels::{
     decode_attention, embed_rows, lora_down, lora_up_add, rms_norm_rows, rope_append, sample_rows,
     silu_mul, step_words, DECODE_MAX_HEAD_DIM, DECODE_MAX_KEYS,
 };
+use crate::cuda::gemm::gemm_at;
 use crate::cuda::nf4_mma::{self, MMA_ROWS};
 use crate::cuda::qlinear::{GpuLinear, Inner, GEMV_MAX_ROWS};
 use crate::model::llama::OutputHead;
@@ -118,7 +118,7 @@ const GATE_UP: usize = 2;
 /// One group's LoRA: the members' A stacked `[width, in]` (`x A^T` of all of them is one kernel
 /// into `z [rows, width]`) and their B block-diagonal `[group out, width]` (member m's B at its
 /// output rows and its columns of `z`; zeros elsewhere), kept transposed, so the up-projection of
-/// any of the group's output values is one dot product over `z`'s row (`kernels::lora_up`).
+/// any of the group's output values is one dot product over `z`'s row (`decode_kernels::lora_up`).
 struct GroupLora {
     a: T,
     width: usize,
@@ -186,7 +186,7 @@ enum Head {
     Tied(Box<T>),
 }
 
-/// Plain temperature (or greedy) sampling inside the step (`kernels::sample_rows`): the step
+/// Plain temperature (or greedy) sampling inside the step (`decode_kernels::sample_rows`): the step
 /// returns one token id per row instead of `rows x vocab` logits for the host to sample from.
 struct Sampler {
     /// The stop ids, banned while `min_new_tokens` is not reached (at least one u32).
@@ -287,7 +287,7 @@ impl FusedDecode {
     }
 
     /// The LoRA arguments of a kernel that completes a projection group's output with its
-    /// up-projection (`kernels::lora_up`): `z`, the group's B transposed, its width and outputs,
+    /// up-projection (`decode_kernels::lora_up`): `z`, the group's B transposed, its width and outputs,
     /// the scale, and whether to (placeholders and `false` without a group).
     fn lora_args(&self, group: Option<&GroupLora>) -> LoraArgs {
         // SAFETY: z holds rows x width (written by `lora_z` for this group), B outs x width; the
@@ -339,7 +339,7 @@ impl FusedDecode {
     /// Group `g` of layer `l` applied to its input `x` (f32 `[rows, in]`; its bf16 copy in
     /// `bufs.xb`, written by the kernel that produced it) into `out` (`[rows, group out]`), plus
     /// the residual `res`, LoRA included, except for gate/up: then the group's LoRA is returned
-    /// and SwiGLU adds its up-projection (`kernels::lora_up`) from the `z = x A^T` written here.
+    /// and SwiGLU adds its up-projection (`decode_kernels::lora_up`) from the `z = x A^T` written here.
     fn group(
         &self,
         l: usize,
@@ -376,7 +376,7 @@ impl FusedDecode {
             );
         }
         // SwiGLU adds the gate/up group's up-projection itself (one unit per output pair, cheap);
-        // the others get a launch of their own (`kernels::lora_up_add`): the kernels reading
+        // the others get a launch of their own (`decode_kernels::lora_up_add`): the kernels reading
         // those groups' outputs (RoPE, RMSNorm) have too few units to read B quickly.
         match lora {
             Some(lg) if g != GATE_UP => {
