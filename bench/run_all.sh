@@ -6,7 +6,8 @@
 #
 #   RLHF    the rlhf binary, built with `cargo build --release --features cuda`
 #   MODELS  a folder for the make_model.py checkpoints (written on first use, reused after;
-#           tiny .. 8b need ~20 GB of disk, the 20b one ~40 GB more)
+#           tiny .. 8b need ~20 GB of disk, a 20b one ~40 GB more; before an 8b or 20b one is
+#           written, older ones are removed until its disk has room)
 #   OUT     where results go (default: $OUT, else ./bench-out): results.jsonl gets one JSON line
 #           per run, tagged with its BENCHMARKS.md row ("row"), logs/ the full output of each run
 #
@@ -66,11 +67,24 @@ want() {
   return 1
 }
 
+# room GIB KEEP: deletes MODELS' other checkpoints, oldest first, until GIB GiB are free on its
+# disk (a 20b checkpoint takes ~40 GB: two of them do not fit a 64 GB disk).
+room() {
+  local need=$1 keep=$2 old
+  while [ "$(df --output=avail -B1G "$MODELS" | tail -1)" -lt "$need" ]; do
+    old=$(ls -1tr "$MODELS" | grep -vxF "$keep" | head -1)
+    [ -n "$old" ] || return 0
+    echo "== removing $MODELS/$old to make room" >&2
+    rm -rf "${MODELS:?}/$old"
+  done
+}
+
 # model NAME SIZE [make_model.py flags]: the checkpoint folder, written if missing.
 model() {
   local dir="$MODELS/$1" size=$2
   shift 2
   if [ ! -f "$dir/dpo.jsonl" ]; then
+    case $size in 20b) room 45 "$1" ;; 8b) room 20 "$1" ;; esac
     echo "== make_model.py --size $size $* --out $dir" >&2
     python3 "$HERE/make_model.py" --size "$size" "$@" --out "$dir" >&2 ||
       { echo "make_model.py failed for $dir" >&2; rm -f "$dir/dpo.jsonl"; return 1; }
