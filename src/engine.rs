@@ -209,6 +209,16 @@ fn phase_of(graph: bool) -> &'static str {
     }
 }
 
+/// Ends a scoring pass begun at `started` on `phase_clock`'s account: when it is timing, waits
+/// for the pass's queued device work first.
+fn scoring_done<B: Backend>(device: &B::Device, started: std::time::Instant) -> Result<()> {
+    if crate::phase_clock::enabled() {
+        B::sync(device).map_err(|e| anyhow::anyhow!("device synchronization failed: {e}"))?;
+        crate::phase_clock::add(crate::phase_clock::Part::Scoring, started);
+    }
+    Ok(())
+}
+
 impl<B: AutodiffBackend> RlhfModel<B> {
     /// Log-probs of `role`; `graph`: through the training forward (differentiable), else through
     /// the frozen forward, which records nothing (the reference, and every scoring pass).
@@ -225,6 +235,7 @@ impl<B: AutodiffBackend> RlhfModel<B> {
             "sequences need at least two tokens"
         );
         crate::oom::enter(phase_of(graph));
+        let started = std::time::Instant::now();
         let adapter = self.adapter(role)?;
         let device = self.base.device.clone();
         let (b, t, h) = (batch.len(), batch.ids[0].len(), self.base.cfg.hidden_size);
@@ -259,7 +270,11 @@ impl<B: AutodiffBackend> RlhfModel<B> {
             .flat_map(|r| r.iter().map(|&m| if m { 1.0 } else { 0.0 }))
             .collect();
         let out = lp * Tensor::<B, 2>::from_data(TensorData::new(mask, [b, t]), &device);
-        Ok(if graph { out } else { out.detach() })
+        if graph {
+            return Ok(out);
+        }
+        scoring_done::<B>(&device, started)?;
+        Ok(out.detach())
     }
 
     /// The scalar head of `role` at every position; `graph` as in [`Self::logps`] (without it,
@@ -281,8 +296,10 @@ impl<B: AutodiffBackend> RlhfModel<B> {
                 .reshape([b, t])
         }
         if !graph {
+            let started = std::time::Instant::now();
             let hidden = self.base.forward_hidden_frozen(&input, adapter);
             let scores = product(hidden.inner(), head.clone().inner());
+            scoring_done::<B>(&device, started)?;
             return Ok(Tensor::from_inner(scores));
         }
         let hidden = self

@@ -220,6 +220,9 @@ pub fn generate<B: Backend, R: Rng>(
     let trace = crate::switches::switches().trace;
     let mut model_ms: Vec<f64> = Vec::new();
     let mut sample_ms = 0.0;
+    // `phase_clock`: the prefill runs until the decode is set up, the decode from there on.
+    let started = std::time::Instant::now();
+    let mut decode_from: Option<std::time::Instant> = None;
     for step in 0..params.max_new_tokens {
         let tick = std::time::Instant::now();
         let banned: &[u32] = if step < params.min_new_tokens {
@@ -266,6 +269,10 @@ pub fn generate<B: Backend, R: Rng>(
             // The rollout's high point: the prefill's cache and the decode's copy of it.
             crate::devmem::note::<B>(&device, "decode set up");
         }
+        if step == 0 {
+            crate::phase_clock::add(crate::phase_clock::Part::Prefill, started);
+            decode_from = Some(std::time::Instant::now());
+        }
         next.clear();
         next_valid.clear();
         let active: Vec<bool> = out.iter().map(|c| !c.stopped).collect();
@@ -299,6 +306,10 @@ pub fn generate<B: Backend, R: Rng>(
         let rows: Vec<Vec<u32>> = next.iter().map(|&t| vec![t]).collect();
         let valid = next_valid.iter().map(|&v| vec![v]).collect();
         batch = Batch::new(&rows, valid, &device);
+    }
+    if let Some(t) = decode_from {
+        // Every decode step ended by reading its tokens or logits on the host: nothing is queued.
+        crate::phase_clock::add(crate::phase_clock::Part::Decode, t);
     }
     if trace && !model_ms.is_empty() {
         let first = model_ms[0];

@@ -17,6 +17,7 @@ pub mod gguf;
 pub mod model;
 pub mod oom;
 pub mod optim;
+pub mod phase_clock;
 pub mod plan;
 pub mod quant;
 pub mod rundir;

@@ -132,6 +132,11 @@ fn dpo_bench_prints_one_json_line() {
         total += t;
     }
     assert!(total <= sec + 1e-4, "phases {total} s > step {sec} s: {v}");
+    // DPO's reference pass scores without a graph inside the forward phase; no rollout.
+    let part = |k: &str| phases[k].as_f64().unwrap_or(-1.0);
+    assert!(part("scoring") > 0.0, "{v}");
+    assert!(part("scoring") <= part("forward") + 1e-4, "{v}");
+    assert_eq!((part("prefill"), part("decode")), (0.0, 0.0), "{v}");
 }
 
 #[test]
@@ -158,6 +163,36 @@ fn grpo_bench_prints_one_json_line() {
         v["phase_secs"].is_null(),
         "phases only with --phase-times: {v}"
     );
+}
+
+#[test]
+fn grpo_phase_times_split_the_rollout() {
+    let v = bench_ok(
+        &[
+            "--prompts",
+            "1",
+            "--group",
+            "2",
+            "--completion-len",
+            "8",
+            "--steps",
+            "2",
+            "--warmup",
+            "1",
+            "--phase-times",
+        ],
+        "grpo",
+        2 * 8,
+    );
+    // The forward phase's parts: the rollout's prefill and decode, the scoring passes (the
+    // reference's), each timed and within the phase.
+    let phases = &v["phase_secs"];
+    let part = |k: &str| phases[k].as_f64().unwrap_or(-1.0);
+    for k in ["prefill", "decode", "scoring"] {
+        assert!(part(k) > 0.0, "{k}: {v}");
+    }
+    let parts = part("prefill") + part("decode") + part("scoring");
+    assert!(parts <= part("forward") + 1e-4, "{v}");
 }
 
 /// Exit code 2 and a single `error:` line containing every needle.

@@ -87,8 +87,10 @@ pub struct BenchArgs {
     #[arg(long)]
     pub force: bool,
     /// Also report each step's phases (forward: for GRPO the rollout, scoring and loss;
-    /// backward; optimizer: clipping and AdamW) as medians in `phase_secs`. Synchronizes the
-    /// device at every phase boundary, which can add a little to the step time.
+    /// backward; optimizer: clipping and AdamW) as medians in `phase_secs`, with the forward's
+    /// parts: the rollout's prefill and decode, and the scoring passes. Synchronizes the device
+    /// at every phase boundary and after each scoring pass, which can add a little to the step
+    /// time.
     #[arg(long)]
     pub phase_times: bool,
     /// Hold the CUDA allocator's cache to the plan's peak (`plan.cache = "plan"`), so the card
@@ -158,6 +160,11 @@ pub struct PhaseSecs {
     pub forward: f64,
     pub backward: f64,
     pub optimizer: f64,
+    /// Parts of `forward` (`phase_clock`): the rollout's prompt pass and decode set-up, its
+    /// later tokens, and the passes that score without a graph (0 where a step has none).
+    pub prefill: f64,
+    pub decode: f64,
+    pub scoring: f64,
 }
 
 /// The benchmark's reward, trl_baseline.py's `c.split().count(ans)`: how many
@@ -442,6 +449,7 @@ fn run_on<B: AutodiffBackend>(args: &BenchArgs, algo: Algo, device: &B::Device) 
     crate::devmem::note::<B>(device, "model and adapter loaded");
     let _ = crate::devmem::take_noted();
     let mut probe = Probe::<B>::new(device.clone(), args.phase_times);
+    crate::phase_clock::enable(args.phase_times);
     let poll_smi = args.device == DeviceArg::Cuda;
     let mut timed = Timed {
         cfg: &cfg,
@@ -535,6 +543,9 @@ fn run_on<B: AutodiffBackend>(args: &BenchArgs, algo: Algo, device: &B::Device) 
                 forward: timed(0),
                 backward: timed(1),
                 optimizer: timed(2),
+                prefill: timed(3),
+                decode: timed(4),
+                scoring: timed(5),
             }
         }),
         trained_tokens_per_step: trained,
@@ -594,9 +605,10 @@ struct Probe<B: Backend> {
     /// The first failed synchronization (the observer hooks cannot return errors).
     error: Option<String>,
     /// With phase timing: the device is synchronized at every phase boundary and each step's
-    /// seconds per phase (forward, backward, optimizer; micro-batches summed) are kept.
+    /// seconds per phase (forward, backward, optimizer; micro-batches summed) are kept, then
+    /// the parts of the forward `phase_clock` timed (prefill, decode, scoring).
     time_phases: bool,
-    phases: Vec<[f64; 3]>,
+    phases: Vec<[f64; 6]>,
     /// When the last phase (or the step) began.
     mark: Option<Instant>,
 }
@@ -639,8 +651,9 @@ impl<B: Backend> StepObserver for Probe<B> {
         self.sample();
         self.started = Some(Instant::now());
         if self.time_phases {
-            self.phases.push([0.0; 3]);
+            self.phases.push([0.0; 6]);
             self.mark = self.started;
+            crate::phase_clock::take();
         }
     }
 
@@ -664,6 +677,9 @@ impl<B: Backend> StepObserver for Probe<B> {
         self.sync();
         if let Some(t) = self.started.take() {
             self.secs.push(t.elapsed().as_secs_f64());
+        }
+        if let (true, Some(p)) = (self.time_phases, self.phases.last_mut()) {
+            p[3..].copy_from_slice(&crate::phase_clock::take());
         }
         self.sample();
     }
