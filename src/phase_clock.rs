@@ -49,17 +49,16 @@ mod tests {
 
     #[test]
     fn parts_add_up_only_while_on_and_reset_when_taken() {
+        // The clock is process-wide: other tests may time parts while it is on, so only what
+        // this test adds is asserted (at least), and what is added while it is off (nothing).
         let t = Instant::now();
         std::thread::sleep(std::time::Duration::from_millis(2));
-        enable(false);
-        add(Part::Decode, t);
         enable(true);
         add(Part::Prefill, t);
         add(Part::Prefill, t);
         enable(false);
-        let s = take();
-        assert!(s[0] >= 0.004, "{s:?}");
-        assert_eq!((s[1], s[2]), (0.0, 0.0));
+        assert!(take()[0] >= 0.004);
+        add(Part::Decode, t);
         assert_eq!(take(), [0.0; 3]);
     }
 }
