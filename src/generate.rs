@@ -220,8 +220,7 @@ pub fn generate<B: Backend, R: Rng>(
     let trace = crate::switches::switches().trace;
     let mut model_ms: Vec<f64> = Vec::new();
     let mut sample_ms = 0.0;
-    // `phase_clock`: the prefill runs until the decode is set up, the decode from there on.
-    let started = std::time::Instant::now();
+    // `phase_clock`: the prefill is step 0 until the decode is set up, the decode from there on.
     let mut decode_from: Option<std::time::Instant> = None;
     for step in 0..params.max_new_tokens {
         let tick = std::time::Instant::now();
@@ -270,7 +269,7 @@ pub fn generate<B: Backend, R: Rng>(
             crate::devmem::note::<B>(&device, "decode set up");
         }
         if step == 0 {
-            crate::phase_clock::add(crate::phase_clock::Part::Prefill, started);
+            crate::phase_clock::add(crate::phase_clock::Part::Prefill, tick);
             decode_from = Some(std::time::Instant::now());
         }
         next.clear();

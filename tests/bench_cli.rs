@@ -139,24 +139,23 @@ fn dpo_bench_prints_one_json_line() {
     assert_eq!((part("prefill"), part("decode")), (0.0, 0.0), "{v}");
 }
 
+/// One prompt, a group of two, 8-token completions, one warmup and two timed steps.
+const GRPO_ARGS: &[&str] = &[
+    "--prompts",
+    "1",
+    "--group",
+    "2",
+    "--completion-len",
+    "8",
+    "--steps",
+    "2",
+    "--warmup",
+    "1",
+];
+
 #[test]
 fn grpo_bench_prints_one_json_line() {
-    let v = bench_ok(
-        &[
-            "--prompts",
-            "1",
-            "--group",
-            "2",
-            "--completion-len",
-            "8",
-            "--steps",
-            "2",
-            "--warmup",
-            "1",
-        ],
-        "grpo",
-        2 * 8,
-    );
+    let v = bench_ok(GRPO_ARGS, "grpo", 2 * 8);
     // MFU is a DPO figure; a GRPO step is mostly decode.
     assert!(v["flop_per_token"].is_null() && v["mfu"].is_null(), "{v}");
     assert!(
@@ -167,23 +166,7 @@ fn grpo_bench_prints_one_json_line() {
 
 #[test]
 fn grpo_phase_times_split_the_rollout() {
-    let v = bench_ok(
-        &[
-            "--prompts",
-            "1",
-            "--group",
-            "2",
-            "--completion-len",
-            "8",
-            "--steps",
-            "2",
-            "--warmup",
-            "1",
-            "--phase-times",
-        ],
-        "grpo",
-        2 * 8,
-    );
+    let v = bench_ok(&[GRPO_ARGS, &["--phase-times"]].concat(), "grpo", 2 * 8);
     // The forward phase's parts: the rollout's prefill and decode, the scoring passes (the
     // reference's), each timed and within the phase.
     let phases = &v["phase_secs"];
